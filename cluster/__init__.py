@@ -1,0 +1,1 @@
+"""Cluster: Ray bootstrap, gateway, router, controller, metrics and the `pdserve` CLI."""

@@ -1,0 +1,1 @@
+"""Decode worker: admission, continuous batching, preemption, speculation, streaming."""

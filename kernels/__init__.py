@@ -1,0 +1,1 @@
+"""Triton kernels and the PyTorch references they are checked against."""

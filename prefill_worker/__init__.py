@@ -1,0 +1,1 @@
+"""Prefill worker: batched, chunked prefill that hands finished KV to kv_transfer."""

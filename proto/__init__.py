@@ -1,0 +1,1 @@
+"""Protocol buffer sources and generated stubs for the client API and KV transfer."""

@@ -1,0 +1,1 @@
+"""What prefill and decode workers share: configs, models, weights, KV pool, runner, sampler."""

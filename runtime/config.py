@@ -1,0 +1,148 @@
+"""Frozen configuration, validated once at construction.
+
+Values chosen by the user or read from a checkpoint live here and never change. Values
+discovered while starting up (how many KV blocks fit, which ids end a sequence) live in
+`RuntimeInfo`, built after the model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+# Architectures the runtime implements, by the name HF `config.json` gives them.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `kind` is "default", "linear" or "llama3"."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("default", "linear", "llama3"):
+            raise ConfigError(
+                f"rope_scaling type {self.kind!r} is not supported; "
+                "supported: default, linear, llama3"
+            )
+        if self.factor <= 0:
+            raise ConfigError(f"rope_scaling factor must be > 0, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2, and Llama checkpoints with attention_bias
+    o_bias: bool = False  # Llama checkpoints with attention_bias
+    mlp_bias: bool = False
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {self.architecture!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model config {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def with_dtype(self, dtype: torch.dtype) -> ModelConfig:
+        return dataclasses.replace(self, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. `num_blocks=None` sizes the pool from `memory_bytes`."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_bytes: int = 512 * 1024**2
+    dtype: torch.dtype | None = None  # None: the model's dtype
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.memory_bytes <= 0:
+            raise ConfigError(f"memory_bytes must be positive, got {self.memory_bytes}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step limits: how many sequences run and how many tokens one forward computes."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"scheduler config {name} must be a positive integer, got {value!r}")
+        if self.max_prefill_chunk > self.max_num_batched_tokens:
+            raise ConfigError(
+                f"max_prefill_chunk ({self.max_prefill_chunk}) cannot exceed "
+                f"max_num_batched_tokens ({self.max_num_batched_tokens})"
+            )
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Values discovered at start-up, after the model and pool exist."""
+
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    bos_token_id: int | None
+    device: torch.device
+
+    @property
+    def num_tokens_capacity(self) -> int:
+        return self.num_blocks * self.block_size

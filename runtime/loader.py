@@ -1,0 +1,53 @@
+"""Load a model end to end: checkpoint -> weights on device -> KV pool -> runtime info."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.runtime.config import CacheConfig, ConfigError, RuntimeInfo
+from pdserve.runtime.model_runner import ModelRunner
+from pdserve.runtime.tokenizer import Tokenizer
+from pdserve.runtime.weights import Checkpoint, load_checkpoint
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    checkpoint: Checkpoint
+    runner: ModelRunner
+    info: RuntimeInfo
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.checkpoint.tokenizer
+
+
+def load_model(
+    model: str,
+    cache: CacheConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    max_model_len: int | None = None,
+) -> LoadedModel:
+    """Resolve `model` (HF directory, .gguf file or embedded name) and make it runnable."""
+    checkpoint = load_checkpoint(model)
+    config = checkpoint.config.with_dtype(dtype)
+    context = config.max_position_embeddings
+    if max_model_len is not None:
+        if not 0 < max_model_len <= context:
+            raise ConfigError(
+                f"max_model_len {max_model_len} must be between 1 and the model's "
+                f"context of {context} tokens"
+            )
+        context = max_model_len
+    runner = ModelRunner.create(config, checkpoint.iter_weights(), cache or CacheConfig(), device)
+    info = RuntimeInfo(
+        num_blocks=runner.pool.num_blocks,
+        block_size=runner.pool.block_size,
+        max_model_len=context,
+        eos_token_ids=checkpoint.eos_token_ids,
+        bos_token_id=checkpoint.bos_token_id,
+        device=torch.device(device),
+    )
+    return LoadedModel(checkpoint, runner, info)

@@ -1,0 +1,182 @@
+"""Llama-family decoder over a paged KV cache: Llama 2/3, SmolLM2, Mistral, Qwen2.
+
+The variants differ only in flags of `ModelConfig` (qkv bias, tied embeddings, RoPE
+scaling, head_dim). Projections that read the same input are fused (q/k/v into one
+matmul, gate/up into another); `load_weights` takes HF parameter names and fills the
+fused slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.kernels.rmsnorm import rms_norm_ref
+from pdserve.kernels.rope import rope_cos_sin_cache, rope_ref
+from pdserve.runtime.attention_backend import ReferenceAttention
+from pdserve.runtime.config import ModelConfig
+from pdserve.runtime.forward_batch import ForwardBatch
+from pdserve.runtime.kv_pool import KVPool
+from pdserve.runtime.rotary import rope_inv_freq
+
+
+def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    # Uninitialised on purpose: every parameter is overwritten by load_weights, which
+    # checks that none is left missing.
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = _param(out_features, in_features, dtype=dtype)
+        self.bias = _param(out_features, dtype=dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = _param(size, dtype=dtype)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return rms_norm_ref(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, cfg.dtype)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, cfg.o_bias, cfg.dtype)
+
+    def forward(self, x, batch: ForwardBatch, pool: KVPool, cos_sin, backend) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rope_ref(q, k, batch.positions, cos_sin)
+        k_cache, v_cache = pool.layer(self.layer_index)
+        out = backend.forward(q, k, v, k_cache, v_cache, batch, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, cfg.dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.self_attn = Attention(cfg, layer_index)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, residual, batch, pool, cos_sin, backend):
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, batch, pool, cos_sin, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+# HF name suffix -> (fused parameter suffix, which slice). Slices index the fused output
+# dimension in the order q, k, v and gate, up.
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend=None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.backend = backend or ReferenceAttention()
+        self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer(
+            "cos_sin_cache", rope_cos_sin_cache(inv_freq, cfg.max_position_embeddings), persistent=False
+        )
+
+    def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
+        """Hidden states [T, hidden] of every token in `batch`; writes their K/V to `pool`."""
+        x = F.embedding(batch.input_ids, self.embed_tokens)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, batch, pool, self.cos_sin_cache, self.backend)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the (fused) parameters; every parameter must be set
+        exactly once and every tensor must be used, or ValueError names the culprit."""
+        params = dict(self.named_parameters())
+        slice_sizes = {
+            "self_attn.qkv_proj": [self.config.q_size, self.config.kv_size, self.config.kv_size],
+            "mlp.gate_up_proj": [self.config.intermediate_size] * 2,
+        }
+        filled: dict[str, int] = {}
+        for hf_name, tensor in weights:
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue  # derived from the config, not a weight
+            name = hf_name.removeprefix("model.")
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints store the copy anyway
+            target, part = name, None
+            for hf_suffix, (fused, index) in _FUSED.items():
+                marker = f".{hf_suffix}."
+                if marker in name:
+                    target = name.replace(marker, f".{fused}.")
+                    part = (fused, index)
+                    break
+            if target == "embed_tokens.weight":
+                target = "embed_tokens"
+            elif target == "lm_head.weight":
+                target = "lm_head"
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {self.config.architecture}")
+            param = params[target]
+            dest = param.data
+            if part is not None:
+                sizes = slice_sizes[part[0]]
+                dest = dest.narrow(0, sum(sizes[: part[1]]), sizes[part[1]])
+            if tuple(tensor.shape) != tuple(dest.shape):
+                raise ValueError(
+                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(dest.shape)}; the config does not match the weights"
+                )
+            dest.copy_(tensor.to(dest.dtype))
+            filled[target] = filled.get(target, 0) + 1
+        expected_counts = {n: (3 if "qkv_proj.weight" in n or "qkv_proj.bias" in n else
+                               2 if "gate_up_proj" in n else 1) for n in params}
+        missing = [n for n, count in expected_counts.items() if filled.get(n, 0) != count]
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")

@@ -1,0 +1,193 @@
+"""Batched next-token sampling: one `SamplingParams` and one optional generator per row.
+
+Per row, in this order:
+
+1. Greedy rows (`params.is_greedy`) take the argmax of the raw logits; ties go to the
+   lowest token id (`torch.argmax` returns the first maximum), so they are deterministic.
+2. Other rows divide the logits by their temperature, then filter:
+   top-k -> top-p -> min-p, the order of vLLM's v0 sampler. (vLLM v1 applies min-p before
+   top-k/top-p. top-k and min-p commute; only top-p and min-p differ by order, because
+   top-p measures cumulative mass on what earlier filters left.) Each filter renormalises
+   over the survivors of the previous one, and each keeps at least the most likely token.
+3. The draw is an exponential race, argmax(probs / E) with E ~ Exponential(1) i.i.d.,
+   which picks token i with probability probs[i]. A row with a generator draws its V
+   exponentials from that generator alone, so a seeded request gets the same tokens
+   whatever else shares its batch; rows without one share the default RNG.
+
+Ties at a filter's boundary are kept, so the support depends on the values only, never on
+how a sort orders equal values: top-k keeps every token whose logit equals the k-th
+largest (possibly more than k tokens); top-p keeps every token whose probability equals
+the smallest probability of the minimal prefix.
+
+Returned logprobs are those of the model's raw distribution (log_softmax of the unmodified
+logits), as vLLM returns by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from pdserve.runtime.sampling_params import SamplingParams
+
+
+class SamplerOutput(NamedTuple):
+    """What one sampling step produced for a batch of B rows.
+
+    token_ids: [B] int64. logprobs: [B] float32, the sampled token's raw log-probability.
+    top_logprob_ids / top_logprobs: [B, n] with n the largest `params.logprobs` in the
+    batch, in descending order of log-probability; None when n is 0 (nobody asked for
+    alternatives). Rows that asked for fewer than n slice their own prefix.
+    """
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    top_logprob_ids: torch.Tensor | None
+    top_logprobs: torch.Tensor | None
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded with `seed` on `device`, or None (use the default RNG) if unseeded.
+
+    The caller keeps it for the request's lifetime; each step advances it.
+    """
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _row_tensor(values: list, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=logits.device)
+
+
+def _apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Mask (to -inf) what top-k, then top-p, removes; one descending sort serves both.
+
+    top_k: [B] int64 in [1, V] (V = disabled). top_p: [B] float32 in (0, 1] (1 = disabled).
+    """
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+
+    # top-k: keep logits >= the k-th largest, so ties with it survive.
+    kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))
+    keep = sorted_logits >= kth
+
+    # top-p on the top-k survivors: the minimal prefix whose mass reaches top_p is every
+    # position whose mass *before* it is still < top_p; position 0 (mass 0) always is.
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    prefix_len = (mass_before < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    smallest_kept = probs.gather(1, prefix_len - 1)
+    # top_p == 1 keeps everything: a float cumsum can reach 1.0 before a tiny tail does.
+    keep_p = (probs >= smallest_kept) | (top_p >= 1.0).unsqueeze(1)
+    keep_sorted = keep & keep_p
+
+    keep_mask = torch.empty_like(keep_sorted).scatter_(1, sorted_ids, keep_sorted)
+    return logits.masked_fill(~keep_mask, float("-inf"))
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is < min_p * (the row's largest probability)."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_filters(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The logits each row samples from: temperature-scaled, removed tokens set to -inf.
+
+    Pure: `logits` ([B, V] float32) is not modified. A greedy row keeps only its argmax
+    (raw value, lowest id on ties). softmax of the result is the sampling distribution.
+    """
+    if logits.dim() != 2 or len(params) != logits.shape[0]:
+        raise ValueError(
+            f"apply_filters needs logits [B, V] and B params; got logits of shape "
+            f"{tuple(logits.shape)} and {len(params)} params"
+        )
+    vocab = logits.shape[-1]
+    greedy = [p.is_greedy for p in params]
+    # Greedy rows get temperature 1 here (never divide by 0); their row is replaced below.
+    temperature = _row_tensor(
+        [1.0 if g else p.temperature for p, g in zip(params, greedy)], logits, logits.dtype
+    )
+    out = logits / temperature.unsqueeze(1)
+
+    if any(not g and (p.top_k > 0 or p.top_p < 1.0) for p, g in zip(params, greedy)):
+        top_k = _row_tensor(
+            [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], logits, torch.int64
+        )
+        top_p = _row_tensor([float(p.top_p) for p in params], logits, logits.dtype)
+        out = _apply_top_k_top_p(out, top_k, top_p)
+    if any(not g and p.min_p > 0 for p, g in zip(params, greedy)):
+        min_p = _row_tensor([float(p.min_p) for p in params], logits, logits.dtype)
+        out = _apply_min_p(out, min_p)
+
+    if any(greedy):
+        rows = torch.tensor([i for i, g in enumerate(greedy) if g], device=logits.device)
+        argmax = logits[rows].argmax(dim=-1, keepdim=True)
+        only_argmax = torch.full_like(logits[rows], float("-inf"))
+        only_argmax.scatter_(1, argmax, logits[rows].gather(1, argmax))
+        out[rows] = only_argmax
+    return out
+
+
+class Sampler:
+    """Picks one token per row of a logits batch; stateless, safe to share."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> SamplerOutput:
+        """Sample row i under params[i], drawing randomness only from generators[i].
+
+        logits: [B, V] float32, not modified. A generator must live on logits' device.
+        Advances each given generator by one draw of V values (random rows only), and
+        the default RNG if some random row has no generator.
+        """
+        if len(generators) != len(params):
+            raise ValueError(
+                f"got {len(params)} params but {len(generators)} generators; "
+                "pass one generator (or None) per row"
+            )
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        token_ids = logits.argmax(dim=-1)
+
+        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if random_rows:
+            probs = torch.softmax(apply_filters(logits, params), dim=-1)
+            sampled = _exponential_race(probs, random_rows, generators)
+            token_ids[random_rows] = sampled
+
+        token_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        n = max((p.logprobs or 0 for p in params), default=0)
+        top_ids = top_values = None
+        if n > 0:
+            top_values, top_ids = raw_logprobs.topk(n, dim=-1)
+        return SamplerOutput(token_ids, token_logprobs, top_ids, top_values)
+
+
+def _exponential_race(
+    probs: torch.Tensor, rows: list[int], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """argmax(probs[r] / E_r) for each r in rows, E_r drawn from generators[r] or the default.
+
+    Only this draw loops over rows: a generator fills exactly its own row.
+    """
+    race = torch.empty_like(probs[rows])
+    unseeded = [j for j, r in enumerate(rows) if generators[r] is None]
+    if unseeded:
+        race.exponential_()
+    for j, r in enumerate(rows):
+        if generators[r] is not None:
+            race[j].exponential_(generator=generators[r])
+    # Exponential draws can be exactly 0; clamping keeps 0/0 (a masked token) from giving
+    # NaN while p/tiny stays finite for p <= 1 in float32.
+    race.clamp_min_(torch.finfo(race.dtype).tiny)
+    return (probs[rows] / race).argmax(dim=-1)

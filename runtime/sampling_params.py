@@ -1,0 +1,119 @@
+"""Per-request sampling parameters, with the names and defaults vLLM users know.
+
+A `SamplingParams` is validated once at construction and frozen; the sampler and the stop
+checks only read it. Errors are `ValueError`s naming the field, the bad value and the range
+that is allowed, because they usually come straight from a user's request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# Upper bound on `logprobs`, as in the OpenAI API: top alternatives cost a top-k per step.
+MAX_LOGPROBS = 20
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token of one request and when to stop.
+
+    Disabled values: `top_k` 0 or -1, `top_p` 1.0, `min_p` 0.0, `seed` None (the default
+    RNG), `logprobs` None. `stop` and `stop_token_ids` accept a single value or any
+    iterable and are stored as tuples.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        # Frozen: normalise through object.__setattr__, before anything reads the fields.
+        object.__setattr__(self, "stop", _as_tuple(self.stop, str))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, int))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        t = self.temperature
+        if not _is_real(t) or not (math.isfinite(t) and t >= 0):
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}"
+            )
+        if not _is_real(self.top_p) or not (0 < self.top_p <= 1):
+            raise ValueError(
+                f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}"
+            )
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(
+                f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}"
+            )
+        if not _is_real(self.min_p) or not (0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not (0 <= self.logprobs <= MAX_LOGPROBS)
+        ):
+            raise ValueError(
+                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
+                f"got {self.logprobs!r}"
+            )
+        if "" in self.stop:
+            raise ValueError(
+                f"stop must not contain empty strings, got {self.stop!r}; "
+                "remove the empty entry"
+            )
+        for token_id in self.stop_token_ids:
+            if token_id < 0:
+                raise ValueError(
+                    f"stop_token_ids must be token ids >= 0, got {token_id!r} "
+                    f"in {self.stop_token_ids!r}"
+                )
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the request takes the argmax of the raw logits every step.
+
+        temperature 0 and top_k 1 both mean "the single most likely token"; the greedy
+        path breaks ties by the lowest token id.
+        """
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _as_tuple(value: object, kind: type) -> tuple:
+    """`value` as a tuple of `kind`: one bare value becomes a 1-tuple."""
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return (value,)
+    field = "stop" if kind is str else "stop_token_ids"
+    # ValueError, not TypeError, for every bad request field: one exception type to map
+    # to a 400 response.
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(  # noqa: TRY004
+            f"{field} must be a {kind.__name__} or a list of them, got {value!r}"
+        )
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, kind) or isinstance(item, bool):
+            raise ValueError(  # noqa: TRY004
+                f"{field} must contain only {kind.__name__} values, got {item!r} in {value!r}"
+            )
+    return items

@@ -1,0 +1,42 @@
+"""Import direction and namespace: checked on the installed layout, not the source tree.
+
+import-linter reads packages from disk, and in the source tree `pdserve.runtime` lives in
+`runtime/`. The test therefore lays the packages out as a wheel would (from the
+package-dir mapping in pyproject.toml) and lints that copy.
+"""
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _package_dirs() -> dict[str, str]:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return pyproject["tool"]["setuptools"]["package-dir"]
+
+
+def test_every_top_level_package_maps_under_pdserve():
+    mapping = _package_dirs()
+    assert all(name == "pdserve" or name.startswith("pdserve.") for name in mapping)
+    for folder in ("runtime", "kernels", "cluster", "prefill_worker", "decode_worker",
+                   "kv_transfer", "proto"):
+        assert mapping[f"pdserve.{folder}"] == folder
+
+
+def test_import_contracts_hold(tmp_path):
+    for package, folder in _package_dirs().items():
+        target = tmp_path.joinpath(*package.split("."))
+        shutil.copytree(ROOT / folder, target, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command;"
+         " sys.exit(lint_imports_command())", "--config", str(ROOT / "pyproject.toml")],
+        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
