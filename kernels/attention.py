@@ -63,14 +63,21 @@ def paged_attention_ref(
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [n, H, D] at the last n of the L positions of k, v: [L, KVH, D]."""
-    n, context_len = q.shape[0], k.shape[0]
+    n, heads, head_dim = q.shape
+    context_len, kv_heads = k.shape[0], k.shape[1]
+    group = heads // kv_heads
+    if n == 1:
+        # Decode: the queries of one kv-head group share its keys; two small bmms beat
+        # SDPA's generic path, which would copy k and v once per query head.
+        qg = q.view(kv_heads, group, head_dim)
+        scores = torch.bmm(qg, k.permute(1, 2, 0)).mul_(scale).float().softmax(-1)
+        out = torch.bmm(scores.to(v.dtype), v.transpose(0, 1))
+        return out.reshape(1, heads, head_dim)
     # Query j sits at position context_len - n + j and sees keys up to and including it.
-    mask = None
-    if n > 1:
-        mask = torch.ones(n, context_len, dtype=torch.bool, device=q.device)
-        mask = mask.tril(diagonal=context_len - n)
+    mask = torch.ones(n, context_len, dtype=torch.bool, device=q.device).tril(context_len - n)
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-    )
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
     return out.transpose(0, 1)

@@ -1,0 +1,69 @@
+"""The embedded default model end to end: SmolLM2-135M-Instruct from its GGUF file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hf_oracle import explain_divergence, hf_greedy
+
+from pdserve.runtime.batch_generator import BatchGenerator
+from pdserve.runtime.config import SchedulerConfig
+from pdserve.runtime.loader import load_model
+from pdserve.runtime.request import Request
+from pdserve.runtime.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence why the sky is blue.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf_path):
+    return load_model("smollm2-135m-instruct")
+
+
+def _greedy(loaded, prompts: list[list[int]], max_tokens: int, ignore_eos: bool) -> list[list[int]]:
+    engine = BatchGenerator(loaded.runner, loaded.info, SchedulerConfig(max_prefill_chunk=16))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+    for i, prompt in enumerate(prompts):
+        engine.add(Request(str(i), prompt, params))
+    outputs = [[] for _ in prompts]
+    for event in engine.run():
+        outputs[int(event.request_id)].append(event.token_id)
+    assert engine.allocator.num_used == 0
+    return outputs
+
+
+def test_greedy_32_tokens_match_transformers(smollm2, smollm2_hf_model):
+    prompts = [smollm2.tokenizer.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
+    ours = _greedy(smollm2, prompts, 32, ignore_eos=True)  # run together, chunked prefill
+    for prompt, got in zip(prompts, ours):
+        expected = hf_greedy(smollm2_hf_model, prompt, 32)
+        assert got == expected, explain_divergence(smollm2_hf_model, prompt, got, expected)
+
+
+def test_default_model_knows_the_capital_of_france(smollm2):
+    prompt = smollm2.tokenizer.encode_chat([{"role": "user", "content": CHATS[0]}])
+    [answer] = _greedy(smollm2, [prompt], 48, ignore_eos=False)
+    text = smollm2.tokenizer.decode(answer)
+    assert "Paris" in text, text
+    assert answer[-1] in smollm2.info.eos_token_ids  # a complete answer, not cut off
+
+
+def test_cli_streams_only_the_answer_to_stdout():
+    result = subprocess.run(
+        [sys.executable, "-m", "pdserve", "generate", "--chat", "--max-tokens", "40",
+         "--prompt", "What is the capital of France?"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "pdserve:" not in result.stdout  # progress and timing go to stderr
+    assert "loading smollm2-135m-instruct" in result.stderr
+    assert "finish reason: stop" in result.stderr
