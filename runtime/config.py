@@ -133,6 +133,29 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class DeviceConfig:
+    """Where the model runs and with which kernels.
+
+    device: "auto" (CUDA when available, else CPU), "cpu" or "cuda[:N]".
+    dtype: None picks bfloat16 on CUDA and float32 on the CPU.
+    kernels: "auto" (Triton on CUDA, PyTorch references on the CPU), "triton" or
+        "reference"; forcing "triton" on the CPU needs TRITON_INTERPRET=1 (tests only).
+    cuda_graphs: capture decode steps in CUDA graphs for fixed batch-size buckets.
+    """
+
+    device: str = "auto"
+    dtype: torch.dtype | None = None
+    kernels: str = "auto"
+    cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.kernels not in ("auto", "triton", "reference"):
+            raise ConfigError(f"kernels must be auto, triton or reference, got {self.kernels!r}")
+
+
+@dataclass(frozen=True)
 class RuntimeInfo:
     """Values discovered at start-up, after the model and pool exist."""
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run in its interpreter on CPU tensors. This must be set
+# before triton is first imported, which is why it lives at the top of conftest.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # One torch thread per process: on small machines more threads make small matmuls slower.
 torch.set_num_threads(1)
