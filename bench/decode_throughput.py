@@ -19,20 +19,21 @@ from importlib import metadata
 
 import torch
 
-from pdserve.runtime.batch_generator import BatchGenerator
+from pdserve.decode_worker.engine import EngineCore
 from pdserve.runtime.config import SchedulerConfig
 from pdserve.runtime.loader import load_model
-from pdserve.runtime.request import Request
 from pdserve.runtime.sampling_params import SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
 def pdserve_rate(loaded, prompt_ids: list[int], tokens: int) -> float:
-    engine = BatchGenerator(loaded.runner, loaded.info, SchedulerConfig())
+    engine = EngineCore(loaded.runner, loaded.info, SchedulerConfig(), enable_prefix_caching=False)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    engine.add(Request("bench", prompt_ids, params))
-    stamps = [time.perf_counter() for _ in engine.run()]
+    engine.add_request("bench", prompt_ids, params)
+    stamps = []
+    while engine.has_unfinished:
+        stamps += [time.perf_counter() for _ in engine.step()]
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 

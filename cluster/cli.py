@@ -56,14 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from pdserve.runtime.batch_generator import BatchGenerator
-    from pdserve.runtime.config import SchedulerConfig
+    from pdserve.decode_worker.engine import EngineCore
     from pdserve.runtime.loader import load_model
-    from pdserve.runtime.request import Request
-    from pdserve.runtime.sampler import make_generator
     from pdserve.runtime.sampling_params import SamplingParams
-    from pdserve.runtime.stopping import StopStringMatcher
-    from pdserve.runtime.tokenizer import IncrementalDetokenizer
+    from pdserve.runtime.stopping import FinishReason
+    from pdserve.runtime.text_stream import TextStream
 
     torch.set_num_threads(args.threads)
     try:
@@ -80,32 +77,29 @@ def _generate(args: argparse.Namespace) -> int:
             prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
         else:
             prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
-        engine = BatchGenerator(loaded.runner, loaded.info, SchedulerConfig())
-        engine.add(Request("cli", prompt_ids, params, make_generator(params.seed, loaded.info.device)))
+        engine = EngineCore(loaded.runner, loaded.info)
+        engine.add_request("cli", prompt_ids, params)
     except (ValueError, FileNotFoundError) as exc:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
 
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    matcher = StopStringMatcher.from_params(params)
+    stream = TextStream(tokenizer, params, loaded.info.eos_token_ids)
     started = time.perf_counter()
     first_token_at = None
     num_tokens = 0
     finish_reason = None
-    for event in engine.run():
-        num_tokens += 1
-        first_token_at = first_token_at or time.perf_counter()
-        text, stopped = matcher.push(detokenizer.push(event.token_id))
-        sys.stdout.write(text)
+    while finish_reason is None:
+        for chunk in engine.step():
+            num_tokens += len(chunk.token_ids)
+            first_token_at = first_token_at or time.perf_counter()
+            for token in chunk.token_ids:
+                sys.stdout.write(stream.push(token))
+            finish_reason = chunk.finish_reason
+            if stream.stopped:
+                engine.finish_request("cli", FinishReason.STOP)
+                finish_reason = FinishReason.STOP
         sys.stdout.flush()
-        finish_reason = event.finish_reason
-        if stopped:
-            engine.abort("cli")
-            finish_reason = "stop"
-            break
-    else:
-        sys.stdout.write(matcher.flush())
-    sys.stdout.write("\n")
+    sys.stdout.write(stream.finish() + "\n")
     sys.stdout.flush()
     elapsed = time.perf_counter() - started
     decode_time = time.perf_counter() - (first_token_at or started)
@@ -113,7 +107,7 @@ def _generate(args: argparse.Namespace) -> int:
     print(
         f"pdserve: {len(prompt_ids)} prompt tokens, {num_tokens} generated in {elapsed:.2f}s "
         f"(first token {1000 * ((first_token_at or started) - started):.0f} ms, "
-        f"decode {rate:.1f} tok/s), finish reason: {getattr(finish_reason, 'value', finish_reason)}",
+        f"decode {rate:.1f} tok/s), finish reason: {finish_reason.value}",
         file=sys.stderr,
     )
     return 0

@@ -5,18 +5,23 @@
     block_table                      blocks covering at least the computed tokens
 
 There is no prefill or decode phase, only how far `num_computed_tokens` lags behind
-`num_tokens`: a prompt being prefilled lags by many, a decoding sequence by one.
+`num_tokens`: a prompt being prefilled lags by many, a decoding sequence by one, and a
+preempted sequence (recomputed from scratch) by all of its tokens.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
+
+_arrival_counter = itertools.count()
 
 
 class RequestState(enum.Enum):
@@ -35,9 +40,14 @@ class Request:
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     block_table: list[int] = field(default_factory=list)
+    prefix_handle: Any = None  # lock on the prefix-cache path this request reuses
     state: RequestState = RequestState.WAITING
     finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    # Arrival order: lower is older. Scheduling priority and preemption order use it.
+    arrival: int = field(default_factory=lambda: next(_arrival_counter))
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -57,7 +67,8 @@ class Request:
 
     @property
     def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < self.num_prompt_tokens
+        """More than the last sampled token is missing from the cache."""
+        return self.num_uncomputed_tokens > 1
 
     @property
     def is_finished(self) -> bool:
@@ -71,3 +82,15 @@ class Request:
         if start >= n_prompt:
             return self.output_ids[start - n_prompt:end - n_prompt]
         return self.prompt_ids[start:] + self.output_ids[:end - n_prompt]
+
+
+class TokenChunk(NamedTuple):
+    """What one engine step produced for one request; streamed to whoever waits on it."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None  # per token, best first
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int

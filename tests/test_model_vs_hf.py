@@ -7,11 +7,10 @@ import torch
 from hf_oracle import explain_divergence, hf_greedy, hf_logits
 from transformers import AutoModelForCausalLM
 
-from pdserve.runtime.batch_generator import BatchGenerator
+from pdserve.decode_worker.engine import EngineCore
 from pdserve.runtime.config import CacheConfig, SchedulerConfig
 from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
 from pdserve.runtime.loader import load_model
-from pdserve.runtime.request import Request
 from pdserve.runtime.sampling_params import SamplingParams
 
 # Logits of the two implementations differ only by float32 reduction order (fused q/k/v
@@ -64,21 +63,21 @@ def test_greedy_tokens_of_a_mixed_batch_match_generate(models):
     prompts = _prompts(ours.runner.config.vocab_size)
     max_tokens = 12
     # Small chunks and a small token budget force chunked prefill beside decoding.
-    engine = BatchGenerator(ours.runner, ours.info, SchedulerConfig(
-        max_num_seqs=8, max_num_batched_tokens=24, max_prefill_chunk=8))
+    engine = EngineCore(ours.runner, ours.info, SchedulerConfig(
+        max_num_seqs=8, max_num_batched_tokens=24, max_prefill_chunk=8), enable_prefix_caching=False)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
-        engine.add(Request(str(i), prompt, params))
+        engine.add_request(str(i), prompt, params)
     outputs = {str(i): [] for i in range(len(prompts))}
     mixed_steps = 0
     while engine.has_unfinished:
-        prefilling = sum(r.is_prefilling for r in engine.running)
-        events = engine.step()
-        mixed_steps += bool(prefilling and len(engine.running) > prefilling)
-        for event in events:
-            outputs[event.request_id].append(event.token_id)
+        running = engine.scheduler.running
+        prefilling = sum(r.is_prefilling for r in running)
+        for chunk in engine.step():
+            outputs[chunk.request_id].extend(chunk.token_ids)
+        mixed_steps += bool(prefilling and len(running) > prefilling)
     assert mixed_steps > 0, "the schedule never mixed prefill with decode"
-    assert engine.allocator.num_used == 0
+    assert engine.scheduler.allocator.num_used == 0
     for i, prompt in enumerate(prompts):
         expected = hf_greedy(hf, prompt, max_tokens)
         got = outputs[str(i)]
@@ -87,7 +86,7 @@ def test_greedy_tokens_of_a_mixed_batch_match_generate(models):
 
 def test_prompt_longer_than_context_is_rejected(models):
     ours, _ = models
-    engine = BatchGenerator(ours.runner, ours.info, SchedulerConfig())
+    engine = EngineCore(ours.runner, ours.info)
     too_long = [1] * ours.info.max_model_len
     with pytest.raises(ValueError, match=f"prompt has {len(too_long)} tokens but the model's context is"):
-        engine.add(Request("x", too_long, SamplingParams()))
+        engine.add_request("x", too_long, SamplingParams())

@@ -8,10 +8,9 @@ import sys
 import pytest
 from hf_oracle import explain_divergence, hf_greedy
 
-from pdserve.runtime.batch_generator import BatchGenerator
+from pdserve.decode_worker.engine import EngineCore
 from pdserve.runtime.config import SchedulerConfig
 from pdserve.runtime.loader import load_model
-from pdserve.runtime.request import Request
 from pdserve.runtime.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -29,14 +28,16 @@ def smollm2(smollm2_gguf_path):
 
 
 def _greedy(loaded, prompts: list[list[int]], max_tokens: int, ignore_eos: bool) -> list[list[int]]:
-    engine = BatchGenerator(loaded.runner, loaded.info, SchedulerConfig(max_prefill_chunk=16))
+    engine = EngineCore(loaded.runner, loaded.info, SchedulerConfig(max_prefill_chunk=16),
+                        enable_prefix_caching=False)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
     for i, prompt in enumerate(prompts):
-        engine.add(Request(str(i), prompt, params))
+        engine.add_request(str(i), prompt, params)
     outputs = [[] for _ in prompts]
-    for event in engine.run():
-        outputs[int(event.request_id)].append(event.token_id)
-    assert engine.allocator.num_used == 0
+    while engine.has_unfinished:
+        for chunk in engine.step():
+            outputs[int(chunk.request_id)].extend(chunk.token_ids)
+    assert engine.scheduler.allocator.num_used == 0
     return outputs
 
 
