@@ -1,1 +1,16 @@
-"""Triton kernels and the PyTorch references they are checked against."""
+"""Triton kernels and the PyTorch references they are checked against.
+
+Each module holds a Triton kernel, its wrapper (which asserts shapes and strides) and a
+PyTorch reference with the same signature and contract:
+
+    decode_attention   decode_attention / decode_attention_ref   one query per sequence, split-K
+    extend_attention   extend_attention / extend_attention_ref   new tokens over a paged prefix
+    kv_store           store_kv / store_kv_ref                   scatter new K/V into pages
+    kv_pack            pack_kv, unpack_kv / *_ref                pages <-> contiguous, int8/fp8
+    rmsnorm            rms_norm / rms_norm_ref                   with fused residual add
+    rope               rope / rope_ref                           NeoX layout, scaled cos/sin cache
+    attention          paged_attention_ref                       mixed-batch reference (no kernel)
+
+The Triton wrappers run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set
+before triton was imported (tests); see triton_utils.INTERPRETED.
+"""

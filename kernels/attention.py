@@ -55,13 +55,13 @@ def paged_attention_ref(
         assert 0 < n_new <= context_len, f"sequence {i}: {n_new} queries for context {context_len}"
         k = gather_context(k_cache, block_tables[i], context_len)
         v = gather_context(v_cache, block_tables[i], context_len)
-        out[start:start + n_new] = _attend(q[start:start + n_new], k, v, scale)
+        out[start:start + n_new] = attend_context(q[start:start + n_new], k, v, scale)
         start += n_new
     assert start == q.shape[0], "query_lens must add up to the number of query tokens"
     return out
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def attend_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [n, H, D] at the last n of the L positions of k, v: [L, KVH, D]."""
     n, heads, head_dim = q.shape
     context_len, kv_heads = k.shape[0], k.shape[1]

@@ -1,22 +1,51 @@
-"""How an attention layer stores its new K/V and attends over the paged pool.
+"""Which kernels a model runs: attention backends and the kernel set chosen per runner.
 
-A backend is a strategy object chosen once per runner: the PyTorch reference on CPU, the
-Triton kernels on CUDA. Layers call `forward` and know nothing of either.
+An attention backend is a strategy object that stores a layer's new K/V and attends over
+the paged pool; `Kernels` bundles it with the RMSNorm and RoPE functions of the same
+family. Layers call them and know nothing of either family. The runner picks the family
+once from its `DeviceConfig` (`select_kernels`): the PyTorch references on the CPU, the
+Triton kernels on CUDA, or either one forced (Triton on the CPU needs TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
 import torch
 
 from pdserve.kernels.attention import paged_attention_ref
-from pdserve.kernels.kv_store import store_kv_ref
+from pdserve.kernels.decode_attention import decode_attention
+from pdserve.kernels.extend_attention import extend_attention
+from pdserve.kernels.kv_store import store_kv, store_kv_ref
+from pdserve.kernels.rmsnorm import rms_norm, rms_norm_ref
+from pdserve.kernels.rope import rope, rope_ref
+from pdserve.kernels.triton_utils import INTERPRETED
+from pdserve.runtime.config import ConfigError
 from pdserve.runtime.forward_batch import ForwardBatch
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Build per-batch metadata; the model calls it once per forward, before the first
+        layer (so inside a captured CUDA graph too). Must not synchronise with the device."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D]. Writes k/v into the cache slots of `batch`,
+        then returns attention output [T, H, D]. `batch` is the one last prepared."""
 
 
 class ReferenceAttention:
     """PyTorch reference kernels; correct on any device, fast on none."""
 
     name = "reference"
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Nothing to prepare: the reference reads the batch's host-side lengths."""
 
     def forward(
         self,
@@ -28,9 +57,106 @@ class ReferenceAttention:
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, KVH, D]. Writes k/v into the cache slots of `batch`,
-        then returns attention output [T, H, D]."""
+        """See `AttentionBackend.forward`."""
         store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
         return paged_attention_ref(
             q, k_cache, v_cache, batch.block_tables, batch.query_lens, batch.seq_lens, scale
         )
+
+
+class _DecodeMetadata(NamedTuple):
+    seq_lens: torch.Tensor  # [B] context lengths, positions + 1, computed on the device
+
+
+class _ExtendMetadata(NamedTuple):
+    query_start: torch.Tensor  # [B + 1] int32 offsets of each sequence's queries
+    seq_lens: torch.Tensor  # [B] int32
+    max_query_len: int
+
+
+class TritonAttention:
+    """Triton kernels. A batch where every sequence adds one token runs the split decode
+    kernel; any other batch (prefill chunks, possibly mixed with decodes) runs the extend
+    kernel, which treats a decoding sequence as a one-token extend.
+
+    The decode path reads nothing from the host: context lengths are `positions + 1`,
+    computed on the device by `prepare`, so a decode step can be captured in a CUDA graph
+    and replayed with new inputs. Holds the prepared metadata: one instance per model.
+    """
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._batch: ForwardBatch | None = None
+        self._metadata: _DecodeMetadata | _ExtendMetadata | None = None
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """See `AttentionBackend.prepare`. Decode: one device op; extend: two small host to
+        device copies of the lengths."""
+        if batch.num_tokens == batch.num_seqs:
+            # The one new token of each sequence is its last position.
+            self._metadata = _DecodeMetadata(batch.positions + 1)
+        else:
+            device = batch.input_ids.device
+            starts = [0, *itertools.accumulate(batch.query_lens)]
+            self._metadata = _ExtendMetadata(
+                torch.tensor(starts, dtype=torch.int32, device=device),
+                torch.tensor(batch.seq_lens, dtype=torch.int32, device=device),
+                max(batch.query_lens),
+            )
+        self._batch = batch
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """See `AttentionBackend.forward`."""
+        assert batch is self._batch, "prepare(batch) must run before the layers"
+        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        meta = self._metadata
+        if isinstance(meta, _DecodeMetadata):
+            return decode_attention(q, k_cache, v_cache, batch.block_tables, meta.seq_lens, scale)
+        return extend_attention(q, k_cache, v_cache, batch.block_tables, meta.query_start,
+                                meta.seq_lens, meta.max_query_len, scale)
+
+
+class Kernels(NamedTuple):
+    """One family of kernels, used by every layer of a model."""
+
+    name: str
+    attention: AttentionBackend
+    rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # rms_norm_ref's contract
+    rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # rope_ref's contract
+
+
+def reference_kernels() -> Kernels:
+    return Kernels("reference", ReferenceAttention(), rms_norm_ref, rope_ref)
+
+
+def triton_kernels() -> Kernels:
+    return Kernels("triton", TritonAttention(), rms_norm, rope)
+
+
+def select_kernels(kernels: str, device: torch.device) -> Kernels:
+    """The kernel family for `DeviceConfig.kernels` ("auto", "triton" or "reference") on
+    `device`: auto means Triton on CUDA and the references elsewhere. Raises ConfigError
+    when the choice cannot run there."""
+    if kernels == "auto":
+        kernels = "triton" if device.type == "cuda" else "reference"
+    if kernels == "reference":
+        return reference_kernels()
+    if kernels != "triton":
+        raise ConfigError(f"kernels must be auto, triton or reference, got {kernels!r}")
+    if device.type == "cuda" and INTERPRETED:
+        raise ConfigError("Triton kernels were imported with TRITON_INTERPRET=1, which runs "
+                          "them on the CPU only; unset it to use them on CUDA")
+    if device.type != "cuda" and not INTERPRETED:
+        raise ConfigError(f"Triton kernels on {device} need TRITON_INTERPRET=1 set before "
+                          "triton is imported (tests only); use kernels='reference' on the CPU")
+    return triton_kernels()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.runtime.config import CacheConfig, ConfigError, RuntimeInfo
+from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, RuntimeInfo
 from pdserve.runtime.model_runner import ModelRunner
 from pdserve.runtime.tokenizer import Tokenizer
 from pdserve.runtime.weights import Checkpoint, load_checkpoint
@@ -29,10 +29,18 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     max_model_len: int | None = None,
+    device_config: DeviceConfig | None = None,
 ) -> LoadedModel:
-    """Resolve `model` (HF directory, .gguf file or embedded name) and make it runnable."""
+    """Resolve `model` (HF directory, .gguf file or embedded name) and make it runnable.
+
+    Placement: either `dtype` and `device` (the default: float32 on the CPU with the
+    PyTorch reference kernels, as the correctness oracle tests expect) or a
+    `device_config` (kernels, dtype, CUDA graphs; see `DeviceConfig`), not both."""
+    if device_config is not None and (dtype != torch.float32 or str(device) != "cpu"):
+        raise ConfigError("pass dtype and device inside device_config, not beside it")
+    device_config = device_config or DeviceConfig(device=str(device), dtype=dtype)
     checkpoint = load_checkpoint(model)
-    config = checkpoint.config.with_dtype(dtype)
+    config = checkpoint.config
     context = config.max_position_embeddings
     if max_model_len is not None:
         if not 0 < max_model_len <= context:
@@ -41,13 +49,14 @@ def load_model(
                 f"context of {context} tokens"
             )
         context = max_model_len
-    runner = ModelRunner.create(config, checkpoint.iter_weights(), cache or CacheConfig(), device)
+    runner = ModelRunner.create(config, checkpoint.iter_weights(), cache or CacheConfig(),
+                                device_config=device_config)
     info = RuntimeInfo(
         num_blocks=runner.pool.num_blocks,
         block_size=runner.pool.block_size,
         max_model_len=context,
         eos_token_ids=checkpoint.eos_token_ids,
         bos_token_id=checkpoint.bos_token_id,
-        device=torch.device(device),
+        device=runner.device,
     )
     return LoadedModel(checkpoint, runner, info)

@@ -2,6 +2,8 @@
 
 It owns the model weights and reads the KV pool through the model's attention layers;
 block allocation belongs to the scheduler, so the runner never allocates or frees.
+Where the model runs (device, dtype, kernels, CUDA graphs) is fixed at creation from a
+`DeviceConfig`.
 """
 
 from __future__ import annotations
@@ -9,21 +11,52 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
-from pdserve.runtime.config import CacheConfig, ModelConfig
+from pdserve.runtime.attention_backend import select_kernels
+from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, ModelConfig
 from pdserve.runtime.forward_batch import ForwardBatch
 from pdserve.runtime.kv_pool import KVPool
 from pdserve.runtime.models import MODEL_CLASSES
 
 log = logging.getLogger(__name__)
 
+# Batch sizes with a captured decode graph; larger decode batches run eagerly.
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A `DeviceConfig` resolved on this machine: no "auto" and no None left."""
+
+    device: torch.device
+    dtype: torch.dtype
+    kernels: str  # "triton" or "reference"
+    cuda_graphs: bool  # only with Triton kernels on CUDA: the references read host data
+
+    @classmethod
+    def resolve(cls, config: DeviceConfig) -> Placement:
+        if config.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(config.device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"device {config.device!r} was asked for but CUDA is not "
+                                  "available; use device='cpu' or 'auto'")
+        on_cuda = device.type == "cuda"
+        kernels = config.kernels if config.kernels != "auto" else ("triton" if on_cuda else "reference")
+        dtype = config.dtype or (torch.bfloat16 if on_cuda else torch.float32)
+        return cls(device, dtype, kernels, config.cuda_graphs and on_cuda and kernels == "triton")
+
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: KVPool) -> None:
+    def __init__(self, model: torch.nn.Module, pool: KVPool,
+                 graphs: DecodeGraphRunner | None = None) -> None:
         self.model = model
         self.pool = pool
+        self.graphs = graphs
 
     @classmethod
     def create(
@@ -32,30 +65,142 @@ class ModelRunner:
         weights: Iterable[tuple[str, torch.Tensor]],
         cache: CacheConfig,
         device: torch.device | str = "cpu",
+        device_config: DeviceConfig | None = None,
     ) -> ModelRunner:
+        """Build the model on its device, load `weights`, allocate the KV pool and, on CUDA
+        with Triton kernels, capture the decode graphs.
+
+        Without `device_config` the model runs on `device` in `config.dtype` with the
+        default kernels there (references on the CPU). With one, `device` must be left at
+        its default and the config's device and dtype win."""
+        if device_config is None:
+            device_config = DeviceConfig(device=str(device), dtype=config.dtype)
+        elif str(device) != "cpu":
+            raise ConfigError("pass the device inside device_config, not beside it")
+        placement = Placement.resolve(device_config)
+        if placement.device.type == "cuda" and placement.device.index is not None:
+            # Triton launches and graph captures use the current device.
+            torch.cuda.set_device(placement.device)
         started = time.perf_counter()
-        model_class = MODEL_CLASSES[config.architecture]
-        with torch.device(device):
-            model = model_class(config)
+        config = config.with_dtype(placement.dtype)
+        kernels = select_kernels(placement.kernels, placement.device)
+        with torch.device(placement.device):
+            model = MODEL_CLASSES[config.architecture](config, kernels)
         model.load_weights(weights)
         model.eval()
-        pool = KVPool.for_model(config, cache, device)
+        pool = KVPool.for_model(config, cache, placement.device)
+        graphs = None
+        if placement.cuda_graphs:
+            max_pages = min(pool.num_blocks, -(-config.max_position_embeddings // pool.block_size))
+            graphs = DecodeGraphRunner(model, pool, max_pages)
         log.info(
-            "loaded %s (%d layers) in %.1fs; KV pool %d blocks x %d tokens",
-            config.architecture, config.num_layers, time.perf_counter() - started,
-            pool.num_blocks, pool.block_size,
+            "loaded %s (%d layers, %s, %s kernels%s) on %s in %.1fs; KV pool %d blocks x %d tokens",
+            config.architecture, config.num_layers, str(placement.dtype).removeprefix("torch."),
+            kernels.name, ", CUDA graphs" if graphs else "", placement.device,
+            time.perf_counter() - started, pool.num_blocks, pool.block_size,
         )
-        return cls(model, pool)
+        return cls(model, pool, graphs)
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.kv.device
 
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
         """Run one forward; return float32 logits [len(batch.sample_indices), vocab].
 
         Writes the K/V of every token in the batch into its slot; reads nothing but the
-        batch and the pool."""
+        batch and the pool. Decode batches that fit a captured graph replay it."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch)
         hidden = self.model(batch, self.pool)
         return self.model.compute_logits(hidden.index_select(0, batch.sample_indices))
+
+
+class DecodeGraphRunner:
+    """Decode steps replayed from CUDA graphs, one graph per batch size in GRAPH_BATCH_SIZES.
+
+    A decode batch (one new token per sequence) of B sequences runs in the graph of the
+    smallest captured size b >= B. Its inputs are copied into static buffers:
+
+        rows     0 ........ B-1 | B ........ b-1
+                 the batch      | padding: token 0 at position 0 (context 1, reading
+                                | block 0, which always exists), slot -1 (stores nothing)
+
+    Each graph computes the logits of all b rows into its own static output; `run` returns
+    the sampled rows. Graphs need kernels that never read host data nor synchronise (the
+    Triton family: context lengths come from positions on the device), so the host-side
+    `query_lens` / `seq_lens` of the static batches are placeholders that nothing reads.
+    Block tables are at most `max_pages` wide. CUDA only; never touched on the CPU.
+    """
+
+    def __init__(self, model: torch.nn.Module, pool: KVPool, max_pages: int) -> None:
+        assert pool.kv.is_cuda and model.kernels.name == "triton"
+        self.model, self.pool, self.max_pages = model, pool, max_pages
+        size, device = GRAPH_BATCH_SIZES[-1], pool.kv.device
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(size, max_pages, dtype=torch.int64, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        mempool = torch.cuda.graph_pool_handle()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            # Largest first: smaller graphs then reuse its memory from the shared pool.
+            for b in reversed(GRAPH_BATCH_SIZES):
+                self.graphs[b] = self._capture(b, mempool)
+        log.info("captured %d decode CUDA graphs in %.1fs", len(self.graphs),
+                 time.perf_counter() - started)
+
+    def _static_batch(self, b: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.input_ids[:b], positions=self.positions[:b],
+            slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
+            sample_indices=torch.arange(b, device=self.input_ids.device),
+            query_lens=(1,) * b, seq_lens=(1,) * b,
+        )
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.compute_logits(self.model(batch, self.pool))
+
+    def _capture(self, b: int, mempool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        batch = self._static_batch(b)
+        # Warm up on a side stream (compiles the Triton kernels for these shapes); the
+        # static slots are all -1, so neither warm-up nor capture writes the pool.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(batch)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=mempool):
+            logits = self._forward(batch)
+        return graph, logits
+
+    def fits(self, batch: ForwardBatch) -> bool:
+        """Whether `run` can take this batch: a pure decode batch small and narrow enough."""
+        return (batch.num_tokens == batch.num_seqs <= GRAPH_BATCH_SIZES[-1]
+                and batch.block_tables.shape[1] <= self.max_pages)
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Replay the graph for `batch` (which `fits`); same result as the eager forward
+        up to float rounding (the decode kernel may split the context differently)."""
+        n = batch.num_seqs
+        b = next(size for size in GRAPH_BATCH_SIZES if size >= n)
+        graph, logits = self.graphs[b]
+        self.input_ids[:n].copy_(batch.input_ids)
+        self.positions[:n].copy_(batch.positions)
+        self.slot_mapping[:n].copy_(batch.slot_mapping)
+        self.block_tables[:n, :batch.block_tables.shape[1]].copy_(batch.block_tables)
+        self.input_ids[n:b].zero_()
+        self.positions[n:b].zero_()
+        self.slot_mapping[n:b].fill_(-1)
+        self.block_tables[n:b, 0].zero_()
+        graph.replay()
+        # A copy: the next replay overwrites `logits`.
+        return logits.index_select(0, batch.sample_indices)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+
 from pdserve.runtime.sampling_params import SamplingParams
 
 

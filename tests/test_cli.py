@@ -43,8 +43,8 @@ def test_bad_sampling_parameter_names_the_field(tiny_llama_dir, capsys):
 
 
 def test_chat_needs_a_template(tiny_llama_dir, tmp_path, capsys):
-    import shutil
     import json
+    import shutil
     model = tmp_path / "no_template"
     shutil.copytree(tiny_llama_dir, model)
     config_path = model / "tokenizer_config.json"

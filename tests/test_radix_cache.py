@@ -6,6 +6,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
 from pdserve.runtime.block_allocator import BlockAllocator
 from pdserve.runtime.radix_cache import (
     CacheEvent,

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from pdserve.runtime.sampler import Sampler, SamplerOutput, apply_filters, make_generator
 from pdserve.runtime.sampling_params import SamplingParams
 

@@ -9,4 +9,4 @@ MODEL_CLASSES = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
 }
 
-__all__ = ["LlamaForCausalLM", "MODEL_CLASSES"]
+__all__ = ["MODEL_CLASSES", "LlamaForCausalLM"]

@@ -4,6 +4,9 @@ The variants differ only in flags of `ModelConfig` (qkv bias, tied embeddings, R
 scaling, head_dim). Projections that read the same input are fused (q/k/v into one
 matmul, gate/up into another); `load_weights` takes HF parameter names and fills the
 fused slices.
+
+Which kernels run (PyTorch references or Triton) is a `Kernels` strategy fixed at
+construction; every module calls its functions and knows nothing of either family.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.kernels.rmsnorm import rms_norm_ref
-from pdserve.kernels.rope import rope_cos_sin_cache, rope_ref
-from pdserve.runtime.attention_backend import ReferenceAttention
+from pdserve.kernels.rope import rope_cos_sin_cache
+from pdserve.runtime.attention_backend import Kernels, reference_kernels
 from pdserve.runtime.config import ModelConfig
 from pdserve.runtime.forward_batch import ForwardBatch
 from pdserve.runtime.kv_pool import KVPool
@@ -40,33 +42,36 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, kernels: Kernels) -> None:
         super().__init__()
         self.weight = _param(size, dtype=dtype)
         self.eps = eps
+        self.kernel = kernels.rms_norm
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm_ref(x, self.weight, self.eps, residual)
+        return self.kernel(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int, kernels: Kernels) -> None:
         super().__init__()
         self.layer_index = layer_index
+        self.rope = kernels.rope
+        self.backend = kernels.attention
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim ** -0.5
         self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, cfg.dtype)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, cfg.o_bias, cfg.dtype)
 
-    def forward(self, x, batch: ForwardBatch, pool: KVPool, cos_sin, backend) -> torch.Tensor:
+    def forward(self, x, batch: ForwardBatch, pool: KVPool, cos_sin) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope_ref(q, k, batch.positions, cos_sin)
+        q, k = self.rope(q, k, batch.positions, cos_sin)
         k_cache, v_cache = pool.layer(self.layer_index)
-        out = backend.forward(q, k, v, k_cache, v_cache, batch, self.scale)
+        out = self.backend.forward(q, k, v, k_cache, v_cache, batch, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -83,16 +88,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int, kernels: Kernels) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = Attention(cfg, layer_index)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, kernels)
+        self.self_attn = Attention(cfg, layer_index, kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, kernels)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, batch, pool, cos_sin, backend):
+    def forward(self, x, residual, batch, pool, cos_sin):
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, batch, pool, cos_sin, backend)
+        h = self.self_attn(h, batch, pool, cos_sin)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -109,13 +114,13 @@ _FUSED = {
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend=None) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.backend = backend or ReferenceAttention()
+        self.kernels = kernels or reference_kernels()
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.kernels) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, self.kernels)
         self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer(
@@ -124,10 +129,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
         """Hidden states [T, hidden] of every token in `batch`; writes their K/V to `pool`."""
+        self.kernels.attention.prepare(batch)
         x = F.embedding(batch.input_ids, self.embed_tokens)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, batch, pool, self.cos_sin_cache, self.backend)
+            x, residual = layer(x, residual, batch, pool, self.cos_sin_cache)
         x, _ = self.norm(x, residual)
         return x
 
