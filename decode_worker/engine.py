@@ -1,19 +1,23 @@
 """`EngineCore`: the synchronous heart of a decode worker.
 
 One step is three calls: `scheduler.schedule()` -> `runner.execute(batch)` ->
-`_postprocess()`. The core is single-threaded; `AsyncEngine` drives it from a thread and
-`LLM` drives it in a loop.
+`_append_token()` per sampled row. With a KV receiver it also admits requests prefilled
+elsewhere (`submit_remote`), settling their transfers at the start of each step. The core
+is single-threaded; `AsyncEngine` drives it from a thread and `LLM` drives it in a loop.
 """
 
 from __future__ import annotations
 
-from pdserve.decode_worker.scheduler import Scheduler
+from pdserve.decode_worker.scheduler import DecodeScheduler
+from pdserve.decode_worker.transfers import OnTransferFailure, RemoteAdmission
+from pdserve.kv_transfer.messages import KVTicket
+from pdserve.kv_transfer.receiver import KVReceiver
 from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
-from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
 from pdserve.runtime.model_runner import ModelRunner
 from pdserve.runtime.request import Request, TokenChunk
-from pdserve.runtime.sampler import Sampler, SamplerOutput, make_generator
+from pdserve.runtime.sampler import Sampler, advance_generator, make_generator
 from pdserve.runtime.sampling_params import SamplingParams
+from pdserve.runtime.scheduler import build_forward_batch
 from pdserve.runtime.stopping import FinishReason, check_stop_token
 
 
@@ -24,11 +28,28 @@ class EngineCore:
         info: RuntimeInfo,
         config: SchedulerConfig | None = None,
         enable_prefix_caching: bool = True,
+        kv_receiver: KVReceiver | None = None,
+        on_transfer_failure: OnTransferFailure = OnTransferFailure.RECOMPUTE,
+        transfer_timeout: float = 30.0,
     ) -> None:
         self.runner = runner
         self.info = info
-        self.scheduler = Scheduler(config or SchedulerConfig(), info, enable_prefix_caching)
+        self.scheduler = DecodeScheduler(config or SchedulerConfig(), info, enable_prefix_caching)
         self.sampler = Sampler()
+        self.remote = None
+        if kv_receiver is not None:
+            self.remote = RemoteAdmission(self.scheduler, kv_receiver, on_transfer_failure, transfer_timeout)
+
+    def submit_remote(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> KVTicket | None:
+        """Admit a request whose prompt a prefill worker computes: reserve its blocks and
+        return the ticket to hand to that worker, or None when there is no room now."""
+        if self.remote is None:
+            raise RuntimeError("this engine has no KV receiver; create it with kv_receiver=")
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, list(prompt_ids), params,
+                          make_generator(params.seed, self.runner.pool.kv.device))
+        return self.remote.submit(request)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request for local prefill and decode. Raises RequestRejected (a
@@ -43,6 +64,8 @@ class EngineCore:
     def finish_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> TokenChunk | None:
         """End a request now (abort, or a stop string found by the caller); its blocks are
         free when this returns. Returns its final chunk, or None if it had already ended."""
+        if self.remote is not None:
+            self.remote.abort(request_id)
         request = self.scheduler.finish(request_id, reason)
         if request is None:
             return None
@@ -51,39 +74,49 @@ class EngineCore:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self.scheduler.waiting_for_kv)
 
     def step(self) -> list[TokenChunk]:
         """Run one forward over the scheduled work; return one chunk per request that
         produced a token (and finished ones with their reason)."""
+        outputs = self._settle_transfers()
         chunks = self.scheduler.schedule()
         if not chunks:
-            return []
-        batch = ForwardBatch.build(
-            [SeqChunk(c.request.token_ids(c.start, c.start + c.num_tokens), c.start,
-                      c.request.block_table, c.samples) for c in chunks],
-            self.info.block_size, self.runner.pool.kv.device)
+            return outputs
+        batch = build_forward_batch(chunks, self.info.block_size, self.runner.device)
         logits = self.runner.execute(batch)
         self.scheduler.update(chunks)
         sampling = [c.request for c in chunks if c.samples]
         if not sampling:
-            return []
+            return outputs
         out = self.sampler(logits, [r.params for r in sampling], [r.generator for r in sampling])
-        return [self._append_token(request, out, row) for row, request in enumerate(sampling)]
+        for row, request in enumerate(sampling):
+            token = int(out.token_ids[row])
+            request.output_ids.append(token)
+            top = out.top_for(row, request.params.logprobs)
+            outputs.append(self._emit(request, float(out.logprobs[row]), top))
+        return outputs
 
-    def _append_token(self, request: Request, out: SamplerOutput, row: int) -> TokenChunk:
-        token = int(out.token_ids[row])
-        request.output_ids.append(token)
+    def _settle_transfers(self) -> list[TokenChunk]:
+        if self.remote is None:
+            return []
+        started, failed = self.remote.poll()
+        for request, done in started:
+            # The prefill worker drew the first token from its own copy of the seed.
+            advance_generator(request.generator, request.params, self.runner.config.vocab_size)
+            failed.append(self._emit(request, done.logprob, done.top_logprobs or None))
+        return failed
+
+    def _emit(self, request: Request, logprob: float, top) -> TokenChunk:
+        """The chunk for the token just appended to `request`; finishes it if that token
+        ends it."""
+        token = request.output_ids[-1]
         reason = check_stop_token(token, request.num_output_tokens, request.params,
                                   self.info.eos_token_ids)
         if reason is None and request.num_tokens >= self.info.max_model_len:
             reason = FinishReason.LENGTH
-        top = None
-        if out.top_logprob_ids is not None and request.params.logprobs:
-            n = request.params.logprobs
-            top = (tuple(zip(out.top_logprob_ids[row, :n].tolist(), out.top_logprobs[row, :n].tolist())),)
         if reason is not None:
             self.scheduler.finish(request.request_id, reason)
-        return TokenChunk(request.request_id, (token,), (float(out.logprobs[row]),), top, reason,
+        return TokenChunk(request.request_id, (token,), (logprob,), (top,) if top else None, reason,
                           request.num_prompt_tokens, request.num_cached_tokens)
 

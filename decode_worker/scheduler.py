@@ -1,100 +1,32 @@
-"""Continuous-batching scheduler: decides, each step, which tokens of which requests run.
+"""The decode worker's scheduler: the shared batch scheduler plus decode-first admission
+of requests prefilled elsewhere.
 
-It owns the block allocator and the prefix cache; nothing else allocates or frees KV.
-
-One step, in order:
-  1. Running requests that are decoding (one uncomputed token) get that token, oldest
-     first. Then running requests still prefilling get a chunk of at most
-     `max_prefill_chunk` tokens. Together they stay within `max_num_batched_tokens`.
-  2. If nobody was preempted, waiting requests are admitted first come, first served
-     while sequences, tokens and blocks allow; a request reuses the longest cached
-     prefix of its tokens and computes only the rest.
-Blocks are allocated on demand for the tokens scheduled. When none are free, the prefix
-cache evicts unlocked entries; when that is not enough, the youngest running request is
-preempted: its computed pages go to the prefix cache, its blocks are released, and it
-returns to the front of the waiting queue to be recomputed. Since the oldest requests are
-never the victims and preempted requests are readmitted before any newer one, every
-request eventually runs to completion (no starvation).
-
-Requests whose KV is computed elsewhere (disaggregated prefill) enter through
-`reserve_for_transfer` -> WAITING_FOR_KV -> `complete_transfer` -> RUNNING.
+    reserve_for_transfer: match the prefix cache (m tokens), reserve blocks for the rest
+        of the prompt -> WAITING_FOR_KV (no prefill work anywhere for a request that
+        decode cannot hold)
+    complete_transfer: KV for [m, n) arrived with the first token -> RUNNING
+    fall_back_to_local: the transfer failed -> WAITING, to be prefilled here
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import NamedTuple
-
-from pdserve.runtime.block_allocator import BlockAllocator
-from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
-from pdserve.runtime.radix_cache import DisabledRadixCache, PrefixCache, RadixCache
 from pdserve.runtime.request import Request, RequestState
-from pdserve.runtime.stopping import FinishReason
+from pdserve.runtime.scheduler import BatchScheduler, RequestRejected, ScheduledChunk
+
+__all__ = ["DecodeScheduler", "RequestRejected", "ScheduledChunk"]
 
 
-class RequestRejected(ValueError):
-    """A request can never run on this worker (too long for the context or the pool)."""
-
-
-class ScheduledChunk(NamedTuple):
-    request: Request
-    start: int  # == request.num_computed_tokens when scheduled
-    num_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the end of the sequence, so its last logits are sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
-
-
-class _Step:
-    """The chunks of the step being built and the token budget they leave."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.chunks: list[ScheduledChunk] = []
-        self.preempted = False
-
-    def add(self, chunk: ScheduledChunk) -> None:
-        self.chunks.append(chunk)
-        self.budget -= chunk.num_tokens
-
-    def remove(self, request: Request) -> None:
-        for chunk in self.chunks:
-            if chunk.request is request:
-                self.chunks.remove(chunk)
-                self.budget += chunk.num_tokens
-                return
-
-
-class Scheduler:
-    def __init__(self, config: SchedulerConfig, info: RuntimeInfo, enable_prefix_caching: bool = True) -> None:
-        self.config = config
-        self.info = info
-        self.block_size = info.block_size
-        self.allocator = BlockAllocator(info.num_blocks)
-        self.enable_prefix_caching = enable_prefix_caching
-        cache_class = RadixCache if enable_prefix_caching else DisabledRadixCache
-        self.prefix_cache: PrefixCache = cache_class(self.allocator, info.block_size)
-        self.waiting: deque[Request] = deque()  # local prefill; preempted ones at the front
+class DecodeScheduler(BatchScheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.waiting_for_kv: dict[str, Request] = {}
-        self.running: list[Request] = []  # in arrival order, oldest first
-        self.requests: dict[str, Request] = {}
-
-    # ----------------------------------------------------------------- intake and exit
-
-    def add(self, request: Request) -> None:
-        """Queue a request for local prefill. Raises RequestRejected if it can never run."""
-        self._validate(request)
-        self.requests[request.request_id] = request
-        self.waiting.append(request)
 
     def reserve_for_transfer(self, request: Request) -> bool:
-        """Decode-first admission of a request prefilled elsewhere: reuse the cached prefix
-        and reserve blocks for the rest of the prompt. On success the request is
-        WAITING_FOR_KV and its block table covers the whole prompt; KV for positions
-        [request.num_computed_tokens, num_prompt_tokens) must be written into those blocks
-        before `complete_transfer`. False (nothing held) when the blocks are not free."""
+        """Reuse the cached prefix and reserve blocks for the rest of the prompt. On
+        success the request is WAITING_FOR_KV, its block table covers the whole prompt,
+        and KV for positions [request.num_computed_tokens, num_prompt_tokens) must be
+        written into those blocks before `complete_transfer`. False (nothing held) when
+        the blocks are not free."""
         self._validate(request)
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
@@ -115,191 +47,27 @@ class Scheduler:
         request.state = RequestState.RUNNING
         self.running.append(request)
         self.running.sort(key=lambda r: r.arrival)
+        if request.num_prompt_tokens // self.block_size:
+            self._cache_computed_pages(request)
         return request
 
-    def finish(self, request_id: str, reason: FinishReason) -> Request | None:
-        """End a request in any state and release its blocks now. Finished requests'
-        computed tokens stay reusable in the prefix cache. None if the id is unknown."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
-            return None
-        if request in self.running:
-            self.running.remove(request)
-        elif request.state is RequestState.WAITING_FOR_KV:
-            del self.waiting_for_kv[request_id]
-        else:
-            self.waiting.remove(request)
-        # Aborted transfers may have half-written pages: never cache those.
-        self._release(request, cache_pages=request.state is not RequestState.WAITING_FOR_KV)
-        request.state = RequestState.FINISHED
-        request.finish_reason = reason
-        return request
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
-
-    @property
-    def num_free_blocks(self) -> int:
-        """Blocks available without preempting anyone: free plus evictable from the cache."""
-        return self.allocator.num_free + self.prefix_cache.num_evictable_blocks
-
-    # ----------------------------------------------------------------------- one step
-
-    def schedule(self) -> list[ScheduledChunk]:
-        """Pick this step's work and allocate its blocks. The returned chunks are in the
-        order their tokens appear in the forward batch."""
-        step = _Step(self.config.max_num_batched_tokens)
-        decoding = [r for r in self.running if not r.is_prefilling]
-        prefilling = [r for r in self.running if r.is_prefilling]
-        for request in decoding + prefilling:
-            if step.budget == 0:
-                break
-            if request not in self.running:
-                continue  # preempted earlier in this step
-            n = min(request.num_uncomputed_tokens, self.config.max_prefill_chunk, step.budget)
-            if self._allocate_or_preempt(request, request.num_computed_tokens + n, step):
-                step.add(ScheduledChunk(request, request.num_computed_tokens, n))
-        if not step.preempted:
-            self._admit(step)
-        return step.chunks
-
-    def _admit(self, step: _Step) -> None:
-        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            self._attach_prefix(request)
-            if self._prefix_in_flight(request):
-                self._detach(request)
-                break  # its prefix will be in the cache in a step or two: wait for it
-            n = min(request.num_uncomputed_tokens, self.config.max_prefill_chunk, step.budget)
-            if not self._allocate_for(request, request.num_computed_tokens + n):
-                self._detach(request)
-                break  # first come, first served: nobody overtakes the head of the queue
-            self.waiting.popleft()
-            request.state = RequestState.RUNNING
-            self.running.append(request)
-            step.add(ScheduledChunk(request, request.num_computed_tokens, n))
-        self.running.sort(key=lambda r: r.arrival)
-
-    def _allocate_or_preempt(self, request: Request, num_tokens: int, step: _Step) -> bool:
-        """Grow `request`'s block table to `num_tokens`, preempting younger running
-        requests (youngest first, unscheduling them if needed) until it fits. If only
-        older requests are left, `request` itself is preempted and False returned."""
-        while not self._allocate_for(request, num_tokens):
-            step.preempted = True
-            victim = max((r for r in self.running if r is not request), key=lambda r: r.arrival, default=None)
-            if victim is None or victim.arrival < request.arrival:
-                self._preempt(request)
-                return False
-            step.remove(victim)
-            self._preempt(victim)
-        return True
-
-    def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
-        self._release(request, cache_pages=True)
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        request.state = RequestState.PREEMPTED
-        # Back to the front, but behind older preempted requests.
-        index = next((i for i, r in enumerate(self.waiting) if r.arrival > request.arrival), len(self.waiting))
-        self.waiting.insert(index, request)
-
-    def update(self, chunks: list[ScheduledChunk]) -> None:
-        """Record that the forward pass computed every scheduled token, and offer pages
-        that became full to the prefix cache at once, so that requests sharing a prefix
-        with one still running reuse it without waiting for it to finish."""
-        for chunk in chunks:
-            request = chunk.request
-            request.num_computed_tokens += chunk.num_tokens
-            if request.num_computed_tokens // self.block_size > chunk.start // self.block_size:
-                self._cache_computed_pages(request)
-
-    def _cache_computed_pages(self, request: Request) -> None:
-        """Insert the request's full computed pages and move its lock to the longer path,
-        so the pages it is using are never counted as evictable."""
-        computed = request.token_ids(0, request.num_computed_tokens // self.block_size * self.block_size)
-        self.prefix_cache.insert(computed, request.block_table)
-        match = self.prefix_cache.match_prefix(computed)
-        self.prefix_cache.lock(match.handle)
-        if request.prefix_handle is not None:
-            self.prefix_cache.unlock(request.prefix_handle)
-        request.prefix_handle = match.handle
-
-    # ------------------------------------------------------------------------ blocks
-
-    def _prefix_in_flight(self, request: Request) -> bool:
-        """Whether a running request is still computing a page-aligned prefix that
-        `request` shares beyond what it found cached."""
-        if not self.enable_prefix_caching:
-            return False
-        cached = request.num_computed_tokens
-        bs = self.block_size
-        for other in self.running:
-            if other.num_computed_tokens >= other.num_prompt_tokens:
-                continue  # prompt done: its pages are already in the cache
-            start = cached
-            while (start + bs <= min(request.num_tokens - 1, other.num_prompt_tokens)
-                   and request.token_ids(start, start + bs) == other.prompt_ids[start:start + bs]):
-                start += bs
-            if start > max(cached, other.num_computed_tokens // bs * bs):
-                return True
-        return False
-
-    def _attach_prefix(self, request: Request) -> None:
-        """Reuse the longest cached prefix; at least one token is left to compute so the
-        request gets logits to sample from."""
-        if request.block_table:
-            return
-        match = self.prefix_cache.match_prefix(request.token_ids(0, request.num_tokens - 1))
-        self.prefix_cache.lock(match.handle)
-        self.allocator.incref(match.block_ids)
-        request.prefix_handle = match.handle
-        request.block_table = list(match.block_ids)
-        request.num_computed_tokens = match.num_tokens
-        if request.num_preemptions == 0:
-            request.num_cached_tokens = match.num_tokens
-
-    def _detach(self, request: Request) -> None:
-        """Undo `_attach_prefix` (and any allocation) for a request that could not start."""
+    def fall_back_to_local(self, request_id: str) -> Request:
+        """The transfer failed: drop the reserved blocks (their content is unknown) and
+        queue the request to be prefilled here, ahead of newer arrivals."""
+        request = self.waiting_for_kv.pop(request_id)
         self._release(request, cache_pages=False)
         request.num_computed_tokens = 0
+        request.state = RequestState.WAITING
+        index = next((i for i, r in enumerate(self.waiting) if r.arrival > request.arrival), len(self.waiting))
+        self.waiting.insert(index, request)
+        return request
 
-    def _allocate_for(self, request: Request, num_tokens: int) -> bool:
-        """Make the block table cover `num_tokens`, evicting cached prefixes if needed."""
-        needed = -(-num_tokens // self.block_size) - len(request.block_table)
-        if needed <= 0:
-            return True
-        if self.allocator.num_free < needed:
-            self.prefix_cache.evict(needed - self.allocator.num_free)
-            if self.allocator.num_free < needed:
-                return False
-        request.block_table.extend(self.allocator.allocate(needed))
-        return True
+    def _unqueue(self, request: Request) -> None:
+        if request.state is RequestState.WAITING_FOR_KV:
+            del self.waiting_for_kv[request.request_id]
+        else:
+            super()._unqueue(request)
 
-    def _release(self, request: Request, cache_pages: bool) -> None:
-        """Drop every block reference and prefix lock `request` holds. With `cache_pages`,
-        its computed full pages are first offered to the prefix cache."""
-        if cache_pages and request.num_computed_tokens >= self.block_size:
-            computed = request.token_ids(0, request.num_computed_tokens)
-            pages = request.num_computed_tokens // self.block_size
-            self.prefix_cache.insert(computed, request.block_table[:pages])
-        if request.prefix_handle is not None:
-            self.prefix_cache.unlock(request.prefix_handle)
-            request.prefix_handle = None
-        self.allocator.free(request.block_table)
-        request.block_table = []
-
-    def _validate(self, request: Request) -> None:
-        n, limit = request.num_prompt_tokens, self.info.max_model_len
-        if n == 0:
-            raise RequestRejected(f"request {request.request_id}: the prompt is empty")
-        if n >= limit:
-            raise RequestRejected(
-                f"request {request.request_id}: the prompt has {n} tokens but the model's "
-                f"context is {limit} tokens (prompt + at least one output token); shorten it")
-        budget = min(n + request.params.max_tokens, limit)
-        if -(-budget // self.block_size) > self.info.num_blocks:
-            raise RequestRejected(
-                f"request {request.request_id}: {budget} tokens need more KV blocks than the "
-                f"pool's {self.info.num_blocks}; lower max_tokens or enlarge the KV cache")
+    def _pages_are_valid(self, request: Request) -> bool:
+        # A transfer that did not complete may have left pages half written.
+        return request.state is not RequestState.WAITING_FOR_KV

@@ -110,14 +110,15 @@ class ModelRunner:
         return self.pool.kv.device
 
     @torch.inference_mode()
-    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+    def execute(self, batch: ForwardBatch, on_layer_done=None) -> torch.Tensor:
         """Run one forward; return float32 logits [len(batch.sample_indices), vocab].
 
         Writes the K/V of every token in the batch into its slot; reads nothing but the
-        batch and the pool. Decode batches that fit a captured graph replay it."""
-        if self.graphs is not None and self.graphs.fits(batch):
+        batch and the pool. `on_layer_done(i)` is called once layer i's K/V are stored.
+        Decode batches that fit a captured graph replay it."""
+        if on_layer_done is None and self.graphs is not None and self.graphs.fits(batch):
             return self.graphs.run(batch)
-        hidden = self.model(batch, self.pool)
+        hidden = self.model(batch, self.pool, on_layer_done)
         return self.model.compute_logits(hidden.index_select(0, batch.sample_indices))
 
 

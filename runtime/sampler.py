@@ -47,6 +47,12 @@ class SamplerOutput(NamedTuple):
     top_logprob_ids: torch.Tensor | None
     top_logprobs: torch.Tensor | None
 
+    def top_for(self, row: int, n: int | None) -> tuple[tuple[int, float], ...]:
+        """Row `row`'s best n (token id, logprob) pairs, best first; () when n is 0/None."""
+        if not n or self.top_logprob_ids is None:
+            return ()
+        return tuple(zip(self.top_logprob_ids[row, :n].tolist(), self.top_logprobs[row, :n].tolist()))
+
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """A generator seeded with `seed` on `device`, or None (use the default RNG) if unseeded.
@@ -58,6 +64,17 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def advance_generator(generator: torch.Generator | None, params: SamplingParams, vocab_size: int) -> None:
+    """Advance `generator` exactly as sampling one token for a row with `params` would.
+
+    Used when a token was sampled elsewhere (the first token of a disaggregated request,
+    drawn on the prefill worker from its own copy of the seed), so that later tokens come
+    out as they would have in one process.
+    """
+    if generator is not None and not params.is_greedy:
+        torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
 
 
 def _row_tensor(values: list, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -127,13 +127,18 @@ class LlamaForCausalLM(nn.Module):
             "cos_sin_cache", rope_cos_sin_cache(inv_freq, cfg.max_position_embeddings), persistent=False
         )
 
-    def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
-        """Hidden states [T, hidden] of every token in `batch`; writes their K/V to `pool`."""
+    def forward(self, batch: ForwardBatch, pool: KVPool, on_layer_done=None) -> torch.Tensor:
+        """Hidden states [T, hidden] of every token in `batch`; writes their K/V to `pool`.
+        `on_layer_done(i)`, if given, is called as soon as layer i's K/V are in the pool
+        (later layers never write them again), so they can be shipped while the rest of
+        the forward runs."""
         self.kernels.attention.prepare(batch)
         x = F.embedding(batch.input_ids, self.embed_tokens)
         residual = None
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             x, residual = layer(x, residual, batch, pool, self.cos_sin_cache)
+            if on_layer_done is not None:
+                on_layer_done(index)
         x, _ = self.norm(x, residual)
         return x
 

@@ -1,0 +1,162 @@
+"""Immutable messages of the prefill -> decode hop, and their wire encoding.
+
+On the wire every message is a msgpack map (never pickle: nothing that came off the
+network is ever executed); a KV chunk's map is followed by its raw bytes. Decoding checks
+every field's type and rejects anything else with `MalformedMessage`.
+
+    KVTicket       decode -> prefill   where to write: destination blocks, secret, deadline
+    ChunkHeader    prefill -> decode   one layer's pages, then `nbytes` raw bytes
+    TransferDone   prefill -> decode   every page sent; the first sampled token
+    TransferAbort  either way          give up on a ticket, with a reason
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+
+class MalformedMessage(ValueError):
+    """Bytes that do not decode to a well-formed message of the expected kind."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What both ends must agree on for pages to mean the same thing."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without "torch.", e.g. "float32"
+
+    @property
+    def page_shape(self) -> tuple[int, int, int]:
+        return (self.block_size, self.num_kv_heads, self.head_dim)
+
+
+@dataclass(frozen=True)
+class KVTicket:
+    """Issued by the decode worker: the right to write pages [first_page, first_page +
+    len(block_ids)) of one request's prompt into those blocks, until `deadline`."""
+
+    request_id: str
+    ticket_id: int
+    secret: bytes
+    block_ids: tuple[int, ...]
+    first_page: int  # = num_cached_tokens // block_size on the decode side
+    num_prompt_tokens: int
+    layout: KVLayout
+    deadline: float  # time.time() after which the receiver fails the ticket
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.first_page * self.layout.block_size
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    request_id: str
+    ticket_id: int
+    secret: bytes
+    layer: int
+    page_start: int  # index into the ticket's block_ids
+    num_pages: int
+    dtype: str
+    shape: tuple[int, ...]  # [2, num_pages, block_size, kv_heads, head_dim]
+    nbytes: int
+    checksum: int  # zlib.crc32 of the payload
+
+    kind: ClassVar[str] = "chunk"
+
+
+@dataclass(frozen=True)
+class TransferDone:
+    request_id: str
+    ticket_id: int
+    secret: bytes
+    first_token: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+    kind: ClassVar[str] = "done"
+
+
+@dataclass(frozen=True)
+class TransferAbort:
+    request_id: str
+    ticket_id: int
+    secret: bytes
+    reason: str
+
+    kind: ClassVar[str] = "abort"
+
+
+# Field name -> accepted Python types after msgpack decoding, per message kind.
+_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {}
+_CLASSES = {cls.kind: cls for cls in (ChunkHeader, TransferDone, TransferAbort)}
+for _cls in (KVLayout, KVTicket, *_CLASSES.values()):
+    _SCHEMAS[_cls.__name__] = {f.name: f.type for f in dataclasses.fields(_cls)}
+
+_TYPES = {"str": (str,), "int": (int,), "bytes": (bytes,), "float": (float, int),
+          "tuple[int, ...]": (list, tuple), "tuple[tuple[int, float], ...]": (list, tuple),
+          "KVLayout": (dict,)}
+
+
+def encode(message: Any) -> bytes:
+    """msgpack bytes of a message; `decode` restores an equal one."""
+    body = _to_plain(message)
+    if hasattr(type(message), "kind"):
+        body["kind"] = type(message).kind
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(data: bytes | memoryview, expected: type | None = None) -> Any:
+    """Parse and type-check a message. Raises MalformedMessage with the reason."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError) as exc:  # msgpack's unpack errors are ValueErrors
+        raise MalformedMessage(f"not a msgpack message: {exc}") from None
+    if not isinstance(body, dict):
+        raise MalformedMessage("a message must be a msgpack map")
+    cls = expected if expected is not None and expected in (KVTicket, KVLayout) else _CLASSES.get(body.pop("kind", None))
+    if cls is None or (expected is not None and cls is not expected):
+        raise MalformedMessage(f"unexpected message kind for {getattr(expected, '__name__', 'any')}")
+    return _from_plain(cls, body)
+
+
+def _to_plain(message: Any) -> dict:
+    plain = {}
+    for f in dataclasses.fields(message):
+        value = getattr(message, f.name)
+        plain[f.name] = _to_plain(value) if dataclasses.is_dataclass(value) else value
+    return plain
+
+
+def _from_plain(cls: type, body: dict) -> Any:
+    schema = _SCHEMAS[cls.__name__]
+    if set(body) != set(schema):
+        raise MalformedMessage(f"{cls.__name__} fields {sorted(body)} != {sorted(schema)}")
+    values = {}
+    for name, type_name in schema.items():
+        value = body[name]
+        if not isinstance(value, _TYPES[type_name]) or isinstance(value, bool):
+            raise MalformedMessage(f"{cls.__name__}.{name} has type {type(value).__name__}")
+        if type_name == "KVLayout":
+            value = _from_plain(KVLayout, value)
+        elif type_name == "tuple[int, ...]":
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise MalformedMessage(f"{cls.__name__}.{name} must hold integers")
+            value = tuple(value)
+        elif type_name == "tuple[tuple[int, float], ...]":
+            if not all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int)
+                       and isinstance(p[1], (int, float)) for p in value):
+                raise MalformedMessage(f"{cls.__name__}.{name} must hold (id, logprob) pairs")
+            value = tuple((int(a), float(b)) for a, b in value)
+        elif type_name == "float":
+            value = float(value)
+        values[name] = value
+    return cls(**values)

@@ -1,0 +1,213 @@
+"""Prefill -> decode in one process over an in-memory link: the engines, the ticket
+handshake, layer-wise pushes and the failure policies. (Transports between OS processes
+are covered in test_kv_transports.py and test_disaggregated_processes.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from pdserve.decode_worker.engine import EngineCore
+from pdserve.decode_worker.transfers import OnTransferFailure
+from pdserve.kv_transfer import layout, messages
+from pdserve.kv_transfer.pusher import KVPusher
+from pdserve.kv_transfer.receiver import KVReceiver
+from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
+from pdserve.runtime.config import CacheConfig, SchedulerConfig
+from pdserve.runtime.loader import load_model
+from pdserve.runtime.sampling_params import SamplingParams
+from pdserve.runtime.stopping import FinishReason
+
+BLOCK = 4
+
+
+class LoopbackChannel:
+    """A link that hands every message to a receiver in this process, through the wire
+    encoding, optionally tampering with chunks on the way."""
+
+    def __init__(self, receiver: KVReceiver, tamper=None) -> None:
+        self.receiver = receiver
+        self.tamper = tamper or (lambda header, payload: (header, payload))
+        self.chunks = 0
+
+    def send_chunk(self, header, payload) -> None:
+        header, payload = self.tamper(messages.decode(messages.encode(header)), bytes(payload))
+        self.chunks += 1
+        self.receiver.accept_chunk(header, payload)
+
+    def send_done(self, done) -> None:
+        self.receiver.accept_done(messages.decode(messages.encode(done)))
+
+    def send_abort(self, abort) -> None:
+        self.receiver.accept_abort(messages.decode(messages.encode(abort)))
+
+    def close(self) -> None:
+        pass
+
+
+class Pair:
+    """A prefill engine and a decode engine with their own pools, linked in memory."""
+
+    def __init__(self, path, tamper=None, on_failure=OnTransferFailure.RECOMPUTE, timeout=30.0):
+        cache = CacheConfig(block_size=BLOCK, num_blocks=256)
+        config = SchedulerConfig(max_num_batched_tokens=32, max_prefill_chunk=8)
+        self.p_model = load_model(str(path), cache=cache)
+        self.d_model = load_model(str(path), cache=cache)
+        self.receiver = KVReceiver(self.d_model.runner.pool)
+        self.channel = LoopbackChannel(self.receiver, tamper)
+        self.pusher = KVPusher(self.p_model.runner.pool, lambda address: self.channel)
+        self.prefill = PrefillEngine(self.p_model.runner, self.p_model.info, self.pusher, config)
+        self.decode = EngineCore(self.d_model.runner, self.d_model.info, config,
+                                 kv_receiver=self.receiver, on_transfer_failure=on_failure,
+                                 transfer_timeout=timeout)
+
+    def run(self, request_id, prompt, params, max_steps=500):
+        ticket = self.decode.submit_remote(request_id, prompt, params)
+        assert ticket is not None
+        self.prefill.add_job(PrefillJob(ticket, "loopback", prompt, params))
+        tokens, reasons = [], []
+        for _ in range(max_steps):
+            if self.prefill.has_unfinished:
+                self.prefill.step()
+            for chunk in self.decode.step():
+                tokens.extend(chunk.token_ids)
+                reasons.append(chunk.finish_reason)
+            if not self.decode.has_unfinished and not self.prefill.has_unfinished:
+                return tokens, reasons[-1], ticket
+            time.sleep(0.001)  # let the pusher thread run
+        raise AssertionError("transfer did not settle")
+
+    def close(self):
+        self.pusher.close()
+
+
+@pytest.fixture(scope="module")
+def colocated(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir), cache=CacheConfig(block_size=BLOCK, num_blocks=256))
+    engine = EngineCore(loaded.runner, loaded.info, enable_prefix_caching=False)
+
+    def run(prompt, params):
+        engine.add_request("ref", prompt, params)
+        tokens = []
+        while engine.has_unfinished:
+            for chunk in engine.step():
+                tokens.extend(chunk.token_ids)
+        return tokens
+
+    return run
+
+
+@pytest.fixture
+def pair(tiny_llama_dir):
+    pair = Pair(tiny_llama_dir)
+    yield pair
+    pair.close()
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _pool_usage(pair: Pair) -> tuple[int, int]:
+    """Blocks in use on each side beyond what the prefix caches hold."""
+    p, d = pair.prefill.scheduler, pair.decode.scheduler
+    return (p.allocator.num_used - p.prefix_cache.num_cached_blocks,
+            d.allocator.num_used - d.prefix_cache.num_cached_blocks)
+
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def test_transferred_kv_decodes_like_the_colocated_engine(pair, colocated):
+    for i, n in enumerate((1, 7, 8, 21)):  # one token, a partial page, a page edge, chunked
+        prompt = _prompt(n, seed=i)
+        tokens, reason, _ = pair.run(f"r{i}", prompt, GREEDY)
+        assert tokens == colocated(prompt, GREEDY)
+        assert reason is FinishReason.LENGTH
+    assert pair.decode.remote.counts["succeeded"] == 4
+    assert _pool_usage(pair) == (0, 0)
+    assert pair.receiver.num_live == 0
+
+
+def test_seeded_sampling_continues_as_in_one_process(pair, colocated):
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
+    prompt = _prompt(13, seed=5)
+    tokens, _, _ = pair.run("seeded", prompt, params)
+    assert tokens == colocated(prompt, params)
+
+
+def test_decode_prefix_hit_moves_only_the_delta(pair, colocated):
+    shared = _prompt(16, seed=7)
+    first, second = shared + [9, 10, 11], shared + [12, 13, 14, 15, 16]
+    pair.run("first", first, GREEDY)
+    payload_before = pair.pusher.bytes_sent
+    tokens, _, ticket = pair.run("second", second, GREEDY)
+    assert ticket.first_page == 4  # 16 shared tokens = 4 pages already on the decode side
+    assert len(ticket.block_ids) == 2  # pages 4 and 5 (tokens 16..20) travel
+    lay = ticket.layout
+    assert pair.pusher.bytes_sent - payload_before == lay.num_layers * layout.chunk_nbytes(lay, 2)
+    assert tokens == colocated(second, GREEDY)
+
+
+def test_corrupted_chunk_is_rejected_and_decode_recomputes(tiny_llama_dir, colocated):
+    def flip_a_byte(header, payload):
+        payload = bytearray(payload)
+        payload[len(payload) // 2] ^= 0xFF
+        return header, payload
+
+    pair = Pair(tiny_llama_dir, tamper=flip_a_byte)
+    try:
+        prompt = _prompt(11, seed=3)
+        tokens, _, _ = pair.run("corrupt", prompt, GREEDY)
+        assert tokens == colocated(prompt, GREEDY)
+        assert pair.decode.remote.counts["failed_recomputed"] == 1
+        assert "checksum" in pair.decode.remote.failure_reasons["corrupt"]
+        assert pair.receiver.num_rejected == 1
+        assert _pool_usage(pair) == (0, 0)
+    finally:
+        pair.close()
+
+
+def test_failure_policy_fail_ends_the_request_with_an_error(tiny_llama_dir):
+    def wrong_secret(header, payload):
+        return dataclasses.replace(header, secret=b"\0" * 16), payload
+
+    pair = Pair(tiny_llama_dir, tamper=wrong_secret, on_failure=OnTransferFailure.FAIL, timeout=0.5)
+    try:
+        started = time.time()
+        tokens, reason, _ = pair.run("foreign", _prompt(9, seed=4), GREEDY)
+        # A foreign secret is refused but cannot fail the real ticket: the deadline does.
+        assert reason is FinishReason.ERROR and tokens == []
+        assert time.time() - started < 5
+        assert "deadline" in pair.decode.remote.failure_reasons["foreign"]
+        assert _pool_usage(pair) == (0, 0)
+    finally:
+        pair.close()
+
+
+def test_cancel_mid_transfer_returns_both_pools_to_baseline(pair):
+    prompt = _prompt(30, seed=6)  # 4 chunks of 8 on the prefill side
+    ticket = pair.decode.submit_remote("cancel", prompt, GREEDY)
+    pair.prefill.add_job(PrefillJob(ticket, "loopback", prompt, GREEDY))
+    pair.prefill.step()  # first chunk computed and (being) pushed
+    assert _pool_usage(pair) != (0, 0)
+    pair.decode.finish_request("cancel")
+    assert _pool_usage(pair)[1] == 0  # decode side: free at once
+    for _ in range(100):  # prefill side: its next push is refused, the job stops
+        pair.prefill.step()
+        if not pair.prefill.has_unfinished:
+            break
+        time.sleep(0.005)
+    assert _pool_usage(pair) == (0, 0)
+    assert pair.receiver.num_live == 0
+
+
+def test_ticket_for_a_different_model_layout_is_refused(pair):
+    ticket = pair.decode.submit_remote("odd", [5, 6, 7], GREEDY)
+    odd = dataclasses.replace(ticket, layout=messages.KVLayout(1, 4, 2, 16, "float32"))
+    with pytest.raises(ValueError, match="different models"):
+        pair.prefill.add_job(PrefillJob(odd, "loopback", [5, 6, 7], GREEDY))
+    pair.decode.finish_request("odd")
