@@ -154,14 +154,16 @@ class KVReceiver:
 
     def accept_done(self, done: TransferDone) -> None:
         """The sender says it sent everything: succeed if every page of every layer is
-        here, else fail the transfer. Raises ChunkRejected for a foreign message."""
+        here. Otherwise the transfer fails and ChunkRejected tells the sender why; it is
+        also raised for a foreign message."""
         with self._lock:
             live = self._check_ticket(done.ticket_id, done.secret, done.request_id)
             expected = set(range(len(live.ticket.block_ids)))
             missing = [i for i, got in enumerate(live.pages_received) if got != expected]
             if missing or live.writers:
-                self._fail(live, f"transfer declared done with layers {missing[:4]} incomplete")
-                return
+                reason = f"transfer declared done with layers {missing[:4]} incomplete"
+                self._fail(live, reason)
+                raise self._reject(reason)
             live.state, live.done = TransferState.SUCCEEDED, done
 
     def accept_abort(self, abort: TransferAbort) -> None:
@@ -186,6 +188,9 @@ class KVReceiver:
             raise self._reject(f"wrong secret or request id for ticket {ticket_id}")
         if live.state in (TransferState.SUCCEEDED, TransferState.FAILED):
             raise self._reject(f"ticket {ticket_id} is already {live.state.value}")
+        if time.time() > live.ticket.deadline:
+            self._fail(live, f"deadline exceeded after {live.bytes_received} bytes")
+            raise self._reject(f"ticket {ticket_id} is past its deadline")
         return live
 
     def _check_chunk(self, ticket: KVTicket, header: ChunkHeader, payload) -> None:

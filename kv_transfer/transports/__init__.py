@@ -1,0 +1,22 @@
+"""Transports of the prefill -> decode KV hop behind one interface (see base.py).
+
+    listener = listen("shm", receiver)            # decode worker
+    channel = connect(listener.address)           # prefill worker
+    channel.send_chunk(header, payload); channel.send_done(done)
+
+Kinds: grpc (any network), gloo / nccl (torch.distributed pairs), shm (one host).
+"""
+
+from pdserve.kv_transfer.receiver import ChunkRejected
+from pdserve.kv_transfer.transports.base import (
+    KINDS,
+    KVChannel,
+    KVListener,
+    TransportError,
+    connect,
+    listen,
+)
+from pdserve.kv_transfer.transports.select import PeerInfo, choose_transport, probe
+
+__all__ = ["KINDS", "ChunkRejected", "KVChannel", "KVListener", "PeerInfo", "TransportError",
+           "choose_transport", "connect", "listen", "probe"]
