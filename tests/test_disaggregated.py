@@ -211,3 +211,24 @@ def test_ticket_for_a_different_model_layout_is_refused(pair):
     with pytest.raises(ValueError, match="different models"):
         pair.prefill.add_job(PrefillJob(odd, "loopback", [5, 6, 7], GREEDY))
     pair.decode.finish_request("odd")
+
+
+def test_abort_from_the_prefill_side_frees_its_blocks_and_decode_recomputes(pair, colocated):
+    prompt = _prompt(30, seed=8)
+    ticket = pair.decode.submit_remote("p-abort", prompt, GREEDY)
+    pair.prefill.add_job(PrefillJob(ticket, "loopback", prompt, GREEDY))
+    pair.prefill.step()  # one chunk computed and pushed
+    assert pair.prefill.abort("p-abort", "prefill worker draining")
+    assert _pool_usage(pair)[0] == 0  # prefill side: free at once
+    tokens = []
+    for _ in range(500):
+        pair.prefill.step()
+        for chunk in pair.decode.step():
+            tokens.extend(chunk.token_ids)
+        if not pair.decode.has_unfinished and not pair.prefill.has_unfinished:
+            break
+        time.sleep(0.001)
+    assert "aborted by the sender: prefill worker draining" in pair.decode.remote.failure_reasons["p-abort"]
+    assert pair.decode.remote.counts["failed_recomputed"] == 1
+    assert tokens == colocated(prompt, GREEDY)
+    assert _pool_usage(pair) == (0, 0)
