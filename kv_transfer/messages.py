@@ -68,7 +68,7 @@ class ChunkHeader:
     dtype: str
     shape: tuple[int, ...]  # [2, num_pages, block_size, kv_heads, head_dim]
     nbytes: int
-    checksum: int  # zlib.crc32 of the payload
+    checksum: int  # CRC-32C of the payload (layout.checksum)
 
     kind: ClassVar[str] = "chunk"
 
