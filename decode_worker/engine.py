@@ -1,7 +1,7 @@
 """`EngineCore`: the synchronous heart of a decode worker.
 
 One step is three calls: `scheduler.schedule()` -> `runner.execute(batch)` ->
-`_append_token()` per sampled row. With a KV receiver it also admits requests prefilled
+`_emit()` per sampled row. With a KV receiver it also admits requests prefilled
 elsewhere (`submit_remote`), settling their transfers at the start of each step. The core
 is single-threaded; `AsyncEngine` drives it from a thread and `LLM` drives it in a loop.
 """
@@ -45,21 +45,19 @@ class EngineCore:
         return the ticket to hand to that worker, or None when there is no room now."""
         if self.remote is None:
             raise RuntimeError("this engine has no KV receiver; create it with kv_receiver=")
-        if request_id in self.scheduler.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, list(prompt_ids), params,
-                          make_generator(params.seed, self.runner.pool.kv.device))
-        return self.remote.submit(request)
+        return self.remote.submit(self._new_request(request_id, prompt_ids, params))
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request for local prefill and decode. Raises RequestRejected (a
         ValueError saying why) if it can never run here."""
-        if request_id in self.scheduler.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, list(prompt_ids), params,
-                          make_generator(params.seed, self.runner.pool.kv.device))
+        request = self._new_request(request_id, prompt_ids, params)
         self.scheduler.add(request)
         return request
+
+    def _new_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        return Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.runner.device))
 
     def finish_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> TokenChunk | None:
         """End a request now (abort, or a stop string found by the caller); its blocks are

@@ -1,4 +1,6 @@
-"""The paged KV pool: one tensor per worker, written only by the model's attention layers.
+"""The paged KV pool: one tensor per worker. Written by the model's attention layers and,
+for pages computed by a prefill worker, by kv_transfer's receiver, only into blocks the
+scheduler reserved for that transfer.
 
 Layout: [num_layers, 2 (k, v), num_blocks, block_size, kv_heads, head_dim]. Each layer
 reads and writes its own views; which blocks belong to whom is the allocator's business.
