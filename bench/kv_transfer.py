@@ -6,9 +6,9 @@ server. The bench process pushes the KV of a 1k- and an 8k-token prompt layer by
 (one chunk per layer, then TransferDone) and times each transfer end to end; the raw TCP
 peer `sendall`s the same bytes in the same chunks and waits for a one-byte ack.
 
-Part 2 (TTFT): SmolLM2 prefill and decode engines in this process, linked by a real
+Part 2 (TTFT): SmolLM2 prefill and decode engines in two processes, linked by a real
 transport; time to first token of a 1k-token prompt, disaggregated vs prefilled by the
-decode engine itself, and the share of the transfer hidden behind the prefill compute.
+decode process itself, and the share of the transfer hidden behind the prefill compute.
 
     python bench/kv_transfer.py [--repeats 10] [--transports grpc,gloo,shm]
 """
@@ -133,57 +133,105 @@ def bandwidth(kinds: list[str], repeats: int) -> dict[tuple[int, str], float]:
     return medians
 
 
-def ttft(kind: str, prompt_len: int, standalone_transfer: float | None) -> None:
+def _ttft_decode(kind, commands, replies):
+    """Decode worker process: SmolLM2 engine behind a KV listener; reports first-token times."""
+    torch.set_num_threads(1)
     from pdserve.decode_worker.engine import EngineCore
-    from pdserve.kv_transfer.pusher import KVPusher
+    from pdserve.kv_transfer import messages
     from pdserve.kv_transfer.receiver import KVReceiver
-    from pdserve.kv_transfer.transports import connect, listen
+    from pdserve.kv_transfer.transports import listen
+    from pdserve.runtime.config import CacheConfig
+    from pdserve.runtime.loader import load_model
+    from pdserve.runtime.sampling_params import SamplingParams
+
+    model = load_model("smollm2-135m-instruct", cache=CacheConfig(num_blocks=300))
+    receiver = KVReceiver(model.runner.pool)
+    engine = EngineCore(model.runner, model.info, kv_receiver=receiver, enable_prefix_caching=False)
+    listener = listen(kind, receiver)
+    replies.put(listener.address)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    while (command := commands.get()) is not None:
+        op, request_id, prompt = command
+        if op == "remote":
+            replies.put(messages.encode(engine.submit_remote(request_id, prompt, params)))
+        else:
+            engine.add_request(request_id, prompt, params)
+        while engine.has_unfinished:
+            if engine.step():
+                replies.put(time.time())
+            elif op == "remote":
+                time.sleep(0.0002)  # waiting for the KV: let the listener thread run
+    listener.close()
+
+
+def _ttft_prefill(commands, replies):
+    """Prefill worker process: SmolLM2 prefill engine pushing to the decode process."""
+    torch.set_num_threads(1)
+    from pdserve.kv_transfer import messages
+    from pdserve.kv_transfer.pusher import KVPusher
+    from pdserve.kv_transfer.transports import connect
     from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
     from pdserve.runtime.config import CacheConfig
     from pdserve.runtime.loader import load_model
     from pdserve.runtime.sampling_params import SamplingParams
 
-    cache = CacheConfig(num_blocks=300)
-    p_model, d_model = load_model("smollm2-135m-instruct", cache=cache), load_model("smollm2-135m-instruct", cache=cache)
-    receiver = KVReceiver(d_model.runner.pool)
-    listener = listen(kind, receiver)
-    pusher = KVPusher(p_model.runner.pool, connect)
-    prefill = PrefillEngine(p_model.runner, p_model.info, pusher, enable_prefix_caching=False)
-    decode = EngineCore(d_model.runner, d_model.info, kv_receiver=receiver, enable_prefix_caching=False)
-    params = SamplingParams(max_tokens=1, temperature=0.0)
-    g = torch.Generator().manual_seed(0)
-    disagg, colocated, tails = [], [], []
-    for trial in range(4):
-        prompt = torch.randint(100, 49000, (prompt_len,), generator=g).tolist()
-        started = time.perf_counter()
-        ticket = decode.submit_remote(f"d{trial}", prompt, params)
-        prefill.add_job(PrefillJob(ticket, listener.address, prompt, params))
-        forward_done = None
-        first = None
-        while first is None:
-            if prefill.scheduler.has_work:
-                prefill.step()
-                if not prefill.scheduler.has_work:
-                    forward_done = time.perf_counter()
-            else:
-                time.sleep(0.0002)
-            if decode.step():
-                first = time.perf_counter()
-        while prefill.has_unfinished:
-            prefill.step()
-        disagg.append(first - started)
-        tails.append(first - forward_done)
-        started = time.perf_counter()
-        decode.add_request(f"c{trial}", prompt, params)
-        while not decode.step():
-            pass
-        colocated.append(time.perf_counter() - started)
+    model = load_model("smollm2-135m-instruct", cache=CacheConfig(num_blocks=300))
+    pusher = KVPusher(model.runner.pool, connect)
+    engine = PrefillEngine(model.runner, model.info, pusher, enable_prefix_caching=False)
+    replies.put("ready")
+    while (command := commands.get()) is not None:
+        ticket, address, prompt = command
+        engine.add_job(PrefillJob(messages.decode(ticket, messages.KVTicket), address, prompt,
+                                  SamplingParams(max_tokens=1, temperature=0.0)))
+        while engine.scheduler.has_work:
+            engine.step()
+        replies.put(time.time())  # the last layer's pages are queued for sending
+        while engine.has_unfinished:
+            engine.step()
+            time.sleep(0.0002)
     pusher.close()
-    listener.close()
-    d, c, tail = (statistics.median(x[1:]) for x in (disagg, colocated, tails))  # first run warms up
-    print(f"TTFT {prompt_len}-token prompt over {kind}: disaggregated {1000 * d:.0f} ms, colocated "
-          f"{1000 * c:.0f} ms; added {1000 * (d - c):.0f} ms ({100 * (d - c) / c:.1f}% of TTFT); "
-          f"transfer tail after the last layer {1000 * tail:.1f} ms")
+
+
+def ttft(kind: str, prompt_len: int, standalone_transfer: float | None, trials: int = 4) -> None:
+    """TTFT of one prompt with prefill and decode in separate processes, vs the decode
+    process prefilling it itself."""
+    ctx = mp.get_context("spawn")
+    d_commands, d_replies, p_commands, p_replies = (ctx.Queue() for _ in range(4))
+    decode = ctx.Process(target=_ttft_decode, args=(kind, d_commands, d_replies), daemon=True)
+    prefill = ctx.Process(target=_ttft_prefill, args=(p_commands, p_replies), daemon=True)
+    decode.start()
+    prefill.start()
+    try:
+        address = d_replies.get(timeout=300)
+        p_replies.get(timeout=300)
+        g = torch.Generator().manual_seed(0)
+        disagg, colocated, tails = [], [], []
+        for trial in range(trials + 1):  # the first round warms both up
+            prompt = torch.randint(100, 49000, (prompt_len,), generator=g).tolist()
+            started = time.time()
+            d_commands.put(("remote", f"d{trial}", prompt))
+            p_commands.put((d_replies.get(timeout=60), address, prompt))
+            last_layer_queued = p_replies.get(timeout=300)
+            first_token = d_replies.get(timeout=300)
+            started_local = time.time()
+            d_commands.put(("local", f"c{trial}", prompt))
+            first_local = d_replies.get(timeout=300)
+            if trial:
+                disagg.append(first_token - started)
+                tails.append(first_token - last_layer_queued)
+                colocated.append(first_local - started_local)
+    finally:
+        d_commands.put(None)
+        p_commands.put(None)
+        for process in (decode, prefill):
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+    d, c, tail = (statistics.median(x) for x in (disagg, colocated, tails))
+    print(f"TTFT {prompt_len}-token prompt, prefill and decode processes linked by {kind}: "
+          f"disaggregated {1000 * d:.0f} ms, colocated {1000 * c:.0f} ms; added {1000 * (d - c):.0f} ms "
+          f"({100 * (d - c) / c:.1f}% of TTFT); first token {1000 * tail:.1f} ms after the last layer "
+          f"was computed")
     if standalone_transfer:
         print(f"layer-wise overlap hides {100 * (1 - tail / standalone_transfer):.0f}% of the "
               f"{1000 * standalone_transfer:.1f} ms a standalone {prompt_len}-token transfer takes")
