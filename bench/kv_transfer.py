@@ -10,7 +10,7 @@ Part 2 (TTFT): SmolLM2 prefill and decode engines in two processes, linked by a 
 transport; time to first token of a 1k-token prompt, disaggregated vs prefilled by the
 decode process itself, and the share of the transfer hidden behind the prefill compute.
 
-    python bench/kv_transfer.py [--repeats 10] [--transports grpc,gloo,shm]
+    python bench/kv_transfer.py [--repeats 10] [--transports grpc,tcp,gloo,shm]
 """
 
 from __future__ import annotations
@@ -230,8 +230,9 @@ def ttft(kind: str, prompt_len: int, standalone_transfer: float | None, trials: 
     d, c, tail = (statistics.median(x) for x in (disagg, colocated, tails))
     print(f"TTFT {prompt_len}-token prompt, prefill and decode processes linked by {kind}: "
           f"disaggregated {1000 * d:.0f} ms, colocated {1000 * c:.0f} ms; added {1000 * (d - c):.0f} ms "
-          f"({100 * (d - c) / c:.1f}% of TTFT); first token {1000 * tail:.1f} ms after the last layer "
-          f"was computed")
+          f"({100 * (d - c) / c:.1f}% of TTFT; includes the two processes' own compute-speed "
+          f"difference); first token {1000 * tail:.1f} ms after the last layer was computed: the "
+          f"transfer adds {100 * tail / d:.2f}% to TTFT")
     if standalone_transfer:
         print(f"layer-wise overlap hides {100 * (1 - tail / standalone_transfer):.0f}% of the "
               f"{1000 * standalone_transfer:.1f} ms a standalone {prompt_len}-token transfer takes")
@@ -240,7 +241,7 @@ def ttft(kind: str, prompt_len: int, standalone_transfer: float | None, trials: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--transports", default="grpc,gloo,shm")
+    parser.add_argument("--transports", default="grpc,tcp,gloo,shm")
     parser.add_argument("--ttft-transport", default="shm")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

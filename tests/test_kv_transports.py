@@ -1,4 +1,4 @@
-"""KV transports (grpc, gloo, shm) between real processes.
+"""KV transports (grpc, tcp, gloo, shm) between real processes.
 
 The decode side runs in a spawned child: a small KVPool, a KVReceiver and a listener,
 driven by plain-data commands over a multiprocessing Queue. The parent is the prefill side:
@@ -34,7 +34,7 @@ from pdserve.kv_transfer.transports import (
 from pdserve.kv_transfer.transports.base import serve_frame
 from pdserve.runtime.kv_pool import KVPool
 
-KINDS = ["grpc", "gloo", "shm"]
+KINDS = ["grpc", "tcp", "gloo", "shm"]
 CTX = multiprocessing.get_context("spawn")
 POOL_SHAPE = {"num_layers": 2, "num_blocks": 16, "block_size": 4, "num_kv_heads": 2, "head_dim": 8,
               "dtype": torch.float32}
@@ -408,6 +408,7 @@ def test_probe_passes_against_a_live_listener(kind):
 
 @pytest.mark.parametrize("address, match", [
     ("grpc://127.0.0.1:1", "grpc://127.0.0.1:1"),
+    ("tcp://127.0.0.1:1", "tcp://127.0.0.1:1"),
     ("gloo://127.0.0.1:1", "gloo://127.0.0.1:1"),
     ("shm://nobody-listens-here", "shm://nobody-listens-here"),
     ("gloo://127.0.0.1", "malformed"),

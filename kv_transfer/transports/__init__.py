@@ -4,7 +4,8 @@
     channel = connect(listener.address)           # prefill worker
     channel.send_chunk(header, payload); channel.send_done(done)
 
-Kinds: grpc (any network), gloo / nccl (torch.distributed pairs), shm (one host).
+Kinds: grpc (any network), tcp (any network, plain sockets), gloo / nccl (torch.distributed
+pairs), shm (one host).
 """
 
 from pdserve.kv_transfer.receiver import ChunkRejected

@@ -28,7 +28,7 @@ from pdserve.kv_transfer.receiver import ChunkRejected, KVReceiver, TransferStat
 logger = logging.getLogger(__name__)
 
 # kind (= address scheme) -> module in this package implementing `listen` and `connect`
-_MODULES = {"grpc": "grpc_transport", "gloo": "torch_dist", "nccl": "torch_dist", "shm": "shm"}
+_MODULES = {"grpc": "grpc_transport", "tcp": "tcp", "gloo": "torch_dist", "nccl": "torch_dist", "shm": "shm"}
 KINDS = tuple(_MODULES)
 
 DEFAULT_MAX_CHUNK_BYTES = 64 << 20  # a chunk is one layer's pages: tens of MB at most

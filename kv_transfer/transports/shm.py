@@ -6,12 +6,9 @@ chunk's worth) and hands its file descriptor to the sender over the control sock
 header over the socket; the receiver validates and writes pages straight from the region,
 so the payload never crosses a socket.
 
-Control socket (AF_UNIX; in the abstract namespace on Linux), raw little-endian structs,
-never pickle:
-
-    listener -> sender  hello: status (0 ok, 1 refused), region size   + the region's fd
-    sender -> listener  frame: header length, payload length, header  (payload in region)
-    listener -> sender  reply: see base.encode_reply
+Control socket: AF_UNIX (in the abstract namespace on Linux) with the framing of
+stream.py; the hello carries the region size and, as ancillary data, the region's fd; a
+frame's payload is in the region, not on the socket.
 
 No /dev/shm entry outlives a handshake: the listener unlinks the region right after
 creating it, so the memory goes away with the last process that maps it, whoever dies.
@@ -24,34 +21,24 @@ import mmap
 import os
 import re
 import secrets
-import select
 import socket
-import struct
 import sys
 import tempfile
-import threading
-import time
 from multiprocessing import shared_memory
 
 from pdserve.kv_transfer.receiver import KVReceiver
-from pdserve.kv_transfer.transports.base import (
-    DEFAULT_MAX_CHUNK_BYTES,
-    MAX_HEADER_BYTES,
-    REPLY_HEAD_BYTES,
-    KVChannel,
-    KVListener,
-    TransportError,
-    decode_reply,
-    encode_reply,
-    serve_frame,
+from pdserve.kv_transfer.transports.base import DEFAULT_MAX_CHUNK_BYTES, TransportError
+from pdserve.kv_transfer.transports.stream import (
+    HELLO,
+    PayloadSource,
+    StreamChannel,
+    StreamListener,
+    as_bytes_view,
+    recv_exact,
 )
 
 logger = logging.getLogger(__name__)
 
-_HELLO = struct.Struct("<BQ")
-_FRAME = struct.Struct("<IQ")
-_MAX_REPLY_BYTES = 64 << 10
-_POLL_S = 0.25  # how often idle threads look at the closed flag
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -92,110 +79,57 @@ class _Staging:
             logger.warning("shm staging region still referenced at close")
 
 
-class ShmListener(KVListener):
+class _RegionSource(PayloadSource):
+    """Payloads are already in the connection's staging region when their frame arrives."""
+
+    def __init__(self, staging: _Staging) -> None:
+        self.staging = staging
+        self.capacity = staging.size
+
+    def read(self, conn: socket.socket, nbytes: int) -> memoryview:
+        return self.staging.view(nbytes)
+
+    def refuse_oversize(self, nbytes: int) -> str:
+        # The payload is not in the stream, so the link stays in step: just refuse it.
+        return f"payload of {nbytes} bytes is larger than the {self.capacity}-byte staging region"
+
+    def close(self) -> None:
+        self.staging.close()
+
+
+class ShmListener(StreamListener):
     def __init__(self, receiver: KVReceiver, name: str | None = None,
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, max_channels: int = 16,
                  op_timeout: float = 30.0) -> None:
-        self._receiver = receiver
-        self._max_chunk_bytes = max_chunk_bytes
-        self._max_channels = max_channels
-        self._op_timeout = op_timeout
         name = name or secrets.token_hex(8)
         self._path = _socket_address(name)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.bind(self._path)
+            sock.bind(self._path)
         except OSError as exc:
-            self._sock.close()
+            sock.close()
             raise TransportError(f"cannot create the shm KV listener {name!r}: {exc}") from exc
-        self._sock.listen(max_channels)
-        self._sock.settimeout(_POLL_S)
-        self.address = f"shm://{name}"
-        self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._threads: set[threading.Thread] = set()
-        self._acceptor = threading.Thread(target=self._accept_loop, name="kv-shm-accept", daemon=True)
-        self._acceptor.start()
+        super().__init__(receiver, sock, f"shm://{name}", max_chunk_bytes, max_channels, op_timeout)
         logger.info("shm KV listener at %s (staging %d bytes per channel)", self.address, max_chunk_bytes)
 
-    def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        deadline = time.monotonic() + 5 * _POLL_S  # every thread looks at the flag this often
-        self._acceptor.join(timeout=5 * _POLL_S)
-        with self._lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        self._sock.close()
+    def _open(self, conn: socket.socket) -> PayloadSource:
+        staging = _Staging(self._max_chunk_bytes)
+        try:
+            socket.send_fds(conn, [HELLO.pack(0, staging.size)], [staging.fd])
+        except OSError:
+            staging.close()
+            raise
+        return _RegionSource(staging)
+
+    def _after_close(self) -> None:
         if not self._path.startswith("\0"):
             try:
                 os.unlink(self._path)
             except FileNotFoundError:
                 pass
 
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if not self._closed.is_set():
-                    logger.exception("shm KV listener %s stopped accepting", self.address)
-                return
-            thread = threading.Thread(target=self._serve, args=(conn,), name="kv-shm-conn", daemon=True)
-            with self._lock:
-                self._threads.add(thread)
-            thread.start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        staging = None
-        try:
-            with conn:
-                conn.settimeout(self._op_timeout)
-                with self._lock:
-                    full = len(self._threads) > self._max_channels
-                if full:
-                    conn.sendall(_HELLO.pack(1, 0))
-                    return
-                staging = _Staging(self._max_chunk_bytes)
-                socket.send_fds(conn, [_HELLO.pack(0, staging.size)], [staging.fd])
-                self._serve_frames(conn, staging)
-        except (OSError, TransportError) as exc:  # the peer died or misbehaved: drop it
-            logger.info("shm KV channel on %s dropped: %s", self.address, exc)
-        finally:
-            if staging is not None:
-                staging.close()
-            with self._lock:
-                self._threads.discard(threading.current_thread())
-
-    def _serve_frames(self, conn: socket.socket, staging: _Staging) -> None:
-        idle = select.poll()  # not select(): descriptors above 1024 are common in a worker
-        idle.register(conn, select.POLLIN)
-        while True:
-            # Idle until the next frame, the peer hanging up, or close().
-            while not idle.poll(_POLL_S * 1000):
-                if self._closed.is_set():
-                    return
-            head = _recv_exact(conn, _FRAME.size, allow_eof=True)
-            if head is None:
-                return
-            header_len, payload_len = _FRAME.unpack(head)
-            if header_len > MAX_HEADER_BYTES:
-                raise TransportError(f"a header of {header_len} bytes")
-            header = _recv_exact(conn, header_len)
-            if payload_len > staging.size:
-                reason = f"payload of {payload_len} bytes is larger than the {staging.size}-byte staging region"
-            else:
-                payload = staging.view(payload_len)
-                reason = serve_frame(self._receiver, header, payload)
-                del payload  # the region must have no views left when it is closed
-            conn.sendall(encode_reply(reason, _MAX_REPLY_BYTES))
-
-
-class ShmChannel(KVChannel):
+class ShmChannel(StreamChannel):
     def __init__(self, name: str, timeout: float) -> None:
         super().__init__(f"shm://{name}", timeout)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -204,10 +138,10 @@ class ShmChannel(KVChannel):
         self._map: mmap.mmap | None = None
         try:
             self._sock.connect(_socket_address(name))
-            data, fds, _, _ = socket.recv_fds(self._sock, _HELLO.size, 1)
-            if len(data) < _HELLO.size:
-                data += _recv_exact(self._sock, _HELLO.size - len(data))
-            status, size = _HELLO.unpack(data)
+            data, fds, _, _ = socket.recv_fds(self._sock, HELLO.size, 1)
+            if len(data) < HELLO.size:
+                data += recv_exact(self._sock, HELLO.size - len(data))
+            status, size = HELLO.unpack(data)
             if status != 0 or len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
@@ -224,21 +158,9 @@ class ShmChannel(KVChannel):
         self.max_chunk_bytes = size
 
     def _exchange(self, header: bytes, payload: memoryview | bytes) -> str | None:
-        source = memoryview(payload)
-        if source.format != "B" or source.ndim != 1:
-            source = source.cast("B")
+        source = as_bytes_view(payload)
         self._view[:source.nbytes] = source
-        try:
-            self._sock.sendall(_FRAME.pack(len(header), source.nbytes) + header)
-            head = _recv_exact(self._sock, REPLY_HEAD_BYTES)
-            length = struct.unpack_from("<I", head, 1)[0]
-            if length > _MAX_REPLY_BYTES:
-                raise TransportError(f"garbled reply from {self.address}")
-            return decode_reply(head + _recv_exact(self._sock, length))
-        except TimeoutError:
-            raise TransportError(f"no reply from {self.address} within {self.timeout} s") from None
-        except OSError as exc:
-            raise TransportError(f"the shm link to {self.address} failed: {exc}") from None
+        return self._send_frame(header, source.nbytes, inline=None)
 
     def _teardown(self) -> None:
         self._sock.close()
@@ -248,20 +170,6 @@ class ShmChannel(KVChannel):
         if self._map is not None:
             self._map.close()
             self._map = None
-
-
-def _recv_exact(sock: socket.socket, nbytes: int, allow_eof: bool = False) -> bytes | None:
-    """Exactly `nbytes` from `sock` (its timeout bounds each wait). None on a clean EOF
-    before the first byte if `allow_eof`; ConnectionError on EOF mid-message."""
-    data = bytearray()
-    while len(data) < nbytes:
-        piece = sock.recv(nbytes - len(data))
-        if not piece:
-            if allow_eof and not data:
-                return None
-            raise ConnectionError("the peer closed the link")
-        data += piece
-    return bytes(data)
 
 
 def listen(kind: str, receiver: KVReceiver, **options) -> ShmListener:
