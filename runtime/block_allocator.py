@@ -32,9 +32,6 @@ class BlockAllocator:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
-
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 

@@ -165,7 +165,3 @@ class RuntimeInfo:
     eos_token_ids: frozenset[int]
     bos_token_id: int | None
     device: torch.device
-
-    @property
-    def num_tokens_capacity(self) -> int:
-        return self.num_blocks * self.block_size

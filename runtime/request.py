@@ -70,10 +70,6 @@ class Request:
         """More than the last sampled token is missing from the cache."""
         return self.num_uncomputed_tokens > 1
 
-    @property
-    def is_finished(self) -> bool:
-        return self.state is RequestState.FINISHED
-
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without copying the whole sequence."""
         n_prompt = len(self.prompt_ids)

@@ -123,11 +123,6 @@ class BatchScheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
-    @property
-    def num_free_blocks(self) -> int:
-        """Blocks available without preempting anyone: free plus evictable from the cache."""
-        return self.allocator.num_free + self.prefix_cache.num_evictable_blocks
-
     # ----------------------------------------------------------------------- one step
 
     def schedule(self) -> list[ScheduledChunk]:
