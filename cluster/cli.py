@@ -1,5 +1,10 @@
 """The `pdserve` command line.
 
+`pdserve serve` runs the cluster: a local Ray on 127.0.0.1 by default (`--address` joins
+an existing one), prefill and decode workers as Ray actors, and the gateway (OpenAI HTTP
+and gRPC) in this process. It prints where it listens once every worker is ready; Ctrl-C
+stops everything, local Ray included.
+
 `pdserve generate` runs one prompt in-process and streams only the generated text to
 stdout; progress and timing go to stderr so the text can be piped.
 """
@@ -7,7 +12,9 @@ stdout; progress and timing go to stderr so the text can be piped.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import sys
 import time
 
@@ -24,6 +31,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(sub)
     gen = sub.add_parser("generate", help="generate text for one prompt, in this process")
     gen.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"HuggingFace directory, .gguf file, or {DEFAULT_MODEL!r} (default)")
@@ -44,13 +52,131 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_serve_parser(sub) -> None:
+    from pdserve.cluster.router import POLICIES
+    from pdserve.kv_transfer.transports.base import KINDS
+
+    serve = sub.add_parser("serve", help="run the cluster: workers on Ray, OpenAI HTTP and gRPC gateway")
+    serve.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"HuggingFace directory, .gguf file, or {DEFAULT_MODEL!r} (default)")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
+    serve.add_argument("--prefill-workers", type=_non_negative_int, default=1)
+    serve.add_argument("--decode-workers", type=_positive_int, default=1)
+    serve.add_argument("--colocated", action="store_true",
+                       help="no prefill workers: every decode worker prefills its own requests")
+    serve.add_argument("--router", choices=sorted(POLICIES), default="prefix_aware")
+    serve.add_argument("--local-prefill-tokens", type=_non_negative_int, default=32,
+                       help="a decode worker prefills a request itself when at most this many prompt "
+                            "tokens are not in its prefix cache")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_non_negative_int, default=8000, help="HTTP port (0: any free one)")
+    serve.add_argument("--grpc-port", type=_non_negative_int, default=50051, help="gRPC port (0: any free one)")
+    serve.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+                       help="require this key (Bearer token / gRPC metadata); default $PDSERVE_API_KEY")
+    serve.add_argument("--address", default=None,
+                       help="join this Ray cluster (e.g. auto or ray://...) instead of starting a local one")
+    serve.add_argument("--max-model-len", type=_positive_int, default=None)
+    serve.add_argument("--block-size", type=_positive_int, default=16)
+    serve.add_argument("--kv-cache-memory", type=_positive_int, default=512,
+                       help="MiB of KV cache per worker")
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=64)
+    serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
+    serve.add_argument("--max-prefill-chunk", type=_positive_int, default=512)
+    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--max-queued-requests", type=_positive_int, default=256,
+                       help="per worker: past this many queued requests, new ones get 429")
+    serve.add_argument("--max-in-flight", type=_positive_int, default=1024,
+                       help="gateway: past this many requests in flight, new ones get 429")
+    serve.add_argument("--kv-transport", choices=KINDS, default=None,
+                       help="force the KV transport (default: shm on one host, nccl between GPUs, else grpc)")
+    serve.add_argument("--transfer-timeout", type=float, default=30.0)
+    serve.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
+    serve.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         return _generate(args)
+    if args.command == "serve":
+        return _serve(args)
     return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pdserve.cluster.gateway import GatewayConfig
+    from pdserve.cluster.worker_spec import WorkerSpec
+    from pdserve.runtime.config import ConfigError
+
+    num_prefill = 0 if args.colocated else args.prefill_workers
+    try:
+        spec = WorkerSpec(
+            model=args.model, max_model_len=args.max_model_len, block_size=args.block_size,
+            kv_cache_memory_bytes=args.kv_cache_memory * 1024**2, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
+            enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
+            max_queued_requests=args.max_queued_requests, transfer_timeout=args.transfer_timeout,
+            on_transfer_failure=args.on_transfer_failure, kv_transport=args.kv_transport,
+            kv_host="127.0.0.1" if args.address is None else None)
+        config = GatewayConfig(
+            spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
+            host=args.host, port=args.port, grpc_port=args.grpc_port, api_key=args.api_key,
+            served_model_name=args.served_model_name, max_in_flight=args.max_in_flight,
+            local_prefill_tokens=args.local_prefill_tokens)
+    except (ConfigError, ValueError) as exc:
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
+    ray = _start_ray(args.address, num_prefill, args.decode_workers)
+    try:
+        return asyncio.run(_run_gateway(config))
+    finally:
+        ray.shutdown()
+
+
+async def _run_gateway(config) -> int:
+    from pdserve.cluster.controller import WorkerStartError
+    from pdserve.cluster.gateway import serve
+    from pdserve.runtime.config import ConfigError
+
+    def announce(ready) -> None:
+        print(ready, flush=True)
+
+    try:
+        await serve(config, announce)
+    except (WorkerStartError, ConfigError, ValueError, OSError) as exc:
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 1
+    print("pdserve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _start_ray(address: str | None, num_prefill: int, num_decode: int):
+    """Join `address`, or start a local Ray bound to 127.0.0.1 with room for the
+    workers (and their replacements) under the role resources they ask for."""
+    if address is None:
+        # Local Ray must bind and advertise the loopback address only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if address is not None:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        workers = num_prefill + num_decode
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 num_cpus=max(os.cpu_count() or 1, 2 * workers),
+                 resources={"prefill": 2 * max(num_prefill, 1), "decode": 2 * num_decode},
+                 logging_level=logging.WARNING)
+    return ray
 
 
 def _generate(args: argparse.Namespace) -> int:

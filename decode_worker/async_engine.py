@@ -3,7 +3,14 @@
 Data flows one way. Callers put commands (add, finish) on a queue; the engine thread
 applies them between steps, so an abort takes effect before the next step and frees the
 request's blocks within one step. Token chunks go back to each caller's asyncio queue
-through its event loop. Nothing but the engine thread touches the core.
+through its event loop. Nothing but the engine thread touches the core; `on_iteration`
+(if given) runs on that thread after every loop iteration, so it may read the core to
+publish snapshots (stats, prefix-cache events) for other threads.
+
+A request prefilled elsewhere (`generate_remote`) first yields its KV ticket, then its
+chunks. While only such requests wait for their KV, the thread polls their transfers
+every `KV_POLL_SECONDS` instead of spinning, leaving the GIL to the listener threads
+that write the KV.
 """
 
 from __future__ import annotations
@@ -13,22 +20,25 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
 from pdserve.decode_worker.engine import EngineCore
+from pdserve.kv_transfer.messages import KVTicket
 from pdserve.runtime.request import TokenChunk
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
 
 log = logging.getLogger(__name__)
 
+KV_POLL_SECONDS = 0.002
+
 
 class _Sink(NamedTuple):
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
-    def put(self, item: TokenChunk | BaseException) -> None:
+    def put(self, item: TokenChunk | KVTicket | BaseException | None) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:
@@ -40,6 +50,12 @@ class _Add(NamedTuple):
     prompt_ids: list[int]
     params: SamplingParams
     sink: _Sink
+    remote: bool  # prefilled by a prefill worker: the first item put on the sink is its ticket
+
+
+class _FailTransfer(NamedTuple):
+    request_id: str
+    reason: str
 
 
 class _Finish(NamedTuple):
@@ -48,13 +64,28 @@ class _Finish(NamedTuple):
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(self, core: EngineCore, on_iteration: Callable[[EngineCore], None] | None = None) -> None:
         self.core = core
-        self._commands: queue.SimpleQueue[_Add | _Finish | None] = queue.SimpleQueue()
+        self._on_iteration = on_iteration
+        self._commands: queue.SimpleQueue[_Add | _Finish | _FailTransfer | None] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}  # engine thread only
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def num_queued_commands(self) -> int:
+        """Commands (adds, aborts) not yet applied by the engine thread."""
+        return self._commands.qsize()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests submitted but not yet running (an estimate: read from another thread)."""
+        return self._commands.qsize() + len(self.core.scheduler.waiting)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -62,11 +93,29 @@ class AsyncEngine:
         """Stream the request's token chunks; the last one carries its finish reason.
         Raises RequestRejected (ValueError) if the engine cannot take it. Leaving the
         iteration early (break, cancellation, disconnect) aborts the request."""
+        async for item in self._stream(prompt_ids, params, request_id, remote=False):
+            yield item
+
+    async def generate_remote(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[KVTicket | TokenChunk | None]:
+        """Like `generate` for a request whose prompt a prefill worker computes. The
+        first item is the KVTicket to hand to that worker, or None when the pool cannot
+        hold the request now: it is then prefilled here. Token chunks follow."""
+        async for item in self._stream(prompt_ids, params, request_id, remote=True):
+            yield item
+
+    def fail_transfer(self, request_id: str, reason: str) -> None:
+        """The prefill side cannot deliver this request's KV (its worker died or refused
+        the job): recompute or fail it now, per the engine's policy."""
+        self._commands.put(_FailTransfer(request_id, reason))
+
+    async def _stream(self, prompt_ids, params, request_id, remote):
         if not self._thread.is_alive():
             raise RuntimeError("the engine has been shut down")
         request_id = request_id or f"req-{next(self._ids)}"
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        self._commands.put(_Add(request_id, list(prompt_ids), params, sink))
+        self._commands.put(_Add(request_id, list(prompt_ids), params, sink, remote))
         finished = False
         try:
             while not finished:
@@ -74,7 +123,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                finished = item.finish_reason is not None
+                finished = isinstance(item, TokenChunk) and item.finish_reason is not None
                 yield item
         finally:
             if not finished:
@@ -92,31 +141,51 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while True:
-            if not self._apply_commands(block=not self.core.has_unfinished):
+            if not self.core.has_unfinished:
+                wait = None  # idle: sleep until a command arrives
+            elif not self.core.scheduler.has_work:
+                wait = KV_POLL_SECONDS  # only transfers in flight: poll them, don't spin
+            else:
+                wait = 0.0
+            if not self._apply_commands(wait):
                 break
             if self.core.has_unfinished:
                 self._step()
+            if self._on_iteration is not None:
+                self._on_iteration(self.core)
         for request_id in list(self._sinks):
             self._finish(request_id, FinishReason.ABORT)
 
-    def _apply_commands(self, block: bool) -> bool:
-        """Apply queued commands (waiting for one when idle). False means shut down."""
+    def _apply_commands(self, wait: float | None) -> bool:
+        """Apply queued commands, waiting up to `wait` seconds for the first (None:
+        until one arrives). False means shut down."""
         while True:
             try:
-                command = self._commands.get(block=block)
+                command = self._commands.get(block=wait != 0.0, timeout=wait)
             except queue.Empty:
                 return True
-            block = False
+            wait = 0.0
             if command is None:
                 return False
             if isinstance(command, _Add):
-                try:
-                    self.core.add_request(command.request_id, command.prompt_ids, command.params)
-                    self._sinks[command.request_id] = command.sink
-                except ValueError as exc:
-                    command.sink.put(exc)
+                self._add(command)
+            elif isinstance(command, _FailTransfer):
+                self.core.fail_transfer(command.request_id, command.reason)
             else:
                 self._finish(command.request_id, command.reason)
+
+    def _add(self, command: _Add) -> None:
+        try:
+            if command.remote:
+                ticket = self.core.submit_remote(command.request_id, command.prompt_ids, command.params)
+                if ticket is None:  # no room to reserve now: prefill it here when there is
+                    self.core.add_request(command.request_id, command.prompt_ids, command.params)
+                command.sink.put(ticket)
+            else:
+                self.core.add_request(command.request_id, command.prompt_ids, command.params)
+            self._sinks[command.request_id] = command.sink
+        except ValueError as exc:
+            command.sink.put(exc)
 
     def _finish(self, request_id: str, reason: FinishReason) -> None:
         chunk = self.core.finish_request(request_id, reason)

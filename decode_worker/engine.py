@@ -8,6 +8,8 @@ is single-threaded; `AsyncEngine` drives it from a thread and `LLM` drives it in
 
 from __future__ import annotations
 
+import time
+
 from pdserve.decode_worker.scheduler import DecodeScheduler
 from pdserve.decode_worker.transfers import OnTransferFailure, RemoteAdmission
 from pdserve.kv_transfer.messages import KVTicket
@@ -36,9 +38,18 @@ class EngineCore:
         self.info = info
         self.scheduler = DecodeScheduler(config or SchedulerConfig(), info, enable_prefix_caching)
         self.sampler = Sampler()
+        self.num_steps = 0  # forward passes run
+        self.step_seconds = 0.0  # ... and the time they took, sampling included
         self.remote = None
         if kv_receiver is not None:
             self.remote = RemoteAdmission(self.scheduler, kv_receiver, on_transfer_failure, transfer_timeout)
+
+    def fail_transfer(self, request_id: str, reason: str) -> None:
+        """The prefill side cannot deliver this request's KV: settle it at the next step
+        (recompute here or fail, per policy) instead of waiting for its deadline. A no-op
+        for a request that is not waiting for KV."""
+        if self.remote is not None:
+            self.remote.fail(request_id, reason)
 
     def submit_remote(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> KVTicket | None:
         """Admit a request whose prompt a prefill worker computes: reserve its blocks and
@@ -81,28 +92,31 @@ class EngineCore:
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
+        started = time.perf_counter()
         batch = build_forward_batch(chunks, self.info.block_size, self.runner.device)
         logits = self.runner.execute(batch)
         self.scheduler.update(chunks)
         sampling = [c.request for c in chunks if c.samples]
-        if not sampling:
-            return outputs
-        out = self.sampler(logits, [r.params for r in sampling], [r.generator for r in sampling])
-        for row, request in enumerate(sampling):
-            token = int(out.token_ids[row])
-            request.output_ids.append(token)
-            top = out.top_for(row, request.params.logprobs)
-            outputs.append(self._emit(request, float(out.logprobs[row]), top))
+        if sampling:
+            out = self.sampler(logits, [r.params for r in sampling], [r.generator for r in sampling])
+            for row, request in enumerate(sampling):
+                token = int(out.token_ids[row])
+                request.output_ids.append(token)
+                top = out.top_for(row, request.params.logprobs)
+                outputs.append(self._emit(request, float(out.logprobs[row]), top))
+        self.num_steps += 1
+        self.step_seconds += time.perf_counter() - started
         return outputs
 
     def _settle_transfers(self) -> list[TokenChunk]:
         if self.remote is None:
             return []
         started, failed = self.remote.poll()
-        for request, done in started:
+        for request, done, waited in started:
             # The prefill worker drew the first token from its own copy of the seed.
             advance_generator(request.generator, request.params, self.runner.config.vocab_size)
-            failed.append(self._emit(request, done.logprob, done.top_logprobs or None))
+            failed.append(self._emit(request, done.logprob, done.top_logprobs or None)._replace(
+                kv_wait_seconds=waited))
         return failed
 
     def _emit(self, request: Request, logprob: float, top) -> TokenChunk:

@@ -20,6 +20,7 @@ import enum
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ class KVPusher:
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.bytes_sent = 0
+        self.send_seconds = 0.0  # time the thread spent in chunk sends (incl. the receiver's checks)
         self._thread = threading.Thread(target=self._run, name="pdserve-kv-pusher", daemon=True)
         self._thread.start()
 
@@ -131,7 +133,9 @@ class KVPusher:
             dtype=layout.dtype_name(pages.dtype), shape=tuple(pages.shape),
             nbytes=len(payload), checksum=layout.checksum(payload),
         )
+        started = time.perf_counter()
         channel.send_chunk(header, payload)
+        self.send_seconds += time.perf_counter() - started
         outgoing.bytes_sent += len(payload)
         self.bytes_sent += len(payload)
 

@@ -68,6 +68,7 @@ class KVReceiver:
         self._live: dict[int, _Live] = {}
         self._ids = itertools.count(1)
         self.num_rejected = 0
+        self.bytes_received = 0  # accepted chunk payloads, all tickets
 
     # ------------------------------------------------------------ engine thread side
 
@@ -151,6 +152,7 @@ class KVReceiver:
         with self._lock:
             live.pages_received[header.layer].update(range(header.page_start, header.page_start + header.num_pages))
             live.bytes_received += header.nbytes
+            self.bytes_received += header.nbytes
 
     def accept_done(self, done: TransferDone) -> None:
         """The sender says it sent everything: succeed if every page of every layer is

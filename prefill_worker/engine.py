@@ -15,6 +15,8 @@ the next chunk.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -61,6 +63,9 @@ class PrefillEngine:
         self.sampler = Sampler()
         self._jobs: dict[str, _Job] = {}  # being computed
         self._sending: dict[str, int] = {}  # computed; request id -> ticket id until settled
+        self.num_steps = 0  # forward passes run
+        self.step_seconds = 0.0  # ... and the time they took
+        self.outcome_counts: Counter[str] = Counter()  # settled transfers: "sent" or "failed"
 
     @property
     def has_unfinished(self) -> bool:
@@ -102,6 +107,7 @@ class PrefillEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return outcomes
+        started = time.perf_counter()
         batch = build_forward_batch(chunks, self.info.block_size, self.runner.device)
         sends = self._pages_to_send(chunks)
 
@@ -123,6 +129,8 @@ class PrefillEngine:
                     int(out.token_ids[row]), float(out.logprobs[row]), top))
                 self.scheduler.finish(request.request_id, FinishReason.LENGTH)
                 self._sending[request.request_id] = ticket.ticket_id
+        self.num_steps += 1
+        self.step_seconds += time.perf_counter() - started
         return outcomes
 
     def _pages_to_send(self, chunks: list[ScheduledChunk]) -> list[tuple[int, int, list[int]]]:
@@ -155,4 +163,5 @@ class PrefillEngine:
                 del self._sending[request_id]
                 self.pusher.forget(ticket_id)
                 outcomes.append(JobOutcome(request_id, state is SendState.SENT, reason))
+                self.outcome_counts["sent" if state is SendState.SENT else "failed"] += 1
         return outcomes

@@ -90,3 +90,6 @@ class TokenChunk(NamedTuple):
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    # On the first chunk of a request prefilled elsewhere: seconds from reserving its
+    # blocks to having all its KV (prefill queue + compute + transfer, seen from decode).
+    kv_wait_seconds: float | None = None

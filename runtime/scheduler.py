@@ -88,6 +88,8 @@ class BatchScheduler:
         self.waiting: deque[Request] = deque()  # local prefill; preempted ones at the front
         self.running: list[Request] = []  # in arrival order, oldest first
         self.requests: dict[str, Request] = {}
+        self.prefix_query_tokens = 0  # prompt tokens looked up at first admission
+        self.prefix_hit_tokens = 0  # ... of which the prefix cache held
 
     # ----------------------------------------------------------------- intake and exit
 
@@ -238,9 +240,14 @@ class BatchScheduler:
         request.num_computed_tokens = match.num_tokens
         if request.num_preemptions == 0:
             request.num_cached_tokens = match.num_tokens
+            self.prefix_query_tokens += request.num_prompt_tokens
+            self.prefix_hit_tokens += match.num_tokens
 
     def _detach(self, request: Request) -> None:
         """Undo `_attach_prefix` (and any allocation) for a request that could not start."""
+        if request.num_preemptions == 0:  # it will be looked up (and counted) again
+            self.prefix_query_tokens -= request.num_prompt_tokens
+            self.prefix_hit_tokens -= request.num_cached_tokens
         self._release(request, cache_pages=False)
         request.num_computed_tokens = 0
 

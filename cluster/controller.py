@@ -1,0 +1,198 @@
+"""The controller: worker membership, KV links between workers, health, replacement.
+
+It runs on the gateway's event loop and owns the list of workers. Every `poll_interval`
+it asks each worker for its stats; the answer is the health check, refreshes the numbers
+the router, `/metrics` (and the autoscaler) read, and carries the worker's prefix-cache
+events into the router's `PrefixIndex`. A worker whose process died, or that misses
+`max_missed_polls` polls in a row, is removed (its requests end with a clear error at
+the gateway) and a replacement is started from the same `WorkerSpec`.
+
+KV links: for each (prefill, decode) pair the transport is chosen by
+`choose_transport` (forced by the spec or picked per pair), the decode worker opens a
+listener of that kind, and the prefill worker proves it with a ping before the pair is
+used. A link that cannot work fails start-up loudly; there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from pdserve.cluster.router import PrefixIndex, WorkerView
+from pdserve.cluster.worker_spec import WorkerSpec
+from pdserve.cluster.worker_stats import WorkerStats
+from pdserve.cluster.workers import DecodeWorker, PrefillWorker, WorkerInfo
+from pdserve.kv_transfer.transports.select import choose_transport
+
+log = logging.getLogger(__name__)
+
+_CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker}
+
+
+class WorkerStartError(RuntimeError):
+    """A worker (or a KV link to it) could not be started; the message says why."""
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    worker_id: str
+    role: str
+    actor: ray.actor.ActorHandle
+    info: WorkerInfo
+    stats: WorkerStats | None = None
+    missed_polls: int = 0
+    in_flight: int = 0  # requests this gateway has on it now
+    in_flight_tokens: int = 0  # their prompt tokens (prefill workers)
+    kv_addresses: dict[str, str] = field(default_factory=dict)  # prefill only: decode id -> address
+
+    def view(self) -> WorkerView:
+        usage = self.stats.kv_usage if self.stats is not None else 0.0
+        return WorkerView(self.worker_id, self.in_flight, self.in_flight_tokens, usage)
+
+
+class Controller:
+    def __init__(self, spec: WorkerSpec, num_prefill: int, num_decode: int, index: PrefixIndex,
+                 cpus_per_worker: float = 1.0, poll_interval: float = 0.5, poll_timeout: float = 10.0,
+                 max_missed_polls: int = 3) -> None:
+        self.spec = spec
+        self.target = {"prefill": num_prefill, "decode": num_decode}
+        self.index = index
+        self.cpus_per_worker = cpus_per_worker
+        self.poll_interval = poll_interval
+        self.poll_timeout = poll_timeout
+        self.max_missed_polls = max_missed_polls
+        self.workers: dict[str, WorkerHandle] = {}
+        self.num_replaced = 0
+        self._next_id = {"prefill": 0, "decode": 0}
+        self._monitor: asyncio.Task | None = None
+        self._replacing: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ membership
+
+    def members(self, role: str) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.role == role]
+
+    def all_stats(self) -> list[WorkerStats]:
+        return [w.stats for w in self.workers.values() if w.stats is not None]
+
+    async def start(self) -> None:
+        """Start every worker and link every pair; raises WorkerStartError on failure."""
+        roles = [role for role in ("prefill", "decode") for _ in range(self.target[role])]
+        await asyncio.gather(*(self._add_worker(role) for role in roles))
+        self._monitor = asyncio.create_task(self._monitor_loop(), name="pdserve-controller")
+
+    async def shutdown(self) -> None:
+        for task in [self._monitor, *self._replacing]:
+            if task is not None:
+                task.cancel()
+        for handle in list(self.workers.values()):
+            await self._stop(handle)
+        self.workers.clear()
+
+    async def _add_worker(self, role: str) -> WorkerHandle:
+        worker_id = f"{role}-{self._next_id[role]}"
+        self._next_id[role] += 1
+        actor = ray.remote(_CLASSES[role]).options(
+            name=f"pdserve-{worker_id}", num_cpus=self.cpus_per_worker, resources={role: 1},
+            max_restarts=0, max_concurrency=10_000,
+        ).remote(self.spec, worker_id)
+        try:
+            info = await actor.info.remote()
+        except Exception as exc:
+            ray.kill(actor)
+            raise WorkerStartError(f"{role} worker {worker_id} failed to start: {exc}") from exc
+        handle = WorkerHandle(worker_id, role, actor, info)
+        try:
+            await self._link(handle)
+        except Exception:
+            ray.kill(actor)
+            raise
+        self.workers[worker_id] = handle
+        log.info("%s worker %s up (pid %d)", role, worker_id, info.pid)
+        return handle
+
+    async def _link(self, new: WorkerHandle) -> None:
+        """Open and prove KV links between `new` and every worker of the other role."""
+        if new.role == "prefill":
+            pairs = [(new, d) for d in self.members("decode")]
+        else:
+            pairs = [(p, new) for p in self.members("prefill")]
+        for prefill, decode in pairs:
+            try:
+                kind = choose_transport(prefill.info.peer, decode.info.peer, self.spec.kv_transport)
+                address = await decode.actor.listen.remote(kind)
+                await prefill.actor.probe.remote(address)
+            except Exception as exc:
+                raise WorkerStartError(f"the KV link {prefill.worker_id} -> {decode.worker_id} does not work: "
+                                       f"{_cause(exc)}") from exc
+            prefill.kv_addresses[decode.worker_id] = address
+            log.info("KV link %s -> %s over %s", prefill.worker_id, decode.worker_id, address)
+
+    # ------------------------------------------------------------------ health
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
+            await asyncio.sleep(self.poll_interval)
+
+    async def _poll(self, handle: WorkerHandle) -> None:
+        try:
+            stats, events = await asyncio.wait_for(_await(handle.actor.stats.remote()), self.poll_timeout)
+        except (asyncio.TimeoutError, GetTimeoutError):
+            handle.missed_polls += 1
+            log.warning("%s missed a health check (%d in a row)", handle.worker_id, handle.missed_polls)
+            if handle.missed_polls >= self.max_missed_polls:
+                self._replace(handle, f"it missed {handle.missed_polls} health checks")
+            return
+        except RayActorError as exc:
+            self._replace(handle, f"its process died ({_cause(exc)})")
+            return
+        handle.missed_polls = 0
+        handle.stats = stats
+        self.index.apply(handle.worker_id, events)
+
+    def _replace(self, handle: WorkerHandle, why: str) -> None:
+        if self.workers.pop(handle.worker_id, None) is None:
+            return
+        log.error("%s worker %s is gone: %s; starting a replacement", handle.role, handle.worker_id, why)
+        self.index.forget(handle.worker_id)
+        for other in self.members("prefill"):
+            other.kv_addresses.pop(handle.worker_id, None)
+        ray.kill(handle.actor)
+        task = asyncio.create_task(self._start_replacement(handle.role))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _start_replacement(self, role: str) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self._add_worker(role)
+                self.num_replaced += 1
+                return
+            except WorkerStartError as exc:
+                log.error("replacement %s worker failed: %s; retrying in %.0f s", role, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _stop(self, handle: WorkerHandle) -> None:
+        try:
+            await asyncio.wait_for(_await(handle.actor.shutdown.remote()), 5.0)
+        except Exception as exc:  # noqa: BLE001 - it is being killed either way
+            log.debug("%s did not shut down cleanly: %s", handle.worker_id, exc)
+        ray.kill(handle.actor)
+
+
+async def _await(ref):
+    return await ref
+
+
+def _cause(exc: BaseException) -> str:
+    """The worker-side error behind a Ray error, in one line."""
+    cause = getattr(exc, "cause", None)
+    text = str(cause if cause is not None else exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__

@@ -1,0 +1,55 @@
+"""Errors a client sees, with the one mapping both APIs use.
+
+Every failure that reaches a client is a `RequestError` of one `ErrorKind`; the HTTP layer
+turns it into an OpenAI error body with the kind's status, the gRPC layer into the kind's
+status code. Nothing else decides status codes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(enum.Enum):
+    #                  HTTP status, OpenAI error type,        gRPC status code name
+    INVALID_ARGUMENT = (400, "invalid_request_error", "INVALID_ARGUMENT")
+    UNAUTHENTICATED = (401, "authentication_error", "UNAUTHENTICATED")
+    NOT_FOUND = (404, "not_found_error", "NOT_FOUND")
+    TIMEOUT = (408, "timeout_error", "DEADLINE_EXCEEDED")
+    OVERLOADED = (429, "rate_limit_error", "RESOURCE_EXHAUSTED")
+    INTERNAL = (500, "internal_error", "INTERNAL")
+    UNAVAILABLE = (503, "service_unavailable", "UNAVAILABLE")
+
+    @property
+    def http_status(self) -> int:
+        return self.value[0]
+
+    @property
+    def openai_type(self) -> str:
+        return self.value[1]
+
+    @property
+    def grpc_code_name(self) -> str:
+        """The name of the `grpc.StatusCode` member (this module does not import grpc)."""
+        return self.value[2]
+
+
+class RequestError(Exception):
+    """A request failed for a reason the client should hear. `message` says what was wrong
+    and what to do; `param` names the offending request field, if one; `retry_after` is
+    the seconds a client should wait before retrying (overload only)."""
+
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"RequestError({self.kind.name}, {self.message!r})"
+
+
+def invalid(message: str, param: str | None = None) -> RequestError:
+    return RequestError(ErrorKind.INVALID_ARGUMENT, message, param)

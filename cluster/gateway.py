@@ -1,0 +1,132 @@
+"""The gateway process: HTTP (FastAPI on uvicorn) and gRPC (grpc.aio) on one event loop,
+both over one `Frontend`, in front of the controller's Ray workers.
+
+`serve(config)` starts the workers, links them, opens both servers, calls `on_ready`
+with where it listens, and returns on SIGINT/SIGTERM (at any point, start-up included)
+after closing the servers and stopping every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import uvicorn
+
+from pdserve.cluster.controller import Controller
+from pdserve.cluster.frontend import Frontend, ModelCard
+from pdserve.cluster.grpc_api import start_grpc_server
+from pdserve.cluster.metrics import GatewayMetrics
+from pdserve.cluster.openai_api import create_app
+from pdserve.cluster.ray_backend import ClusterBackend
+from pdserve.cluster.router import POLICIES, PrefixIndex, Router
+from pdserve.cluster.worker_spec import WorkerSpec
+from pdserve.runtime.weights import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    spec: WorkerSpec
+    num_prefill: int = 1
+    num_decode: int = 1
+    router: str = "prefix_aware"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051
+    api_key: str | None = None
+    served_model_name: str | None = None  # default: the --model argument
+    max_in_flight: int = 1024  # gateway-wide bound; past it requests get 429
+    local_prefill_tokens: int = 32  # uncached prompt tokens at most which decode prefills itself
+    cpus_per_worker: float = 1.0
+
+
+class Ready:
+    """Where a started gateway listens."""
+
+    def __init__(self, http_url: str, grpc_address: str, model: str, num_prefill: int, num_decode: int) -> None:
+        self.http_url, self.grpc_address, self.model = http_url, grpc_address, model
+        self.num_prefill, self.num_decode = num_prefill, num_decode
+
+    def __str__(self) -> str:
+        workers = f"{self.num_prefill} prefill + {self.num_decode} decode" if self.num_prefill else \
+            f"{self.num_decode} colocated"
+        return (f"pdserve: serving {self.model} with {workers} workers; OpenAI API at {self.http_url}/v1, "
+                f"gRPC at {self.grpc_address}")
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: `serve` owns SIGINT/SIGTERM, so that a
+    stop during start-up works too and no signal is re-raised during the shutdown."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> None:
+    checkpoint = load_checkpoint(config.spec.model)  # metadata and tokenizer only
+    max_model_len = config.spec.max_model_len or checkpoint.config.max_position_embeddings
+    name = config.served_model_name or config.spec.model
+    index = PrefixIndex()
+    controller = Controller(config.spec, config.num_prefill, config.num_decode, index,
+                            cpus_per_worker=config.cpus_per_worker)
+    metrics = GatewayMetrics(worker_stats=controller.all_stats)
+    router = Router(POLICIES[config.router](), config.spec.block_size, index,
+                    local_prefill_tokens=config.local_prefill_tokens)
+    frontend = Frontend(ClusterBackend(controller, router, metrics), checkpoint.tokenizer,
+                        ModelCard(name, max_model_len, int(time.time())), checkpoint.eos_token_ids, metrics,
+                        max_in_flight=config.max_in_flight)
+    http = _HttpServer(uvicorn.Config(create_app(frontend, api_key=config.api_key), host=config.host,
+                                      port=config.port, log_level="warning", lifespan="off"))
+    stop = asyncio.Event()
+
+    def request_stop() -> None:
+        stop.set()
+        http.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, request_stop)
+    grpc_server = None
+    try:
+        if not await _unless_stopped(controller.start(), stop):
+            return
+        grpc_server, grpc_port = await start_grpc_server(frontend, f"{config.host}:{config.grpc_port}",
+                                                         config.api_key)
+        serving = asyncio.create_task(http.serve())
+        while not http.started:
+            if serving.done():
+                serving.result()  # raises why it could not start
+                raise RuntimeError(f"the HTTP server could not listen on {config.host}:{config.port}")
+            await asyncio.sleep(0.05)
+        port = http.servers[0].sockets[0].getsockname()[1]
+        on_ready(Ready(f"http://{config.host}:{port}", f"{config.host}:{grpc_port}", name,
+                       config.num_prefill, config.num_decode))
+        await serving
+    finally:
+        log.info("shutting down")
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)
+        await controller.shutdown()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def _unless_stopped(work, stop: asyncio.Event) -> bool:
+    """Run `work` unless `stop` is set first (then cancel it). True if it completed."""
+    task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()  # raises if start-up failed
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False

@@ -1,0 +1,108 @@
+"""Prometheus metrics of the gateway: per request (observed here) and per worker (the
+latest `WorkerStats` each worker reported to the controller, exported as they are).
+
+One registry per gateway, so that everything a cluster measures is one scrape target
+(`/metrics`). The router and the autoscaler read the same `WorkerStats` snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pdserve.cluster.errors import ErrorKind
+from pdserve.cluster.worker_stats import WorkerStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+TTFT_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "first_decode_step")
+
+
+class GatewayMetrics:
+    def __init__(self, worker_stats: Callable[[], Iterable[WorkerStats]] = tuple) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.errors = Counter("pdserve_request_errors", "Requests refused or failed, by error kind "
+                              "(overloaded requests are the rejections)", ["kind"], registry=r)
+        self.finishes = Counter("pdserve_requests_finished", "Requests that finished, by finish reason",
+                                ["finish_reason"], registry=r)
+        self.e2e = Histogram("pdserve_request_e2e_seconds", "End-to-end request latency at the gateway",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("pdserve_request_ttft_seconds", "Time to first token at the gateway",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft_split = Histogram("pdserve_request_ttft_split_seconds", "Time to first token of "
+                                    "disaggregated requests, split by stage", ["stage"],
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pdserve_request_tpot_seconds", "Time per output token after the first",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.output_tokens = Counter("pdserve_output_tokens", "Output tokens streamed", registry=r)
+        self.routes = Counter("pdserve_routes", "Routing decisions, by decode worker and prefill path "
+                              "(remote: a prefill worker; local: the decode worker prefills)",
+                              ["decode_worker", "prefill"], registry=r)
+        r.register(_WorkerCollector(worker_stats))
+
+    def error(self, kind: ErrorKind) -> None:
+        self.errors.labels(kind.name.lower()).inc()
+
+    def finished(self, finish_reason: str, e2e: float, ttft: float | None, tpot: float | None,
+                 num_tokens: int) -> None:
+        self.finishes.labels(finish_reason).inc()
+        self.e2e.observe(e2e)
+        self.output_tokens.inc(num_tokens)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if tpot is not None:
+            self.tpot.observe(tpot)
+
+    def observe_ttft_split(self, stages: dict[str, float]) -> None:
+        for stage, seconds in stages.items():
+            self.ttft_split.labels(stage).observe(max(0.0, seconds))
+
+    def routed(self, decode_worker: str, remote_prefill: bool) -> None:
+        self.routes.labels(decode_worker, "remote" if remote_prefill else "local").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# (metric suffix, WorkerStats field, help, is_counter)
+_WORKER_FIELDS = (
+    ("queue_requests", "num_waiting", "Requests queued on the worker", False),
+    ("queue_tokens", "num_waiting_tokens", "Prompt tokens queued on the worker", False),
+    ("running_requests", "num_running", "Requests in the worker's running batch", False),
+    ("waiting_for_kv_requests", "num_waiting_for_kv", "Decode requests waiting for their KV", False),
+    ("kv_usage", "kv_usage", "Fraction of the KV pool in use by requests", False),
+    ("prefix_hit_tokens", "prefix_hit_tokens", "Prompt tokens served from the prefix cache", True),
+    ("prefix_query_tokens", "prefix_query_tokens", "Prompt tokens looked up in the prefix cache", True),
+    ("transfer_bytes", "transfer_bytes", "KV bytes sent (prefill) or received (decode)", True),
+    ("transfer_seconds", "transfer_seconds", "Seconds spent sending or receiving KV", True),
+    ("steps", "num_steps", "Engine steps run", True),
+    ("step_seconds", "step_seconds", "Seconds spent in engine steps", True),
+)
+
+
+class _WorkerCollector:
+    """Exports the latest snapshot of every worker, labelled by role and worker id."""
+
+    def __init__(self, worker_stats: Callable[[], Iterable[WorkerStats]]) -> None:
+        self._worker_stats = worker_stats
+
+    def describe(self):
+        return []  # values appear and disappear with workers: collect-time only
+
+    def collect(self):
+        snapshots = list(self._worker_stats())
+        labels = ["role", "worker"]
+        for suffix, field, text, is_counter in _WORKER_FIELDS:
+            family = (CounterMetricFamily if is_counter else GaugeMetricFamily)(
+                f"pdserve_worker_{suffix}", text, labels=labels)
+            for stats in snapshots:
+                family.add_metric([stats.role, stats.worker_id], float(getattr(stats, field)))
+            yield family
+        outcomes = CounterMetricFamily("pdserve_worker_transfer_outcomes", "KV transfers by outcome",
+                                       labels=[*labels, "outcome"])
+        for stats in snapshots:
+            for outcome, count in stats.transfer_outcomes.items():
+                outcomes.add_metric([stats.role, stats.worker_id, outcome], float(count))
+        yield outcomes

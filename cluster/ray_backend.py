@@ -1,0 +1,165 @@
+"""`ClusterBackend`: the gateway's path to the Ray workers.
+
+    route -> D.generate(remote=P is not None)  ==stream==> first item: KVTicket (or None)
+          -> P.prefill(PrefillJob(ticket, D's KV address))  (concurrently; P pushes KV to D)
+          <== TokenChunks from D, as D produces them (a Ray streaming generator, not polling)
+
+Failure semantics: a refused or failed prefill tells D at once (`fail_transfer`), and D
+recomputes the prompt or fails the request per its policy; a dead decode worker ends the
+request with UNAVAILABLE; leaving the stream early aborts the request on D and P, which
+frees its KV on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from ray.exceptions import RayActorError, RayTaskError
+
+from pdserve.cluster.controller import Controller, WorkerHandle
+from pdserve.cluster.errors import ErrorKind, RequestError
+from pdserve.cluster.metrics import GatewayMetrics
+from pdserve.cluster.router import Router
+from pdserve.cluster.workers import Refused
+from pdserve.kv_transfer.messages import KVTicket
+from pdserve.prefill_worker.async_engine import PrefillResult
+from pdserve.prefill_worker.engine import PrefillJob
+from pdserve.runtime.request import TokenChunk
+from pdserve.runtime.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class ClusterBackend:
+    def __init__(self, controller: Controller, router: Router, metrics: GatewayMetrics) -> None:
+        self.controller = controller
+        self.router = router
+        self.metrics = metrics
+
+    def ready(self) -> bool:
+        return bool(self.controller.members("decode"))
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[TokenChunk]:
+        decode_workers = self.controller.members("decode")
+        prefill_workers = [p for p in self.controller.members("prefill") if p.kv_addresses]
+        route = self.router.route(prompt_ids, [w.view() for w in decode_workers],
+                                  [w.view() for w in prefill_workers])
+        if route is None:
+            raise RequestError(ErrorKind.UNAVAILABLE, "no decode worker is ready; retry shortly", retry_after=1)
+        decode = self.controller.workers[route.decode]
+        prefill = self.controller.workers.get(route.prefill) if route.prefill else None
+        if prefill is not None and route.decode not in prefill.kv_addresses:
+            prefill = None  # the pair's link is not up (yet): prefill locally
+        self.metrics.routed(decode.worker_id, prefill is not None)
+        request = _InFlight(self, request_id, prompt_ids, params, decode, prefill)
+        async for chunk in request.run():
+            yield chunk
+
+
+class _InFlight:
+    """One request on its way through the cluster; owns the gateway's counters for it."""
+
+    def __init__(self, backend: ClusterBackend, request_id: str, prompt_ids: list[int],
+                 params: SamplingParams, decode: WorkerHandle, prefill: WorkerHandle | None) -> None:
+        self.backend = backend
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.decode = decode
+        self.prefill = prefill
+        self.prefill_task: asyncio.Task | None = None
+        self.routed_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.prefill_result: PrefillResult | None = None
+
+    async def run(self) -> AsyncIterator[TokenChunk]:
+        decode, prefill = self.decode, self.prefill
+        decode.in_flight += 1
+        if prefill is not None:
+            prefill.in_flight += 1
+            prefill.in_flight_tokens += len(self.prompt_ids)
+        finished = False
+        stream = decode.actor.generate.remote(self.request_id, self.prompt_ids, self.params, prefill is not None)
+        try:
+            async for ref in stream:
+                item = await ref
+                if isinstance(item, Refused):
+                    raise RequestError(ErrorKind[item.kind], item.message, retry_after=item.retry_after)
+                if not isinstance(item, TokenChunk):  # remote mode's first item: the ticket or None
+                    self._start_prefill(item)
+                    continue
+                if self.first_token_at is None and item.token_ids:
+                    self.first_token_at = time.monotonic()
+                    self._record_ttft_split()
+                finished = item.finish_reason is not None
+                yield item
+        except RayActorError as exc:
+            raise RequestError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} died while serving "
+                               "this request; retry it") from exc
+        except RayTaskError as exc:
+            log.error("decode worker %s failed request %s: %s", decode.worker_id, self.request_id, exc)
+            raise RequestError(ErrorKind.INTERNAL, f"decode worker {decode.worker_id} failed this request; "
+                               "retry it") from exc
+        finally:
+            decode.in_flight -= 1
+            if not finished:
+                decode.actor.abort.remote(self.request_id)
+            if self.prefill_task is not None and not self.prefill_task.done():
+                self.prefill_task.cancel()
+
+    def _start_prefill(self, ticket: KVTicket | None) -> None:
+        prefill = self.prefill
+        if ticket is None or prefill is None:
+            self._release_prefill()  # no room on D now: D prefills it itself
+            return
+        address = prefill.kv_addresses.get(self.decode.worker_id)
+        if address is None:
+            self.decode.actor.fail_transfer.remote(self.request_id, f"prefill worker {prefill.worker_id} lost "
+                                                   f"its link to {self.decode.worker_id}")
+            self._release_prefill()
+            return
+        job = PrefillJob(ticket, address, self.prompt_ids, self.params)
+        self.prefill_task = asyncio.create_task(self._prefill(job))
+
+    async def _prefill(self, job: PrefillJob) -> None:
+        prefill = self.prefill
+        try:
+            result = await prefill.actor.prefill.remote(job)
+        except asyncio.CancelledError:
+            prefill.actor.abort.remote(self.request_id)
+            raise
+        except RayActorError as exc:
+            result = Refused("UNAVAILABLE", f"prefill worker {prefill.worker_id} died: {exc}")
+        finally:
+            self._release_prefill()
+        if isinstance(result, Refused) or not result.ok:
+            reason = result.message if isinstance(result, Refused) else result.reason
+            self.decode.actor.fail_transfer.remote(self.request_id, reason)
+            return
+        self.prefill_result = result
+        self._record_ttft_split()
+
+    def _release_prefill(self) -> None:
+        if self.prefill is not None:
+            self.prefill.in_flight -= 1
+            self.prefill.in_flight_tokens -= len(self.prompt_ids)
+            self.prefill = None
+
+    def _record_ttft_split(self) -> None:
+        """Split the time to first token of a disaggregated request by stage, once both
+        the first token and the prefill worker's report are here (either comes first).
+        The stages are measured where they happen; the first decode step is the rest
+        (D settling the transfer plus the stream to the gateway)."""
+        result = self.prefill_result
+        if self.first_token_at is None or result is None:
+            return
+        self.prefill_result = None  # record once
+        ttft = self.first_token_at - self.routed_at
+        stages = {"prefill_queue": result.queue_seconds, "prefill_compute": result.compute_seconds,
+                  "kv_transfer": result.transfer_tail_seconds}
+        stages["first_decode_step"] = ttft - sum(stages.values())
+        self.backend.metrics.observe_ttft_split(stages)

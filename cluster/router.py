@@ -1,0 +1,146 @@
+"""Which decode worker serves a request, and whether a prefill worker computes its prompt.
+
+    route(prompt ids, decode views, prefill views) -> Route(decode, prefill or None)
+
+Decode choice is a policy (strategy object, chosen by `--router`):
+    round_robin   cycle through the decode workers
+    least_load    power of two choices: two random workers, the less loaded one
+    prefix_aware  the most cached prompt tokens on the worker, minus a cost per request
+                  already running there (`load_cost_tokens`), so a hot prefix does not pile
+                  every request onto one worker
+
+Cached tokens are exact: each worker's radix cache reports stored/removed pages with
+chain hashes (`runtime.radix_cache.page_hashes`); `PrefixIndex` mirrors them, and a
+prompt's own chain hashes are looked up page by page.
+
+Conditional disaggregation: the decode worker prefills locally (prefill=None) when the
+uncached part of the prompt is at most `local_prefill_tokens`, when no prefill worker is
+up, or when every prefill worker already has `prefill_saturation_tokens` in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from pdserve.runtime.radix_cache import CacheEvent, page_hashes
+
+
+class WorkerView(NamedTuple):
+    """What the router knows about one worker at routing time."""
+
+    worker_id: str
+    in_flight: int  # requests this gateway has on the worker now (fresh, unlike stats)
+    in_flight_tokens: int  # prompt tokens of those (prefill workers)
+    kv_usage: float  # from the worker's latest stats
+
+
+class Route(NamedTuple):
+    decode: str
+    prefill: str | None  # None: the decode worker prefills the prompt itself
+    cached_tokens: int  # prompt tokens the decode worker holds already
+
+
+class PrefixIndex:
+    """Per worker, the chain hashes of the pages in its radix cache. Exact as long as
+    every event is applied in order; `forget` a worker whose events were lost."""
+
+    def __init__(self) -> None:
+        self._pages: dict[str, set[int]] = {}
+
+    def apply(self, worker_id: str, events: Sequence[CacheEvent]) -> None:
+        pages = self._pages.setdefault(worker_id, set())
+        for event in events:
+            if event.kind == "stored":
+                pages.update(event.page_hashes)
+            else:
+                pages.difference_update(event.page_hashes)
+
+    def forget(self, worker_id: str) -> None:
+        self._pages.pop(worker_id, None)
+
+    def num_cached_pages(self, worker_id: str, hashes: Sequence[int]) -> int:
+        """How many leading pages of a prompt (given as its chain hashes) the worker holds."""
+        pages = self._pages.get(worker_id, ())
+        for i, h in enumerate(hashes):
+            if h not in pages:
+                return i
+        return len(hashes)
+
+
+class DecodePolicy(ABC):
+    @abstractmethod
+    def choose(self, workers: Sequence[WorkerView], cached_tokens: Sequence[int]) -> int:
+        """Index of the chosen worker; `cached_tokens[i]` is what worker i holds of the prompt."""
+
+
+class RoundRobin(DecodePolicy):
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def choose(self, workers, cached_tokens):
+        return next(self._turn) % len(workers)
+
+
+class LeastLoad(DecodePolicy):
+    def __init__(self, seed: int | None = None) -> None:
+        self._random = random.Random(seed)
+
+    def choose(self, workers, cached_tokens):
+        if len(workers) == 1:
+            return 0
+        a, b = self._random.sample(range(len(workers)), 2)
+        return min((a, b), key=lambda i: _load(workers[i]))
+
+
+class PrefixAware(DecodePolicy):
+    def __init__(self, load_cost_tokens: int = 256) -> None:
+        self.load_cost_tokens = load_cost_tokens
+
+    def choose(self, workers, cached_tokens):
+        def score(i: int) -> tuple[float, float]:
+            return (cached_tokens[i] - self.load_cost_tokens * _load(workers[i]), -_load(workers[i]))
+
+        return max(range(len(workers)), key=score)
+
+
+def _load(worker: WorkerView) -> float:
+    # A nearly full KV pool counts like a few more requests: new ones there would preempt.
+    return worker.in_flight + (4.0 if worker.kv_usage > 0.9 else 0.0)
+
+
+POLICIES = {"round_robin": RoundRobin, "least_load": LeastLoad, "prefix_aware": PrefixAware}
+
+
+class Router:
+    def __init__(self, policy: DecodePolicy, block_size: int, index: PrefixIndex | None = None,
+                 local_prefill_tokens: int = 32, prefill_saturation_tokens: int = 16384) -> None:
+        self.policy = policy
+        self.block_size = block_size
+        self.index = index or PrefixIndex()
+        self.local_prefill_tokens = local_prefill_tokens
+        self.prefill_saturation_tokens = prefill_saturation_tokens
+
+    def route(self, prompt_ids: Sequence[int], decode: Sequence[WorkerView],
+              prefill: Sequence[WorkerView]) -> Route | None:
+        """None when no decode worker is up."""
+        if not decode:
+            return None
+        hashes = page_hashes(prompt_ids, self.block_size)
+        cached = [self._cached_tokens(w.worker_id, hashes, len(prompt_ids)) for w in decode]
+        chosen = self.policy.choose(decode, cached)
+        uncached = len(prompt_ids) - cached[chosen]
+        open_prefill = [w for w in prefill if w.in_flight_tokens < self.prefill_saturation_tokens]
+        if uncached <= self.local_prefill_tokens or not open_prefill:
+            return Route(decode[chosen].worker_id, None, cached[chosen])
+        # The prefill worker: most of the prompt cached there, then least work in flight.
+        best = max(open_prefill, key=lambda w: (self._cached_tokens(w.worker_id, hashes, len(prompt_ids))
+                                                - w.in_flight_tokens, -w.in_flight))
+        return Route(decode[chosen].worker_id, best.worker_id, cached[chosen])
+
+    def _cached_tokens(self, worker_id: str, hashes: Sequence[int], prompt_len: int) -> int:
+        # A worker computes at least the last prompt token itself, as its scheduler does.
+        return min(self.index.num_cached_pages(worker_id, hashes) * self.block_size, prompt_len - 1)

@@ -1,0 +1,58 @@
+"""`WorkerSpec`: everything a worker process needs to build its engine, validated once.
+
+The controller makes one spec per role and hands it to every worker actor it creates, so
+a replacement worker is built exactly like the one it replaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.decode_worker.transfers import OnTransferFailure
+from pdserve.kv_transfer.transports.base import KINDS
+from pdserve.runtime.config import CacheConfig, ConfigError, SchedulerConfig
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    model: str
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 512 * 1024**2
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int = 512
+    enable_prefix_caching: bool = True
+    threads: int = 1  # torch threads per worker process; one is fastest on small machines
+    max_queued_requests: int = 256  # a worker refuses new requests past this many queued
+    transfer_timeout: float = 30.0  # seconds a decode worker waits for a request's KV
+    on_transfer_failure: str = OnTransferFailure.RECOMPUTE.value
+    kv_transport: str | None = None  # forced transport kind; None picks per pair
+    kv_host: str | None = None  # address KV listeners bind; None: this node's Ray address
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
+                     "max_prefill_chunk", "threads", "max_queued_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not self.transfer_timeout > 0:
+            raise ConfigError(f"transfer_timeout must be > 0 seconds, got {self.transfer_timeout!r}")
+        if self.on_transfer_failure not in {p.value for p in OnTransferFailure}:
+            raise ConfigError(f"on_transfer_failure must be one of "
+                              f"{', '.join(p.value for p in OnTransferFailure)}, got {self.on_transfer_failure!r}")
+        if self.kv_transport is not None and self.kv_transport not in KINDS:
+            raise ConfigError(f"kv_transport must be one of {', '.join(KINDS)}, got {self.kv_transport!r}")
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
+                           memory_bytes=self.kv_cache_memory_bytes)
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                               max_prefill_chunk=min(self.max_prefill_chunk, self.max_num_batched_tokens))

@@ -1,0 +1,24 @@
+"""`WorkerStats`: what a worker reports about itself, read by the controller, the router,
+the autoscaler and `/metrics` alike. Counters only grow over a worker's life; gauges are
+the values at the time of the snapshot."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class WorkerStats(NamedTuple):
+    role: str  # "prefill" or "decode"
+    worker_id: str
+    num_waiting: int  # requests queued, not yet running
+    num_waiting_tokens: int  # prompt tokens those requests still need computed
+    num_running: int
+    num_waiting_for_kv: int  # decode: admitted, KV still arriving from a prefill worker
+    kv_usage: float  # fraction of the KV pool held by live requests (cached-only pages excluded)
+    prefix_hit_tokens: int
+    prefix_query_tokens: int
+    transfer_bytes: int
+    transfer_seconds: float
+    transfer_outcomes: dict[str, int]
+    num_steps: int
+    step_seconds: float

@@ -1,0 +1,220 @@
+"""The worker processes: one Ray actor per prefill or decode worker.
+
+Each actor owns one engine (built from a `WorkerSpec`) on its own engine thread; its
+methods run on the actor's event loop and only talk to the engine through the engine's
+command queue. What leaves a worker:
+
+    DecodeWorker.generate(...)  a stream: Refused | (KVTicket | None, if remote) then TokenChunks
+    PrefillWorker.prefill(job)  PrefillResult | Refused, once the KV reached the decode worker
+    *.stats()                   (WorkerStats, prefix-cache events since the last call)
+
+Refusals travel as values, not exceptions, so the gateway maps them to client errors
+without unpickling foreign exception types.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import NamedTuple
+
+import torch
+
+from pdserve.cluster.worker_spec import WorkerSpec
+from pdserve.cluster.worker_stats import WorkerStats
+from pdserve.decode_worker.async_engine import AsyncEngine
+from pdserve.decode_worker.engine import EngineCore
+from pdserve.decode_worker.transfers import OnTransferFailure
+from pdserve.kv_transfer.pusher import KVPusher
+from pdserve.kv_transfer.receiver import KVReceiver
+from pdserve.kv_transfer.transports import connect, listen
+from pdserve.kv_transfer.transports.base import KVListener
+from pdserve.kv_transfer.transports.select import PeerInfo, probe
+from pdserve.prefill_worker.async_engine import AsyncPrefillEngine, PrefillResult
+from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
+from pdserve.runtime.loader import LoadedModel, load_model
+from pdserve.runtime.radix_cache import CacheEvent
+from pdserve.runtime.request import TokenChunk
+from pdserve.runtime.sampling_params import SamplingParams
+from pdserve.runtime.scheduler import BatchScheduler
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_EVENTS = 100_000  # past this the oldest cache events are dropped (controller gone)
+
+
+class Refused(NamedTuple):
+    """The worker will not take a request. `kind` names an `ErrorKind`."""
+
+    kind: str
+    message: str
+    retry_after: float | None = None
+
+
+class WorkerInfo(NamedTuple):
+    worker_id: str
+    role: str
+    peer: PeerInfo
+    block_size: int
+    pid: int
+
+
+class _Worker:
+    role: str
+
+    def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
+        torch.set_num_threads(spec.threads)
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {worker_id}: %(message)s")
+        self.spec = spec
+        self.worker_id = worker_id
+        self.loaded: LoadedModel = load_model(spec.model, cache=spec.cache_config, max_model_len=spec.max_model_len)
+        self._events: collections.deque[CacheEvent] = collections.deque(maxlen=MAX_PENDING_EVENTS)
+        self._stats: WorkerStats | None = None
+        self._steps = 0
+        log.info("%s worker %s ready: %s, %d KV blocks of %d tokens", self.role, worker_id, spec.model,
+                 self.loaded.info.num_blocks, self.loaded.info.block_size)
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.worker_id, self.role, PeerInfo.local(self.loaded.runner.device.type),
+                          self.loaded.info.block_size, os.getpid())
+
+    def stats(self) -> tuple[WorkerStats, list[CacheEvent]]:
+        """The latest snapshot and the prefix-cache events since the last call (taken)."""
+        events = []
+        while self._events:
+            events.append(self._events.popleft())
+        return self._stats._replace(num_waiting=self.num_waiting), events
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued here: submitted to the engine thread or waiting in its scheduler."""
+        return self._stats.num_waiting + self.engine.num_queued_commands
+
+    def _snapshot(self, scheduler: BatchScheduler, **fields) -> WorkerStats:
+        """Engine thread only (and the constructor). `num_waiting` counts the scheduler's
+        queue; commands not yet applied are added when it is read."""
+        self._events.extend(scheduler.prefix_cache.drain_events())
+        waiting = list(scheduler.waiting)
+        allocator = scheduler.allocator
+        held = allocator.num_used - scheduler.prefix_cache.num_evictable_blocks
+        return WorkerStats(
+            role=self.role, worker_id=self.worker_id,
+            num_waiting=len(waiting),
+            num_waiting_tokens=sum(r.num_uncomputed_tokens for r in waiting),
+            num_running=len(scheduler.running),
+            kv_usage=held / self.loaded.info.num_blocks,
+            prefix_hit_tokens=scheduler.prefix_hit_tokens,
+            prefix_query_tokens=scheduler.prefix_query_tokens,
+            **fields,
+        )
+
+
+class DecodeWorker(_Worker):
+    role = "decode"
+
+    def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
+        super().__init__(spec, worker_id)
+        runner, info = self.loaded.runner, self.loaded.info
+        self.receiver = KVReceiver(runner.pool, default_timeout=spec.transfer_timeout)
+        core = EngineCore(runner, info, spec.scheduler_config, spec.enable_prefix_caching,
+                          kv_receiver=self.receiver, on_transfer_failure=OnTransferFailure(spec.on_transfer_failure),
+                          transfer_timeout=spec.transfer_timeout)
+        self._listeners: dict[str, KVListener] = {}
+        self._publish(core)
+        self.engine = AsyncEngine(core, on_iteration=self._publish)
+
+    def listen(self, kind: str) -> str:
+        """The address of this worker's KV listener of `kind`, started on first use.
+        Raises TransportError if the transport cannot work here."""
+        if kind not in self._listeners:
+            options = {} if kind == "shm" else {"host": self.spec.kv_host or _node_ip()}
+            self._listeners[kind] = listen(kind, self.receiver, **options)
+            log.info("KV listener %s", self._listeners[kind].address)
+        return self._listeners[kind].address
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       remote: bool) -> AsyncIterator[Refused | TokenChunk | object]:
+        """Stream one request (see the module docstring). `remote`: a prefill worker
+        computes the prompt; the first item is then the KVTicket (or None: no room, it is
+        prefilled here)."""
+        if self.num_waiting >= self.spec.max_queued_requests:
+            yield Refused("OVERLOADED", f"decode worker {self.worker_id} has {self.num_waiting} requests "
+                          f"queued (limit {self.spec.max_queued_requests}); retry shortly", 1.0)
+            return
+        if remote:
+            stream = self.engine.generate_remote(prompt_ids, params, request_id)
+        else:
+            stream = self.engine.generate(prompt_ids, params, request_id)
+        try:
+            async for item in stream:
+                yield item
+        except ValueError as exc:  # RequestRejected: it can never run here
+            yield Refused("INVALID_ARGUMENT", str(exc))
+        finally:
+            await stream.aclose()
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def fail_transfer(self, request_id: str, reason: str) -> None:
+        self.engine.fail_transfer(request_id, reason)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+        for listener in self._listeners.values():
+            listener.close()
+
+    def _publish(self, core: EngineCore) -> None:
+        remote = core.remote
+        self._stats = self._snapshot(
+            core.scheduler, num_waiting_for_kv=len(core.scheduler.waiting_for_kv),
+            transfer_bytes=self.receiver.bytes_received,
+            transfer_seconds=remote.total_kv_wait_seconds if remote else 0.0,
+            transfer_outcomes=dict(remote.counts) if remote else {},
+            num_steps=core.num_steps, step_seconds=core.step_seconds)
+
+
+class PrefillWorker(_Worker):
+    role = "prefill"
+
+    def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
+        super().__init__(spec, worker_id)
+        runner, info = self.loaded.runner, self.loaded.info
+        self.pusher = KVPusher(runner.pool, lambda address: connect(address, timeout=10.0))
+        engine = PrefillEngine(runner, info, self.pusher, spec.scheduler_config, spec.enable_prefix_caching)
+        self._publish(engine)
+        self.engine = AsyncPrefillEngine(engine, on_iteration=self._publish)
+
+    def probe(self, address: str) -> None:
+        """Prove the KV link to a decode worker's listener works (raises TransportError)."""
+        probe(address)
+
+    async def prefill(self, job: PrefillJob) -> PrefillResult | Refused:
+        if self.num_waiting >= self.spec.max_queued_requests:
+            return Refused("OVERLOADED", f"prefill worker {self.worker_id} has {self.num_waiting} jobs queued")
+        try:
+            return await self.engine.prefill(job)
+        except ValueError as exc:
+            return Refused("INVALID_ARGUMENT", str(exc))
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id, "aborted by the gateway")
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+        self.pusher.close()
+
+    def _publish(self, engine: PrefillEngine) -> None:
+        self._stats = self._snapshot(
+            engine.scheduler, num_waiting_for_kv=0,
+            transfer_bytes=self.pusher.bytes_sent, transfer_seconds=self.pusher.send_seconds,
+            transfer_outcomes=dict(engine.outcome_counts),
+            num_steps=engine.num_steps, step_seconds=engine.step_seconds)
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()

@@ -1,0 +1,171 @@
+"""`AsyncPrefillEngine`: a `PrefillEngine` stepping on its own thread, awaited by asyncio.
+
+    await prefill(job) -> PrefillResult      once the decode worker accepted the KV (ok)
+                                             or the transfer failed (reason)
+    abort(request_id)                        from any thread; frees the job's blocks
+
+Commands go to the engine thread through a queue and are applied between steps; results
+come back through each caller's event loop. Only the engine thread touches the engine;
+`on_iteration` runs there after each loop iteration to publish snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
+
+log = logging.getLogger(__name__)
+
+SEND_POLL_SECONDS = 0.002  # how often to check transfers when nothing is left to compute
+
+
+class PrefillResult(NamedTuple):
+    request_id: str
+    ok: bool
+    reason: str  # why it failed; "" when ok
+    queue_seconds: float  # accepted .. the step that computed its first prompt chunk began
+    compute_seconds: float  # that step began .. its last prompt chunk computed, first token sampled
+    transfer_tail_seconds: float  # .. the decode side accepted all its KV (what overlap did not hide)
+
+
+class _Pending(NamedTuple):
+    job: PrefillJob
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    accepted_at: float
+
+
+class _Abort(NamedTuple):
+    request_id: str
+    reason: str
+
+
+class AsyncPrefillEngine:
+    def __init__(self, engine: PrefillEngine, on_iteration: Callable[[PrefillEngine], None] | None = None) -> None:
+        self.engine = engine
+        self._on_iteration = on_iteration
+        self._commands: queue.SimpleQueue[_Pending | _Abort | None] = queue.SimpleQueue()
+        self._pending: dict[str, _Pending] = {}  # engine thread only
+        self._started_at: dict[str, float] = {}  # engine thread only: its first step began
+        self._computed_at: dict[str, float] = {}  # engine thread only: its last step ended
+        self._thread = threading.Thread(target=self._run, name="pdserve-prefill", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def num_queued_commands(self) -> int:
+        """Jobs and aborts not yet applied by the engine thread."""
+        return self._commands.qsize()
+
+    async def prefill(self, job: PrefillJob) -> PrefillResult:
+        """Compute the job's prompt and push its KV; return when the transfer settled.
+        Raises ValueError if the job can never run here. Cancelling the await aborts it."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the prefill engine has been shut down")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(job, loop, loop.create_future(), time.monotonic())
+        self._commands.put(pending)
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self.abort(job.ticket.request_id, "cancelled by the caller")
+            raise
+
+    def abort(self, request_id: str, reason: str = "aborted") -> None:
+        self._commands.put(_Abort(request_id, reason))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._commands.put(None)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        while True:
+            if not self.engine.has_unfinished:
+                wait = None
+            elif not self.engine.scheduler.has_work:
+                wait = SEND_POLL_SECONDS  # only sends in flight
+            else:
+                wait = 0.0
+            if not self._apply_commands(wait):
+                break
+            if self.engine.has_unfinished:
+                self._step()
+            if self._on_iteration is not None:
+                self._on_iteration(self.engine)
+        for request_id in list(self._pending):
+            self.engine.abort(request_id, "the prefill worker is shutting down")
+            self._resolve(request_id, False, "the prefill worker shut down")
+
+    def _apply_commands(self, wait: float | None) -> bool:
+        while True:
+            try:
+                command = self._commands.get(block=wait != 0.0, timeout=wait)
+            except queue.Empty:
+                return True
+            wait = 0.0
+            if command is None:
+                return False
+            if isinstance(command, _Abort):
+                self.engine.abort(command.request_id, command.reason)
+                continue
+            try:
+                self.engine.add_job(command.job)
+                self._pending[command.job.ticket.request_id] = command
+            except ValueError as exc:
+                _set(command, exc)
+
+    def _step(self) -> None:
+        step_started = time.monotonic()
+        try:
+            outcomes = self.engine.step()
+        except Exception:
+            log.exception("prefill step failed; failing every job in flight")
+            for request_id in list(self._pending):
+                self.engine.abort(request_id, "prefill step failed")
+                self._resolve(request_id, False, "the prefill step failed (see the prefill worker's log)")
+            return
+        step_ended = time.monotonic()
+        for request_id in self._pending.keys() - self._computed_at.keys():
+            request = self.engine.scheduler.requests.get(request_id)
+            if request_id not in self._started_at and (request is None or request.num_computed_tokens > 0):
+                self._started_at[request_id] = step_started
+            if request is None:  # its prompt is complete (or it was aborted)
+                self._computed_at[request_id] = step_ended
+        for outcome in outcomes:
+            self._resolve(outcome.request_id, outcome.ok, outcome.reason)
+
+    def _resolve(self, request_id: str, ok: bool, reason: str) -> None:
+        pending = self._pending.pop(request_id, None)
+        now = time.monotonic()
+        started = self._started_at.pop(request_id, now)
+        computed = self._computed_at.pop(request_id, now)
+        if pending is not None:
+            _set(pending, PrefillResult(request_id, ok, reason, started - pending.accepted_at,
+                                        computed - started, now - computed))
+
+
+def _set(pending: _Pending, result: PrefillResult | BaseException) -> None:
+    def deliver() -> None:
+        if pending.future.done():
+            return  # the caller gave up (cancelled)
+        if isinstance(result, BaseException):
+            pending.future.set_exception(result)
+        else:
+            pending.future.set_result(result)
+
+    try:
+        pending.loop.call_soon_threadsafe(deliver)
+    except RuntimeError:
+        pass  # the caller's loop is closed

@@ -1,0 +1,387 @@
+"""The cluster end to end: `pdserve serve` on local Ray (a separate process tree), driven
+only through its public interfaces - the official `openai` client, gRPC stubs, /metrics.
+
+Two clusters on the tiny Llama:
+  - 1 prefill + 1 decode worker (disaggregated; every prompt longer than the local-prefill
+    threshold is prefilled by the prefill worker and its KV shipped to the decode worker):
+    outputs, concurrency, disconnects, overload, bad input;
+  - 1 prefill + 2 decode workers with the prefix-aware router: routing and worker loss.
+Greedy references come from the in-process engine (`LLM`) on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import httpx
+import openai
+import psutil
+import pytest
+
+from pdserve import LLM, SamplingParams
+from pdserve.proto import serving_pb2, serving_pb2_grpc
+
+API_KEY = "test-key"
+BLOCK = 4
+READY = re.compile(r"OpenAI API at (http://[\d.:]+)/v1, gRPC at ([\d.:]+)")
+START_TIMEOUT = 240  # seconds: local Ray plus three worker processes on a 2-core machine
+
+
+class ServeProcess:
+    """`pdserve serve ...` as a child process; knows where it listens."""
+
+    def __init__(self, model: str, *args: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", "0", "--grpc-port", "0",
+               "--api-key", API_KEY, "--block-size", str(BLOCK), "--kv-cache-memory", "1", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.http_url = self.grpc_address = ""
+        self.model_name = model
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(START_TIMEOUT) or self.proc.poll() is not None:
+            self.stop()
+            raise AssertionError("pdserve serve did not become ready:\n" + "".join(self.lines[-60:]))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = READY.search(line)
+            if match:
+                self.http_url, self.grpc_address = match.group(1), match.group(2)
+                self._ready.set()
+        self._ready.set()
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> int:
+        """Ctrl-C, as a user would; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def stop_and_check(self) -> None:
+        """Ctrl-C: exit code 0 and no process of its tree left behind (local Ray included)."""
+        if self.proc.poll() is not None:
+            return
+        children = self.descendants()
+        assert self.stop() == 0, "".join(self.lines[-40:])
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"processes left after Ctrl-C: {[_cmdline(p) for p in alive]}"
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.http_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(f"{self.http_url}/metrics", timeout=30).text
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+
+def _wait_for(predicate, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _workers_idle(metrics: dict[str, float]) -> bool:
+    """Every worker holds no KV for requests and runs nothing: the pool is at baseline."""
+    busy = [k for k, v in metrics.items()
+            if k.startswith(("pdserve_worker_kv_usage", "pdserve_worker_running_requests",
+                             "pdserve_worker_waiting_for_kv_requests", "pdserve_worker_queue_requests")) and v]
+    workers = [k for k in metrics if k.startswith("pdserve_worker_kv_usage")]
+    return bool(workers) and not busy
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llama_dir) -> str:
+    return str(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir) -> LLM:
+    return LLM(model_dir, block_size=BLOCK, num_kv_blocks=512)
+
+
+@pytest.fixture(scope="module")
+def disagg(model_dir):
+    server = ServeProcess(model_dir, "--prefill-workers", "1", "--decode-workers", "1",
+                          "--local-prefill-tokens", "4", "--max-in-flight", "40")
+    yield server
+    server.stop_and_check()
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return [(seed * 131 + i * 17) % 250 + 60 for i in range(n)]
+
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+# --------------------------------------------------------------------- OpenAI HTTP
+
+
+def test_completions_equal_the_in_process_engine(disagg, llm):
+    client = disagg.client()
+    prompt = _prompt(1, 37)
+    expected = llm.generate([prompt], SamplingParams(max_tokens=12, logprobs=2, **GREEDY))[0]
+    done = client.completions.create(model=disagg.model_name, prompt=prompt, max_tokens=12, temperature=0,
+                                     logprobs=2, extra_body={"ignore_eos": True})
+    choice = done.choices[0]
+    assert choice.text == expected.text
+    assert choice.finish_reason == "length"
+    assert choice.logprobs.token_logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+    assert done.usage.prompt_tokens == 37 and done.usage.completion_tokens == 12
+
+    stream = client.completions.create(model=disagg.model_name, prompt=prompt, max_tokens=12, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_stream_and_stop_string_equal_the_in_process_engine(disagg, llm):
+    client = disagg.client()
+    messages = [{"role": "user", "content": "the cluster serves this conversation"}]
+    expected = llm.chat(messages, SamplingParams(max_tokens=16, **GREEDY))[0]
+    stream = client.chat.completions.create(model=disagg.model_name, messages=messages, max_tokens=16,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == expected.text
+    stop = expected.text[3:5]
+    if stop:
+        cut = llm.chat(messages, SamplingParams(max_tokens=16, stop=[stop], **GREEDY))[0]
+        done = client.chat.completions.create(model=disagg.model_name, messages=messages, max_tokens=16,
+                                              temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+        assert done.choices[0].message.content == cut.text
+        assert done.choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_streams_each_equal_their_reference(disagg, llm):
+    prompts = [_prompt(100 + i, 20 + (i * 7) % 40) for i in range(32)]
+    expected = llm.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
+
+    async def one(client: openai.AsyncOpenAI, prompt: list[int]) -> str:
+        stream = await client.completions.create(model=disagg.model_name, prompt=prompt, max_tokens=10,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def all_of_them() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{disagg.http_url}/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=300) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    before = disagg.metrics()
+    texts = asyncio.run(all_of_them())
+    assert texts == [e.text for e in expected]
+    after = disagg.metrics()
+    remote = 'pdserve_routes_total{decode_worker="decode-0",prefill="remote"}'
+    assert after[remote] - before.get(remote, 0) == 32, "every prompt went through the prefill worker"
+    # Worker counters reach /metrics with the controller's next poll: every transfer the
+    # gateway started so far (this test's and earlier ones) succeeded.
+    succeeded = 'pdserve_worker_transfer_outcomes_total{outcome="succeeded",role="decode",worker="decode-0"}'
+    _wait_for(lambda: disagg.metrics().get(succeeded) == after[remote], what="transfer outcomes")
+    assert after['pdserve_request_ttft_split_seconds_count{stage="kv_transfer"}'] >= 32
+
+
+def test_client_disconnect_mid_stream_frees_kv_on_both_workers(disagg):
+    _wait_for(lambda: _workers_idle(disagg.metrics()), what="an idle cluster")
+    body = {"model": disagg.model_name, "prompt": _prompt(7, 60), "max_tokens": 900, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{disagg.http_url}/v1/completions", json=body, headers=headers,
+                      timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        got = [line for line, _ in zip(lines, range(6)) if line.startswith("data:")]
+        assert got
+    _wait_for(lambda: _workers_idle(disagg.metrics()), what="KV usage back to baseline after disconnect")
+    m = disagg.metrics()
+    assert m['pdserve_requests_finished_total{finish_reason="length"}'] >= 1
+
+
+def test_overload_gets_fast_429_and_accepted_requests_complete(disagg):
+    body = {"model": disagg.model_name, "prompt": _prompt(9, 24), "max_tokens": 48, "temperature": 0,
+            "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(client.post(f"{disagg.http_url}/v1/completions", json=body,
+                                                      headers=headers) for _ in range(90)))
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) > 0 and statuses.count(200) >= 40
+    for r in responses:
+        if r.status_code == 429:
+            assert float(r.headers["Retry-After"]) > 0
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 48
+
+
+def test_bad_input_and_api_keys_on_both_apis(disagg):
+    client = disagg.client()
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=disagg.model_name, prompt=[70] * 1100, max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
+    wrong = openai.OpenAI(base_url=f"{disagg.http_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with grpc.insecure_channel(disagg.grpc_address) as channel:
+        stub = serving_pb2_grpc.GenerationStub(channel)
+        good = [("authorization", f"Bearer {API_KEY}")]
+        bad_request = serving_pb2.GenerateRequest(text="hello", temperature=-1.0)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(bad_request, metadata=good, timeout=60))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(serving_pb2.GenerateRequest(text="hello"), metadata=[("authorization", "Bearer no")],
+                               timeout=60))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# --------------------------------------------------------------------- gRPC
+
+
+def test_grpc_generate_abort_health_and_reflection(disagg, llm):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    prompt = _prompt(3, 30)
+    expected = llm.generate([prompt], SamplingParams(max_tokens=10, **GREEDY))[0]
+    metadata = [("authorization", f"Bearer {API_KEY}")]
+    with grpc.insecure_channel(disagg.grpc_address) as channel:
+        stub = serving_pb2_grpc.GenerationStub(channel)
+        request = serving_pb2.GenerateRequest(token_ids=serving_pb2.TokenIds(ids=prompt), max_tokens=10,
+                                              temperature=0.0, ignore_eos=True)
+        replies = list(stub.Generate(request, metadata=metadata, timeout=120))
+        assert [t for r in replies for t in r.token_ids] == expected.token_ids
+        assert "".join(r.text for r in replies) == expected.text
+        assert replies[-1].finish_reason == "length"
+
+        long_request = serving_pb2.GenerateRequest(token_ids=serving_pb2.TokenIds(ids=prompt), max_tokens=900,
+                                                   temperature=0.0, ignore_eos=True, request_id="to-abort")
+        call = stub.Generate(long_request, metadata=metadata, timeout=120)
+        first = next(call)
+        assert first.request_id == "to-abort"
+        assert stub.Abort(serving_pb2.AbortRequest(request_id="to-abort"), metadata=metadata, timeout=30).found
+        assert list(call)[-1].finish_reason == "abort"
+
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")]), timeout=30))
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert {"pdserve.serving.v1.Generation", "grpc.health.v1.Health"} <= names
+    _wait_for(lambda: _workers_idle(disagg.metrics()), what="KV usage back to baseline after Abort")
+
+
+# --------------------------------------------------------------------- routing and worker loss
+
+
+@pytest.fixture(scope="module")
+def two_decoders(model_dir, disagg):
+    disagg.stop_and_check()  # one cluster at a time on a small machine
+    server = ServeProcess(model_dir, "--prefill-workers", "1", "--decode-workers", "2",
+                          "--router", "prefix_aware", "--local-prefill-tokens", "8")
+    yield server
+    server.stop_and_check()
+
+
+def _routes(metrics: dict[str, float]) -> dict[tuple[str, str], float]:
+    found = {}
+    for key, value in metrics.items():
+        match = re.fullmatch(r'pdserve_routes_total\{decode_worker="([^"]+)",prefill="(\w+)"\}', key)
+        if match:
+            found[match.group(1), match.group(2)] = value
+    return found
+
+
+def test_prefix_aware_routing_follows_the_cached_prefix(two_decoders):
+    client = two_decoders.client()
+    shared = _prompt(42, 200)
+    before = _routes(two_decoders.metrics())
+    client.completions.create(model=two_decoders.model_name, prompt=shared + [70, 71, 72], max_tokens=2,
+                              temperature=0)
+    first = _routes(two_decoders.metrics())
+    (holder, path), = [k for k in first if first[k] - before.get(k, 0) == 1]
+    assert path == "remote", "a long uncached prompt is prefilled by the prefill worker"
+    # The holder's cache events reach the router within a few controller polls.
+    time.sleep(2.0)
+    for i in range(4):
+        done = client.completions.create(model=two_decoders.model_name, prompt=shared + [80 + i] * 5,
+                                         max_tokens=2, temperature=0)
+        assert done.usage.prompt_tokens_details.cached_tokens == 200  # the whole shared prefix
+    after = _routes(two_decoders.metrics())
+    moved = {k: after[k] - first.get(k, 0) for k in after if after[k] != first.get(k, 0)}
+    assert moved == {(holder, "local"): 4}, "short uncached suffix: the holder prefills it locally"
+
+
+def test_killed_decode_worker_is_replaced_and_service_restored(two_decoders):
+    client = two_decoders.client()
+    victims = [p for p in two_decoders.descendants() if "DecodeWorker" in " ".join(_cmdline(p))]
+    assert len(victims) == 2
+    body = {"model": two_decoders.model_name, "prompt": _prompt(5, 40), "max_tokens": 900, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    errors = []
+    with httpx.stream("POST", f"{two_decoders.http_url}/v1/completions", json=body, headers=headers,
+                      timeout=60) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        for victim in victims:
+            victim.send_signal(signal.SIGKILL)
+        for line in lines:  # the stream must end (no hang), with an error event
+            if '"error"' in line:
+                errors.append(line)
+    assert errors and "died" in errors[0]
+    _wait_for(lambda: _healthy_with_two_decoders(two_decoders), timeout=180, what="replacement decode workers")
+    done = client.completions.create(model=two_decoders.model_name, prompt=_prompt(6, 20), max_tokens=4,
+                                     temperature=0)
+    assert done.usage.completion_tokens == 4
+
+
+def _healthy_with_two_decoders(server: ServeProcess) -> bool:
+    if httpx.get(f"{server.http_url}/health", timeout=10).status_code != 200:
+        return False
+    workers = {k for k in server.metrics() if k.startswith('pdserve_worker_kv_usage{role="decode"')}
+    return len(workers) == 2
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
