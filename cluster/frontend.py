@@ -186,6 +186,7 @@ class OutputStream:
         self._first_token_at: float | None = None
         self._done = False
         self._counted = False
+        self._recorded = False  # its finish went into the metrics
 
     async def prefetch(self) -> None:
         self._frontend.num_in_flight += 1
@@ -206,6 +207,8 @@ class OutputStream:
     async def aclose(self) -> None:
         """End the request (abort it if it is still running); safe to call twice."""
         self._done = True
+        if self._counted and not self._recorded and self._first_token_at is not None:
+            self._record_finish(FinishReason.ABORT, time.monotonic())  # the client left early
         if self._counted:
             self._counted = False
             self._frontend.num_in_flight -= 1
@@ -217,6 +220,7 @@ class OutputStream:
         except BaseException as exc:
             if isinstance(exc, RequestError):
                 self._frontend.metrics.error(exc.kind)
+                self._recorded = True  # counted as an error, not as a finish
             await self.aclose()
             raise
 
@@ -262,6 +266,7 @@ class OutputStream:
                                f"raise the timeout or lower max_tokens") from None
 
     def _record_finish(self, reason: FinishReason, now: float) -> None:
+        self._recorded = True
         ttft = None if self._first_token_at is None else self._first_token_at - self._started
         tpot = None
         if self._first_token_at is not None and self._num_tokens > 1:

@@ -25,9 +25,26 @@ def test_checked_in_stubs_match_the_proto_sources(tmp_path):
 
 
 def test_stubs_import_inside_the_pdserve_namespace():
-    from pdserve.proto import kv_transfer_pb2, kv_transfer_pb2_grpc
+    from pdserve.proto import kv_transfer_pb2, kv_transfer_pb2_grpc, serving_pb2, serving_pb2_grpc
 
     assert kv_transfer_pb2.DESCRIPTOR.name == "pdserve/proto/kv_transfer.proto"
     service = kv_transfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"]
     assert [m.name for m in service.methods] == ["Info", "Transfer"]
     assert hasattr(kv_transfer_pb2_grpc, "KVTransferStub")
+
+    assert serving_pb2.DESCRIPTOR.name == "pdserve/proto/serving.proto"
+    assert serving_pb2.DESCRIPTOR.package == "pdserve.serving.v1"
+    service = serving_pb2.DESCRIPTOR.services_by_name["Generation"]
+    assert [(m.name, m.server_streaming) for m in service.methods] == [("Generate", True), ("Abort", False)]
+    assert hasattr(serving_pb2_grpc, "GenerationStub")
+
+
+def test_generate_request_tells_unset_sampling_fields_from_zero():
+    """The gateway applies its defaults only to fields the client left unset."""
+    from pdserve.proto import serving_pb2
+
+    request = serving_pb2.GenerateRequest(temperature=0.0, top_k=0)
+    assert request.HasField("temperature") and request.HasField("top_k")
+    assert not request.HasField("max_tokens") and not request.HasField("timeout_seconds")
+    inputs = serving_pb2.DESCRIPTOR.message_types_by_name["GenerateRequest"].oneofs_by_name["input"]
+    assert [f.name for f in inputs.fields] == ["text", "token_ids", "chat"]

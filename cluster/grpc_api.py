@@ -1,0 +1,261 @@
+"""The gateway's gRPC API: `pdserve.serving.v1.Generation` (proto/serving.proto), the
+standard `grpc.health.v1.Health` service and server reflection, on one grpc.aio server.
+
+    Generate(request) -> Frontend.prepare -> Frontend.open -> one GenerateResponse per delta
+    Abort(request_id) -> the open Generate call with that id ends with finish_reason "abort"
+
+Requests take the same path as HTTP ones (`frontend.Frontend`): the same validation, and
+every `RequestError` becomes the status code its `ErrorKind` names. However a Generate call
+ends (finished, failed, aborted, cancelled by its client, past its deadline), its
+`OutputStream` is closed, which aborts the request on the workers and frees its KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+from collections.abc import Awaitable, Callable
+from typing import NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdserve.cluster.errors import ErrorKind, RequestError, invalid
+from pdserve.cluster.frontend import Frontend, OutputDelta, OutputStream, PreparedRequest, Usage
+from pdserve.proto import serving_pb2, serving_pb2_grpc
+
+GENERATION_SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Sampling fields of GenerateRequest, by SamplingParams name; scalars are proto3 `optional`.
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
+                      "logprobs", "include_stop_str_in_output")
+_REPEATED_SAMPLING = ("stop", "stop_token_ids")
+
+T = TypeVar("T")
+
+
+async def start_grpc_server(frontend: Frontend, address: str = "127.0.0.1:0",
+                            api_key: str | None = None) -> tuple[grpc.aio.Server, int]:
+    """Serve Generation, Health and reflection on `address` (port 0: any free port) and
+    return the started server and its port. Call it inside the event loop that will run
+    the server; stop it with `await server.stop(grace)`, which ends open calls (and so
+    their requests). With `api_key`, Generation calls must send `authorization: Bearer
+    <api_key>`; Health and reflection stay open for probes."""
+    # No SO_REUSEPORT: a second gateway on a taken port must fail, not share its traffic.
+    server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
+    serving_pb2_grpc.add_GenerationServicer_to_server(GenerationService(frontend, api_key), server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthService(frontend.backend.ready), server)
+    reflection.enable_server_reflection((GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen for gRPC on {address!r} ({exc}); the port may be in use: "
+                      "choose another address or port") from None
+    await server.start()
+    return server, port
+
+
+class _Aborted:
+    """Marks a wait that an Abort call interrupted."""
+
+
+_ABORTED = _Aborted()
+
+
+class _OpenCall:
+    """One running Generate call, as the Abort method sees it."""
+
+    def __init__(self, request: PreparedRequest) -> None:
+        self.request = request
+        self.aborted = asyncio.Event()
+        # Set the moment Frontend.open returns, so no path can leave it unclosed.
+        self.stream: OutputStream | None = None
+        # The totals of the last delta sent; the abort message repeats them.
+        self.usage = Usage(len(request.prompt_ids), 0, 0)
+
+
+class GenerationService(serving_pb2_grpc.GenerationServicer):
+    """`pdserve.serving.v1.Generation` over one Frontend. Lives on one event loop: the
+    table of open calls is touched only by its handlers."""
+
+    def __init__(self, frontend: Frontend, api_key: str | None = None) -> None:
+        self._frontend = frontend
+        self._expected_auth = None if api_key is None else f"Bearer {api_key}".encode()
+        self._open: dict[str, _OpenCall] = {}  # request id -> its running Generate call
+
+    async def Generate(self, request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._authorize(context)
+        try:
+            prepared = self._prepare(request, context)
+        except RequestError as exc:
+            # Refusals before admission; the Frontend counts those from open() onwards.
+            self._frontend.metrics.error(exc.kind)
+            await _abort(context, exc)
+        call = _OpenCall(prepared)
+        self._open[prepared.request_id] = call
+        aborted = asyncio.ensure_future(call.aborted.wait())
+        try:
+            await self._stream(call, aborted, context)
+        except RequestError as exc:
+            await _abort(context, exc)
+        finally:
+            # Runs on every exit, client cancellation and deadline included.
+            aborted.cancel()
+            del self._open[prepared.request_id]
+            if call.stream is not None:
+                await call.stream.aclose()
+
+    async def Abort(self, request: serving_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> serving_pb2.AbortResponse:
+        await self._authorize(context)
+        if not request.request_id:
+            await _abort(context, invalid("request_id is empty; give the id of the Generate call to abort",
+                                          "request_id"))
+        call = self._open.get(request.request_id)
+        if call is not None:
+            call.aborted.set()
+        return serving_pb2.AbortResponse(found=call is not None)
+
+    # ---------------------------------------------------------------- Generate's parts
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self._expected_auth is None:
+            return
+        sent = next((v for k, v in context.invocation_metadata() if k == "authorization"), "")
+        sent = sent.encode() if isinstance(sent, str) else sent
+        if not hmac.compare_digest(sent, self._expected_auth):
+            self._frontend.metrics.error(ErrorKind.UNAUTHENTICATED)
+            await _abort(context, RequestError(ErrorKind.UNAUTHENTICATED, "missing or wrong API key; send "
+                                               "the metadata `authorization: Bearer <your key>`"))
+
+    def _prepare(self, request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> PreparedRequest:
+        """Validate and tokenize; raises RequestError saying what is wrong."""
+        self._frontend.check_model(request.model if request.HasField("model") else None)
+        request_id = request.request_id if request.HasField("request_id") else None
+        if request_id is not None and request_id in self._open:
+            raise invalid(f"request_id {request_id!r} is in use by a running request; choose another "
+                          "or leave it unset", "request_id")
+        sampling = {name: getattr(request, name) if request.HasField(name) else None for name in _OPTIONAL_SAMPLING}
+        sampling.update({name: tuple(getattr(request, name)) or None for name in _REPEATED_SAMPLING})
+        source = request.WhichOneof("input")
+        if source is None:
+            raise invalid("the request has no input; set one of text, token_ids or chat", "input")
+        if source == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            # A chat reply may run to the end of the context unless max_tokens says otherwise.
+            return self._frontend.prepare(messages=messages, sampling=sampling, default_max_tokens=None,
+                                          timeout=_timeout(request, context), request_id=request_id)
+        prompt = request.text if source == "text" else list(request.token_ids.ids)
+        return self._frontend.prepare(prompt=prompt, sampling=sampling, timeout=_timeout(request, context),
+                                      request_id=request_id)
+
+    async def _stream(self, call: _OpenCall, aborted: asyncio.Future, context: grpc.aio.ServicerContext) -> None:
+        """Write one response per delta until the request finishes or is aborted."""
+        request_id = call.request.request_id
+        if await _unless_aborted(self._open_stream(call), aborted) is _ABORTED:
+            await context.write(_abort_response(call))
+            return
+        while True:
+            delta = await _unless_aborted(anext(call.stream, None), aborted)
+            if delta is None:
+                return
+            if delta is _ABORTED:
+                await context.write(_abort_response(call))
+                return
+            call.usage = delta.usage
+            await context.write(self._response(request_id, delta))
+
+    async def _open_stream(self, call: _OpenCall) -> None:
+        call.stream = await self._frontend.open(call.request)
+
+    def _response(self, request_id: str, delta: OutputDelta) -> serving_pb2.GenerateResponse:
+        response = serving_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_ids=delta.token_ids,
+                                                logprobs=delta.logprobs, finish_reason=delta.finish_reason or "")
+        for alternatives in delta.top_logprobs or ():
+            response.top_logprobs.add().alternatives.extend(
+                serving_pb2.TokenLogprob(token_id=token, token_text=self._frontend.token_text(token), logprob=lp)
+                for token, lp in alternatives)
+        if delta.finish_reason is not None:
+            response.usage.CopyFrom(_usage(delta.usage))
+        return response
+
+
+def _timeout(request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> float | None:
+    """The request's time limit: the earlier of timeout_seconds and the call's deadline."""
+    limits = []
+    if request.HasField("timeout_seconds"):
+        if not (request.timeout_seconds > 0 and math.isfinite(request.timeout_seconds)):
+            raise invalid(f"timeout_seconds must be a positive number of seconds, got "
+                          f"{request.timeout_seconds!r}; leave it unset for no limit", "timeout_seconds")
+        limits.append(request.timeout_seconds)
+    remaining = context.time_remaining()
+    if remaining is not None:
+        if remaining <= 0:
+            raise RequestError(ErrorKind.TIMEOUT, "the call's deadline passed before the request started; "
+                               "give the call a longer deadline")
+        limits.append(remaining)
+    return min(limits, default=None)
+
+
+async def _unless_aborted(work: Awaitable[T], aborted: asyncio.Future) -> T | _Aborted:
+    """`await work`, unless `aborted` completes first: then cancel `work`, wait for it to
+    unwind and return _ABORTED. Cancelling the caller cancels `work` the same way."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait((task, aborted), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+    return _ABORTED if task.cancelled() else task.result()
+
+
+def _abort_response(call: _OpenCall) -> serving_pb2.GenerateResponse:
+    return serving_pb2.GenerateResponse(request_id=call.request.request_id, finish_reason="abort",
+                                        usage=_usage(call.usage))
+
+
+def _usage(usage: Usage) -> serving_pb2.Usage:
+    return serving_pb2.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                             cached_tokens=usage.cached_tokens)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: RequestError) -> NoReturn:
+    """End the call with the error's status code (raises grpc.aio's AbortError)."""
+    metadata = () if error.retry_after is None else (("retry-after", f"{error.retry_after:g}"),)
+    await context.abort(grpc.StatusCode[error.kind.grpc_code_name], error.message, metadata)
+
+
+class HealthService(health_pb2_grpc.HealthServicer):
+    """`grpc.health.v1.Health` for the whole server ("") and for Generation: SERVING while
+    `ready()` (some worker can take a request), NOT_SERVING otherwise, computed at each
+    Check. Watch re-evaluates every `watch_interval` seconds and sends changes only."""
+
+    def __init__(self, ready: Callable[[], bool], watch_interval: float = 1.0) -> None:
+        self._ready = ready
+        self._watch_interval = watch_interval
+
+    def _status(self, service: str) -> int:
+        if service not in ("", GENERATION_SERVICE):
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        return health_pb2.HealthCheckResponse.SERVING if self._ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        status = self._status(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no health status for service {request.service!r}; "
+                                f"ask for '' (the server) or {GENERATION_SERVICE!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        # Runs until the client cancels the call (or the server stops).
+        last = None
+        while True:
+            status = self._status(request.service)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            await asyncio.sleep(self._watch_interval)
