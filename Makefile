@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pdserve-installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup serve test bench lint clean
+.PHONY: setup serve generate test bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# The cluster on local Ray: one prefill and one decode worker, OpenAI API on :8000, gRPC on :50051.
 serve: setup
+	$(BIN)/pdserve serve $(SERVE_ARGS)
+
+generate: setup
 	$(BIN)/pdserve generate --chat --prompt "$(PROMPT)"
 
 # pytest exits 5 when it collected no tests: an empty run proves nothing, so it fails.

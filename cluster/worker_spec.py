@@ -46,6 +46,7 @@ class WorkerSpec:
                               f"{', '.join(p.value for p in OnTransferFailure)}, got {self.on_transfer_failure!r}")
         if self.kv_transport is not None and self.kv_transport not in KINDS:
             raise ConfigError(f"kv_transport must be one of {', '.join(KINDS)}, got {self.kv_transport!r}")
+        self.cache_config, self.scheduler_config  # noqa: B018 - their own checks raise ConfigError now
 
     @property
     def cache_config(self) -> CacheConfig:
