@@ -18,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
-import threading
 from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
 from pdserve.decode_worker.engine import EngineCore
 from pdserve.kv_transfer.messages import KVTicket
+from pdserve.runtime.engine_thread import EngineThread
 from pdserve.runtime.request import TokenChunk
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
@@ -63,29 +62,17 @@ class _Finish(NamedTuple):
     reason: FinishReason
 
 
-class AsyncEngine:
+class AsyncEngine(EngineThread):
     def __init__(self, core: EngineCore, on_iteration: Callable[[EngineCore], None] | None = None) -> None:
         self.core = core
-        self._on_iteration = on_iteration
-        self._commands: queue.SimpleQueue[_Add | _Finish | _FailTransfer | None] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}  # engine thread only
         self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
-        self._thread.start()
-
-    @property
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    @property
-    def num_queued_commands(self) -> int:
-        """Commands (adds, aborts) not yet applied by the engine thread."""
-        return self._commands.qsize()
+        super().__init__(core, "pdserve-engine", KV_POLL_SECONDS, on_iteration)
 
     @property
     def num_waiting(self) -> int:
         """Requests submitted but not yet running (an estimate: read from another thread)."""
-        return self._commands.qsize() + len(self.core.scheduler.waiting)
+        return self.num_queued_commands + len(self.core.scheduler.waiting)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -108,14 +95,14 @@ class AsyncEngine:
     def fail_transfer(self, request_id: str, reason: str) -> None:
         """The prefill side cannot deliver this request's KV (its worker died or refused
         the job): recompute or fail it now, per the engine's policy."""
-        self._commands.put(_FailTransfer(request_id, reason))
+        self.post(_FailTransfer(request_id, reason))
 
     async def _stream(self, prompt_ids, params, request_id, remote):
-        if not self._thread.is_alive():
+        if not self.is_alive:
             raise RuntimeError("the engine has been shut down")
         request_id = request_id or f"req-{next(self._ids)}"
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        self._commands.put(_Add(request_id, list(prompt_ids), params, sink, remote))
+        self.post(_Add(request_id, list(prompt_ids), params, sink, remote))
         finished = False
         try:
             while not finished:
@@ -127,52 +114,31 @@ class AsyncEngine:
                 yield item
         finally:
             if not finished:
-                self._commands.put(_Finish(request_id, FinishReason.ABORT))
+                self.post(_Finish(request_id, FinishReason.ABORT))
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
         """Finish a request from any thread; its stream ends with a chunk saying why."""
-        self._commands.put(_Finish(request_id, reason))
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        self._commands.put(None)
-        self._thread.join(timeout)
+        self.post(_Finish(request_id, reason))
 
     # ------------------------------------------------------------------ engine thread
 
-    def _run(self) -> None:
-        while True:
-            if not self.core.has_unfinished:
-                wait = None  # idle: sleep until a command arrives
-            elif not self.core.scheduler.has_work:
-                wait = KV_POLL_SECONDS  # only transfers in flight: poll them, don't spin
-            else:
-                wait = 0.0
-            if not self._apply_commands(wait):
-                break
-            if self.core.has_unfinished:
-                self._step()
-            if self._on_iteration is not None:
-                self._on_iteration(self.core)
+    def _has_unfinished(self) -> bool:
+        return self.core.has_unfinished
+
+    def _has_compute(self) -> bool:
+        return self.core.scheduler.has_work
+
+    def _apply(self, command: _Add | _Finish | _FailTransfer) -> None:
+        if isinstance(command, _Add):
+            self._add(command)
+        elif isinstance(command, _FailTransfer):
+            self.core.fail_transfer(command.request_id, command.reason)
+        else:
+            self._finish(command.request_id, command.reason)
+
+    def _close(self) -> None:
         for request_id in list(self._sinks):
             self._finish(request_id, FinishReason.ABORT)
-
-    def _apply_commands(self, wait: float | None) -> bool:
-        """Apply queued commands, waiting up to `wait` seconds for the first (None:
-        until one arrives). False means shut down."""
-        while True:
-            try:
-                command = self._commands.get(block=wait != 0.0, timeout=wait)
-            except queue.Empty:
-                return True
-            wait = 0.0
-            if command is None:
-                return False
-            if isinstance(command, _Add):
-                self._add(command)
-            elif isinstance(command, _FailTransfer):
-                self.core.fail_transfer(command.request_id, command.reason)
-            else:
-                self._finish(command.request_id, command.reason)
 
     def _add(self, command: _Add) -> None:
         try:

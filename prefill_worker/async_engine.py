@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
+from pdserve.runtime.engine_thread import EngineThread
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +46,22 @@ class _Abort(NamedTuple):
     reason: str
 
 
-class AsyncPrefillEngine:
+class AsyncPrefillEngine(EngineThread):
     def __init__(self, engine: PrefillEngine, on_iteration: Callable[[PrefillEngine], None] | None = None) -> None:
         self.engine = engine
-        self._on_iteration = on_iteration
-        self._commands: queue.SimpleQueue[_Pending | _Abort | None] = queue.SimpleQueue()
         self._pending: dict[str, _Pending] = {}  # engine thread only
         self._started_at: dict[str, float] = {}  # engine thread only: its first step began
         self._computed_at: dict[str, float] = {}  # engine thread only: its last step ended
-        self._thread = threading.Thread(target=self._run, name="pdserve-prefill", daemon=True)
-        self._thread.start()
-
-    @property
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    @property
-    def num_queued_commands(self) -> int:
-        """Jobs and aborts not yet applied by the engine thread."""
-        return self._commands.qsize()
+        super().__init__(engine, "pdserve-prefill", SEND_POLL_SECONDS, on_iteration)
 
     async def prefill(self, job: PrefillJob) -> PrefillResult:
         """Compute the job's prompt and push its KV; return when the transfer settled.
         Raises ValueError if the job can never run here. Cancelling the await aborts it."""
-        if not self._thread.is_alive():
+        if not self.is_alive:
             raise RuntimeError("the prefill engine has been shut down")
         loop = asyncio.get_running_loop()
         pending = _Pending(job, loop, loop.create_future(), time.monotonic())
-        self._commands.put(pending)
+        self.post(pending)
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -82,49 +69,30 @@ class AsyncPrefillEngine:
             raise
 
     def abort(self, request_id: str, reason: str = "aborted") -> None:
-        self._commands.put(_Abort(request_id, reason))
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        self._commands.put(None)
-        self._thread.join(timeout)
+        self.post(_Abort(request_id, reason))
 
     # ------------------------------------------------------------------ engine thread
 
-    def _run(self) -> None:
-        while True:
-            if not self.engine.has_unfinished:
-                wait = None
-            elif not self.engine.scheduler.has_work:
-                wait = SEND_POLL_SECONDS  # only sends in flight
-            else:
-                wait = 0.0
-            if not self._apply_commands(wait):
-                break
-            if self.engine.has_unfinished:
-                self._step()
-            if self._on_iteration is not None:
-                self._on_iteration(self.engine)
+    def _has_unfinished(self) -> bool:
+        return self.engine.has_unfinished
+
+    def _has_compute(self) -> bool:
+        return self.engine.scheduler.has_work
+
+    def _apply(self, command: _Pending | _Abort) -> None:
+        if isinstance(command, _Abort):
+            self.engine.abort(command.request_id, command.reason)
+            return
+        try:
+            self.engine.add_job(command.job)
+            self._pending[command.job.ticket.request_id] = command
+        except ValueError as exc:
+            _set(command, exc)
+
+    def _close(self) -> None:
         for request_id in list(self._pending):
             self.engine.abort(request_id, "the prefill worker is shutting down")
             self._resolve(request_id, False, "the prefill worker shut down")
-
-    def _apply_commands(self, wait: float | None) -> bool:
-        while True:
-            try:
-                command = self._commands.get(block=wait != 0.0, timeout=wait)
-            except queue.Empty:
-                return True
-            wait = 0.0
-            if command is None:
-                return False
-            if isinstance(command, _Abort):
-                self.engine.abort(command.request_id, command.reason)
-                continue
-            try:
-                self.engine.add_job(command.job)
-                self._pending[command.job.ticket.request_id] = command
-            except ValueError as exc:
-                _set(command, exc)
 
     def _step(self) -> None:
         step_started = time.monotonic()

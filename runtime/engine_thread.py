@@ -1,0 +1,103 @@
+"""`EngineThread`: the loop both workers run their engine on.
+
+Callers on any thread `post` commands; the engine thread applies them between steps, so
+nothing but that thread touches the engine. Each loop iteration:
+
+    wait for commands  (idle: until one arrives; only transfers in flight: `poll_seconds`,
+                        so the thread does not spin and leaves the GIL to the transport
+                        threads; otherwise: not at all)
+    apply every queued command
+    step, if there is work
+    on_iteration(engine), if given: publish snapshots for other threads
+
+Subclasses say what the engine's state is and how a command or a step is applied.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+
+class EngineThread(ABC):
+    def __init__(self, engine: Any, name: str, poll_seconds: float = 0.002,
+                 on_iteration: Callable[[Any], None] | None = None) -> None:
+        self._engine = engine
+        self._poll_seconds = poll_seconds
+        self._on_iteration = on_iteration
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def num_queued_commands(self) -> int:
+        """Commands posted but not yet applied by the engine thread."""
+        return self._commands.qsize()
+
+    def post(self, command: Any) -> None:
+        """Queue a command for the engine thread (any thread may call this)."""
+        self._commands.put(command)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._commands.put(None)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------ for subclasses
+
+    @abstractmethod
+    def _has_unfinished(self) -> bool:
+        """Anything left to do: computing or waiting on a transfer."""
+
+    @abstractmethod
+    def _has_compute(self) -> bool:
+        """Anything a step would compute (False while only transfers are in flight)."""
+
+    @abstractmethod
+    def _apply(self, command: Any) -> None:
+        """Apply one posted command (engine thread)."""
+
+    @abstractmethod
+    def _step(self) -> None:
+        """Run one engine step and deliver its results (engine thread)."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """The thread is stopping: end whatever is still in flight (engine thread)."""
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        while True:
+            if not self._has_unfinished():
+                wait = None
+            elif not self._has_compute():
+                wait = self._poll_seconds
+            else:
+                wait = 0.0
+            if not self._apply_commands(wait):
+                break
+            if self._has_unfinished():
+                self._step()
+            if self._on_iteration is not None:
+                self._on_iteration(self._engine)
+        self._close()
+
+    def _apply_commands(self, wait: float | None) -> bool:
+        """Apply queued commands, waiting up to `wait` seconds for the first (None:
+        until one arrives). False means shut down."""
+        while True:
+            try:
+                command = self._commands.get(block=wait != 0.0, timeout=wait)
+            except queue.Empty:
+                return True
+            wait = 0.0
+            if command is None:
+                return False
+            self._apply(command)
