@@ -51,5 +51,7 @@ class LocalBackend:
                 yield chunk
         except ValueError as exc:  # RequestRejected: the engine can never run it
             raise RequestError(ErrorKind.INVALID_ARGUMENT, str(exc)) from None
+        except RuntimeError as exc:  # it shut down between the check above and now
+            raise RequestError(ErrorKind.UNAVAILABLE, str(exc)) from None
         finally:
             await stream.aclose()

@@ -136,9 +136,12 @@ class AsyncEngine(EngineThread):
         else:
             self._finish(command.request_id, command.reason)
 
-    def _close(self) -> None:
+    def _close(self, unapplied: list) -> None:
         for request_id in list(self._sinks):
             self._finish(request_id, FinishReason.ABORT)
+        for command in unapplied:
+            if isinstance(command, _Add):
+                command.sink.put(RuntimeError("the engine has been shut down"))
 
     def _add(self, command: _Add) -> None:
         try:

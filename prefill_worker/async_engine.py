@@ -89,10 +89,13 @@ class AsyncPrefillEngine(EngineThread):
         except ValueError as exc:
             _set(command, exc)
 
-    def _close(self) -> None:
+    def _close(self, unapplied: list) -> None:
         for request_id in list(self._pending):
             self.engine.abort(request_id, "the prefill worker is shutting down")
             self._resolve(request_id, False, "the prefill worker shut down")
+        for command in unapplied:
+            if isinstance(command, _Pending):
+                _set(command, RuntimeError("the prefill engine has been shut down"))
 
     def _step(self) -> None:
         step_started = time.monotonic()

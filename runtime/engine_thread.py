@@ -68,8 +68,9 @@ class EngineThread(ABC):
         """Run one engine step and deliver its results (engine thread)."""
 
     @abstractmethod
-    def _close(self) -> None:
-        """The thread is stopping: end whatever is still in flight (engine thread)."""
+    def _close(self, unapplied: list[Any]) -> None:
+        """The thread is stopping: end whatever is still in flight, and refuse the
+        commands posted after the stop (engine thread)."""
 
     # ------------------------------------------------------------------ the loop
 
@@ -87,7 +88,13 @@ class EngineThread(ABC):
                 self._step()
             if self._on_iteration is not None:
                 self._on_iteration(self._engine)
-        self._close()
+        unapplied = []
+        while True:
+            try:
+                unapplied.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        self._close([c for c in unapplied if c is not None])
 
     def _apply_commands(self, wait: float | None) -> bool:
         """Apply queued commands, waiting up to `wait` seconds for the first (None:

@@ -95,10 +95,11 @@ def _apply_top_k_top_p(
     keep = sorted_logits >= kth
 
     # top-p on the top-k survivors: the minimal prefix whose mass reaches top_p is every
-    # position whose mass *before* it is still < top_p; position 0 (mass 0) always is.
+    # position whose mass *before* it is still < top_p; position 0 (mass 0) always is,
+    # even for a top_p that rounds to 0 in float32 (hence the clamp).
     probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    prefix_len = (mass_before < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    prefix_len = (mass_before < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True).clamp_(min=1)
     smallest_kept = probs.gather(1, prefix_len - 1)
     # top_p == 1 keeps everything: a float cumsum can reach 1.0 before a tiny tail does.
     keep_p = (probs >= smallest_kept) | (top_p >= 1.0).unsqueeze(1)

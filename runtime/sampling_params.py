@@ -68,8 +68,8 @@ class SamplingParams:
             )
         if not _is_real(self.min_p) or not (0 <= self.min_p <= 1):
             raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
         if self.logprobs is not None and (
             not _is_int(self.logprobs) or not (0 <= self.logprobs <= MAX_LOGPROBS)
         ):

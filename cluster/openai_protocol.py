@@ -1,0 +1,441 @@
+"""Request and response bodies of the OpenAI-compatible HTTP API.
+
+The request models are the API's contract: their types and bounds are what
+`/openapi.json` publishes and what FastAPI checks before a handler runs (strict types,
+unknown fields refused). Checks that need the model (context length, vocabulary, chat
+template) happen later, in `Frontend.prepare`. Options that would change the output but
+are not implemented are declared anyway, so that a request using them gets a 400 naming
+the option (`check_supported`) instead of being served as if it had not asked.
+
+Extensions beyond OpenAI, named as vLLM names them: `top_k`, `min_p`, `stop_token_ids`,
+`ignore_eos`, `include_stop_str_in_output`, `return_token_ids`, and `timeout` (seconds).
+
+`CompletionBodies` and `ChatBodies` turn a request's `OutputDelta`s into the response
+models, as stream chunks or as one response; they only format, and never fail.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pdserve.cluster.errors import invalid
+from pdserve.cluster.frontend import OutputDelta, Usage
+from pdserve.runtime.sampling_params import MAX_LOGPROBS
+
+# The seeds torch.Generator.manual_seed accepts.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+T = TypeVar("T")
+NonEmptyList = Annotated[list[T], Field(min_length=1)]
+
+
+class _Body(BaseModel):
+    # Strict: "16" is not an integer and 1 is not a boolean, as in OpenAI's API.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = Field(False, description="Send a last chunk with empty choices and the usage.")
+
+
+class _GenerationRequest(_Body):
+    """Fields both endpoints share."""
+
+    model: str | None = Field(None, description="The served model's name (see /v1/models); "
+                              "omitted means the served model.")
+    # OpenAI documents most fields as nullable; null means the default.
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(1, description="Number of choices; only 1 is supported.")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="0 means greedy.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1 disables it.")
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    presence_penalty: float | None = Field(0.0, allow_inf_nan=False, description="Only 0 is supported.")
+    frequency_penalty: float | None = Field(0.0, allow_inf_nan=False, description="Only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported; omit it.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "Seconds the request may take; past it the request is aborted (408 before the "
+        "response starts, an error event in a stream)."))
+    return_token_ids: bool = Field(False, description="Also return the generated token ids.")
+
+    def check_supported(self) -> None:
+        """Raise RequestError(INVALID_ARGUMENT) naming the first option this server does
+        not implement."""
+        if self.n not in (None, 1):
+            raise invalid(f"n={self.n} is not supported: this server returns one choice per request. "
+                          "Send n=1 (or omit it) and repeat the request for more choices.", "n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise invalid(f"{name} is not supported (got {getattr(self, name)!r}); omit it or send 0.",
+                              name)
+        if self.logit_bias:
+            raise invalid("logit_bias is not supported; omit it.", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options is only allowed when stream is true.", "stream_options")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
+        return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
+                "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos,
+                "logprobs": logprobs, "include_stop_str_in_output": self.include_stop_str_in_output}
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: (NonEmptyStr | NonEmptyList[TokenId] | NonEmptyList[str]
+             | NonEmptyList[NonEmptyList[TokenId]]) = Field(
+        description="Text or token ids; a list of prompts must hold exactly one.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Return this many most likely alternatives per token.")
+    echo: bool | None = Field(False, description="Only false is supported.")
+    best_of: int | None = Field(None, description="Only 1 is supported.")
+    suffix: str | None = Field(None, description="Not supported; omit it.")
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.best_of not in (None, 1):
+            raise invalid(f"best_of={self.best_of} is not supported; omit it or send 1.", "best_of")
+        if self.echo:
+            raise invalid("echo=true is not supported; omit it.", "echo")
+        if self.suffix:
+            raise invalid("suffix is not supported: this server does not insert text; omit it.", "suffix")
+
+    def prompt_input(self) -> str | list[int]:
+        """The one prompt, as text or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+            return prompt
+        if len(prompt) != 1:
+            raise invalid(f"batch prompts are not supported (got {len(prompt)} prompts); send one prompt "
+                          "per request.", "prompt")
+        return prompt[0]
+
+    def sampling(self) -> dict[str, Any]:
+        """The `Frontend.prepare` sampling fields of this request."""
+        return self._sampling(self.max_tokens, self.logprobs)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        """The message as chat templates read it; text parts are joined by newlines."""
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        message = {"role": self.role, "content": content}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Takes precedence over max_tokens.")
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Needs logprobs=true.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported; omit it.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' is supported.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
+    response_format: ResponseFormat | None = Field(None, description="Only type 'text' is supported.")
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise invalid("tools are not supported by this server; omit tools and tool_choice.", "tools")
+        if self.tool_choice not in (None, "none"):
+            raise invalid("tool_choice is not supported by this server; omit it.", "tool_choice")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise invalid(f"response_format {self.response_format.type!r} is not supported; only 'text' is.",
+                          "response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs needs logprobs=true.", "top_logprobs")
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.as_template_input() for m in self.messages]
+
+    def sampling(self) -> dict[str, Any]:
+        """The `Frontend.prepare` sampling fields of this request."""
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+
+# ------------------------------------------------------------------------ responses
+
+# Extension fields are left out of a body when unset, so plain OpenAI clients see plain bodies.
+_OMIT_IF_NONE: Any = {"default": None, "exclude_if": lambda value: value is None}
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, usage: Usage) -> UsageInfo:
+        return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   total_tokens=usage.total_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens))
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: per token its text, logprob, the most likely alternatives
+    (plus the sampled token) by text, and its character offset in the completion."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion, or one stream chunk of it (same object, as OpenAI does)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = Field(**_OMIT_IF_NONE)
+    prompt_token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    prompt_token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(**_OMIT_IF_NONE)
+    content: str | None = Field(**_OMIT_IF_NONE)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = Field(**_OMIT_IF_NONE)
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "pdserve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ------------------------------------------------------------------------ building bodies
+
+def merge_deltas(deltas: list[OutputDelta]) -> OutputDelta:
+    """One request's deltas as one: texts and tokens concatenated, the last finish and usage."""
+    return OutputDelta("".join(d.text for d in deltas), tuple(t for d in deltas for t in d.token_ids),
+                       tuple(lp for d in deltas for lp in d.logprobs),
+                       tuple(top for d in deltas for top in _top_logprobs(d)),
+                       deltas[-1].finish_reason, deltas[-1].usage)
+
+
+def _top_logprobs(delta: OutputDelta) -> tuple[tuple[tuple[int, float], ...], ...]:
+    """Per token, its (token id, logprob) alternatives; () where none were asked for."""
+    return delta.top_logprobs or ((),) * len(delta.token_ids)
+
+
+class _Bodies(ABC):
+    """Builds one request's response bodies from its deltas. Streams: build each chunk
+    once, in order (subclasses carry state from chunk to chunk)."""
+
+    def __init__(self, response_id: str, model: str, created: int, token_text: Callable[[int], str],
+                 *, logprobs: bool, token_ids: bool) -> None:
+        self.head = {"id": response_id, "model": model, "created": created}
+        self._token_text = token_text
+        self._logprobs = logprobs
+        self._token_ids = token_ids
+
+    def wants_chunk(self, delta: OutputDelta) -> bool:
+        """False for a delta with nothing to tell (text held back, no token data asked for)."""
+        return bool(delta.text or delta.finish_reason
+                    or (delta.token_ids and (self._logprobs or self._token_ids)))
+
+    @abstractmethod
+    def chunk(self, delta: OutputDelta) -> BaseModel:
+        """The stream chunk of one delta."""
+
+    @abstractmethod
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        """The stream's last chunk when the client asked for usage: no choices."""
+
+    @abstractmethod
+    def response(self, delta: OutputDelta, prompt_ids: list[int]) -> BaseModel:
+        """The whole (non-stream) response, from `merge_deltas` of every delta."""
+
+    def _token_ids_of(self, ids: tuple[int, ...] | list[int]) -> list[int] | None:
+        return list(ids) if self._token_ids else None
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self._token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+class CompletionBodies(_Bodies):
+    # Characters of completion text before the next token, counting each token as its own
+    # decoding (OpenAI's `text_offset`; exact except inside multi-token characters).
+    _text_offset = 0
+
+    def chunk(self, delta: OutputDelta) -> CompletionResponse:
+        return CompletionResponse(**self.head, choices=[self._choice(delta)])
+
+    def usage_chunk(self, usage: Usage) -> CompletionResponse:
+        return CompletionResponse(**self.head, choices=[], usage=UsageInfo.of(usage))
+
+    def response(self, delta: OutputDelta, prompt_ids: list[int]) -> CompletionResponse:
+        return CompletionResponse(**self.head, choices=[self._choice(delta)], usage=UsageInfo.of(delta.usage),
+                                  prompt_token_ids=self._token_ids_of(prompt_ids))
+
+    def _choice(self, delta: OutputDelta) -> CompletionChoice:
+        return CompletionChoice(text=delta.text, logprobs=self._logprobs_of(delta),
+                                finish_reason=delta.finish_reason,
+                                token_ids=self._token_ids_of(delta.token_ids))
+
+    def _logprobs_of(self, delta: OutputDelta) -> CompletionLogprobs | None:
+        if not self._logprobs:
+            return None
+        tokens, tops, offsets = [], [], []
+        for token_id, logprob, top in zip(delta.token_ids, delta.logprobs, _top_logprobs(delta)):
+            text = self._token_text(token_id)
+            alternatives: dict[str, float] = {}
+            for alternative, alternative_logprob in top:  # best first: a text keeps its best
+                alternatives.setdefault(self._token_text(alternative), alternative_logprob)
+            alternatives.setdefault(text, logprob)  # OpenAI always lists the sampled token
+            tokens.append(text)
+            tops.append(alternatives)
+            offsets.append(self._text_offset)
+            self._text_offset += len(text)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=list(delta.logprobs), top_logprobs=tops,
+                                  text_offset=offsets)
+
+
+class ChatBodies(_Bodies):
+    _role_sent = False  # the first chunk sent carries the role
+
+    def chunk(self, delta: OutputDelta) -> ChatCompletionChunk:
+        role = None if self._role_sent else "assistant"
+        self._role_sent = True
+        choice = ChatChunkChoice(delta=ChatDelta(role=role, content=delta.text or None),
+                                 logprobs=self._logprobs_of(delta), finish_reason=delta.finish_reason,
+                                 token_ids=self._token_ids_of(delta.token_ids))
+        return ChatCompletionChunk(**self.head, choices=[choice])
+
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.head, choices=[], usage=UsageInfo.of(usage))
+
+    def response(self, delta: OutputDelta, prompt_ids: list[int]) -> ChatCompletionResponse:
+        choice = ChatChoice(message=AssistantMessage(content=delta.text), logprobs=self._logprobs_of(delta),
+                            finish_reason=delta.finish_reason, token_ids=self._token_ids_of(delta.token_ids))
+        return ChatCompletionResponse(**self.head, choices=[choice], usage=UsageInfo.of(delta.usage),
+                                      prompt_token_ids=self._token_ids_of(prompt_ids))
+
+    def _logprobs_of(self, delta: OutputDelta) -> ChatLogprobs | None:
+        if not self._logprobs:
+            return None
+        return ChatLogprobs(content=[
+            TokenLogprob(**self._entry(token_id, logprob),
+                         top_logprobs=[TopLogprob(**self._entry(t, lp)) for t, lp in top])
+            for token_id, logprob, top in zip(delta.token_ids, delta.logprobs, _top_logprobs(delta))])

@@ -1,0 +1,120 @@
+"""Test helpers for a live gateway: an in-process engine behind a `Frontend`, and any ASGI
+app served by uvicorn on 127.0.0.1 (a free port) in a background thread.
+
+    gateway = LocalGateway.start(tiny_llama_dir)
+    with serve_asgi(create_app(gateway.frontend)) as base_url:
+        ...  # "http://127.0.0.1:PORT"
+    gateway.close()
+
+Nothing here is specific to one API: the HTTP and gRPC tests build their servers on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from pdserve.cluster.backend import Backend, LocalBackend
+from pdserve.cluster.frontend import Frontend, ModelCard
+from pdserve.cluster.metrics import GatewayMetrics
+from pdserve.decode_worker.async_engine import AsyncEngine
+from pdserve.decode_worker.engine import EngineCore
+from pdserve.runtime.config import CacheConfig
+from pdserve.runtime.loader import LoadedModel, load_model
+
+SERVER_START_TIMEOUT = 30.0  # seconds; generous, the machine is shared
+
+
+@dataclass
+class LocalGateway:
+    """One model loaded in this process, an `AsyncEngine` stepping it on its own thread,
+    and a `Frontend` over it. `frontend_for` builds more frontends over the same engine
+    (other limits, a wrapped backend) without loading the model again."""
+
+    loaded: LoadedModel
+    engine: AsyncEngine
+    frontend: Frontend
+    model_name: str
+
+    @classmethod
+    def start(cls, model_dir: str | Path, *, model_name: str = "tiny", block_size: int = 4,
+              num_blocks: int = 256, max_in_flight: int = 1024, max_waiting: int | None = None,
+              max_model_len: int | None = None) -> LocalGateway:
+        """`max_model_len` below the model's own makes the frontend advertise and enforce a
+        shorter context (the engine keeps the model's)."""
+        loaded = load_model(str(model_dir), cache=CacheConfig(block_size=block_size, num_blocks=num_blocks))
+        engine = AsyncEngine(EngineCore(loaded.runner, loaded.info))
+        frontend = make_frontend(loaded, LocalBackend(engine, max_waiting=max_waiting), model_name,
+                                 max_in_flight=max_in_flight, max_model_len=max_model_len)
+        return cls(loaded, engine, frontend, model_name)
+
+    def frontend_for(self, backend: Backend, *, max_in_flight: int = 1024,
+                     max_model_len: int | None = None) -> Frontend:
+        """A new frontend (with its own metrics) serving this model through `backend`."""
+        return make_frontend(self.loaded, backend, self.model_name, max_in_flight=max_in_flight,
+                             max_model_len=max_model_len)
+
+    def kv_blocks_in_use(self) -> int:
+        """KV blocks held by live requests: allocated blocks not owned by the prefix cache.
+        Read from another thread than the engine's, so only a snapshot."""
+        scheduler = self.engine.core.scheduler
+        return scheduler.allocator.num_used - scheduler.prefix_cache.num_cached_blocks
+
+    def wait_for_kv_blocks_in_use(self, expected: int, timeout: float = 30.0) -> int:
+        """Poll `kv_blocks_in_use` until it equals `expected` or `timeout` seconds pass;
+        returns the last value read (the caller asserts on it)."""
+        deadline = time.monotonic() + timeout
+        while (value := self.kv_blocks_in_use()) != expected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return value
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def make_frontend(loaded: LoadedModel, backend: Backend, model_name: str, *, max_in_flight: int = 1024,
+                  max_model_len: int | None = None) -> Frontend:
+    """A frontend with its own metrics serving `loaded` as `model_name` through `backend`."""
+    context = min(max_model_len or loaded.info.max_model_len, loaded.info.max_model_len)
+    card = ModelCard(model_name, context, int(time.time()))
+    return Frontend(backend, loaded.tokenizer, card, loaded.info.eos_token_ids, GatewayMetrics(),
+                    max_in_flight=max_in_flight)
+
+
+def free_port_socket() -> socket.socket:
+    """A TCP socket bound to a free port on 127.0.0.1 (bound, so no one else takes the port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.contextmanager
+def serve_asgi(app, *, timeout_graceful_shutdown: float = 5.0) -> Iterator[str]:
+    """Serve `app` with uvicorn on 127.0.0.1 in a daemon thread; yields the base URL
+    ("http://127.0.0.1:PORT") once the server accepts connections, and stops it on exit."""
+    sock = free_port_socket()
+    config = uvicorn.Config(app, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=timeout_graceful_shutdown)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the test HTTP server did not start; see the log above")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_graceful_shutdown + 10)
+        sock.close()
