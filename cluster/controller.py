@@ -155,6 +155,10 @@ class Controller:
         handle.stats = stats
         self.index.apply(handle.worker_id, events)
 
+    def worker_died(self, handle: WorkerHandle, why: str) -> None:
+        """A caller saw the worker's process die: replace it now, not at the next poll."""
+        self._replace(handle, why)
+
     def _replace(self, handle: WorkerHandle, why: str) -> None:
         if self.workers.pop(handle.worker_id, None) is None:
             return

@@ -5,9 +5,11 @@
           <== TokenChunks from D, as D produces them (a Ray streaming generator, not polling)
 
 Failure semantics: a refused or failed prefill tells D at once (`fail_transfer`), and D
-recomputes the prompt or fails the request per its policy; a dead decode worker ends the
-request with UNAVAILABLE; leaving the stream early aborts the request on D and P, which
-frees its KV on both.
+recomputes the prompt or fails the request per its policy. A decode worker found dead
+before it produced any token is retried once on another worker; after that, or once
+tokens have been streamed, the request ends with UNAVAILABLE. Either way the controller
+hears of the death at once. Leaving the stream early aborts the request on D and P,
+which frees its KV on both.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pdserve.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+MAX_ATTEMPTS = 2  # decode workers tried for one request (a retry only before any output)
+
 
 class ClusterBackend:
     def __init__(self, controller: Controller, router: Router, metrics: GatewayMetrics) -> None:
@@ -44,6 +48,19 @@ class ClusterBackend:
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[TokenChunk]:
+        for attempt in range(MAX_ATTEMPTS):
+            request = self._route(request_id, prompt_ids, params)
+            try:
+                async for chunk in request.run():
+                    yield chunk
+                return
+            except RequestError:
+                if not request.decode_lost or request.num_chunks or attempt == MAX_ATTEMPTS - 1:
+                    raise
+                log.warning("retrying request %s: decode worker %s died before its first token",
+                            request_id, request.decode.worker_id)
+
+    def _route(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> _InFlight:
         decode_workers = self.controller.members("decode")
         prefill_workers = [p for p in self.controller.members("prefill") if p.kv_addresses]
         route = self.router.route(prompt_ids, [w.view() for w in decode_workers],
@@ -55,9 +72,7 @@ class ClusterBackend:
         if prefill is not None and route.decode not in prefill.kv_addresses:
             prefill = None  # the pair's link is not up (yet): prefill locally
         self.metrics.routed(decode.worker_id, prefill is not None)
-        request = _InFlight(self, request_id, prompt_ids, params, decode, prefill)
-        async for chunk in request.run():
-            yield chunk
+        return _InFlight(self, request_id, prompt_ids, params, decode, prefill)
 
 
 class _InFlight:
@@ -75,6 +90,8 @@ class _InFlight:
         self.routed_at = time.monotonic()
         self.first_token_at: float | None = None
         self.prefill_result: PrefillResult | None = None
+        self.num_chunks = 0  # yielded to the caller
+        self.decode_lost = False  # the decode worker's process died under this request
 
     async def run(self) -> AsyncIterator[TokenChunk]:
         decode, prefill = self.decode, self.prefill
@@ -96,8 +113,11 @@ class _InFlight:
                     self.first_token_at = time.monotonic()
                     self._record_ttft_split()
                 finished = item.finish_reason is not None
+                self.num_chunks += 1
                 yield item
         except RayActorError as exc:
+            self.decode_lost = True
+            self.backend.controller.worker_died(decode, f"its process died ({exc.__class__.__name__})")
             raise RequestError(ErrorKind.UNAVAILABLE, f"decode worker {decode.worker_id} died while serving "
                                "this request; retry it") from exc
         except RayTaskError as exc:
@@ -106,10 +126,12 @@ class _InFlight:
                                "retry it") from exc
         finally:
             decode.in_flight -= 1
+            if self.prefill_task is None:
+                self._release_prefill()  # no ticket came: the prefill worker never got the job
             if not finished:
                 decode.actor.abort.remote(self.request_id)
-            if self.prefill_task is not None and not self.prefill_task.done():
-                self.prefill_task.cancel()
+            if not finished and self.prefill_task is not None and not self.prefill_task.done():
+                self.prefill_task.cancel()  # a finished request's prefill reply is due; let it land
 
     def _start_prefill(self, ticket: KVTicket | None) -> None:
         prefill = self.prefill
@@ -133,7 +155,8 @@ class _InFlight:
             prefill.actor.abort.remote(self.request_id)
             raise
         except RayActorError as exc:
-            result = Refused("UNAVAILABLE", f"prefill worker {prefill.worker_id} died: {exc}")
+            result = Refused("UNAVAILABLE", f"prefill worker {prefill.worker_id} died")
+            self.backend.controller.worker_died(prefill, f"its process died ({exc.__class__.__name__})")
         finally:
             self._release_prefill()
         if isinstance(result, Refused) or not result.ok:

@@ -353,6 +353,7 @@ def test_killed_decode_worker_is_replaced_and_service_restored(two_decoders):
     client = two_decoders.client()
     victims = [p for p in two_decoders.descendants() if "DecodeWorker" in " ".join(_cmdline(p))]
     assert len(victims) == 2
+    killed = _decode_workers(two_decoders)
     body = {"model": two_decoders.model_name, "prompt": _prompt(5, 40), "max_tokens": 900, "temperature": 0,
             "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -367,17 +368,23 @@ def test_killed_decode_worker_is_replaced_and_service_restored(two_decoders):
             if '"error"' in line:
                 errors.append(line)
     assert errors and "died" in errors[0]
-    _wait_for(lambda: _healthy_with_two_decoders(two_decoders), timeout=180, what="replacement decode workers")
+    _wait_for(lambda: _healthy_with_new_decoders(two_decoders, killed), timeout=180,
+              what="replacement decode workers")
     done = client.completions.create(model=two_decoders.model_name, prompt=_prompt(6, 20), max_tokens=4,
                                      temperature=0)
     assert done.usage.completion_tokens == 4
 
 
-def _healthy_with_two_decoders(server: ServeProcess) -> bool:
+def _decode_workers(server: ServeProcess) -> set[str]:
+    labels = [k for k in server.metrics() if k.startswith('pdserve_worker_kv_usage{role="decode"')]
+    return {re.search(r'worker="([^"]+)"', k).group(1) for k in labels}
+
+
+def _healthy_with_new_decoders(server: ServeProcess, killed: set[str]) -> bool:
     if httpx.get(f"{server.http_url}/health", timeout=10).status_code != 200:
         return False
-    workers = {k for k in server.metrics() if k.startswith('pdserve_worker_kv_usage{role="decode"')}
-    return len(workers) == 2
+    workers = _decode_workers(server)
+    return len(workers) == 2 and not workers & killed
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
