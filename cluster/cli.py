@@ -92,6 +92,12 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--transfer-timeout", type=float, default=30.0)
     serve.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
     serve.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker")
+    serve.add_argument("--speculative", choices=["ngram"], default=None,
+                       help="speculative decoding on the decode workers: ngram = prompt lookup")
+    serve.add_argument("--num-speculative-tokens", type=_positive_int, default=3,
+                       help="the most draft tokens per request and step (adapted to acceptance)")
+    serve.add_argument("--speculative-max-batch", type=_positive_int, default=8,
+                       help="speculate only while at most this many requests decode on a worker")
 
 
 def _non_negative_int(text: str) -> int:
@@ -115,10 +121,15 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pdserve.cluster.gateway import GatewayConfig
     from pdserve.cluster.worker_spec import WorkerSpec
+    from pdserve.decode_worker.speculation import SpeculativeConfig
     from pdserve.runtime.config import ConfigError
 
     num_prefill = 0 if args.colocated else args.prefill_workers
     try:
+        speculative = None
+        if args.speculative is not None:
+            speculative = SpeculativeConfig(method=args.speculative, num_tokens=args.num_speculative_tokens,
+                                            max_batch_size=args.speculative_max_batch)
         spec = WorkerSpec(
             model=args.model, max_model_len=args.max_model_len, block_size=args.block_size,
             kv_cache_memory_bytes=args.kv_cache_memory * 1024**2, max_num_seqs=args.max_num_seqs,
@@ -126,7 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
             enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
             max_queued_requests=args.max_queued_requests, transfer_timeout=args.transfer_timeout,
             on_transfer_failure=args.on_transfer_failure, kv_transport=args.kv_transport,
-            kv_host="127.0.0.1" if args.address is None else None)
+            kv_host="127.0.0.1" if args.address is None else None, speculative=speculative)
         config = GatewayConfig(
             spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
             host=args.host, port=args.port, grpc_port=args.grpc_port, api_key=args.api_key,

@@ -31,7 +31,8 @@ from pdserve.runtime.tokenizer import Tokenizer
 
 # Fields a client may set; everything else in SamplingParams is the gateway's business.
 SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                             "stop_token_ids", "ignore_eos", "logprobs", "include_stop_str_in_output"})
+                             "stop_token_ids", "ignore_eos", "logprobs", "include_stop_str_in_output",
+                             "speculate"})
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # as the OpenAI completions API and vLLM
 
 

@@ -30,7 +30,7 @@ GENERATION_SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Generation"].full_
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Sampling fields of GenerateRequest, by SamplingParams name; scalars are proto3 `optional`.
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
-                      "logprobs", "include_stop_str_in_output")
+                      "logprobs", "include_stop_str_in_output", "speculate")
 _REPEATED_SAMPLING = ("stop", "stop_token_ids")
 
 T = TypeVar("T")

@@ -79,6 +79,11 @@ _WORKER_FIELDS = (
     ("transfer_seconds", "transfer_seconds", "Seconds spent sending or receiving KV", True),
     ("steps", "num_steps", "Engine steps run", True),
     ("step_seconds", "step_seconds", "Seconds spent in engine steps", True),
+    ("spec_proposed_tokens", "spec_proposed_tokens", "Speculative draft tokens proposed", True),
+    ("spec_accepted_tokens", "spec_accepted_tokens", "Speculative draft tokens accepted", True),
+    ("spec_verify_steps", "spec_verify_steps",
+     "Request-steps that verified a draft (mean accepted length = (accepted + verify steps) / verify steps)",
+     True),
 )
 
 
@@ -106,3 +111,14 @@ class _WorkerCollector:
             for outcome, count in stats.transfer_outcomes.items():
                 outcomes.add_metric([stats.role, stats.worker_id, outcome], float(count))
         yield outcomes
+        proposed_at = CounterMetricFamily("pdserve_worker_spec_proposed_at_position", "Drafts that reached "
+                                          "position i (0-based)", labels=[*labels, "position"])
+        accepted_at = CounterMetricFamily("pdserve_worker_spec_accepted_at_position", "Drafts whose position i "
+                                          "was accepted (acceptance rate = accepted / proposed)",
+                                          labels=[*labels, "position"])
+        for stats in snapshots:
+            for position, (proposed, accepted) in enumerate(stats.spec_accepted_at):
+                proposed_at.add_metric([stats.role, stats.worker_id, str(position)], float(proposed))
+                accepted_at.add_metric([stats.role, stats.worker_id, str(position)], float(accepted))
+        yield proposed_at
+        yield accepted_at

@@ -8,7 +8,7 @@ are not implemented are declared anyway, so that a request using them gets a 400
 the option (`check_supported`) instead of being served as if it had not asked.
 
 Extensions beyond OpenAI, named as vLLM names them: `top_k`, `min_p`, `stop_token_ids`,
-`ignore_eos`, `include_stop_str_in_output`, `return_token_ids`, and `timeout` (seconds).
+`ignore_eos`, `include_stop_str_in_output`, `return_token_ids`, `speculate`, and `timeout` (seconds).
 
 `CompletionBodies` and `ChatBodies` turn a request's `OutputDelta`s into the response
 models, as stream chunks or as one response; they only format, and never fail.
@@ -71,6 +71,8 @@ class _GenerationRequest(_Body):
         "Seconds the request may take; past it the request is aborted (408 before the "
         "response starts, an error event in a stream)."))
     return_token_ids: bool = Field(False, description="Also return the generated token ids.")
+    speculate: bool = Field(True, description="Allow speculative decoding when the server runs it; "
+                            "the output distribution is the same either way.")
 
     def check_supported(self) -> None:
         """Raise RequestError(INVALID_ARGUMENT) naming the first option this server does
@@ -95,7 +97,8 @@ class _GenerationRequest(_Body):
         return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
                 "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos,
-                "logprobs": logprobs, "include_stop_str_in_output": self.include_stop_str_in_output}
+                "logprobs": logprobs, "include_stop_str_in_output": self.include_stop_str_in_output,
+                "speculate": self.speculate}
 
 
 class CompletionRequest(_GenerationRequest):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.decode_worker.speculation import SpeculativeConfig
 from pdserve.decode_worker.transfers import OnTransferFailure
 from pdserve.kv_transfer.transports.base import KINDS
 from pdserve.runtime.config import CacheConfig, ConfigError, SchedulerConfig
@@ -32,6 +33,7 @@ class WorkerSpec:
     on_transfer_failure: str = OnTransferFailure.RECOMPUTE.value
     kv_transport: str | None = None  # forced transport kind; None picks per pair
     kv_host: str | None = None  # address KV listeners bind; None: this node's Ray address
+    speculative: SpeculativeConfig | None = None  # decode workers speculate when set
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",

@@ -22,3 +22,8 @@ class WorkerStats(NamedTuple):
     transfer_outcomes: dict[str, int]
     num_steps: int
     step_seconds: float
+    # speculative decoding (decode workers that run it; zeros otherwise)
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verify_steps: int = 0  # request-steps that verified a draft
+    spec_accepted_at: tuple[tuple[int, int], ...] = ()  # per draft position: (proposed, accepted)

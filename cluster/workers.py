@@ -120,7 +120,7 @@ class DecodeWorker(_Worker):
         self.receiver = KVReceiver(runner.pool, default_timeout=spec.transfer_timeout)
         core = EngineCore(runner, info, spec.scheduler_config, spec.enable_prefix_caching,
                           kv_receiver=self.receiver, on_transfer_failure=OnTransferFailure(spec.on_transfer_failure),
-                          transfer_timeout=spec.transfer_timeout)
+                          transfer_timeout=spec.transfer_timeout, speculative=spec.speculative)
         self._listeners: dict[str, KVListener] = {}
         self._publish(core)
         self.engine = AsyncEngine(core, on_iteration=self._publish)
@@ -168,12 +168,16 @@ class DecodeWorker(_Worker):
 
     def _publish(self, core: EngineCore) -> None:
         remote = core.remote
+        spec = core.speculator
+        speculation = {} if spec is None else {
+            "spec_proposed_tokens": spec.proposed, "spec_accepted_tokens": spec.accepted,
+            "spec_verify_steps": spec.steps, "spec_accepted_at": tuple(zip(spec.proposed_at, spec.accepted_at))}
         self._stats = self._snapshot(
             core.scheduler, num_waiting_for_kv=len(core.scheduler.waiting_for_kv),
             transfer_bytes=self.receiver.bytes_received,
             transfer_seconds=remote.total_kv_wait_seconds if remote else 0.0,
             transfer_outcomes=dict(remote.counts) if remote else {},
-            num_steps=core.num_steps, step_seconds=core.step_seconds)
+            num_steps=core.num_steps, step_seconds=core.step_seconds, **speculation)
 
 
 class PrefillWorker(_Worker):

@@ -1,17 +1,26 @@
 """`EngineCore`: the synchronous heart of a decode worker.
 
 One step is three calls: `scheduler.schedule()` -> `runner.execute(batch)` ->
-`_emit()` per sampled row. With a KV receiver it also admits requests prefilled
+`_emit()` per sampled row. With a `Speculator`, decoding requests first get draft tokens;
+the same forward computes the target's logits at every draft position, `verify` keeps
+the longest acceptable prefix plus one token, and `scheduler.commit_draft` makes exactly
+the accepted tokens' KV part of the sequence. With a KV receiver it also admits requests prefilled
 elsewhere (`submit_remote`), settling their transfers at the start of each step. The core
 is single-threaded; `AsyncEngine` drives it from a thread and `LLM` drives it in a loop.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 
+import torch
+
+from pdserve.decode_worker.proposers import Draft
 from pdserve.decode_worker.scheduler import DecodeScheduler
+from pdserve.decode_worker.speculation import SpeculativeConfig, Speculator
 from pdserve.decode_worker.transfers import OnTransferFailure, RemoteAdmission
+from pdserve.decode_worker.verification import Verified, verify
 from pdserve.kv_transfer.messages import KVTicket
 from pdserve.kv_transfer.receiver import KVReceiver
 from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
@@ -33,6 +42,7 @@ class EngineCore:
         kv_receiver: KVReceiver | None = None,
         on_transfer_failure: OnTransferFailure = OnTransferFailure.RECOMPUTE,
         transfer_timeout: float = 30.0,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.runner = runner
         self.info = info
@@ -40,6 +50,7 @@ class EngineCore:
         self.sampler = Sampler()
         self.num_steps = 0  # forward passes run
         self.step_seconds = 0.0  # ... and the time they took, sampling included
+        self.speculator = Speculator(speculative) if speculative is not None else None
         self.remote = None
         if kv_receiver is not None:
             self.remote = RemoteAdmission(self.scheduler, kv_receiver, on_transfer_failure, transfer_timeout)
@@ -78,6 +89,8 @@ class EngineCore:
         request = self.scheduler.finish(request_id, reason)
         if request is None:
             return None
+        if self.speculator is not None:
+            self.speculator.forget(request_id)
         return TokenChunk(request_id, (), (), None, reason, request.num_prompt_tokens,
                           request.num_cached_tokens)
 
@@ -87,26 +100,66 @@ class EngineCore:
 
     def step(self) -> list[TokenChunk]:
         """Run one forward over the scheduled work; return one chunk per request that
-        produced a token (and finished ones with their reason)."""
+        produced tokens (and finished ones with their reason)."""
         outputs = self._settle_transfers()
-        chunks = self.scheduler.schedule()
+        drafts = None
+        if self.speculator is not None:
+            drafts = self.speculator.propose([r for r in self.scheduler.running if not r.is_prefilling])
+        chunks = self.scheduler.schedule(drafts)
         if not chunks:
             return outputs
         started = time.perf_counter()
         batch = build_forward_batch(chunks, self.info.block_size, self.runner.device)
         logits = self.runner.execute(batch)
         self.scheduler.update(chunks)
-        sampling = [c.request for c in chunks if c.samples]
-        if sampling:
-            out = self.sampler(logits, [r.params for r in sampling], [r.generator for r in sampling])
-            for row, request in enumerate(sampling):
-                token = int(out.token_ids[row])
-                request.output_ids.append(token)
+        sampling = [c for c in chunks if c.samples]
+        rows = list(itertools.accumulate((1 + len(c.draft) for c in sampling), initial=0))  # logits rows
+        plain = [i for i, c in enumerate(sampling) if not c.draft]
+        if plain:
+            plain_requests = [sampling[i].request for i in plain]
+            if len(plain) < len(sampling):  # some rows verify drafts: take the others' rows
+                logits_plain = logits[torch.tensor([rows[i] for i in plain], device=logits.device)]
+            else:
+                logits_plain = logits
+            out = self.sampler(logits_plain, [r.params for r in plain_requests],
+                               [r.generator for r in plain_requests])
+            for row, request in enumerate(plain_requests):
+                request.output_ids.append(int(out.token_ids[row]))
                 top = out.top_for(row, request.params.logprobs)
                 outputs.append(self._emit(request, float(out.logprobs[row]), top))
+        for i, chunk in enumerate(sampling):
+            if chunk.draft:
+                request = chunk.request
+                verified = verify(logits[rows[i]:rows[i + 1]], Draft(chunk.draft, None), request.params,
+                                  request.generator)
+                outputs.append(self._emit_verified(request, chunk.draft, verified))
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started
         return outputs
+
+    def _emit_verified(self, request: Request, draft: tuple[int, ...], verified: Verified) -> TokenChunk:
+        """Append a verified run of tokens, stopping at the first that ends the request;
+        commit the KV of the accepted draft tokens that were kept."""
+        reason, kept = None, 0
+        for token in verified.token_ids:
+            request.output_ids.append(token)
+            kept += 1
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                break
+        self.scheduler.commit_draft(request, min(verified.num_accepted, kept - 1))
+        self.speculator.record(request.request_id, len(draft), verified.num_accepted)
+        if reason is not None:
+            self.finish_request(request.request_id, reason)
+        tops = verified.top_logprobs[:kept] if verified.top_logprobs is not None else None
+        return TokenChunk(request.request_id, verified.token_ids[:kept], verified.logprobs[:kept], tops,
+                          reason, request.num_prompt_tokens, request.num_cached_tokens)
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        reason = check_stop_token(token, request.num_output_tokens, request.params, self.info.eos_token_ids)
+        if reason is None and request.num_tokens >= self.info.max_model_len:
+            reason = FinishReason.LENGTH
+        return reason
 
     def _settle_transfers(self) -> list[TokenChunk]:
         if self.remote is None:
@@ -123,12 +176,9 @@ class EngineCore:
         """The chunk for the token just appended to `request`; finishes it if that token
         ends it."""
         token = request.output_ids[-1]
-        reason = check_stop_token(token, request.num_output_tokens, request.params,
-                                  self.info.eos_token_ids)
-        if reason is None and request.num_tokens >= self.info.max_model_len:
-            reason = FinishReason.LENGTH
+        reason = self._stop_reason(request, token)
         if reason is not None:
-            self.scheduler.finish(request.request_id, reason)
+            self.finish_request(request.request_id, reason)
         return TokenChunk(request.request_id, (token,), (logprob,), (top,) if top else None, reason,
                           request.num_prompt_tokens, request.num_cached_tokens)
 

@@ -21,6 +21,9 @@ class SeqChunk(NamedTuple):
     start_pos: int  # tokens of this sequence already in the KV cache
     block_table: Sequence[int]
     sample: bool  # whether the logits after the last new token are needed
+    # With `sample`: logits of the last `num_logits` new tokens are returned, in order
+    # (more than one when speculative draft tokens are verified in this step).
+    num_logits: int = 1
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class ForwardBatch:
                 positions.append(pos)
                 slots.append(chunk.block_table[pos // block_size] * block_size + pos % block_size)
             if chunk.sample:
-                sample_indices.append(len(input_ids) - 1)
+                if not 1 <= chunk.num_logits <= n:
+                    raise ValueError(f"sequence {i}: num_logits {chunk.num_logits} outside [1, {n}]")
+                sample_indices.extend(range(len(input_ids) - chunk.num_logits, len(input_ids)))
             query_lens.append(n)
             seq_lens.append(end)
         max_pages = max(-(-s // block_size) for s in seq_lens)

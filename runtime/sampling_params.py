@@ -43,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    speculate: bool = True  # False opts this request out of speculative decoding
 
     def __post_init__(self) -> None:
         # Frozen: normalise through object.__setattr__, before anything reads the fields.

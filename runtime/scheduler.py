@@ -23,6 +23,7 @@ request eventually runs to completion (no starvation).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from pdserve.runtime.block_allocator import BlockAllocator
@@ -38,21 +39,30 @@ class RequestRejected(ValueError):
 
 
 class ScheduledChunk(NamedTuple):
+    """Tokens [start, start + num_tokens) of the request, then (decode only) speculative
+    draft tokens at the positions after them, whose logits verify the draft."""
+
     request: Request
     start: int  # == request.num_computed_tokens when scheduled
     num_tokens: int
+    draft: tuple[int, ...] = ()
 
     @property
     def samples(self) -> bool:
         """The chunk reaches the end of the sequence, so its last logits are sampled."""
         return self.start + self.num_tokens == self.request.num_tokens
 
+    @property
+    def num_input_tokens(self) -> int:
+        return self.num_tokens + len(self.draft)
+
 
 def build_forward_batch(chunks: list[ScheduledChunk], block_size: int, device) -> ForwardBatch:
-    """The forward batch of a step's chunks, in order."""
+    """The forward batch of a step's chunks, in order. A chunk with a draft returns the
+    logits of its last committed token and of every draft token (1 + k rows)."""
     return ForwardBatch.build(
-        [SeqChunk(c.request.token_ids(c.start, c.start + c.num_tokens), c.start,
-                  c.request.block_table, c.samples) for c in chunks],
+        [SeqChunk(c.request.token_ids(c.start, c.start + c.num_tokens) + list(c.draft), c.start,
+                  c.request.block_table, c.samples, 1 + len(c.draft)) for c in chunks],
         block_size, device)
 
 
@@ -66,13 +76,13 @@ class _Step:
 
     def add(self, chunk: ScheduledChunk) -> None:
         self.chunks.append(chunk)
-        self.budget -= chunk.num_tokens
+        self.budget -= chunk.num_input_tokens
 
     def remove(self, request: Request) -> None:
         for chunk in self.chunks:
             if chunk.request is request:
                 self.chunks.remove(chunk)
-                self.budget += chunk.num_tokens
+                self.budget += chunk.num_input_tokens
                 return
 
 
@@ -127,9 +137,11 @@ class BatchScheduler:
 
     # ----------------------------------------------------------------------- one step
 
-    def schedule(self) -> list[ScheduledChunk]:
+    def schedule(self, drafts: Mapping[str, Sequence[int]] | None = None) -> list[ScheduledChunk]:
         """Pick this step's work and allocate its blocks. The returned chunks are in the
-        order their tokens appear in the forward batch."""
+        order their tokens appear in the forward batch. `drafts` (request id -> proposed
+        tokens) adds speculative tokens to decoding requests, cut to what the budget,
+        the context and max_tokens leave."""
         step = _Step(self.config.max_num_batched_tokens)
         decoding = [r for r in self.running if not r.is_prefilling]
         prefilling = [r for r in self.running if r.is_prefilling]
@@ -139,8 +151,11 @@ class BatchScheduler:
             if request not in self.running:
                 continue  # preempted earlier in this step
             n = min(request.num_uncomputed_tokens, self.config.max_prefill_chunk, step.budget)
-            if self._allocate_or_preempt(request, request.num_computed_tokens + n, step):
-                step.add(ScheduledChunk(request, request.num_computed_tokens, n))
+            draft = ()
+            if drafts and not request.is_prefilling:
+                draft = self._fit_draft(request, drafts.get(request.request_id, ()), step.budget - n)
+            if self._allocate_or_preempt(request, request.num_computed_tokens + n + len(draft), step):
+                step.add(ScheduledChunk(request, request.num_computed_tokens, n, draft))
         if not step.preempted:
             self._admit(step)
         return step.chunks
@@ -185,6 +200,27 @@ class BatchScheduler:
         # Back to the front, but behind older preempted requests.
         index = next((i for i, r in enumerate(self.waiting) if r.arrival > request.arrival), len(self.waiting))
         self.waiting.insert(index, request)
+
+    def _fit_draft(self, request: Request, draft: Sequence[int], budget: int) -> tuple[int, ...]:
+        # A step emits at most len(draft) + 1 tokens: all of them must fit the context
+        # and max_tokens.
+        room = min(budget, self.info.max_model_len - request.num_tokens - 1,
+                   request.params.max_tokens - request.num_output_tokens - 1)
+        return tuple(draft[:max(room, 0)])
+
+    def commit_draft(self, request: Request, num_accepted: int) -> None:
+        """After `update`: the first `num_accepted` draft tokens of the request's last
+        chunk were accepted and appended to its output by the caller, so their KV is
+        valid. Blocks that held only rejected tokens go back to the pool now; the prefix
+        cache only ever sees committed tokens."""
+        start = request.num_computed_tokens
+        request.num_computed_tokens += num_accepted
+        keep = -(-request.num_tokens // self.block_size)
+        if len(request.block_table) > keep:
+            self.allocator.free(request.block_table[keep:])
+            del request.block_table[keep:]
+        if request.num_computed_tokens // self.block_size > start // self.block_size:
+            self._cache_computed_pages(request)
 
     def update(self, chunks: list[ScheduledChunk]) -> None:
         """Record that the forward pass computed every scheduled token, and offer pages

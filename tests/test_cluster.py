@@ -315,7 +315,8 @@ def test_grpc_generate_abort_health_and_reflection(disagg, llm):
 def two_decoders(model_dir, disagg):
     disagg.stop_and_check()  # one cluster at a time on a small machine
     server = ServeProcess(model_dir, "--prefill-workers", "1", "--decode-workers", "2",
-                          "--router", "prefix_aware", "--local-prefill-tokens", "8")
+                          "--router", "prefix_aware", "--local-prefill-tokens", "8",
+                          "--speculative", "ngram", "--num-speculative-tokens", "3")
     yield server
     server.stop_and_check()
 
@@ -347,6 +348,24 @@ def test_prefix_aware_routing_follows_the_cached_prefix(two_decoders):
     after = _routes(two_decoders.metrics())
     moved = {k: after[k] - first.get(k, 0) for k in after if after[k] != first.get(k, 0)}
     assert moved == {(holder, "local"): 4}, "short uncached suffix: the holder prefills it locally"
+
+
+def test_speculative_decoding_in_the_cluster_keeps_greedy_output(two_decoders, llm):
+    # The tiny model's greedy text repeats itself; as a prompt, lookup finds drafts in it.
+    seed_prompt = _prompt(11, 20)
+    own_text = llm.generate([seed_prompt], SamplingParams(max_tokens=60, **GREEDY))[0].token_ids
+    prompt = seed_prompt + own_text
+    expected = llm.generate([prompt], SamplingParams(max_tokens=30, **GREEDY))[0]
+    done = two_decoders.client().completions.create(
+        model=two_decoders.model_name, prompt=prompt, max_tokens=30, temperature=0,
+        extra_body={"ignore_eos": True})
+    assert done.choices[0].text == expected.text
+
+    def proposed() -> float:
+        m = two_decoders.metrics()
+        return sum(v for k, v in m.items() if k.startswith("pdserve_worker_spec_proposed_tokens_total"))
+
+    _wait_for(lambda: proposed() > 0, what="speculative drafts in the worker metrics")
 
 
 def test_killed_decode_worker_is_replaced_and_service_restored(two_decoders):

@@ -1,0 +1,127 @@
+"""When and how much a decode worker speculates, and what it counts.
+
+    Speculator.propose(decoding requests) -> {request id: draft tokens}   (before a step)
+    Speculator.record(request id, proposed, accepted)                    (after verifying)
+
+Speculation pays when a step is memory-bound: verifying k+1 positions costs about one
+decode step, so every accepted token is a step saved. It does not pay when the batch is
+large enough to be compute-bound, or when drafts are mostly rejected. So:
+
+  - no drafts at all while more than `max_batch_size` requests decode;
+  - per request, k adapts to its recent acceptance: after a step that accepted everything
+    k grows by one (up to `num_tokens`), after one that accepted nothing it halves; a
+    request whose k reached 0 rests for `rest_steps` steps, then tries k = 1 again;
+  - a request whose params say `speculate=False` never gets a draft.
+
+Counters (`proposed`, `accepted`, `accepted_at[i]`: drafts whose position i was
+accepted, `steps`) feed the worker's metrics; acceptance rate per position is
+accepted_at[i] / proposed_at[i].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pdserve.decode_worker.proposers import NgramProposer, Proposer
+from pdserve.runtime.config import ConfigError
+from pdserve.runtime.request import Request
+
+METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"
+    num_tokens: int = 3  # k: the most draft tokens per request and step
+    max_batch_size: int = 8  # speculate only while at most this many requests decode
+    rest_steps: int = 16  # steps a request with k = 0 waits before trying again
+    ngram_min: int = 2  # n-gram proposer: the shortest suffix it matches
+    ngram_max: int = 4  # ... and the longest, tried first
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 1 <= self.num_tokens <= 16:
+            raise ConfigError(f"num_speculative_tokens must be in [1, 16], got {self.num_tokens}")
+        if self.max_batch_size < 1 or self.rest_steps < 1:
+            raise ConfigError("max_batch_size and rest_steps must be >= 1")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+
+    def make_proposer(self) -> Proposer:
+        return NgramProposer(max_n=self.ngram_max, min_n=self.ngram_min)
+
+
+@dataclass
+class _RequestState:
+    k: int
+    resting: int = 0  # steps left before trying again after k fell to 0
+
+
+@dataclass
+class Speculator:
+    config: SpeculativeConfig
+    proposer: Proposer = None  # type: ignore[assignment]  # set in __post_init__
+    proposed: int = 0
+    accepted: int = 0
+    steps: int = 0  # steps that verified at least one draft
+    proposed_at: list[int] = field(default_factory=list)  # per draft position
+    accepted_at: list[int] = field(default_factory=list)
+    _states: dict[str, _RequestState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.proposer is None:
+            self.proposer = self.config.make_proposer()
+        self.proposed_at = [0] * self.config.num_tokens
+        self.accepted_at = [0] * self.config.num_tokens
+
+    def propose(self, decoding: Sequence[Request]) -> dict[str, tuple[int, ...]]:
+        """Drafts for this step's decoding requests (none when the batch is large)."""
+        if not decoding or len(decoding) > self.config.max_batch_size:
+            return {}
+        chosen, ks = [], []
+        for request in decoding:
+            if not request.params.speculate:
+                continue
+            state = self._states.setdefault(request.request_id, _RequestState(self.config.num_tokens))
+            if state.k == 0:
+                state.resting -= 1
+                if state.resting > 0:
+                    continue
+                state.k = 1
+            chosen.append(request)
+            ks.append(state.k)
+        if not chosen:
+            return {}
+        drafts = self.proposer.propose(chosen, ks)
+        return {r.request_id: d.token_ids for r, d in zip(chosen, drafts) if d.token_ids}
+
+    def record(self, request_id: str, num_proposed: int, num_accepted: int) -> None:
+        """A draft of `num_proposed` tokens was verified; the first `num_accepted` held."""
+        self.steps += 1
+        self.proposed += num_proposed
+        self.accepted += num_accepted
+        for i in range(num_proposed):
+            self.proposed_at[i] += 1
+            self.accepted_at[i] += i < num_accepted
+        self.proposer.on_accepted(request_id, num_accepted)
+        state = self._states.get(request_id)
+        if state is None:
+            return
+        if num_accepted == num_proposed:
+            state.k = min(state.k + 1, self.config.num_tokens)
+        elif num_accepted == 0:
+            state.k //= 2
+            if state.k == 0:
+                state.resting = self.config.rest_steps
+
+    def forget(self, request_id: str) -> None:
+        """The request ended."""
+        self._states.pop(request_id, None)
+        self.proposer.on_finished(request_id)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verifying step: accepted drafts plus the one the target adds."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
