@@ -68,3 +68,31 @@ def test_cli_streams_only_the_answer_to_stdout():
     assert "pdserve:" not in result.stdout  # progress and timing go to stderr
     assert "loading smollm2-135m-instruct" in result.stderr
     assert "finish reason: stop" in result.stderr
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_speculative_greedy_output_is_identical(smollm2, k):
+    from pdserve.decode_worker.speculation import SpeculativeConfig
+
+    passage = ("The keeper climbed the one hundred and twelve steps every evening, trimmed the wick, "
+               "polished the lens and wrote three lines in a leather book.")
+    prompts = [smollm2.tokenizer.encode_chat([{"role": "user", "content": c}]) for c in (
+        f"Repeat this passage exactly, replacing 'keeper' with 'warden': {passage}", CHATS[1])]
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+
+    def run(speculative):
+        engine = EngineCore(smollm2.runner, smollm2.info, SchedulerConfig(), enable_prefix_caching=False,
+                            speculative=speculative)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        outputs = [[] for _ in prompts]
+        while engine.has_unfinished:
+            for chunk in engine.step():
+                outputs[int(chunk.request_id)].extend(chunk.token_ids)
+        assert engine.scheduler.allocator.num_used == 0
+        return outputs, engine.speculator
+
+    baseline, _ = run(None)
+    got, speculator = run(SpeculativeConfig(num_tokens=k, ngram_min=1))
+    assert got == baseline
+    assert speculator.accepted > 10, "the repeat task is where prompt lookup is accepted"
