@@ -102,10 +102,10 @@ class EngineCore:
         """Run one forward over the scheduled work; return one chunk per request that
         produced tokens (and finished ones with their reason)."""
         outputs = self._settle_transfers()
-        drafts = None
+        drafts: dict[str, Draft] = {}
         if self.speculator is not None:
             drafts = self.speculator.propose([r for r in self.scheduler.running if not r.is_prefilling])
-        chunks = self.scheduler.schedule(drafts)
+        chunks = self.scheduler.schedule({request_id: d.token_ids for request_id, d in drafts.items()})
         if not chunks:
             return outputs
         started = time.perf_counter()
@@ -130,7 +130,10 @@ class EngineCore:
         for i, chunk in enumerate(sampling):
             if chunk.draft:
                 request = chunk.request
-                verified = verify(logits[rows[i]:rows[i + 1]], Draft(chunk.draft, None), request.params,
+                # The scheduler may have cut the draft short; q is cut with it.
+                draft = drafts[request.request_id]
+                probs = draft.probs[:len(chunk.draft)] if draft.probs is not None else None
+                verified = verify(logits[rows[i]:rows[i + 1]], Draft(chunk.draft, probs), request.params,
                                   request.generator)
                 outputs.append(self._emit_verified(request, chunk.draft, verified))
         self.num_steps += 1

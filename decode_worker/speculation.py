@@ -1,6 +1,6 @@
 """When and how much a decode worker speculates, and what it counts.
 
-    Speculator.propose(decoding requests) -> {request id: draft tokens}   (before a step)
+    Speculator.propose(decoding requests) -> {request id: Draft}          (before a step)
     Speculator.record(request id, proposed, accepted)                    (after verifying)
 
 Speculation pays when a step is memory-bound: verifying k+1 positions costs about one
@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pdserve.decode_worker.proposers import NgramProposer, Proposer
+from pdserve.decode_worker.proposers import Draft, NgramProposer, Proposer
 from pdserve.runtime.config import ConfigError
 from pdserve.runtime.request import Request
 
@@ -76,7 +76,7 @@ class Speculator:
         self.proposed_at = [0] * self.config.num_tokens
         self.accepted_at = [0] * self.config.num_tokens
 
-    def propose(self, decoding: Sequence[Request]) -> dict[str, tuple[int, ...]]:
+    def propose(self, decoding: Sequence[Request]) -> dict[str, Draft]:
         """Drafts for this step's decoding requests (none when the batch is large)."""
         if not decoding or len(decoding) > self.config.max_batch_size:
             return {}
@@ -95,7 +95,7 @@ class Speculator:
         if not chosen:
             return {}
         drafts = self.proposer.propose(chosen, ks)
-        return {r.request_id: d.token_ids for r, d in zip(chosen, drafts) if d.token_ids}
+        return {r.request_id: d for r, d in zip(chosen, drafts) if d.token_ids}
 
     def record(self, request_id: str, num_proposed: int, num_accepted: int) -> None:
         """A draft of `num_proposed` tokens was verified; the first `num_accepted` held."""
