@@ -16,10 +16,13 @@ import httpx
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "bench" / "serving.py"
-_SPEC = importlib.util.spec_from_file_location("bench_serving", _PATH)
+_BENCH = Path(__file__).resolve().parent.parent / "bench"
+# serving.py imports its parts (bench/serving_*.py) as top-level modules, as a script run from
+# bench/ does; appended, so that bench/ shadows no module of the test run.
+sys.path.append(str(_BENCH))
+_SPEC = importlib.util.spec_from_file_location("bench_serving", _BENCH / "serving.py")
 serving = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = serving  # dataclasses look their module up there
+sys.modules[_SPEC.name] = serving  # registered, as an import would
 _SPEC.loader.exec_module(serving)
 
 VOCAB = 49152

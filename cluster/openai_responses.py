@@ -1,0 +1,149 @@
+"""Response bodies of the OpenAI-compatible HTTP API: completions, chat completions and
+their stream chunks, usage, logprobs, the model list and the error shape.
+
+These models are what `/openapi.json` publishes for the responses; they are built by
+`openai_bodies` (generations) and `openai_errors` (errors), and never parse client input.
+Fields that extend OpenAI's shapes (`token_ids`, `prompt_token_ids`) are left out of a body
+when unset.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from pdserve.cluster.frontend import Usage
+
+# Extension fields are left out of a body when unset, so plain OpenAI clients see plain bodies.
+_OMIT_IF_NONE: Any = {"default": None, "exclude_if": lambda value: value is None}
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, usage: Usage) -> UsageInfo:
+        return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   total_tokens=usage.total_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens))
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: per token its text, logprob, the most likely alternatives
+    (plus the sampled token) by text, and its character offset in the completion."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion, or one stream chunk of it (same object, as OpenAI does)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = Field(**_OMIT_IF_NONE)
+    prompt_token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    prompt_token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(**_OMIT_IF_NONE)
+    content: str | None = Field(**_OMIT_IF_NONE)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = Field(**_OMIT_IF_NONE)
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "pdserve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
