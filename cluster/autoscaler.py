@@ -1,0 +1,148 @@
+"""How many prefill and how many decode workers the cluster should run, from queue depth.
+
+    Autoscaler.observe(now, prefill stats, decode stats) -> [Decision(role, current, desired, reason)]
+
+It only decides counts; the controller starts or drains workers, and Ray (KubeRay's
+autoscaler on Kubernetes) finds nodes for them through the role resources.
+
+Signals (the same `WorkerStats` the router and /metrics read):
+    prefill  pending prompt tokens on the prefill workers (queued, not yet computed);
+             wanted workers = ceil(tokens / prefill_tokens_per_worker)
+    decode   requests waiting on the decode workers (queued for admission or for their KV);
+             wanted workers = ceil(waiting / decode_waiting_per_worker), and one more than
+             now while the mean KV usage is above `decode_kv_usage_high`
+
+Against flapping:
+    - the signal is averaged over the last `window_seconds`;
+    - up: as soon as the averaged want exceeds the count, at most once per `up_cooldown`;
+    - down: one worker at a time, only when the averaged want would fit in one worker
+      fewer with headroom to spare (want <= (count - 1) * `down_headroom`) for all of
+      `down_delay` seconds, and at most once per `down_cooldown`; a want between that and
+      the count (the hysteresis band) changes nothing;
+    - counts stay within [min, max] per role; a count outside (e.g. at start) is corrected
+      at once, without waiting for a cooldown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pdserve.cluster.worker_stats import WorkerStats
+from pdserve.runtime.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ScalingPolicy:
+    min_prefill: int = 1
+    max_prefill: int = 4
+    min_decode: int = 1
+    max_decode: int = 4
+    prefill_tokens_per_worker: int = 4096  # pending prompt tokens one prefill worker should hold
+    decode_waiting_per_worker: int = 4  # requests waiting per decode worker before adding one
+    decode_kv_usage_high: float = 0.85
+    window_seconds: float = 10.0
+    up_cooldown: float = 30.0
+    down_delay: float = 60.0
+    down_cooldown: float = 60.0
+    down_headroom: float = 0.7
+
+    def __post_init__(self) -> None:
+        for role in ("prefill", "decode"):
+            low, high = getattr(self, f"min_{role}"), getattr(self, f"max_{role}")
+            floor = 0 if role == "prefill" else 1
+            if not floor <= low <= high:
+                raise ConfigError(f"need {floor} <= min_{role} <= max_{role}, got {low} and {high}")
+        if self.prefill_tokens_per_worker < 1 or self.decode_waiting_per_worker < 1:
+            raise ConfigError("prefill_tokens_per_worker and decode_waiting_per_worker must be >= 1")
+        if not 0 < self.down_headroom <= 1:
+            raise ConfigError(f"down_headroom must be in (0, 1], got {self.down_headroom}")
+        if not 0 < self.decode_kv_usage_high <= 1:
+            raise ConfigError(f"decode_kv_usage_high must be in (0, 1], got {self.decode_kv_usage_high}")
+
+    def bounds(self, role: str) -> tuple[int, int]:
+        return getattr(self, f"min_{role}"), getattr(self, f"max_{role}")
+
+
+class Decision(NamedTuple):
+    role: str
+    current: int
+    desired: int
+    reason: str
+
+    @property
+    def direction(self) -> str:
+        return "up" if self.desired > self.current else "down"
+
+
+class _RoleState:
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, float, str]] = deque()  # (time, wanted workers, why)
+        self.last_change = -math.inf
+        self.below_since: float | None = None  # when the want first fell below the band
+
+
+class Autoscaler:
+    def __init__(self, policy: ScalingPolicy) -> None:
+        self.policy = policy
+        self._roles = {"prefill": _RoleState(), "decode": _RoleState()}
+
+    def observe(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats]) -> list[Decision]:
+        """Take one snapshot of every worker's stats; return the changes to make now
+        (at most one per role). `len(prefill)` and `len(decode)` are the current counts."""
+        decisions = []
+        for role, stats, (wanted, why) in (("prefill", prefill, self._prefill_want(prefill)),
+                                            ("decode", decode, self._decode_want(decode))):
+            decision = self._decide(role, now, len(stats), wanted, why)
+            if decision is not None:
+                decisions.append(decision)
+        return decisions
+
+    # ------------------------------------------------------------------ signals
+
+    def _prefill_want(self, stats: Sequence[WorkerStats]) -> tuple[float, str]:
+        tokens = sum(s.num_waiting_tokens for s in stats)
+        return tokens / self.policy.prefill_tokens_per_worker, f"{tokens} prompt tokens pending on prefill"
+
+    def _decode_want(self, stats: Sequence[WorkerStats]) -> tuple[float, str]:
+        waiting = sum(s.num_waiting + s.num_waiting_for_kv for s in stats)
+        wanted = waiting / self.policy.decode_waiting_per_worker
+        usage = sum(s.kv_usage for s in stats) / len(stats) if stats else 0.0
+        why = f"{waiting} requests waiting on decode, KV usage {usage:.0%}"
+        if usage > self.policy.decode_kv_usage_high:
+            wanted = max(wanted, len(stats) + 1)
+        return wanted, why
+
+    # ------------------------------------------------------------------ decisions
+
+    def _decide(self, role: str, now: float, current: int, wanted: float, why: str) -> Decision | None:
+        p, state = self.policy, self._roles[role]
+        low, high = p.bounds(role)
+        state.samples.append((now, wanted, why))
+        while state.samples and state.samples[0][0] < now - p.window_seconds:
+            state.samples.popleft()
+        if not low <= current <= high:
+            state.last_change = now
+            return Decision(role, current, min(max(current, low), high), f"outside [{low}, {high}]")
+        average = sum(w for _, w, _ in state.samples) / len(state.samples)
+        desired = min(max(math.ceil(average - 1e-9), low), high)
+        if desired < current and average > (current - 1) * p.down_headroom:
+            desired = current  # inside the hysteresis band
+        if desired > current:
+            state.below_since = None
+            if now - state.last_change < p.up_cooldown:
+                return None
+            state.last_change = now
+            return Decision(role, current, desired, f"{why} (average want {average:.2f} workers)")
+        if desired < current:
+            state.below_since = state.below_since if state.below_since is not None else now
+            if now - state.below_since < p.down_delay or now - state.last_change < p.down_cooldown:
+                return None
+            state.last_change, state.below_since = now, None
+            return Decision(role, current, current - 1, f"{why} (average want {average:.2f} workers "
+                            f"for {p.down_delay:.0f} s)")
+        state.below_since = None
+        return None
