@@ -90,13 +90,16 @@ class Autoscaler:
         self.policy = policy
         self._roles = {"prefill": _RoleState(), "decode": _RoleState()}
 
-    def observe(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats]) -> list[Decision]:
-        """Take one snapshot of every worker's stats; return the changes to make now
-        (at most one per role). `len(prefill)` and `len(decode)` are the current counts."""
+    def observe(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats],
+                counts: dict[str, int] | None = None) -> list[Decision]:
+        """Take one snapshot of the serving workers' stats; return the changes to make now
+        (at most one per role). The current count of a role is `counts[role]` if given
+        (workers still starting count as there), else the number of its stats."""
         decisions = []
         for role, stats, (wanted, why) in (("prefill", prefill, self._prefill_want(prefill)),
                                             ("decode", decode, self._decode_want(decode))):
-            decision = self._decide(role, now, len(stats), wanted, why)
+            current = counts[role] if counts is not None else len(stats)
+            decision = self._decide(role, now, current, wanted, why)
             if decision is not None:
                 decisions.append(decision)
         return decisions

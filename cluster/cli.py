@@ -92,8 +92,30 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--transfer-timeout", type=float, default=30.0)
     serve.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
     serve.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker")
-    serve.add_argument("--speculative", choices=["ngram"], default=None,
-                       help="speculative decoding on the decode workers: ngram = prompt lookup")
+    scale = serve.add_argument_group("autoscaling (by queue depth; --prefill/--decode-workers are the start)")
+    scale.add_argument("--autoscale", action="store_true", help="scale prefill and decode workers separately")
+    scale.add_argument("--min-prefill", type=_non_negative_int, default=1)
+    scale.add_argument("--max-prefill", type=_non_negative_int, default=4)
+    scale.add_argument("--min-decode", type=_positive_int, default=1)
+    scale.add_argument("--max-decode", type=_positive_int, default=4)
+    scale.add_argument("--autoscale-prefill-tokens", type=_positive_int, default=4096,
+                       help="pending prompt tokens per prefill worker before adding one")
+    scale.add_argument("--autoscale-decode-waiting", type=_positive_int, default=4,
+                       help="waiting requests per decode worker before adding one")
+    scale.add_argument("--autoscale-window", type=float, default=10.0, help="seconds the signals are averaged over")
+    scale.add_argument("--autoscale-up-cooldown", type=float, default=30.0)
+    scale.add_argument("--autoscale-down-delay", type=float, default=60.0,
+                       help="seconds the load must stay low before a worker is drained")
+    scale.add_argument("--autoscale-down-cooldown", type=float, default=60.0)
+    serve.add_argument("--speculative", choices=["ngram", "draft"], default=None,
+                       help="speculative decoding on the decode workers: ngram = prompt lookup, "
+                            "draft = a draft model (--draft-model or --draft-layers)")
+    serve.add_argument("--draft-model", default=None,
+                       help="with --speculative draft: a smaller model of the same tokenizer "
+                            "(HuggingFace directory or .gguf file)")
+    serve.add_argument("--draft-layers", type=_positive_int, default=None,
+                       help="with --speculative draft: self-draft with the model's first N layers "
+                            "(shares its weights)")
     serve.add_argument("--num-speculative-tokens", type=_positive_int, default=3,
                        help="the most draft tokens per request and step (adapted to acceptance)")
     serve.add_argument("--speculative-max-batch", type=_positive_int, default=8,
@@ -119,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pdserve.cluster.autoscaler import ScalingPolicy
     from pdserve.cluster.gateway import GatewayConfig
     from pdserve.cluster.worker_spec import WorkerSpec
     from pdserve.decode_worker.speculation import SpeculativeConfig
@@ -127,9 +150,12 @@ def _serve(args: argparse.Namespace) -> int:
     num_prefill = 0 if args.colocated else args.prefill_workers
     try:
         speculative = None
+        if args.speculative is None and (args.draft_model is not None or args.draft_layers is not None):
+            raise ConfigError("--draft-model and --draft-layers need --speculative draft")
         if args.speculative is not None:
             speculative = SpeculativeConfig(method=args.speculative, num_tokens=args.num_speculative_tokens,
-                                            max_batch_size=args.speculative_max_batch)
+                                            max_batch_size=args.speculative_max_batch,
+                                            draft_model=args.draft_model, draft_layers=args.draft_layers)
         spec = WorkerSpec(
             model=args.model, max_model_len=args.max_model_len, block_size=args.block_size,
             kv_cache_memory_bytes=args.kv_cache_memory * 1024**2, max_num_seqs=args.max_num_seqs,
@@ -138,15 +164,26 @@ def _serve(args: argparse.Namespace) -> int:
             max_queued_requests=args.max_queued_requests, transfer_timeout=args.transfer_timeout,
             on_transfer_failure=args.on_transfer_failure, kv_transport=args.kv_transport,
             kv_host="127.0.0.1" if args.address is None else None, speculative=speculative)
+        scaling = None
+        if args.autoscale:
+            scaling = ScalingPolicy(
+                min_prefill=0 if args.colocated else args.min_prefill,
+                max_prefill=0 if args.colocated else args.max_prefill,
+                min_decode=args.min_decode, max_decode=args.max_decode,
+                prefill_tokens_per_worker=args.autoscale_prefill_tokens,
+                decode_waiting_per_worker=args.autoscale_decode_waiting, window_seconds=args.autoscale_window,
+                up_cooldown=args.autoscale_up_cooldown, down_delay=args.autoscale_down_delay,
+                down_cooldown=args.autoscale_down_cooldown)
         config = GatewayConfig(
             spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
             host=args.host, port=args.port, grpc_port=args.grpc_port, api_key=args.api_key,
             served_model_name=args.served_model_name, max_in_flight=args.max_in_flight,
-            local_prefill_tokens=args.local_prefill_tokens)
+            local_prefill_tokens=args.local_prefill_tokens, scaling=scaling)
     except (ConfigError, ValueError) as exc:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
-    ray = _start_ray(args.address, num_prefill, args.decode_workers)
+    most = (scaling.max_prefill, scaling.max_decode) if scaling else (num_prefill, args.decode_workers)
+    ray = _start_ray(args.address, *most)
     try:
         return asyncio.run(_run_gateway(config))
     finally:

@@ -7,6 +7,11 @@ events into the router's `PrefixIndex`. A worker whose process died, or that mis
 `max_missed_polls` polls in a row, is removed (its requests end with a clear error at
 the gateway) and a replacement is started from the same `WorkerSpec`.
 
+With an `Autoscaler`, each poll round also asks it for the number of workers per role:
+new workers are started like replacements; a worker to remove is drained first - it
+leaves the router's view at once, finishes the requests it holds, and only then stops -
+so scaling down loses no request. Every decision goes to `on_decision` (metrics, log).
+
 KV links: for each (prefill, decode) pair the transport is chosen by
 `choose_transport` (forced by the spec or picked per pair), the decode worker opens a
 listener of that kind, and the prefill worker proves it with a ping before the pair is
@@ -17,11 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from pdserve.cluster.autoscaler import Autoscaler, Decision
 from pdserve.cluster.router import PrefixIndex, WorkerView
 from pdserve.cluster.worker_spec import WorkerSpec
 from pdserve.cluster.worker_stats import WorkerStats
@@ -48,6 +56,13 @@ class WorkerHandle:
     in_flight: int = 0  # requests this gateway has on it now
     in_flight_tokens: int = 0  # their prompt tokens (prefill workers)
     kv_addresses: dict[str, str] = field(default_factory=dict)  # prefill only: decode id -> address
+    draining: bool = False  # being removed: no new requests, stops once it holds none
+
+    @property
+    def idle(self) -> bool:
+        """Holds no request: none from this gateway in flight, none queued or running."""
+        s = self.stats
+        return self.in_flight == 0 and (s is None or not (s.num_running or s.num_waiting or s.num_waiting_for_kv))
 
     def view(self) -> WorkerView:
         usage = self.stats.kv_usage if self.stats is not None else 0.0
@@ -57,7 +72,8 @@ class WorkerHandle:
 class Controller:
     def __init__(self, spec: WorkerSpec, num_prefill: int, num_decode: int, index: PrefixIndex,
                  cpus_per_worker: float = 1.0, poll_interval: float = 0.5, poll_timeout: float = 10.0,
-                 max_missed_polls: int = 3) -> None:
+                 max_missed_polls: int = 3, autoscaler: Autoscaler | None = None,
+                 on_decision: Callable[[Decision], None] | None = None, drain_timeout: float = 600.0) -> None:
         self.spec = spec
         self.target = {"prefill": num_prefill, "decode": num_decode}
         self.index = index
@@ -65,16 +81,29 @@ class Controller:
         self.poll_interval = poll_interval
         self.poll_timeout = poll_timeout
         self.max_missed_polls = max_missed_polls
+        self.autoscaler = autoscaler
+        self.on_decision = on_decision
+        self.drain_timeout = drain_timeout
         self.workers: dict[str, WorkerHandle] = {}
         self.num_replaced = 0
         self._next_id = {"prefill": 0, "decode": 0}
         self._monitor: asyncio.Task | None = None
-        self._replacing: set[asyncio.Task] = set()
+        self._replacing: set[asyncio.Task] = set()  # starting (replacements and scale-ups) and draining
+        self._starting = {"prefill": 0, "decode": 0}
 
     # ------------------------------------------------------------------ membership
 
     def members(self, role: str) -> list[WorkerHandle]:
-        return [w for w in self.workers.values() if w.role == role]
+        """The workers of `role` that take new requests (draining ones excluded)."""
+        return [w for w in self.workers.values() if w.role == role and not w.draining]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """(role, state) -> number of workers; state is starting, serving or draining."""
+        out = {(role, "starting"): n for role, n in self._starting.items()}
+        for w in self.workers.values():
+            key = (w.role, "draining" if w.draining else "serving")
+            out[key] = out.get(key, 0) + 1
+        return out
 
     def all_stats(self) -> list[WorkerStats]:
         return [w.stats for w in self.workers.values() if w.stats is not None]
@@ -137,6 +166,8 @@ class Controller:
     async def _monitor_loop(self) -> None:
         while True:
             await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
+            if self.autoscaler is not None:
+                self._autoscale()
             await asyncio.sleep(self.poll_interval)
 
     async def _poll(self, handle: WorkerHandle) -> None:
@@ -155,6 +186,44 @@ class Controller:
         handle.stats = stats
         self.index.apply(handle.worker_id, events)
 
+    # ------------------------------------------------------------------ scaling
+
+    def _autoscale(self) -> None:
+        serving = {role: [w.stats for w in self.members(role) if w.stats is not None] for role in self.target}
+        counts = {role: len(self.members(role)) + self._starting[role] for role in self.target}
+        for decision in self.autoscaler.observe(time.monotonic(), serving["prefill"], serving["decode"], counts):
+            log.info("autoscaler: %s %s %d -> %d: %s", decision.role, decision.direction, decision.current,
+                     decision.desired, decision.reason)
+            if self.on_decision is not None:
+                self.on_decision(decision)
+            if decision.desired > decision.current:
+                for _ in range(decision.desired - decision.current):
+                    self._spawn(self._start_replacement(decision.role))
+            else:
+                # The least busy leave: their requests finish soonest.
+                victims = sorted(self.members(decision.role), key=lambda w: (w.in_flight, w.worker_id))
+                for handle in victims[:decision.current - decision.desired]:
+                    handle.draining = True
+                    self._spawn(self._drain(handle))
+
+    async def _drain(self, handle: WorkerHandle) -> None:
+        """Stop `handle` once it holds no request (or after `drain_timeout`)."""
+        deadline = time.monotonic() + self.drain_timeout
+        while not handle.idle and time.monotonic() < deadline and handle.worker_id in self.workers:
+            await asyncio.sleep(self.poll_interval)
+        if self.workers.pop(handle.worker_id, None) is None:
+            return  # it died meanwhile (and was replaced... by nobody: it was leaving anyway)
+        self.index.forget(handle.worker_id)
+        for other in self.members("prefill"):
+            other.kv_addresses.pop(handle.worker_id, None)
+        log.info("%s worker %s drained and stopped", handle.role, handle.worker_id)
+        await self._stop(handle)
+
+    def _spawn(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
     def worker_died(self, handle: WorkerHandle, why: str) -> None:
         """A caller saw the worker's process die: replace it now, not at the next poll."""
         self._replace(handle, why)
@@ -162,26 +231,32 @@ class Controller:
     def _replace(self, handle: WorkerHandle, why: str) -> None:
         if self.workers.pop(handle.worker_id, None) is None:
             return
-        log.error("%s worker %s is gone: %s; starting a replacement", handle.role, handle.worker_id, why)
         self.index.forget(handle.worker_id)
         for other in self.members("prefill"):
             other.kv_addresses.pop(handle.worker_id, None)
         ray.kill(handle.actor)
-        task = asyncio.create_task(self._start_replacement(handle.role))
-        self._replacing.add(task)
-        task.add_done_callback(self._replacing.discard)
+        if handle.draining:
+            log.warning("%s worker %s died while draining: %s", handle.role, handle.worker_id, why)
+            return
+        log.error("%s worker %s is gone: %s; starting a replacement", handle.role, handle.worker_id, why)
+        self.num_replaced += 1
+        self._spawn(self._start_replacement(handle.role))
 
     async def _start_replacement(self, role: str) -> None:
+        """Start one more worker of `role`, retrying until it comes up."""
         delay = 1.0
-        while True:
-            try:
-                await self._add_worker(role)
-                self.num_replaced += 1
-                return
-            except WorkerStartError as exc:
-                log.error("replacement %s worker failed: %s; retrying in %.0f s", role, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        self._starting[role] += 1
+        try:
+            while True:
+                try:
+                    await self._add_worker(role)
+                    return
+                except WorkerStartError as exc:
+                    log.error("starting a %s worker failed: %s; retrying in %.0f s", role, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+        finally:
+            self._starting[role] -= 1
 
     async def _stop(self, handle: WorkerHandle) -> None:
         try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from pdserve.cluster.autoscaler import Autoscaler, ScalingPolicy
 from pdserve.cluster.controller import Controller
 from pdserve.cluster.frontend import Frontend, ModelCard
 from pdserve.cluster.grpc_api import start_grpc_server
@@ -45,6 +46,7 @@ class GatewayConfig:
     max_in_flight: int = 1024  # gateway-wide bound; past it requests get 429
     local_prefill_tokens: int = 32  # uncached prompt tokens at most which decode prefills itself
     cpus_per_worker: float = 1.0
+    scaling: ScalingPolicy | None = None  # autoscale worker counts within its bounds
 
 
 class Ready:
@@ -75,8 +77,10 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
     name = config.served_model_name or config.spec.model
     index = PrefixIndex()
     controller = Controller(config.spec, config.num_prefill, config.num_decode, index,
-                            cpus_per_worker=config.cpus_per_worker)
-    metrics = GatewayMetrics(worker_stats=controller.all_stats)
+                            cpus_per_worker=config.cpus_per_worker,
+                            autoscaler=Autoscaler(config.scaling) if config.scaling else None)
+    metrics = GatewayMetrics(worker_stats=controller.all_stats, worker_counts=controller.counts)
+    controller.on_decision = metrics.scaled  # the metrics read the controller, and count its decisions
     router = Router(POLICIES[config.router](), config.spec.block_size, index,
                     local_prefill_tokens=config.local_prefill_tokens)
     frontend = Frontend(ClusterBackend(controller, router, metrics), checkpoint.tokenizer,

@@ -20,7 +20,8 @@ TTFT_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "first_decode_
 
 
 class GatewayMetrics:
-    def __init__(self, worker_stats: Callable[[], Iterable[WorkerStats]] = tuple) -> None:
+    def __init__(self, worker_stats: Callable[[], Iterable[WorkerStats]] = tuple,
+                 worker_counts: Callable[[], dict[tuple[str, str], int]] = dict) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.errors = Counter("pdserve_request_errors", "Requests refused or failed, by error kind "
@@ -40,7 +41,10 @@ class GatewayMetrics:
         self.routes = Counter("pdserve_routes", "Routing decisions, by decode worker and prefill path "
                               "(remote: a prefill worker; local: the decode worker prefills)",
                               ["decode_worker", "prefill"], registry=r)
+        self.scaling = Counter("pdserve_autoscaler_decisions", "Autoscaler decisions, by role and direction "
+                               "(the reason of each is logged)", ["role", "direction"], registry=r)
         r.register(_WorkerCollector(worker_stats))
+        r.register(_CountCollector(worker_counts))
 
     def error(self, kind: ErrorKind) -> None:
         self.errors.labels(kind.name.lower()).inc()
@@ -58,6 +62,10 @@ class GatewayMetrics:
     def observe_ttft_split(self, stages: dict[str, float]) -> None:
         for stage, seconds in stages.items():
             self.ttft_split.labels(stage).observe(max(0.0, seconds))
+
+    def scaled(self, decision) -> None:
+        """An `autoscaler.Decision` was made."""
+        self.scaling.labels(decision.role, decision.direction).inc()
 
     def routed(self, decode_worker: str, remote_prefill: bool) -> None:
         self.routes.labels(decode_worker, "remote" if remote_prefill else "local").inc()
@@ -122,3 +130,19 @@ class _WorkerCollector:
                 accepted_at.add_metric([stats.role, stats.worker_id, str(position)], float(accepted))
         yield proposed_at
         yield accepted_at
+
+
+class _CountCollector:
+    """Workers per role and state (starting, serving, draining), from the controller."""
+
+    def __init__(self, worker_counts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self._worker_counts = worker_counts
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = GaugeMetricFamily("pdserve_workers", "Workers by role and state", labels=["role", "state"])
+        for (role, state), count in sorted(self._worker_counts().items()):
+            family.add_metric([role, state], float(count))
+        yield family

@@ -50,7 +50,8 @@ class EngineCore:
         self.sampler = Sampler()
         self.num_steps = 0  # forward passes run
         self.step_seconds = 0.0  # ... and the time they took, sampling included
-        self.speculator = Speculator(speculative) if speculative is not None else None
+        self.speculator = (Speculator(speculative, speculative.make_proposer(runner, info))
+                           if speculative is not None else None)
         self.remote = None
         if kv_receiver is not None:
             self.remote = RemoteAdmission(self.scheduler, kv_receiver, on_transfer_failure, transfer_timeout)

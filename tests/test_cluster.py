@@ -12,111 +12,18 @@ Greedy references come from the in-process engine (`LLM`) on the same checkpoint
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import grpc
 import httpx
 import openai
-import psutil
 import pytest
+from serve_process import API_KEY, BLOCK, ServeProcess, cmdline, wait_for, workers_idle
 
 from pdserve import LLM, SamplingParams
 from pdserve.proto import serving_pb2, serving_pb2_grpc
-
-API_KEY = "test-key"
-BLOCK = 4
-READY = re.compile(r"OpenAI API at (http://[\d.:]+)/v1, gRPC at ([\d.:]+)")
-START_TIMEOUT = 240  # seconds: local Ray plus three worker processes on a 2-core machine
-
-
-class ServeProcess:
-    """`pdserve serve ...` as a child process; knows where it listens."""
-
-    def __init__(self, model: str, *args: str) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", "0", "--grpc-port", "0",
-               "--api-key", API_KEY, "--block-size", str(BLOCK), "--kv-cache-memory", "1", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self.http_url = self.grpc_address = ""
-        self.model_name = model
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(START_TIMEOUT) or self.proc.poll() is not None:
-            self.stop()
-            raise AssertionError("pdserve serve did not become ready:\n" + "".join(self.lines[-60:]))
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            match = READY.search(line)
-            if match:
-                self.http_url, self.grpc_address = match.group(1), match.group(2)
-                self._ready.set()
-        self._ready.set()
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self) -> int:
-        """Ctrl-C, as a user would; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def stop_and_check(self) -> None:
-        """Ctrl-C: exit code 0 and no process of its tree left behind (local Ray included)."""
-        if self.proc.poll() is not None:
-            return
-        children = self.descendants()
-        assert self.stop() == 0, "".join(self.lines[-40:])
-        _, alive = psutil.wait_procs(children, timeout=30)
-        assert not alive, f"processes left after Ctrl-C: {[_cmdline(p) for p in alive]}"
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.http_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.http_url}/metrics", timeout=30).text
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
-
-
-def _wait_for(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _workers_idle(metrics: dict[str, float]) -> bool:
-    """Every worker holds no KV for requests and runs nothing: the pool is at baseline."""
-    busy = [k for k, v in metrics.items()
-            if k.startswith(("pdserve_worker_kv_usage", "pdserve_worker_running_requests",
-                             "pdserve_worker_waiting_for_kv_requests", "pdserve_worker_queue_requests")) and v]
-    workers = [k for k in metrics if k.startswith("pdserve_worker_kv_usage")]
-    return bool(workers) and not busy
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +114,12 @@ def test_32_concurrent_streams_each_equal_their_reference(disagg, llm):
     # Worker counters reach /metrics with the controller's next poll: every transfer the
     # gateway started so far (this test's and earlier ones) succeeded.
     succeeded = 'pdserve_worker_transfer_outcomes_total{outcome="succeeded",role="decode",worker="decode-0"}'
-    _wait_for(lambda: disagg.metrics().get(succeeded) == after[remote], what="transfer outcomes")
+    wait_for(lambda: disagg.metrics().get(succeeded) == after[remote], what="transfer outcomes")
     assert after['pdserve_request_ttft_split_seconds_count{stage="kv_transfer"}'] >= 32
 
 
 def test_client_disconnect_mid_stream_frees_kv_on_both_workers(disagg):
-    _wait_for(lambda: _workers_idle(disagg.metrics()), what="an idle cluster")
+    wait_for(lambda: workers_idle(disagg.metrics()), what="an idle cluster")
     body = {"model": disagg.model_name, "prompt": _prompt(7, 60), "max_tokens": 900, "temperature": 0,
             "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -222,7 +129,7 @@ def test_client_disconnect_mid_stream_frees_kv_on_both_workers(disagg):
         lines = response.iter_lines()
         got = [line for line, _ in zip(lines, range(6)) if line.startswith("data:")]
         assert got
-    _wait_for(lambda: _workers_idle(disagg.metrics()), what="KV usage back to baseline after disconnect")
+    wait_for(lambda: workers_idle(disagg.metrics()), what="KV usage back to baseline after disconnect")
     m = disagg.metrics()
     assert m['pdserve_requests_finished_total{finish_reason="length"}'] >= 1
 
@@ -305,7 +212,7 @@ def test_grpc_generate_abort_health_and_reflection(disagg, llm):
             list_services="")]), timeout=30))
         names = {s.name for s in answers[0].list_services_response.service}
         assert {"pdserve.serving.v1.Generation", "grpc.health.v1.Health"} <= names
-    _wait_for(lambda: _workers_idle(disagg.metrics()), what="KV usage back to baseline after Abort")
+    wait_for(lambda: workers_idle(disagg.metrics()), what="KV usage back to baseline after Abort")
 
 
 # --------------------------------------------------------------------- routing and worker loss
@@ -365,12 +272,12 @@ def test_speculative_decoding_in_the_cluster_keeps_greedy_output(two_decoders, l
         m = two_decoders.metrics()
         return sum(v for k, v in m.items() if k.startswith("pdserve_worker_spec_proposed_tokens_total"))
 
-    _wait_for(lambda: proposed() > 0, what="speculative drafts in the worker metrics")
+    wait_for(lambda: proposed() > 0, what="speculative drafts in the worker metrics")
 
 
 def test_killed_decode_worker_is_replaced_and_service_restored(two_decoders):
     client = two_decoders.client()
-    victims = [p for p in two_decoders.descendants() if "DecodeWorker" in " ".join(_cmdline(p))]
+    victims = [p for p in two_decoders.descendants() if "DecodeWorker" in " ".join(cmdline(p))]
     assert len(victims) == 2
     killed = _decode_workers(two_decoders)
     body = {"model": two_decoders.model_name, "prompt": _prompt(5, 40), "max_tokens": 900, "temperature": 0,
@@ -387,7 +294,7 @@ def test_killed_decode_worker_is_replaced_and_service_restored(two_decoders):
             if '"error"' in line:
                 errors.append(line)
     assert errors and "died" in errors[0]
-    _wait_for(lambda: _healthy_with_new_decoders(two_decoders, killed), timeout=180,
+    wait_for(lambda: _healthy_with_new_decoders(two_decoders, killed), timeout=180,
               what="replacement decode workers")
     done = client.completions.create(model=two_decoders.model_name, prompt=_prompt(6, 20), max_tokens=4,
                                      temperature=0)
@@ -404,10 +311,3 @@ def _healthy_with_new_decoders(server: ServeProcess, killed: set[str]) -> bool:
         return False
     workers = _decode_workers(server)
     return len(workers) == 2 and not workers & killed
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []

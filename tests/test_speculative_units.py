@@ -107,10 +107,12 @@ def test_ngram_forgets_on_finished_and_never_mixes_reused_ids():
     proposer.on_finished("never-seen")  # safe for unknown ids
     assert proposer.num_tracked == 0
 
-    # The same id for a different sequence, with and without on_finished in between.
-    for _ in range(2):
-        other = make_request([1, 2, 7, 8, 1, 2], request_id="a")
-        assert proposer.propose([other], [2])[0].token_ids == (7, 8)
+    # The id reused for another sequence: after on_finished, and then without it (the
+    # index of the previous "a" must not be extended with the new sequence's tokens).
+    second = make_request([1, 2, 7, 8, 1, 2], request_id="a")
+    assert proposer.propose([second], [2])[0].token_ids == (7, 8)
+    third = make_request([3, 4, 6, 0, 0, 3, 4], request_id="a")
+    assert proposer.propose([third], [2])[0].token_ids == (6, 0)
     assert proposer.num_tracked == 1
 
 
@@ -230,11 +232,13 @@ def test_a_draft_token_the_target_filters_out_is_always_rejected():
 
 def test_rejection_with_no_residual_mass_falls_back_to_the_target():
     # q = 2p overstates every token (sums to 2): d is kept with probability 1/2 and the
-    # residual max(0, p - q) is all zero, so a rejection must draw from p itself.
-    p = target_probs(FILTERED)[:1]
+    # residual max(0, p - q) is all zero, so a rejection must draw from p itself. At
+    # position 1 FILTERED removes token 0, which an all-zero draw would give.
+    p = target_probs(FILTERED)[1:2]
+    assert p[0, 0] == 0
     draft_token = int(p[0].argmax())
     gen = make_generator(5, "cpu")
-    outcomes = [verify(TARGET_LOGITS[:2], Draft((draft_token,), 2 * p), FILTERED, gen) for _ in range(200)]
+    outcomes = [verify(TARGET_LOGITS[1:3], Draft((draft_token,), 2 * p), FILTERED, gen) for _ in range(200)]
     assert {v.num_accepted for v in outcomes} == {0, 1}
     assert all(p[0, v.token_ids[0]] > 0 for v in outcomes)
 
@@ -262,7 +266,7 @@ def test_verify_batch_is_verify_per_request():
 
 # Two draft kinds: a deterministic proposer that always guesses tokens 3 then 1 (q is a
 # point mass), and a bad random proposer whose q puts 0.9 on token 5, which the target
-# finds unlikely (and FILTERED removes at positions 0 and 2).
+# finds unlikely (and FILTERED removes at positions 0 and 3, so p(d) = 0 happens).
 FIXED_GUESS = (3, 1, 3, 1)
 BAD_Q = torch.full((len(TARGET_LOGITS), V), 0.02).index_fill_(1, torch.tensor([5]), 0.9)
 
@@ -313,19 +317,20 @@ def test_first_emitted_token_follows_the_target(params, kind):
     assert chi_square_p_value(proposed, p0) < 1e-6
 
 
-@pytest.mark.parametrize("params, kind", [(PLAIN, "bad_q"), (FILTERED, "point_mass")],
-                         ids=["plain-bad_q", "filtered-point_mass"])
-def test_first_two_tokens_follow_the_target_jointly(params, kind):
-    # Decode as the engine would, two draft tokens per step, until two tokens are out:
-    # either one step accepted the first draft token, or a second step followed a rejection.
+@pytest.mark.parametrize("params, kind, k", [(PLAIN, "bad_q", 1), (FILTERED, "point_mass", 2)],
+                         ids=["plain-bad_q-k1", "filtered-point_mass-k2"])
+def test_first_two_tokens_follow_the_target_jointly(params, kind, k):
+    # Decode as the engine would, k draft tokens per step, until two tokens are out: the
+    # second is the bonus (k = 1) or the check of draft[1] (k = 2) when the first draft
+    # token was accepted, else the first token of a second step.
     gen_verify, gen_draft = make_generator(4321, "cpu"), make_generator(77, "cpu")
     pairs = torch.zeros(V, V, dtype=torch.int64)
     for _ in range(PAIR_TRIALS):
         tokens: list[int] = []
         while len(tokens) < 2:
             position = len(tokens)
-            draft = propose(kind, position, 2, gen_draft)
-            tokens += verify(TARGET_LOGITS[position:position + 3], draft, params, gen_verify).token_ids
+            draft = propose(kind, position, k, gen_draft)
+            tokens += verify(TARGET_LOGITS[position:position + k + 1], draft, params, gen_verify).token_ids
         pairs[tokens[0], tokens[1]] += 1
     p = target_probs(params)
     joint = p[0].unsqueeze(1) * p[1].unsqueeze(0)
