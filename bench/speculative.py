@@ -6,7 +6,7 @@ output tokens. Runs at concurrency 1 and 16, speculation off and on (n-gram prom
 lookup), in this process, one after the other on the same loaded model, and prints TPOT
 and output tok/s with the ratios and the mean accepted length.
 
-    python bench/speculative.py [--requests-c1 4] [--requests-c16 32] [--k 5] [--threads 1]
+    python bench/speculative.py [--requests-c1 4] [--requests-c16 32] [--k 5] [--draft-layers 8]
 """
 
 from __future__ import annotations
@@ -75,11 +75,22 @@ def measure(loaded, speculative, batch: list[list[int]], concurrency: int, label
     return run, tpot, engine.speculator
 
 
+def report(label: str, off, tpot_off: float, on, tpot_on: float, speculator) -> None:
+    rates = [a / p if p else 0.0 for p, a in zip(speculator.proposed_at, speculator.accepted_at)]
+    print(f"  {label}: TPOT speedup {tpot_off / tpot_on:.2f}x, output tok/s "
+          f"{on.output_throughput / off.output_throughput:.2f}x; mean accepted length "
+          f"{speculator.mean_accepted_length:.2f} tokens/step; acceptance by position "
+          f"{', '.join(f'{r:.2f}' for r in rates)}; proposed {speculator.proposed}, "
+          f"accepted {speculator.accepted}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests-c1", type=int, default=4)
     parser.add_argument("--requests-c16", type=int, default=32)
     parser.add_argument("--k", type=int, default=5, help="num speculative tokens")
+    parser.add_argument("--draft-layers", type=int, default=0,
+                        help="also run a self-draft of the model's first N layers (0: skip)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,12 +106,14 @@ def main() -> None:
         batch = all_prompts[:count]
         off, tpot_off, _ = measure(loaded, None, batch, concurrency, f"c={concurrency} no speculation")
         on, tpot_on, speculator = measure(loaded, spec, batch, concurrency, f"c={concurrency} n-gram")
-        rates = [a / p if p else 0.0 for p, a in zip(speculator.proposed_at, speculator.accepted_at)]
-        print(f"  concurrency {concurrency}: TPOT speedup {tpot_off / tpot_on:.2f}x, output tok/s "
-              f"{on.output_throughput / off.output_throughput:.2f}x; mean accepted length "
-              f"{speculator.mean_accepted_length:.2f} tokens/step; acceptance by position "
-              f"{', '.join(f'{r:.2f}' for r in rates)}; proposed {speculator.proposed}, "
-              f"accepted {speculator.accepted}")
+        report(f"concurrency {concurrency} n-gram", off, tpot_off, on, tpot_on, speculator)
+        if args.draft_layers:
+            self_draft = SpeculativeConfig(method="draft", num_tokens=args.k, max_batch_size=8,
+                                           draft_layers=args.draft_layers)
+            label = f"c={concurrency} self-draft {args.draft_layers}L"
+            on, tpot_on, speculator = measure(loaded, self_draft, batch, concurrency, label)
+            report(f"concurrency {concurrency} self-draft (layers 0-{args.draft_layers - 1})", off, tpot_off, on,
+                   tpot_on, speculator)
     print("targets: TPOT >= 2.5x at concurrency 1, >= 0.95x (no slowdown) at concurrency 16")
 
 

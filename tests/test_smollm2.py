@@ -71,7 +71,7 @@ def test_cli_streams_only_the_answer_to_stdout():
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_speculative_greedy_output_is_identical(smollm2, k):
+def test_speculative_greedy_output_is_identical_with_each_proposer(smollm2, k):
     from pdserve.decode_worker.speculation import SpeculativeConfig
 
     passage = ("The keeper climbed the one hundred and twelve steps every evening, trimmed the wick, "
@@ -96,3 +96,7 @@ def test_speculative_greedy_output_is_identical(smollm2, k):
     got, speculator = run(SpeculativeConfig(num_tokens=k, ngram_min=1))
     assert got == baseline
     assert speculator.accepted > 10, "the repeat task is where prompt lookup is accepted"
+    # Self-draft: the first 8 of SmolLM2's 30 layers, its norm and head, with their own KV.
+    got, speculator = run(SpeculativeConfig(method="draft", num_tokens=k, draft_layers=8))
+    assert got == baseline
+    assert speculator.proposed > 0
