@@ -92,6 +92,11 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--transfer-timeout", type=float, default=30.0)
     serve.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
     serve.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker")
+    serve.add_argument("--device", default="auto",
+                       help="where workers run the model: auto (CUDA when the worker sees a GPU), cpu, cuda[:N]")
+    serve.add_argument("--gpus-per-worker", type=float, default=0.0,
+                       help="GPUs each worker actor asks Ray for (1 on a GPU pool; Ray hides GPUs from "
+                            "actors that ask for none)")
     scale = serve.add_argument_group("autoscaling (by queue depth; --prefill/--decode-workers are the start)")
     scale.add_argument("--autoscale", action="store_true", help="scale prefill and decode workers separately")
     scale.add_argument("--min-prefill", type=_non_negative_int, default=1)
@@ -163,7 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
             enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
             max_queued_requests=args.max_queued_requests, transfer_timeout=args.transfer_timeout,
             on_transfer_failure=args.on_transfer_failure, kv_transport=args.kv_transport,
-            kv_host="127.0.0.1" if args.address is None else None, speculative=speculative)
+            kv_host="127.0.0.1" if args.address is None else None, speculative=speculative,
+            device=args.device, gpus_per_worker=args.gpus_per_worker)
         scaling = None
         if args.autoscale:
             scaling = ScalingPolicy(

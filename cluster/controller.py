@@ -126,7 +126,8 @@ class Controller:
         worker_id = f"{role}-{self._next_id[role]}"
         self._next_id[role] += 1
         actor = ray.remote(_CLASSES[role]).options(
-            name=f"pdserve-{worker_id}", num_cpus=self.cpus_per_worker, resources={role: 1},
+            name=f"pdserve-{worker_id}", num_cpus=self.cpus_per_worker, num_gpus=self.spec.gpus_per_worker,
+            resources={role: 1},
             max_restarts=0, max_concurrency=10_000,
         ).remote(self.spec, worker_id)
         try:

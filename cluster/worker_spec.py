@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pdserve.decode_worker.speculation import SpeculativeConfig
 from pdserve.decode_worker.transfers import OnTransferFailure
 from pdserve.kv_transfer.transports.base import KINDS
-from pdserve.runtime.config import CacheConfig, ConfigError, SchedulerConfig
+from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, SchedulerConfig
 
 ROLES = ("prefill", "decode")
 
@@ -34,6 +34,8 @@ class WorkerSpec:
     kv_transport: str | None = None  # forced transport kind; None picks per pair
     kv_host: str | None = None  # address KV listeners bind; None: this node's Ray address
     speculative: SpeculativeConfig | None = None  # decode workers speculate when set
+    device: str = "auto"  # where workers run the model: auto (CUDA if the process sees one), cpu, cuda[:N]
+    gpus_per_worker: float = 0.0  # Ray GPUs each worker actor asks for (1 on a GPU pool)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
@@ -48,7 +50,13 @@ class WorkerSpec:
                               f"{', '.join(p.value for p in OnTransferFailure)}, got {self.on_transfer_failure!r}")
         if self.kv_transport is not None and self.kv_transport not in KINDS:
             raise ConfigError(f"kv_transport must be one of {', '.join(KINDS)}, got {self.kv_transport!r}")
-        self.cache_config, self.scheduler_config  # noqa: B018 - their own checks raise ConfigError now
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        self.cache_config, self.scheduler_config, self.device_config  # noqa: B018 - their checks raise now
+
+    @property
+    def device_config(self) -> DeviceConfig:
+        return DeviceConfig(device=self.device)
 
     @property
     def cache_config(self) -> CacheConfig:

@@ -69,7 +69,8 @@ class _Worker:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {worker_id}: %(message)s")
         self.spec = spec
         self.worker_id = worker_id
-        self.loaded: LoadedModel = load_model(spec.model, cache=spec.cache_config, max_model_len=spec.max_model_len)
+        self.loaded: LoadedModel = load_model(spec.model, cache=spec.cache_config, max_model_len=spec.max_model_len,
+                                              device_config=spec.device_config)
         self._events: collections.deque[CacheEvent] = collections.deque(maxlen=MAX_PENDING_EVENTS)
         self._stats: WorkerStats | None = None
         self._steps = 0

@@ -100,3 +100,7 @@ def test_speculative_greedy_output_is_identical_with_each_proposer(smollm2, k):
     got, speculator = run(SpeculativeConfig(method="draft", num_tokens=k, draft_layers=8))
     assert got == baseline
     assert speculator.proposed > 0
+    if k == 3:  # a draft model equal to the target: every proposal is accepted
+        got, speculator = run(SpeculativeConfig(method="draft", num_tokens=k, draft_model="smollm2-135m-instruct"))
+        assert got == baseline
+        assert speculator.proposed > 0 and speculator.accepted == speculator.proposed
