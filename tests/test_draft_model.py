@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_runs import run_to_completion
 
 from pdserve.cluster.cli import main
 from pdserve.decode_worker.draft_model import DraftModelProposer
@@ -98,15 +99,7 @@ def _engine(model_dir, speculative: SpeculativeConfig | None, num_blocks: int = 
     return engine
 
 
-def _run(engine: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[int]]:
-    for request_id, (prompt, params) in requests.items():
-        engine.add_request(request_id, prompt, params)
-    outputs: dict[str, list[int]] = {r: [] for r in requests}
-    with torch.inference_mode():
-        while engine.has_unfinished:
-            for chunk in engine.step():
-                outputs[chunk.request_id].extend(chunk.token_ids)
-    return outputs
+_run = run_to_completion
 
 
 def _used_blocks(engine: EngineCore) -> int:

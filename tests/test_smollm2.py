@@ -28,8 +28,13 @@ def smollm2(smollm2_gguf_path):
 
 
 def _greedy(loaded, prompts: list[list[int]], max_tokens: int, ignore_eos: bool) -> list[list[int]]:
+    return _greedy_run(loaded, prompts, max_tokens, ignore_eos)[0]
+
+
+def _greedy_run(loaded, prompts: list[list[int]], max_tokens: int, ignore_eos: bool,
+                speculative=None) -> tuple[list[list[int]], EngineCore]:
     engine = EngineCore(loaded.runner, loaded.info, SchedulerConfig(max_prefill_chunk=16),
-                        enable_prefix_caching=False)
+                        enable_prefix_caching=False, speculative=speculative)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
@@ -38,7 +43,7 @@ def _greedy(loaded, prompts: list[list[int]], max_tokens: int, ignore_eos: bool)
         for chunk in engine.step():
             outputs[int(chunk.request_id)].extend(chunk.token_ids)
     assert engine.scheduler.allocator.num_used == 0
-    return outputs
+    return outputs, engine
 
 
 def test_greedy_32_tokens_match_transformers(smollm2, smollm2_hf_model):
@@ -78,18 +83,9 @@ def test_speculative_greedy_output_is_identical_with_each_proposer(smollm2, k):
                "polished the lens and wrote three lines in a leather book.")
     prompts = [smollm2.tokenizer.encode_chat([{"role": "user", "content": c}]) for c in (
         f"Repeat this passage exactly, replacing 'keeper' with 'warden': {passage}", CHATS[1])]
-    params = SamplingParams(max_tokens=40, temperature=0.0)
 
     def run(speculative):
-        engine = EngineCore(smollm2.runner, smollm2.info, SchedulerConfig(), enable_prefix_caching=False,
-                            speculative=speculative)
-        for i, prompt in enumerate(prompts):
-            engine.add_request(str(i), prompt, params)
-        outputs = [[] for _ in prompts]
-        while engine.has_unfinished:
-            for chunk in engine.step():
-                outputs[int(chunk.request_id)].extend(chunk.token_ids)
-        assert engine.scheduler.allocator.num_used == 0
+        outputs, engine = _greedy_run(smollm2, prompts, 40, ignore_eos=False, speculative=speculative)
         return outputs, engine.speculator
 
     baseline, _ = run(None)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from engine_runs import run_to_completion
 
 from pdserve.decode_worker.engine import EngineCore
 from pdserve.decode_worker.speculation import SpeculativeConfig
@@ -22,15 +23,7 @@ def _engine(model_dir, speculative, num_blocks=512, **scheduler):
     return EngineCore(loaded.runner, loaded.info, SchedulerConfig(**scheduler), speculative=speculative)
 
 
-def _run(engine: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[int]]:
-    for request_id, (prompt, params) in requests.items():
-        engine.add_request(request_id, prompt, params)
-    outputs: dict[str, list[int]] = {r: [] for r in requests}
-    with torch.inference_mode():
-        while engine.has_unfinished:
-            for chunk in engine.step():
-                outputs[chunk.request_id].extend(chunk.token_ids)
-    return outputs
+_run = run_to_completion
 
 
 def _repetitive(seed: int, n: int) -> list[int]:
