@@ -8,9 +8,11 @@ autoscaler on Kubernetes) finds nodes for them through the role resources.
 Signals (the same `WorkerStats` the router and /metrics read):
     prefill  pending prompt tokens on the prefill workers (queued, not yet computed);
              wanted workers = ceil(tokens / prefill_tokens_per_worker)
-    decode   requests waiting on the decode workers (queued for admission or for their KV);
-             wanted workers = ceil(waiting / decode_waiting_per_worker), and one more than
-             now while the mean KV usage is above `decode_kv_usage_high`
+    decode   requests queued on the decode workers for admission (a free batch slot or
+             KV memory); wanted workers = ceil(queued / decode_waiting_per_worker), and one
+             more than now while the mean KV usage is above `decode_kv_usage_high`.
+             Requests whose KV is still being prefilled elsewhere do not count: that backlog
+             is the prefill workers' (it shows in their pending tokens).
 
 Against flapping:
     - the signal is averaged over the last `window_seconds`;
@@ -111,7 +113,7 @@ class Autoscaler:
         return tokens / self.policy.prefill_tokens_per_worker, f"{tokens} prompt tokens pending on prefill"
 
     def _decode_want(self, stats: Sequence[WorkerStats]) -> tuple[float, str]:
-        waiting = sum(s.num_waiting + s.num_waiting_for_kv for s in stats)
+        waiting = sum(s.num_waiting for s in stats)
         wanted = waiting / self.policy.decode_waiting_per_worker
         usage = sum(s.kv_usage for s in stats) / len(stats) if stats else 0.0
         why = f"{waiting} requests waiting on decode, KV usage {usage:.0%}"

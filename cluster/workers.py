@@ -86,7 +86,13 @@ class _Worker:
         events = []
         while self._events:
             events.append(self._events.popleft())
-        return self._stats._replace(num_waiting=self.num_waiting), events
+        return self._stats._replace(num_waiting=self.num_waiting,
+                                    num_waiting_tokens=self._stats.num_waiting_tokens + self._queued_tokens), events
+
+    @property
+    def _queued_tokens(self) -> int:
+        """Prompt tokens of requests submitted but not yet in the scheduler's queue."""
+        return 0
 
     @property
     def num_waiting(self) -> int:
@@ -191,6 +197,10 @@ class PrefillWorker(_Worker):
         engine = PrefillEngine(runner, info, self.pusher, spec.scheduler_config, spec.enable_prefix_caching)
         self._publish(engine)
         self.engine = AsyncPrefillEngine(engine, on_iteration=self._publish)
+
+    @property
+    def _queued_tokens(self) -> int:
+        return self.engine.num_queued_tokens
 
     def probe(self, address: str) -> None:
         """Prove the KV link to a decode worker's listener works (raises TransportError)."""

@@ -52,6 +52,9 @@ class AsyncPrefillEngine(EngineThread):
         self._pending: dict[str, _Pending] = {}  # engine thread only
         self._started_at: dict[str, float] = {}  # engine thread only: its first step began
         self._computed_at: dict[str, float] = {}  # engine thread only: its last step ended
+        # Prompt tokens of jobs posted / applied so far; each counter has one writer thread.
+        self._posted_tokens = 0  # caller's thread
+        self._applied_tokens = 0  # engine thread
         super().__init__(engine, "pdserve-prefill", SEND_POLL_SECONDS, on_iteration)
 
     async def prefill(self, job: PrefillJob) -> PrefillResult:
@@ -61,12 +64,18 @@ class AsyncPrefillEngine(EngineThread):
             raise RuntimeError("the prefill engine has been shut down")
         loop = asyncio.get_running_loop()
         pending = _Pending(job, loop, loop.create_future(), time.monotonic())
+        self._posted_tokens += len(job.prompt_ids)
         self.post(pending)
         try:
             return await pending.future
         except asyncio.CancelledError:
             self.abort(job.ticket.request_id, "cancelled by the caller")
             raise
+
+    @property
+    def num_queued_tokens(self) -> int:
+        """Prompt tokens of jobs posted but not yet taken by the engine thread."""
+        return self._posted_tokens - self._applied_tokens
 
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         self.post(_Abort(request_id, reason))
@@ -83,6 +92,7 @@ class AsyncPrefillEngine(EngineThread):
         if isinstance(command, _Abort):
             self.engine.abort(command.request_id, command.reason)
             return
+        self._applied_tokens += len(command.job.prompt_ids)
         try:
             self.engine.add_job(command.job)
             self._pending[command.job.ticket.request_id] = command

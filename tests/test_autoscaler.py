@@ -15,10 +15,11 @@ POLICY = ScalingPolicy(min_prefill=1, max_prefill=3, min_decode=1, max_decode=3,
                        down_cooldown=20)
 
 
-def stats(role: str, count: int, *, tokens: int = 0, waiting: int = 0, kv: float = 0.0) -> list[WorkerStats]:
+def stats(role: str, count: int, *, tokens: int = 0, waiting: int = 0, kv: float = 0.0,
+          for_kv: int = 0) -> list[WorkerStats]:
     """`count` workers sharing the load evenly."""
-    return [WorkerStats(role, f"{role}-{i}", waiting // count, tokens // count, 0, 0, kv, 0, 0, 0, 0.0, {}, 0, 0.0)
-            for i in range(count)]
+    return [WorkerStats(role, f"{role}-{i}", waiting // count, tokens // count, 0, for_kv // count, kv, 0, 0, 0,
+                        0.0, {}, 0, 0.0) for i in range(count)]
 
 
 class Cluster:
@@ -99,3 +100,10 @@ def test_bad_policies_are_refused():
         ScalingPolicy(min_decode=0)
     with pytest.raises(ConfigError, match="min_prefill"):
         ScalingPolicy(min_prefill=3, max_prefill=2)
+
+
+def test_requests_waiting_for_their_kv_are_a_prefill_backlog_not_a_decode_one():
+    autoscaler = Autoscaler(POLICY)
+    for t in range(10):
+        decisions = autoscaler.observe(float(t), stats("prefill", 1, tokens=2500), stats("decode", 1, for_kv=40))
+        assert all(d.role == "prefill" for d in decisions)
