@@ -43,7 +43,7 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
-from serving import DEFAULT_MODEL, _positive, _slo_ms, fmt, fmt_ratio, json_safe, ratio, vocab_size
+from serving import DEFAULT_MODEL, fmt, fmt_ratio, interrupt, json_safe, positive, ratio, slo_ms, vocab_size
 from serving_client import LoadRun, run_load
 from serving_launch import default_serve_command, launched_server
 from serving_stats import RunMetrics, Slo, compute_metrics, record_json
@@ -332,7 +332,7 @@ def result_json(args: argparse.Namespace, vocab: int, w: Workload, runs: Sequenc
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pos_int, pos_float = _positive(int), _positive(float)
+    pos_int, pos_float = positive(int), positive(float)
     p.add_argument("--model", default=DEFAULT_MODEL, help="passed to both servers; sets the vocabulary")
     p.add_argument("--server-args", default=DEFAULT_SERVER_ARGS, help="more `pdserve serve` flags for both clusters")
     p.add_argument("--api-key", help="passed to both servers and sent as a bearer token")
@@ -352,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-output-len", type=pos_int, default=64, help="phase 2: output tokens")
     p.add_argument("--chat-rate", type=pos_float, default=1.0, help="phase 2: req/s")
     p.add_argument("--burstiness", type=pos_float, default=1.0, help="arrival gaps: 1 is Poisson; gamma otherwise")
-    p.add_argument("--slo-ttft-ms", type=_slo_ms, default=2000.0, help="'none' to drop")
-    p.add_argument("--slo-tpot-ms", type=_slo_ms, default=100.0, help="'none' to drop")
-    p.add_argument("--slo-e2el-ms", type=_slo_ms, default=None, help="E2E latency SLO")
+    p.add_argument("--slo-ttft-ms", type=slo_ms, default=2000.0, help="'none' to drop")
+    p.add_argument("--slo-tpot-ms", type=slo_ms, default=100.0, help="'none' to drop")
+    p.add_argument("--slo-e2el-ms", type=slo_ms, default=None, help="E2E latency SLO")
     scale = p.add_argument_group("the autoscaled cluster (starts at, and never goes below, 1 + 1)")
     scale.add_argument("--max-prefill", type=pos_int, default=2)
     scale.add_argument("--max-decode", type=pos_int, default=2)
@@ -384,13 +384,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds through the `with` that stops a launched server
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         if args.plot is not None:
             try:

@@ -140,7 +140,7 @@ def print_comparison(labels: Sequence[str], rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------ main
 
-def _slo_ms(text: str) -> float | None:
+def slo_ms(text: str) -> float | None:
     if text.lower() in ("none", "off"):
         return None
     value = float(text)
@@ -149,7 +149,7 @@ def _slo_ms(text: str) -> float | None:
     return value
 
 
-def _positive(kind: type) -> Callable[[str], float]:
+def positive(kind: type) -> Callable[[str], float]:
     def parse(text: str):
         value = kind(text)
         if not value > 0:
@@ -175,30 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-stop-timeout", type=float, default=30.0, help="s from SIGINT to SIGKILL")
     p.add_argument("--request-timeout", type=float, default=600.0, help="s per request")
     p.add_argument("--dataset", choices=("random", "shared-prefix", "mixed"), default="random", help="workload")
-    p.add_argument("--num-prompts", type=_positive(int), default=100, help="requests per run")
+    p.add_argument("--num-prompts", type=positive(int), default=100, help="requests per run")
     p.add_argument("--seed", type=int, default=0, help="fixes the prompts and the arrival schedule")
-    p.add_argument("--random-output-len", "--output-len", dest="output_len", type=_positive(int), default=64,
+    p.add_argument("--random-output-len", "--output-len", dest="output_len", type=positive(int), default=64,
                    help="output tokens per request (every dataset)")
-    p.add_argument("--random-input-len", type=_positive(int), default=256, help="random: prompt tokens")
+    p.add_argument("--random-input-len", type=positive(int), default=256, help="random: prompt tokens")
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="random: input and output lengths uniform in [L*(1-r), L*(1+r)]")
-    p.add_argument("--prefix-len", type=_positive(int), default=1024, help="shared-prefix: common tokens")
-    p.add_argument("--suffix-len", type=_positive(int), default=64, help="shared-prefix: own tokens")
-    p.add_argument("--num-groups", type=_positive(int), default=8, help="shared-prefix: distinct prefixes")
+    p.add_argument("--prefix-len", type=positive(int), default=1024, help="shared-prefix: common tokens")
+    p.add_argument("--suffix-len", type=positive(int), default=64, help="shared-prefix: own tokens")
+    p.add_argument("--num-groups", type=positive(int), default=8, help="shared-prefix: distinct prefixes")
     p.add_argument("--long-fraction", type=float, default=0.2, help="mixed: share of long prompts")
-    p.add_argument("--long-len", type=_positive(int), default=1500, help="mixed: long prompt tokens")
-    p.add_argument("--short-min-len", type=_positive(int), default=64, help="mixed: short prompt tokens, min")
-    p.add_argument("--short-max-len", type=_positive(int), default=256, help="mixed: short prompt tokens, max")
-    p.add_argument("--request-rate", type=_positive(float), default=math.inf, help="req/s; inf: all at once")
-    p.add_argument("--burstiness", type=_positive(float), default=1.0, help="1: Poisson; gamma otherwise")
-    p.add_argument("--max-concurrency", type=_positive(int), help="requests in flight at most")
-    p.add_argument("--slo-ttft-ms", type=_slo_ms, default=2000.0, help="'none' to drop")
-    p.add_argument("--slo-tpot-ms", type=_slo_ms, default=100.0, help="'none' to drop")
-    p.add_argument("--slo-e2el-ms", type=_slo_ms, default=None, help="E2E latency SLO")
+    p.add_argument("--long-len", type=positive(int), default=1500, help="mixed: long prompt tokens")
+    p.add_argument("--short-min-len", type=positive(int), default=64, help="mixed: short prompt tokens, min")
+    p.add_argument("--short-max-len", type=positive(int), default=256, help="mixed: short prompt tokens, max")
+    p.add_argument("--request-rate", type=positive(float), default=math.inf, help="req/s; inf: all at once")
+    p.add_argument("--burstiness", type=positive(float), default=1.0, help="1: Poisson; gamma otherwise")
+    p.add_argument("--max-concurrency", type=positive(int), help="requests in flight at most")
+    p.add_argument("--slo-ttft-ms", type=slo_ms, default=2000.0, help="'none' to drop")
+    p.add_argument("--slo-tpot-ms", type=slo_ms, default=100.0, help="'none' to drop")
+    p.add_argument("--slo-e2el-ms", type=slo_ms, default=None, help="E2E latency SLO")
     p.add_argument("--target-itl-ratio", type=float, default=0.5, help="--compare: p99 ITL A/B at most")
     p.add_argument("--target-goodput-ratio", type=float, default=1.3, help="--compare: goodput A/B at least")
     p.add_argument("--http-overhead", action="store_true", help="measure the gateway's TTFT overhead only")
-    p.add_argument("--overhead-requests", type=_positive(int), default=20, help="--http-overhead: per side")
+    p.add_argument("--overhead-requests", type=positive(int), default=20, help="--http-overhead: per side")
     p.add_argument("--result-json", metavar="PATH", help="write the config, metrics and per-request records")
     return p
 
@@ -275,13 +275,13 @@ def run_all(args: argparse.Namespace, vocab: int) -> dict:
     return result
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwinds through the `with` that stops a launched server
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         vocab = vocab_size(args.model)
         if args.http_overhead:

@@ -119,17 +119,15 @@ class _WorkerCollector:
             for outcome, count in stats.transfer_outcomes.items():
                 outcomes.add_metric([stats.role, stats.worker_id, outcome], float(count))
         yield outcomes
-        proposed_at = CounterMetricFamily("pdserve_worker_spec_proposed_at_position", "Drafts that reached "
-                                          "position i (0-based)", labels=[*labels, "position"])
-        accepted_at = CounterMetricFamily("pdserve_worker_spec_accepted_at_position", "Drafts whose position i "
-                                          "was accepted (acceptance rate = accepted / proposed)",
-                                          labels=[*labels, "position"])
-        for stats in snapshots:
-            for position, (proposed, accepted) in enumerate(stats.spec_accepted_at):
-                proposed_at.add_metric([stats.role, stats.worker_id, str(position)], float(proposed))
-                accepted_at.add_metric([stats.role, stats.worker_id, str(position)], float(accepted))
-        yield proposed_at
-        yield accepted_at
+        for index, (name, text) in enumerate((
+                ("proposed", "Drafts that reached position i (0-based)"),
+                ("accepted", "Drafts whose position i was accepted (acceptance rate = accepted / proposed)"))):
+            family = CounterMetricFamily(f"pdserve_worker_spec_{name}_at_position", text,
+                                         labels=[*labels, "position"])
+            for stats in snapshots:
+                for position, counts in enumerate(stats.spec_accepted_at):
+                    family.add_metric([stats.role, stats.worker_id, str(position)], float(counts[index]))
+            yield family
 
 
 class _CountCollector:

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from pdserve.decode_worker.proposers import Draft
-from pdserve.runtime.sampler import apply_filters
+from pdserve.runtime.sampler import apply_filters, exponential_race
 from pdserve.runtime.sampling_params import SamplingParams
 
 
@@ -133,12 +133,10 @@ def _verify_sampled(
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Token i with probability weights[i] / weights.sum(): the Sampler's exponential race
-    argmax(w / E), E ~ Exponential(1), drawing V values, so an empty draft advances the
-    generator exactly as a plain decode step does. Scale-free: no need to normalise."""
-    race = torch.empty_like(weights).exponential_(generator=generator)
-    race.clamp_min_(torch.finfo(race.dtype).tiny)  # E == 0 would make 0/0 NaN for w == 0
-    return int((weights / race).argmax())
+    """Token i with probability weights[i] / weights.sum(), drawn as the Sampler draws (V
+    exponentials from `generator`), so an empty draft advances the generator exactly as a
+    plain decode step does. Scale-free: no need to normalise."""
+    return int(exponential_race(weights.unsqueeze(0), [0], [generator])[0])
 
 
 def _logprobs(

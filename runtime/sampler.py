@@ -181,7 +181,7 @@ class Sampler:
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
             probs = torch.softmax(apply_filters(logits, params), dim=-1)
-            sampled = _exponential_race(probs, random_rows, generators)
+            sampled = exponential_race(probs, random_rows, generators)
             token_ids[random_rows] = sampled
 
         token_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
@@ -192,7 +192,7 @@ class Sampler:
         return SamplerOutput(token_ids, token_logprobs, top_ids, top_values)
 
 
-def _exponential_race(
+def exponential_race(
     probs: torch.Tensor, rows: list[int], generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor:
     """argmax(probs[r] / E_r) for each r in rows, E_r drawn from generators[r] or the default.
