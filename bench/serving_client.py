@@ -1,6 +1,12 @@
-"""The serving benchmark's HTTP client: streamed `/v1/completions` requests, each one
-timed into a `RequestRecord`, and `run_load`, which sends a workload on its schedule
-through an optional concurrency gate after one warm-up request.
+"""The serving benchmark's HTTP client: streamed completions and chat completions, each
+one timed into a `RequestRecord`, and `run_load`, which sends a workload on its schedule
+through an optional concurrency gate after a few warm-up requests.
+
+A request is a `BenchRequest` (token ids, /v1/completions) or a `ChatRequest` (messages,
+/v1/chat/completions): anything with `path`, `prompt_body()` and `output_len`. Every request
+is streamed, greedy, asks for the usage in its last chunk, and carries the extra fields of
+the server's flavour (`FLAVORS`): the vLLM-named extensions that make it produce exactly
+`max_tokens` tokens where the server has them.
 
 A request that fails (HTTP error, error event, broken stream) is recorded as failed; only
 a failed warm-up ends the run (`BenchError`).
@@ -13,29 +19,60 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import httpx
 import numpy as np
 from serving_stats import RequestRecord
-from serving_workload import FIRST_TOKEN_ID, OVERHEAD_PROMPT_LEN, BenchError, BenchRequest
+from serving_workload import BenchError, BenchRequest, token_warmups
 
 
-def completion_payload(model: str | None, prompt_ids: list[int], max_tokens: int) -> dict:
-    # return_token_ids: a token whose text the server holds back (part of a UTF-8
-    # character) still arrives as a chunk, so ITL sees every token.
-    payload = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-               "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+# return_token_ids: a token whose text the server holds back (part of a UTF-8 character)
+# still arrives as a chunk, so ITL sees every token.
+def pdserve_extras(max_tokens: int) -> dict:
+    """pdserve refuses unknown fields, so only those it implements."""
+    return {"ignore_eos": True, "return_token_ids": True}
+
+
+def vllm_extras(max_tokens: int) -> dict:
+    """vLLM: min_tokens as well, so that no stop token can end a request early."""
+    return {"ignore_eos": True, "min_tokens": max_tokens, "return_token_ids": True}
+
+
+def openai_extras(max_tokens: int) -> dict:
+    """A plain OpenAI-compatible server: no extension (output lengths may then vary)."""
+    return {}
+
+
+Extras = Callable[[int], dict]
+FLAVORS: dict[str, Extras] = {"pdserve": pdserve_extras, "vllm": vllm_extras, "openai": openai_extras}
+
+
+def request_payload(request, model: str | None, extras: Extras = pdserve_extras) -> dict:
+    """The streamed, greedy body of `request` for a server of the given flavour; `model`
+    None leaves the model out (the server's own)."""
+    payload = {**request.prompt_body(), "max_tokens": request.output_len, "temperature": 0.0,
+               **extras(request.output_len), "stream": True, "stream_options": {"include_usage": True}}
     return payload if model is None else {"model": model, **payload}
 
 
-async def stream_completion(client: httpx.AsyncClient, payload: dict, record: RequestRecord) -> None:
-    """Send one streamed completion and fill `record` in; failures go to `record.error`."""
+def completion_payload(model: str | None, prompt_ids: list[int], max_tokens: int) -> dict:
+    return request_payload(BenchRequest(prompt_ids, max_tokens), model)
+
+
+def has_tokens(choice: dict) -> bool:
+    """Whether a streamed choice carries output: completion text, chat content or token ids."""
+    return bool(choice.get("text") or (choice.get("delta") or {}).get("content") or choice.get("token_ids"))
+
+
+async def stream_completion(client: httpx.AsyncClient, payload: dict, record: RequestRecord,
+                            path: str = "/v1/completions") -> None:
+    """POST one streamed request to `path` and fill `record` in; failures go to `record.error`."""
     record.sent = time.perf_counter()
     ended = False
     try:
-        async with client.stream("POST", "/v1/completions", json=payload) as response:
+        async with client.stream("POST", path, json=payload) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
                 record.error = f"HTTP {response.status_code}: {body[:300]}"
@@ -53,12 +90,13 @@ async def stream_completion(client: httpx.AsyncClient, payload: dict, record: Re
                     record.error = f"error event: {json.dumps(event['error'])[:300]}"
                     return
                 choices = event.get("choices") or []
-                if choices and (choices[0].get("text") or choices[0].get("token_ids")):
+                if choices and has_tokens(choices[0]):
                     record.chunk_times.append(now)
                 if choices and choices[0].get("finish_reason"):
                     ended = True
                 if usage := event.get("usage"):
                     record.usage_tokens = usage.get("completion_tokens")
+                    record.server_prompt_tokens = usage.get("prompt_tokens")
                     record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
         record.finished = time.perf_counter()
         if not ended:
@@ -87,14 +125,23 @@ async def served_model(client: httpx.AsyncClient) -> str | None:
     return None
 
 
-async def warm_up(client: httpx.AsyncClient, model: str | None, base_url: str) -> None:
-    """One small request outside the measurement; it must succeed before anything is timed."""
-    prompt = list(range(FIRST_TOKEN_ID, FIRST_TOKEN_ID + OVERHEAD_PROMPT_LEN))
-    record = RequestRecord(len(prompt), 4)
-    await stream_completion(client, completion_payload(model, prompt, 4), record)
-    if not record.ok:
-        raise BenchError(f"the warm-up request to {base_url}/v1/completions failed: {record.error}. "
-                         "Check that the server is up and serves an OpenAI-compatible completions API.")
+async def send(client: httpx.AsyncClient, request, model: str | None, extras: Extras,
+               record: RequestRecord) -> None:
+    await stream_completion(client, request_payload(request, model, extras), record, request.path)
+
+
+async def warm_up(client: httpx.AsyncClient, model: str | None, base_url: str, requests: Sequence,
+                  extras: Extras) -> None:
+    """The warm-up, outside the measurement: the first request alone (it must succeed, which
+    shows the server is up and speaks the API), then the others together."""
+    records = [RequestRecord(r.prompt_len, r.output_len) for r in requests]
+    for group in (range(1), range(1, len(requests))):
+        await asyncio.gather(*(send(client, requests[i], model, extras, records[i]) for i in group))
+        for i in group:
+            if not records[i].ok:
+                raise BenchError(f"the warm-up request to {base_url}{requests[i].path} failed: "
+                                 f"{records[i].error}. Check that the server is up and serves an "
+                                 "OpenAI-compatible API.")
 
 
 class Progress:
@@ -114,24 +161,23 @@ class LoadRun(NamedTuple):
     duration_s: float  # until the last stream ended
 
 
-async def run_load(base_url: str, requests: Sequence[BenchRequest], offsets: np.ndarray,
+async def run_load(base_url: str, requests: Sequence, offsets: np.ndarray,
                    max_concurrency: int | None, api_key: str | None, timeout: float,
-                   label: str) -> LoadRun:
-    """Send each request at its offset, then through the concurrency gate, after one
-    warm-up request."""
+                   label: str, *, extras: Extras = pdserve_extras, warmups: Sequence | None = None) -> LoadRun:
+    """Warm up with `warmups` (default: one short token-id prompt), then send each request at
+    its offset, through the concurrency gate (FIFO: with every offset 0 this is a closed loop
+    that starts the next request as soon as one ends). Records are in request order."""
     async with make_client(base_url, api_key, timeout) as client:
         model = await served_model(client)
-        await warm_up(client, model, base_url)
+        await warm_up(client, model, base_url, token_warmups(1) if warmups is None else warmups, extras)
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
         progress = Progress(label, len(requests))
-        records = [RequestRecord(len(r.prompt_ids), r.output_len, float(due)) for r, due in
-                   zip(requests, offsets)]
+        records = [RequestRecord(r.prompt_len, r.output_len, float(due)) for r, due in zip(requests, offsets)]
 
-        async def one(request: BenchRequest, record: RequestRecord) -> None:
+        async def one(request, record: RequestRecord) -> None:
             await asyncio.sleep(max(0.0, started + record.due - time.perf_counter()))
             async with gate:
-                await stream_completion(client, completion_payload(model, request.prompt_ids,
-                                                                   request.output_len), record)
+                await send(client, request, model, extras, record)
             progress.tick()
 
         started = time.perf_counter()

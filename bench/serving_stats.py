@@ -27,6 +27,7 @@ class RequestRecord:
     chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk with tokens
     finished: float = 0.0
     usage_tokens: int | None = None  # completion_tokens of the final usage
+    server_prompt_tokens: int | None = None  # prompt_tokens of the final usage
     cached_tokens: int | None = None
     error: str | None = None
 
@@ -149,7 +150,8 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slo: Sl
 
 def record_json(record: RequestRecord, started: float) -> dict:
     out = {"prompt_len": record.prompt_len, "max_tokens": record.max_tokens, "due_s": record.due,
-           "output_tokens": record.output_tokens, "cached_tokens": record.cached_tokens,
+           "output_tokens": record.output_tokens, "server_prompt_tokens": record.server_prompt_tokens,
+           "cached_tokens": record.cached_tokens,
            "success": record.ok, "error": record.error}
     if record.ok:
         out.update(sent_s=record.sent - started, ttft_ms=1000 * record.ttft, e2el_ms=1000 * record.e2el,

@@ -1,6 +1,7 @@
 """What a serving benchmark run sends, and when: seeded datasets of token-id prompts
-(`random`, `shared-prefix`, `mixed`) and the arrival schedule; plus `BenchError`, the error
-that ends a run.
+(`random`, `shared-prefix`, `mixed`) for /v1/completions, their warm-up prompts and the
+arrival schedule; plus `BenchError`, the error that ends a run. (The chat workloads are in
+serving_chat.py.)
 
 The datasets and the schedule are pure functions of their arguments and a numpy Generator:
 the same flags and --seed give the same requests on the same schedule.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -25,8 +27,19 @@ class BenchError(Exception):
 
 
 class BenchRequest(NamedTuple):
+    """One completion request: a prompt of token ids and its output length."""
+
     prompt_ids: list[int]
     output_len: int
+
+    path = "/v1/completions"
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    def prompt_body(self) -> dict:
+        return {"prompt": self.prompt_ids}
 
 
 def draw_tokens(rng: np.random.Generator, vocab_size: int, n: int) -> list[int]:
@@ -78,6 +91,13 @@ def build_dataset(args: argparse.Namespace, vocab_size: int) -> list[BenchReques
                          args.short_max_len, args.output_len)
 
 
+def token_warmups(n: int, output_len: int = 4) -> list[BenchRequest]:
+    """n short prompts of consecutive ids, for the warm-up (the datasets draw theirs at random)."""
+    return [BenchRequest(list(range(FIRST_TOKEN_ID + i * OVERHEAD_PROMPT_LEN,
+                                    FIRST_TOKEN_ID + (i + 1) * OVERHEAD_PROMPT_LEN)), output_len)
+            for i in range(n)]
+
+
 def arrival_offsets(num: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
     """Seconds after the start at which each request is due; the first at 0. The gaps are
     gamma distributed with shape `burstiness` and mean 1/rate: 1 is a Poisson process,
@@ -88,12 +108,17 @@ def arrival_offsets(num: int, rate: float, burstiness: float, rng: np.random.Gen
     return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
-def describe_workload(args: argparse.Namespace, requests: list[BenchRequest]) -> str:
-    lengths = [len(r.prompt_ids) for r in requests]
+def describe_workload(args: argparse.Namespace, requests: Sequence[BenchRequest]) -> str:
+    """One line: the workload's name, prompt and output lengths, and how requests arrive.
+    Works for every request type with `prompt_len` and `output_len` (chats too)."""
+    lengths = [r.prompt_len for r in requests]
     outputs = [r.output_len for r in requests]
-    arrivals = ("all at once" if math.isinf(args.request_rate) else
-                f"{'Poisson' if args.burstiness == 1 else f'gamma (burstiness {args.burstiness:g})'} "
-                f"at {args.request_rate:g} req/s")
-    return (f"{args.dataset}: {len(requests)} prompts of {min(lengths)}-{max(lengths)} tokens "
-            f"(mean {np.mean(lengths):.0f}), {min(outputs)}-{max(outputs)} output tokens; arrivals "
-            f"{arrivals}, max concurrency {args.max_concurrency or 'none'}")
+    if math.isinf(args.request_rate):
+        arrivals = (f"closed loop, {args.max_concurrency} in flight (the next sent as one ends)"
+                    if args.max_concurrency else "all at once, no concurrency limit")
+    else:
+        kind = "Poisson" if args.burstiness == 1 else f"gamma (burstiness {args.burstiness:g})"
+        arrivals = f"{kind} at {args.request_rate:g} req/s, max concurrency {args.max_concurrency or 'none'}"
+    return (f"{getattr(args, 'workload', None) or args.dataset}: {len(requests)} prompts of "
+            f"{min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}), "
+            f"{min(outputs)}-{max(outputs)} output tokens; arrivals {arrivals}")

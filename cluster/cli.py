@@ -7,6 +7,11 @@ stops everything, local Ray included.
 
 `pdserve generate` runs one prompt in-process and streams only the generated text to
 stdout; progress and timing go to stderr so the text can be piped.
+
+`--threads` (both commands; see `pdserve.runtime.threads`): `auto`, the default, gives
+each worker an equal share of the cores this process may use and pins it there with one
+torch thread per core; N gives each worker N threads pinned to N cores (shared when there
+are fewer). The `serve` process itself (the gateway) runs torch on one thread.
 """
 
 from __future__ import annotations
@@ -28,6 +33,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int | str:
+    from pdserve.runtime.threads import parse_threads
+
+    try:
+        return parse_threads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto' (one thread per core the "
+                                         f"worker is pinned to), got {text!r}") from None
+
+
+THREADS_HELP = ("torch threads per worker: 'auto' (default) gives each worker an equal share of this "
+                "process's cores, pinned, one thread per core; N: N threads pinned to N cores")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--max-model-len", type=_positive_int, default=None,
                      help="cap the context length (default: the model's)")
-    gen.add_argument("--threads", type=_positive_int, default=1,
-                     help="torch threads; one per process is fastest on small machines")
+    gen.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     return parser
 
 
@@ -91,7 +109,7 @@ def _add_serve_parser(sub) -> None:
                        help="force the KV transport (default: shm on one host, nccl between GPUs, else grpc)")
     serve.add_argument("--transfer-timeout", type=float, default=30.0)
     serve.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
-    serve.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker")
+    serve.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     serve.add_argument("--device", default="auto",
                        help="where workers run the model: auto (CUDA when the worker sees a GPU), cpu, cuda[:N]")
     serve.add_argument("--gpus-per-worker", type=float, default=0.0,
@@ -151,7 +169,9 @@ def _serve(args: argparse.Namespace) -> int:
     from pdserve.cluster.worker_spec import WorkerSpec
     from pdserve.decode_worker.speculation import SpeculativeConfig
     from pdserve.runtime.config import ConfigError
+    from pdserve.runtime.threads import use_one_thread
 
+    use_one_thread()  # the gateway tokenizes and serves HTTP; the workers own the cores
     num_prefill = 0 if args.colocated else args.prefill_workers
     try:
         speculative = None
@@ -189,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
     most = (scaling.max_prefill, scaling.max_decode) if scaling else (num_prefill, args.decode_workers)
-    ray = _start_ray(args.address, *most)
+    ray = _start_ray(args.address, *most, threads=args.threads)
     try:
         return asyncio.run(_run_gateway(config))
     finally:
@@ -213,36 +233,41 @@ async def _run_gateway(config) -> int:
     return 0
 
 
-def _start_ray(address: str | None, num_prefill: int, num_decode: int):
+def _start_ray(address: str | None, num_prefill: int, num_decode: int, threads: int | str = "auto"):
     """Join `address`, or start a local Ray bound to 127.0.0.1 with room for the
-    workers (and their replacements) under the role resources they ask for."""
+    workers (and their replacements) under the role resources they ask for: each asks
+    for as many CPUs as the cores it is pinned to (`pdserve.runtime.threads`)."""
     if address is None:
         # Local Ray must bind and advertise the loopback address only.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    from pdserve.runtime.threads import available_cores, cores_per_worker
+
     if address is not None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         workers = num_prefill + num_decode
+        cores = len(available_cores())
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 num_cpus=max(os.cpu_count() or 1, 2 * workers),
+                 num_cpus=max(cores, 2 * workers * cores_per_worker(cores, workers, threads)),
                  resources={"prefill": 2 * max(num_prefill, 1), "decode": 2 * num_decode},
                  logging_level=logging.WARNING)
     return ray
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
     from pdserve.decode_worker.engine import EngineCore
     from pdserve.runtime.loader import load_model
     from pdserve.runtime.sampling_params import SamplingParams
     from pdserve.runtime.stopping import FinishReason
     from pdserve.runtime.text_stream import TextStream
+    from pdserve.runtime.threads import CoreLedger, apply_placement, available_cores
 
-    torch.set_num_threads(args.threads)
+    placement = CoreLedger(available_cores(), args.threads, num_workers=1).claim("generate")
+    apply_placement(placement)
+    print(f"pdserve: {placement}", file=sys.stderr, flush=True)
     try:
         params = SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

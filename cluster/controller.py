@@ -12,6 +12,16 @@ new workers are started like replacements; a worker to remove is drained first -
 leaves the router's view at once, finishes the requests it holds, and only then stops -
 so scaling down loses no request. Every decision goes to `on_decision` (metrics, log).
 
+CPU placement: the controller is the one owner of which cores a worker gets. At start it
+picks a plan (`pdserve.runtime.threads`). When every node that offers a role resource is
+this process's node (local Ray, or a one-node cluster; not a `ray://` client): one
+`CoreLedger` over this process's cores for both roles, sized for the most workers that may
+run at once. Otherwise, per role, an `UnpinnedPlan` with the CPUs per role slot of the
+nodes that offer the role (the fewest of them; 1 while none is up). A worker's placement is
+claimed before its actor starts, passed to it, and asks Ray for as many CPUs; a replacement
+claims with the placement it replaces (so it gets the same cores); a stopped worker's
+cores are released.
+
 KV links: for each (prefill, decode) pair the transport is chosen by
 `choose_transport` (forced by the spec or picked per pair), the decode worker opens a
 listener of that kind, and the prefill worker proves it with a ping before the pair is
@@ -23,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import ray
@@ -31,10 +41,11 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from pdserve.cluster.autoscaler import Autoscaler, Decision
 from pdserve.cluster.router import PrefixIndex, WorkerView
-from pdserve.cluster.worker_spec import WorkerSpec
+from pdserve.cluster.worker_spec import ROLES, WorkerSpec
 from pdserve.cluster.worker_stats import WorkerStats
 from pdserve.cluster.workers import DecodeWorker, PrefillWorker, WorkerInfo
 from pdserve.kv_transfer.transports.select import choose_transport
+from pdserve.runtime.threads import CoreLedger, CpuPlacement, UnpinnedPlan, available_cores, format_cores
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,7 @@ class WorkerHandle:
     role: str
     actor: ray.actor.ActorHandle
     info: WorkerInfo
+    placement: CpuPlacement  # what the controller claimed for it (info says what it runs on)
     stats: WorkerStats | None = None
     missed_polls: int = 0
     in_flight: int = 0  # requests this gateway has on it now
@@ -77,7 +89,7 @@ class Controller:
         self.spec = spec
         self.target = {"prefill": num_prefill, "decode": num_decode}
         self.index = index
-        self.cpus_per_worker = cpus_per_worker
+        self.cpus_per_worker = cpus_per_worker  # the fewest Ray CPUs a worker asks for
         self.poll_interval = poll_interval
         self.poll_timeout = poll_timeout
         self.max_missed_polls = max_missed_polls
@@ -90,6 +102,7 @@ class Controller:
         self._monitor: asyncio.Task | None = None
         self._replacing: set[asyncio.Task] = set()  # starting (replacements and scale-ups) and draining
         self._starting = {"prefill": 0, "decode": 0}
+        self._cpus: Mapping[str, CoreLedger | UnpinnedPlan] = {}  # role -> its plan, set by start()
 
     # ------------------------------------------------------------------ membership
 
@@ -110,6 +123,7 @@ class Controller:
 
     async def start(self) -> None:
         """Start every worker and link every pair; raises WorkerStartError on failure."""
+        self._cpus = self._plan_cpus()
         roles = [role for role in ("prefill", "decode") for _ in range(self.target[role])]
         await asyncio.gather(*(self._add_worker(role) for role in roles))
         self._monitor = asyncio.create_task(self._monitor_loop(), name="pdserve-controller")
@@ -122,27 +136,52 @@ class Controller:
             await self._stop(handle)
         self.workers.clear()
 
-    async def _add_worker(self, role: str) -> WorkerHandle:
+    def _plan_cpus(self) -> dict[str, CoreLedger | UnpinnedPlan]:
+        """Role -> the plan its workers' placements are claimed from (module docstring)."""
+        # A Ray client (ray://) runs on no node: its cores are not the workers'.
+        here = None if ray.util.client.ray.is_connected() else ray.get_runtime_context().get_node_id()
+        hosts = {node["NodeID"]: node["Resources"] for node in ray.nodes()
+                 if node["Alive"] and any(node["Resources"].get(role) for role in ROLES)}
+        if here is not None and set(hosts) == {here}:
+            scaling = self.autoscaler.policy if self.autoscaler is not None else None
+            most = scaling.max_prefill + scaling.max_decode if scaling else sum(self.target.values())
+            ledger = CoreLedger(available_cores(), self.spec.threads, most, node_id=here)
+            log.info("workers on this node: %d core(s) each of %s (threads: %s)", ledger.cores_per_worker,
+                     format_cores(ledger.cores), self.spec.threads)
+            return dict.fromkeys(ROLES, ledger)
+        plans = {}
+        for role in ROLES:
+            slots = [int(res.get("CPU", 0) // res[role]) for res in hosts.values() if res.get(role)]
+            plans[role] = UnpinnedPlan(self.spec.threads, min(slots, default=1))
+            log.info("%s workers on other nodes: %d CPU(s) each, not pinned", role, plans[role].num_cpus)
+        return plans
+
+    async def _add_worker(self, role: str, previous: CpuPlacement | None = None) -> WorkerHandle:
+        """Start a worker of `role` on cores claimed for it (like `previous`'s, if given)."""
         worker_id = f"{role}-{self._next_id[role]}"
         self._next_id[role] += 1
+        placement = self._cpus[role].claim(worker_id, previous)
         actor = ray.remote(_CLASSES[role]).options(
-            name=f"pdserve-{worker_id}", num_cpus=self.cpus_per_worker, num_gpus=self.spec.gpus_per_worker,
-            resources={role: 1},
+            name=f"pdserve-{worker_id}", num_cpus=max(self.cpus_per_worker, placement.num_cpus),
+            num_gpus=self.spec.gpus_per_worker, resources={role: 1},
             max_restarts=0, max_concurrency=10_000,
-        ).remote(self.spec, worker_id)
+        ).remote(self.spec, worker_id, placement)
         try:
             info = await actor.info.remote()
         except Exception as exc:
             ray.kill(actor)
+            self._cpus[role].release(worker_id)
             raise WorkerStartError(f"{role} worker {worker_id} failed to start: {exc}") from exc
-        handle = WorkerHandle(worker_id, role, actor, info)
+        handle = WorkerHandle(worker_id, role, actor, info, placement)
         try:
             await self._link(handle)
         except Exception:
             ray.kill(actor)
+            self._cpus[role].release(worker_id)
             raise
         self.workers[worker_id] = handle
-        log.info("%s worker %s up (pid %d)", role, worker_id, info.pid)
+        log.info("%s worker %s up (pid %d, %d torch thread(s) on core(s) %s)", role, worker_id, info.pid,
+                 info.threads, format_cores(info.cores))
         return handle
 
     async def _link(self, new: WorkerHandle) -> None:
@@ -219,6 +258,7 @@ class Controller:
             other.kv_addresses.pop(handle.worker_id, None)
         log.info("%s worker %s drained and stopped", handle.role, handle.worker_id)
         await self._stop(handle)
+        self._cpus[handle.role].release(handle.worker_id)
 
     def _spawn(self, work) -> None:
         task = asyncio.create_task(work)
@@ -236,21 +276,23 @@ class Controller:
         for other in self.members("prefill"):
             other.kv_addresses.pop(handle.worker_id, None)
         ray.kill(handle.actor)
+        self._cpus[handle.role].release(handle.worker_id)
         if handle.draining:
             log.warning("%s worker %s died while draining: %s", handle.role, handle.worker_id, why)
             return
         log.error("%s worker %s is gone: %s; starting a replacement", handle.role, handle.worker_id, why)
         self.num_replaced += 1
-        self._spawn(self._start_replacement(handle.role))
+        self._spawn(self._start_replacement(handle.role, handle.placement))
 
-    async def _start_replacement(self, role: str) -> None:
-        """Start one more worker of `role`, retrying until it comes up."""
+    async def _start_replacement(self, role: str, previous: CpuPlacement | None = None) -> None:
+        """Start one more worker of `role` (on `previous`'s cores when given), retrying
+        until it comes up."""
         delay = 1.0
         self._starting[role] += 1
         try:
             while True:
                 try:
-                    await self._add_worker(role)
+                    await self._add_worker(role, previous)
                     return
                 except WorkerStartError as exc:
                     log.error("starting a %s worker failed: %s; retrying in %.0f s", role, exc, delay)

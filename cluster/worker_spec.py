@@ -12,6 +12,7 @@ from pdserve.decode_worker.speculation import SpeculativeConfig
 from pdserve.decode_worker.transfers import OnTransferFailure
 from pdserve.kv_transfer.transports.base import KINDS
 from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, SchedulerConfig
+from pdserve.runtime.threads import AUTO, Threads
 
 ROLES = ("prefill", "decode")
 
@@ -27,7 +28,7 @@ class WorkerSpec:
     max_num_batched_tokens: int = 2048
     max_prefill_chunk: int = 512
     enable_prefix_caching: bool = True
-    threads: int = 1  # torch threads per worker process; one is fastest on small machines
+    threads: Threads = AUTO  # torch threads per worker: "auto" (one per core it is pinned to) or N
     max_queued_requests: int = 256  # a worker refuses new requests past this many queued
     transfer_timeout: float = 30.0  # seconds a decode worker waits for a request's KV
     on_transfer_failure: str = OnTransferFailure.RECOMPUTE.value
@@ -39,10 +40,13 @@ class WorkerSpec:
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
-                     "max_prefill_chunk", "threads", "max_queued_requests"):
+                     "max_prefill_chunk", "max_queued_requests"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.threads != AUTO and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                     or self.threads < 1):
+            raise ConfigError(f"threads must be a positive integer or 'auto', got {self.threads!r}")
         if not self.transfer_timeout > 0:
             raise ConfigError(f"transfer_timeout must be > 0 seconds, got {self.transfer_timeout!r}")
         if self.on_transfer_failure not in {p.value for p in OnTransferFailure}:

@@ -7,6 +7,11 @@ command queue. What leaves a worker:
     DecodeWorker.generate(...)  a stream: Refused | (KVTicket | None, if remote) then TokenChunks
     PrefillWorker.prefill(job)  PrefillResult | Refused, once the KV reached the decode worker
     *.stats()                   (WorkerStats, prefix-cache events since the last call)
+    *.info()                    WorkerInfo: identity, KV peer, and the cores and torch threads it runs on
+
+A worker is built from its `WorkerSpec` and the `CpuPlacement` the controller claimed for
+it (`pdserve.runtime.threads`), which it applies before anything else: the model's
+weights load and its thread pools start on the worker's own cores.
 
 Refusals travel as values, not exceptions, so the gateway maps them to client errors
 without unpickling foreign exception types.
@@ -39,6 +44,7 @@ from pdserve.runtime.radix_cache import CacheEvent
 from pdserve.runtime.request import TokenChunk
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.scheduler import BatchScheduler
+from pdserve.runtime.threads import CpuPlacement, apply_placement, format_cores, process_cores
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +65,17 @@ class WorkerInfo(NamedTuple):
     peer: PeerInfo
     block_size: int
     pid: int
+    cores: tuple[int, ...]  # the cores the worker's threads may run on (all of them: the union)
+    threads: int  # torch intra-op threads
 
 
 class _Worker:
     role: str
 
-    def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
-        torch.set_num_threads(spec.threads)
+    def __init__(self, spec: WorkerSpec, worker_id: str, placement: CpuPlacement) -> None:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {worker_id}: %(message)s")
+        self.placement = placement.on_node(_node_id())
+        apply_placement(self.placement)  # first: the model's threads start on these cores
         self.spec = spec
         self.worker_id = worker_id
         self.loaded: LoadedModel = load_model(spec.model, cache=spec.cache_config, max_model_len=spec.max_model_len,
@@ -74,12 +83,14 @@ class _Worker:
         self._events: collections.deque[CacheEvent] = collections.deque(maxlen=MAX_PENDING_EVENTS)
         self._stats: WorkerStats | None = None
         self._steps = 0
-        log.info("%s worker %s ready: %s, %d KV blocks of %d tokens", self.role, worker_id, spec.model,
-                 self.loaded.info.num_blocks, self.loaded.info.block_size)
+        log.info("%s worker %s ready: %s, %d KV blocks of %d tokens, %d torch thread(s) on core(s) %s",
+                 self.role, worker_id, spec.model, self.loaded.info.num_blocks, self.loaded.info.block_size,
+                 torch.get_num_threads(), format_cores(process_cores()))
 
     def info(self) -> WorkerInfo:
+        """Read now, from inside the process: the cores are what its threads may run on."""
         return WorkerInfo(self.worker_id, self.role, PeerInfo.local(self.loaded.runner.device.type),
-                          self.loaded.info.block_size, os.getpid())
+                          self.loaded.info.block_size, os.getpid(), process_cores(), torch.get_num_threads())
 
     def stats(self) -> tuple[WorkerStats, list[CacheEvent]]:
         """The latest snapshot and the prefix-cache events since the last call (taken)."""
@@ -121,8 +132,8 @@ class _Worker:
 class DecodeWorker(_Worker):
     role = "decode"
 
-    def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
-        super().__init__(spec, worker_id)
+    def __init__(self, spec: WorkerSpec, worker_id: str, placement: CpuPlacement) -> None:
+        super().__init__(spec, worker_id, placement)
         runner, info = self.loaded.runner, self.loaded.info
         self.receiver = KVReceiver(runner.pool, default_timeout=spec.transfer_timeout)
         core = EngineCore(runner, info, spec.scheduler_config, spec.enable_prefix_caching,
@@ -190,8 +201,8 @@ class DecodeWorker(_Worker):
 class PrefillWorker(_Worker):
     role = "prefill"
 
-    def __init__(self, spec: WorkerSpec, worker_id: str) -> None:
-        super().__init__(spec, worker_id)
+    def __init__(self, spec: WorkerSpec, worker_id: str, placement: CpuPlacement) -> None:
+        super().__init__(spec, worker_id, placement)
         runner, info = self.loaded.runner, self.loaded.info
         self.pusher = KVPusher(runner.pool, lambda address: connect(address, timeout=10.0))
         engine = PrefillEngine(runner, info, self.pusher, spec.scheduler_config, spec.enable_prefix_caching)
@@ -233,3 +244,10 @@ def _node_ip() -> str:
     import ray
 
     return ray.util.get_node_ip_address()
+
+
+def _node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -79,6 +79,7 @@ class LayerSkipModel(nn.Module):
         self.layers = target.layers[:num_layers]
         self.norm = target.norm
         self.lm_head = target.lm_head
+        self.head_blocks = target.head_blocks
         self.cos_sin_cache = target.cos_sin_cache
         # The layers call the target's kernel objects, whose attention backend keeps the
         # metadata of the batch last prepared. Sharing them is safe because every forward
@@ -157,7 +158,8 @@ class DraftModelProposer(Proposer):
         tokenizer differs from the target's: its BOS/EOS ids always, and with the
         target's `tokenizer` its whole vocabulary."""
         placement = DeviceConfig(device=str(target.device), dtype=target.config.dtype,
-                                 kernels=target.model.kernels.name, cuda_graphs=target.graphs is not None)
+                                 kernels=target.model.kernels.name, cuda_graphs=target.graphs is not None,
+                                 compile=target.placement.compiled)
         draft = load_model(model, cache=CacheConfig(block_size=info.block_size, num_blocks=info.num_blocks),
                            device_config=placement)
         _check_same_tokenizer(model, draft, info, tokenizer)
@@ -174,7 +176,7 @@ class DraftModelProposer(Proposer):
         graphs = None
         if target.graphs is not None:
             graphs = DecodeGraphRunner(model, pool, target.graphs.max_pages)
-        return cls(ModelRunner(model, pool, graphs), target.config.vocab_size, info.max_model_len)
+        return cls(ModelRunner(model, pool, graphs, target.placement), target.config.vocab_size, info.max_model_len)
 
     @property
     def block_size(self) -> int:

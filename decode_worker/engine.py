@@ -124,10 +124,12 @@ class EngineCore:
                 logits_plain = logits
             out = self.sampler(logits_plain, [r.params for r in plain_requests],
                                [r.generator for r in plain_requests])
+            # One host copy per step, not one per row.
+            token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
             for row, request in enumerate(plain_requests):
-                request.output_ids.append(int(out.token_ids[row]))
+                request.output_ids.append(token_ids[row])
                 top = out.top_for(row, request.params.logprobs)
-                outputs.append(self._emit(request, float(out.logprobs[row]), top))
+                outputs.append(self._emit(request, logprobs[row], top))
         for i, chunk in enumerate(sampling):
             if chunk.draft:
                 request = chunk.request

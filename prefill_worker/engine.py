@@ -120,13 +120,14 @@ class PrefillEngine:
         sampling = [c.request for c in chunks if c.samples]
         if sampling:
             out = self.sampler(logits, [r.params for r in sampling], [r.generator for r in sampling])
+            token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
             for row, request in enumerate(sampling):
                 job = self._jobs.pop(request.request_id)
                 ticket = job.job.ticket
                 top = out.top_for(row, request.params.logprobs)
                 self.pusher.finish(ticket.ticket_id, TransferDone(
                     ticket.request_id, ticket.ticket_id, ticket.secret,
-                    int(out.token_ids[row]), float(out.logprobs[row]), top))
+                    token_ids[row], logprobs[row], top))
                 self.scheduler.finish(request.request_id, FinishReason.LENGTH)
                 self._sending[request.request_id] = ticket.ticket_id
         self.num_steps += 1

@@ -3,8 +3,10 @@
 An attention backend is a strategy object that stores a layer's new K/V and attends over
 the paged pool; `Kernels` bundles it with the RMSNorm and RoPE functions of the same
 family. Layers call them and know nothing of either family. The runner picks the family
-once from its `DeviceConfig` (`select_kernels`): the PyTorch references on the CPU, the
-Triton kernels on CUDA, or either one forced (Triton on the CPU needs TRITON_INTERPRET=1).
+once from its `DeviceConfig` (`select_kernels`): on the CPU the compiled batch attention
+(kernels/cpu_attention.py) with the PyTorch references for the rest, or the references
+alone where it cannot be built; the Triton kernels on CUDA; or any family forced (Triton
+on the CPU needs TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from pdserve.kernels.attention import paged_attention_ref
+from pdserve.kernels.cpu_attention import cpu_attention_available, paged_attention_cpu
 from pdserve.kernels.decode_attention import decode_attention
 from pdserve.kernels.extend_attention import extend_attention
 from pdserve.kernels.kv_store import store_kv, store_kv_ref
@@ -62,6 +65,41 @@ class ReferenceAttention:
         return paged_attention_ref(
             q, k_cache, v_cache, batch.block_tables, batch.query_lens, batch.seq_lens, scale
         )
+
+
+class CpuAttention:
+    """Every sequence of the batch in one compiled call per layer (kernels/cpu_attention.py):
+    decode rows straight from the pages, longer chunks through ATen's SDPA. CPU, float32.
+    Holds the prepared lengths: one instance per model."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self._batch: ForwardBatch | None = None
+        self._lengths: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """See `AttentionBackend.prepare`: the lengths as int64 tensors, once per forward."""
+        starts = [0, *itertools.accumulate(batch.query_lens)]
+        self._lengths = (torch.tensor(starts, dtype=torch.int64), torch.tensor(batch.seq_lens, dtype=torch.int64))
+        self._batch = batch
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """See `AttentionBackend.forward`."""
+        assert batch is self._batch, "prepare(batch) must run before the layers"
+        store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
+        query_start, seq_lens = self._lengths
+        return paged_attention_cpu(q.contiguous(), k_cache, v_cache, batch.block_tables, query_start,
+                                   seq_lens, scale)
 
 
 class _DecodeMetadata(NamedTuple):
@@ -139,24 +177,39 @@ def reference_kernels() -> Kernels:
     return Kernels("reference", ReferenceAttention(), rms_norm_ref, rope_ref)
 
 
+def cpu_kernels() -> Kernels:
+    return Kernels("cpu", CpuAttention(), rms_norm_ref, rope_ref)
+
+
 def triton_kernels() -> Kernels:
     return Kernels("triton", TritonAttention(), rms_norm, rope)
 
 
 def select_kernels(kernels: str, device: torch.device) -> Kernels:
-    """The kernel family for `DeviceConfig.kernels` ("auto", "triton" or "reference") on
-    `device`: auto means Triton on CUDA and the references elsewhere. Raises ConfigError
-    when the choice cannot run there."""
+    """The kernel family for `DeviceConfig.kernels` ("auto", "cpu", "triton" or "reference")
+    on `device`: auto means Triton on CUDA, and on the CPU the compiled batch attention
+    where it builds (else the references). Raises ConfigError when the choice cannot run
+    there."""
     if kernels == "auto":
-        kernels = "triton" if device.type == "cuda" else "reference"
+        if device.type == "cuda":
+            kernels = "triton"
+        else:
+            kernels = "cpu" if cpu_attention_available() else "reference"
     if kernels == "reference":
         return reference_kernels()
+    if kernels == "cpu":
+        if device.type != "cpu":
+            raise ConfigError(f"kernels='cpu' runs on the CPU only, not on {device}")
+        if not cpu_attention_available():
+            raise ConfigError("kernels='cpu' needs the compiled CPU attention, which could not be "
+                              "built here (see the log); use kernels='reference'")
+        return cpu_kernels()
     if kernels != "triton":
-        raise ConfigError(f"kernels must be auto, triton or reference, got {kernels!r}")
+        raise ConfigError(f"kernels must be auto, cpu, triton or reference, got {kernels!r}")
     if device.type == "cuda" and INTERPRETED:
         raise ConfigError("Triton kernels were imported with TRITON_INTERPRET=1, which runs "
                           "them on the CPU only; unset it to use them on CUDA")
     if device.type != "cuda" and not INTERPRETED:
         raise ConfigError(f"Triton kernels on {device} need TRITON_INTERPRET=1 set before "
-                          "triton is imported (tests only); use kernels='reference' on the CPU")
+                          "triton is imported (tests only); use kernels='cpu' or 'reference' on the CPU")
     return triton_kernels()

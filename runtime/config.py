@@ -138,21 +138,31 @@ class DeviceConfig:
 
     device: "auto" (CUDA when available, else CPU), "cpu" or "cuda[:N]".
     dtype: None picks bfloat16 on CUDA and float32 on the CPU.
-    kernels: "auto" (Triton on CUDA, PyTorch references on the CPU), "triton" or
-        "reference"; forcing "triton" on the CPU needs TRITON_INTERPRET=1 (tests only).
+    kernels: "auto" (Triton on CUDA; on the CPU the compiled batch attention, or the
+        PyTorch references where it cannot be built), "cpu", "triton" or "reference";
+        forcing "triton" on the CPU needs TRITON_INTERPRET=1 (tests only).
     cuda_graphs: capture decode steps in CUDA graphs for fixed batch-size buckets.
+    compile: on the CPU, compile each decoder layer with torch.compile (inductor's C++
+        code for everything around the matmuls and attention) at start-up. CUDA replays
+        graphs instead and ignores it.
+    weight_blocks: on the CPU, linear layers of GGUF checkpoints stored as Q4_1 or Q8_0
+        compute batches of up to 16 rows from those blocks (bit-identical float32
+        weights, 4-6x fewer bytes streamed per decode step); larger batches use the dense
+        copy.
     """
 
     device: str = "auto"
     dtype: torch.dtype | None = None
     kernels: str = "auto"
     cuda_graphs: bool = True
+    compile: bool = True
+    weight_blocks: bool = True
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.kernels not in ("auto", "triton", "reference"):
-            raise ConfigError(f"kernels must be auto, triton or reference, got {self.kernels!r}")
+        if self.kernels not in ("auto", "cpu", "triton", "reference"):
+            raise ConfigError(f"kernels must be auto, cpu, triton or reference, got {self.kernels!r}")
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def load_model(
             )
         context = max_model_len
     runner = ModelRunner.create(config, checkpoint.iter_weights(), cache or CacheConfig(),
-                                device_config=device_config)
+                                device_config=device_config, weight_blocks=checkpoint.iter_weight_blocks())
     info = RuntimeInfo(
         num_blocks=runner.pool.num_blocks,
         block_size=runner.pool.block_size,

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.kernels.block_linear import block_linear_available
+from pdserve.kernels.cpu_attention import cpu_attention_available
 from pdserve.runtime.attention_backend import select_kernels
+from pdserve.runtime.compiled_layers import compile_layers
 from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, ModelConfig
 from pdserve.runtime.forward_batch import ForwardBatch
 from pdserve.runtime.kv_pool import KVPool
@@ -33,8 +36,9 @@ class Placement:
 
     device: torch.device
     dtype: torch.dtype
-    kernels: str  # "triton" or "reference"
+    kernels: str  # "triton", "cpu" or "reference"
     cuda_graphs: bool  # only with Triton kernels on CUDA: the references read host data
+    compiled: bool  # decoder layers under torch.compile: CPU only, around torch-op kernels
 
     @classmethod
     def resolve(cls, config: DeviceConfig) -> Placement:
@@ -46,17 +50,21 @@ class Placement:
                 raise ConfigError(f"device {config.device!r} was asked for but CUDA is not "
                                   "available; use device='cpu' or 'auto'")
         on_cuda = device.type == "cuda"
-        kernels = config.kernels if config.kernels != "auto" else ("triton" if on_cuda else "reference")
+        kernels = config.kernels
+        if kernels == "auto":
+            kernels = "triton" if on_cuda else ("cpu" if cpu_attention_available() else "reference")
         dtype = config.dtype or (torch.bfloat16 if on_cuda else torch.float32)
-        return cls(device, dtype, kernels, config.cuda_graphs and on_cuda and kernels == "triton")
+        return cls(device, dtype, kernels, config.cuda_graphs and on_cuda and kernels == "triton",
+                   config.compile and not on_cuda and kernels != "triton")
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: KVPool,
-                 graphs: DecodeGraphRunner | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, pool: KVPool, graphs: DecodeGraphRunner | None = None,
+                 placement: Placement | None = None) -> None:
         self.model = model
         self.pool = pool
         self.graphs = graphs
+        self.placement = placement or Placement(pool.kv.device, pool.dtype, model.kernels.name, False, False)
 
     @classmethod
     def create(
@@ -66,13 +74,16 @@ class ModelRunner:
         cache: CacheConfig,
         device: torch.device | str = "cpu",
         device_config: DeviceConfig | None = None,
+        weight_blocks: Iterable[tuple[str, str, torch.Tensor]] = (),
     ) -> ModelRunner:
         """Build the model on its device, load `weights`, allocate the KV pool and, on CUDA
         with Triton kernels, capture the decode graphs.
 
         Without `device_config` the model runs on `device` in `config.dtype` with the
         default kernels there (references on the CPU). With one, `device` must be left at
-        its default and the config's device and dtype win."""
+        its default and the config's device and dtype win. `weight_blocks` (a checkpoint's
+        `iter_weight_blocks()`) are used on the CPU in float32 when the device config allows
+        and the CPU kernels are built."""
         if device_config is None:
             device_config = DeviceConfig(device=str(device), dtype=config.dtype)
         elif str(device) != "cpu":
@@ -88,18 +99,36 @@ class ModelRunner:
             model = MODEL_CLASSES[config.architecture](config, kernels)
         model.load_weights(weights)
         model.eval()
+        if placement.device.type == "cpu":
+            model.store_weights_input_major()
+            if (device_config.weight_blocks and placement.dtype == torch.float32
+                    and placement.kernels != "triton" and block_linear_available()):
+                model.load_blocks(weight_blocks)
         pool = KVPool.for_model(config, cache, placement.device)
         graphs = None
         if placement.cuda_graphs:
             max_pages = min(pool.num_blocks, -(-config.max_position_embeddings // pool.block_size))
             graphs = DecodeGraphRunner(model, pool, max_pages)
-        log.info(
-            "loaded %s (%d layers, %s, %s kernels%s) on %s in %.1fs; KV pool %d blocks x %d tokens",
-            config.architecture, config.num_layers, str(placement.dtype).removeprefix("torch."),
-            kernels.name, ", CUDA graphs" if graphs else "", placement.device,
-            time.perf_counter() - started, pool.num_blocks, pool.block_size,
-        )
-        return cls(model, pool, graphs)
+        runner = cls(model, pool, graphs, placement)
+        log.info("loaded %s (%d layers) on %s in %.1fs: %s; KV pool %d blocks x %d tokens",
+                 config.architecture, config.num_layers, placement.device, time.perf_counter() - started,
+                 runner.describe(), pool.num_blocks, pool.block_size)
+        if placement.compiled:
+            compile_layers(runner)
+        return runner
+
+    def describe(self) -> str:
+        """How the forward runs, for logs and benchmarks: dtype, kernels, compilation."""
+        parts = [str(self.placement.dtype).removeprefix("torch."), f"{self.model.kernels.name} kernels"]
+        if self.graphs is not None:
+            parts.append("CUDA graphs")
+        if self.placement.compiled:
+            parts.append("compiled layers")
+        blocks = sorted({m.blocks.kind for m in self.model.modules() if getattr(m, "blocks", None)}
+                        | ({self.model.head_blocks.kind} if getattr(self.model, "head_blocks", None) else set()))
+        if blocks:
+            parts.append(f"small batches from GGUF blocks ({', '.join(blocks)})")
+        return ", ".join(parts)
 
     @property
     def config(self) -> ModelConfig:

@@ -9,12 +9,18 @@ import asyncio
 import importlib.util
 import json
 import math
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
+import fastapi
 import httpx
 import numpy as np
 import pytest
+import uvicorn
+from fastapi.responses import JSONResponse, StreamingResponse
 
 _BENCH = Path(__file__).resolve().parent.parent / "bench"
 # serving.py imports its parts (bench/serving_*.py) as top-level modules, as a script run from
@@ -221,3 +227,251 @@ def test_launch_defaults_do_not_override_given_flags():
 
 def test_json_safe_spells_out_infinities():
     assert serving.json_safe({"rate": math.inf, "xs": [1.0, math.nan]}) == {"rate": "inf", "xs": [1.0, "nan"]}
+
+
+# ------------------------------------------------------------------------------ chat workloads
+
+def words(messages: list[dict]) -> int:
+    """A stand-in token counter: words plus a fixed template overhead."""
+    return 10 + sum(len(m["content"].split()) for m in messages)
+
+
+def prompts(requests) -> list:
+    return [r.prompt_body() for r in requests]
+
+
+def test_presets_set_their_defaults_and_explicit_flags_win():
+    url = ["--url", "http://127.0.0.1:1"]
+    short = serving.parse_args([*url, "--workload", "short-chats"])
+    assert (short.num_prompts, short.long_fraction, short.max_concurrency, short.output_len) == (32, 0.0, 8, 64)
+    mixed = serving.parse_args([*url, "--workload", "mixed"])
+    assert (mixed.num_prompts, mixed.long_fraction, mixed.max_concurrency, mixed.long_len) == (24, 0.25, 8, 1500)
+    given = serving.parse_args([*url, "--workload", "mixed", "--num-prompts", "5", "--max-concurrency", "2"])
+    assert (given.num_prompts, given.max_concurrency) == (5, 2)
+    plain = serving.parse_args([*url, "--dataset", "mixed"])  # the token-id datasets keep their defaults
+    assert (plain.workload, plain.num_prompts, plain.long_fraction, plain.max_concurrency) == (None, 100, 0.2, None)
+    assert serving.parse_args(["--launch", "--workload", "mixed"]).launch == ""  # pdserve's own defaults
+    with pytest.raises(SystemExit):
+        serving.parse_args([*url, "--dataset", "random", "--workload", "mixed"])
+
+
+def test_help_renders(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        serving.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "short-chats: 32 chats, 0% long" in " ".join(capsys.readouterr().out.split())  # as wrapped
+
+
+def test_short_chats_are_distinct_questions_in_a_seeded_order():
+    requests = serving.chat_dataset(np.random.default_rng([0, 0]), 32, 0.0, 1500, 64, words)
+    assert len(requests) == 32 and {r.output_len for r in requests} == {64}
+    assert len({json.dumps(p) for p in prompts(requests)}) == 32
+    assert all(r.path == "/v1/chat/completions" and r.prompt_len == words(r.messages) for r in requests)
+    again = serving.chat_dataset(np.random.default_rng([0, 0]), 32, 0.0, 1500, 64, words)
+    other = serving.chat_dataset(np.random.default_rng([1, 0]), 32, 0.0, 1500, 64, words)
+    assert prompts(again) == prompts(requests) and prompts(other) != prompts(requests)
+    more = serving.chat_dataset(np.random.default_rng([0, 0]), 100, 0.0, 1500, 64, words)
+    assert len({json.dumps(p) for p in prompts(more)}) == 100  # past the pool, numbered rounds
+
+
+def test_mixed_chats_have_a_quarter_long_prompts_just_under_the_target():
+    requests = serving.chat_dataset(np.random.default_rng([0, 0]), 24, 0.25, 1500, 64, words)
+    long = [r for r in requests if r.prompt_len > 200]
+    assert len(long) == 6
+    # The largest whole number of sentences within the target: one more sentence (at most
+    # ~20 words) would pass it.
+    assert all(1480 <= r.prompt_len <= 1500 for r in long)
+    assert len({json.dumps(r.messages) for r in long}) == 6
+    warmups = {json.dumps(r.messages) for r in serving.chat_warmups(3, words)}
+    assert not warmups & {json.dumps(r.messages) for r in requests}
+
+
+def test_chat_stream_counts_content_chunks():
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    content = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+    done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 2}}
+    r = stream(sse(role, content, content, done, usage, "[DONE]"))
+    assert r.ok and len(r.chunk_times) == 2 and (r.output_tokens, r.server_prompt_tokens) == (2, 12)
+
+
+def test_flavors_send_only_the_fields_each_server_takes():
+    chat = serving.ChatRequest([{"role": "user", "content": "hi"}], 5, 7)
+    pdserve = serving.request_payload(chat, "m", serving.FLAVORS["pdserve"])
+    vllm = serving.request_payload(chat, "m", serving.FLAVORS["vllm"])
+    assert "min_tokens" not in pdserve and pdserve["ignore_eos"] is True
+    assert vllm["min_tokens"] == 7 and vllm["ignore_eos"] is True and vllm["max_tokens"] == 7
+    assert serving.request_payload(chat, None, serving.FLAVORS["openai"]) == {
+        "messages": chat.messages, "max_tokens": 7, "temperature": 0.0, "stream": True,
+        "stream_options": {"include_usage": True}}
+
+
+def test_result_files_are_never_overwritten(tmp_path):
+    first = serving.write_result(tmp_path / "r.json", {"x": 1})
+    second = serving.write_result(tmp_path / "r.json", {"x": math.inf})
+    assert (first.name, second.name) == ("r.json", "r-2.json")
+    assert json.loads(first.read_text()) == {"x": 1} and json.loads(second.read_text()) == {"x": "inf"}
+
+
+# ------------------------------------------------------------------------------ peer comparison
+
+PEER_METRIC_NAMES = ["output throughput", "request throughput", "TTFT p50", "TTFT p90", "TTFT p99",
+                     "TPOT p50", "TPOT p90", "TPOT p99", "ITL p50", "ITL p90", "ITL p99", "E2E p50", "E2E p99"]
+
+
+def test_peer_ratios_are_pdserve_over_peer():
+    slo = serving.Slo(None, None)
+    a = serving.compute_metrics([record(ttft=0.1, gaps=[0.02] * 4)], 1.0, slo)
+    b = serving.compute_metrics([record(ttft=0.4, gaps=[0.05] * 4)], 2.0, slo)
+    rows = {row["metric"]: row for row in serving.peer_comparison(a, b)}
+    assert list(rows) == PEER_METRIC_NAMES
+    assert rows["output throughput"]["ratio"] == pytest.approx(2.0)  # 5 tokens in 1 s vs in 2 s
+    assert rows["request throughput"]["ratio"] == pytest.approx(2.0)
+    assert rows["TTFT p90"]["ratio"] == pytest.approx(0.25)
+    assert rows["TPOT p99"]["ratio"] == pytest.approx(0.4) and rows["ITL p50"]["ratio"] == pytest.approx(0.4)
+    assert rows["E2E p99"]["ratio"] == pytest.approx((0.1 + 0.08) / (0.4 + 0.2))
+    assert rows["TTFT p50"]["better"] == "lower" and rows["output throughput"]["better"] == "higher"
+
+
+# ------------------------------------------------------------------------------ fake servers
+
+class FakeServer:
+    """A tiny OpenAI-compatible streaming server on 127.0.0.1 in a thread: every request
+    streams max_tokens one-word chunks `delay` s apart. It records each request body in
+    arrival order and the most requests it ever had in flight; `strict` refuses unknown
+    fields as pdserve does."""
+
+    def __init__(self, model: str, delay: float, strict: bool = False) -> None:
+        self.model, self.delay, self.strict = model, delay, strict
+        self.bodies: list[dict] = []
+        self.auth: set[str | None] = set()  # Authorization headers seen
+        self.in_flight = self.peak = 0
+        app = fastapi.FastAPI()
+        app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": model, "object": "model"}]})
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            app.post(path)(self.generate)
+        self.app = app
+
+    async def generate(self, request: fastapi.Request):
+        body = await request.json()
+        self.bodies.append(body)
+        self.auth.add(request.headers.get("authorization"))
+        if self.strict and "min_tokens" in body:
+            return JSONResponse({"error": {"message": "min_tokens: extra"}}, status_code=400)
+        chat = "messages" in body
+
+        def chunk(content: str | None, finish: str | None = None) -> str:
+            choice = ({"delta": {} if content is None else {"content": content}} if chat
+                      else {"text": content or ""})
+            return f"data: {json.dumps({'choices': [{'index': 0, **choice, 'finish_reason': finish}]})}\n\n"
+
+        async def events():
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            try:
+                for _ in range(body["max_tokens"]):
+                    await asyncio.sleep(self.delay)
+                    yield chunk("word ")
+                yield chunk(None, "length")
+                usage = {"prompt_tokens": 3, "completion_tokens": body["max_tokens"]}
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+            finally:
+                self.in_flight -= 1
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def __enter__(self):  # returns self, started
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the fake server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:  # bound, never listening, then closed: connecting is refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def bench(monkeypatch, tmp_path):
+    """Runs serving.main with a word-counting stand-in for the model's tokenizer; returns
+    (exit status, stdout, the result JSON)."""
+    monkeypatch.setattr(serving, "model_info", lambda model: serving.ModelInfo(VOCAB, words))
+    monkeypatch.setattr(serving.signal, "signal", lambda *args: None)
+
+    def run(capsys, *argv: str) -> tuple[int, str, dict]:
+        path = tmp_path / "result.json"
+        status = serving.main([*argv, "--result-json", str(path)])
+        return status, capsys.readouterr().out, json.loads(path.read_text())
+    return run
+
+
+def test_peer_gets_the_same_requests_in_the_same_order(bench, capsys):
+    with FakeServer("smollm2-135m-instruct", 0.002, strict=True) as ours, FakeServer("peer-model", 0.004) as peer:
+        status, out, result = bench(capsys, "--url", ours.url, "--peer-url", peer.url, "--peer-name", "fakevllm",
+                                    "--workload", "mixed", "--num-prompts", "8", "--long-len", "120",
+                                    "--output-len", "4", "--max-concurrency", "1", "--warmup-requests", "2",
+                                    "--api-key", "ours", "--peer-api-key", "theirs")
+    assert status == 0
+    assert (ours.auth, peer.auth) == ({"Bearer ours"}, {"Bearer theirs"})
+    measured = [[b["messages"] for b in server.bodies[2:]] for server in (ours, peer)]
+    assert len(measured[0]) == 8 and measured[0] == measured[1]  # concurrency 1: arrival order is send order
+    assert [b["messages"] for b in ours.bodies[:2]] == [b["messages"] for b in peer.bodies[:2]]  # warm-ups
+    assert all("min_tokens" not in b and b["model"] == "smollm2-135m-instruct" for b in ours.bodies)
+    assert all(b["min_tokens"] == b["max_tokens"] and b["ignore_eos"] and b["model"] == "peer-model"
+               for b in peer.bodies)
+    assert [run["label"] for run in result["runs"]] == ["pdserve", "fakevllm"]
+    assert all(run["metrics"]["completed"] == 8 and run["metrics"]["output_tokens"] == 32 for run in result["runs"])
+    assert result["peer"] == {"name": "fakevllm", "url": peer.url, "model": "peer-model", "flavor": "vllm",
+                              "ran": True, "problem": None}
+    (comparison,) = result["peer_comparison"]
+    ours_m, peer_m = (run["metrics"] for run in result["runs"])
+    rows = {row["metric"]: row for row in comparison["ratios"]}
+    assert list(rows) == PEER_METRIC_NAMES
+    for name, key in (("output throughput", "output_throughput"), ("request throughput", "request_throughput")):
+        assert (rows[name]["a"], rows[name]["b"]) == (ours_m[key], peer_m[key])
+        assert rows[name]["ratio"] == pytest.approx(ours_m[key] / peer_m[key])
+    for name, row in rows.items():
+        if row["unit"] == "ms":
+            stat, q = name.split()
+            key = {"TTFT": "ttft_ms", "TPOT": "tpot_ms", "ITL": "itl_ms", "E2E": "e2el_ms"}[stat]
+            assert (row["a"], row["b"]) == (ours_m[key][q], peer_m[key][q])
+            assert row["ratio"] == pytest.approx(row["a"] / row["b"])
+    assert rows["ITL p50"]["ratio"] < 1  # 2 ms chunks against 4 ms ones
+    assert "pdserve vs fakevllm" in out and "ITL p99 (ms)" in out
+
+
+def test_an_unreachable_peer_is_named_and_pdserve_reported_alone(bench, capsys):
+    port = closed_port()
+    with FakeServer("smollm2-135m-instruct", 0.001, strict=True) as ours:
+        status, out, result = bench(capsys, "--url", ours.url, "--peer-url", f"http://127.0.0.1:{port}",
+                                    "--workload", "short-chats", "--num-prompts", "4", "--output-len", "3")
+    assert status == 0
+    assert "not running" in out and "../shared/peers/vllm-cpu.sh setup" in out
+    assert f"../shared/peers/vllm-cpu.sh serve {port}" in out and "pdserve alone" in out
+    assert [run["label"] for run in result["runs"]] == ["pdserve"] and result["runs"][0]["metrics"]["completed"] == 4
+    assert result["peer"]["ran"] is False and "not running" in result["peer"]["problem"]
+    assert "peer_comparison" not in result
+
+
+def test_max_concurrency_is_a_closed_loop():
+    requests = serving.chat_dataset(np.random.default_rng(0), 9, 0.0, 100, 3, words)
+    with FakeServer("m", 0.01) as server:
+        run = asyncio.run(serving.run_load(server.url, requests, np.zeros(9), 3, None, 30.0, "test",
+                                           warmups=serving.chat_warmups(1, words)))
+    assert server.peak == 3 and all(r.ok for r in run.records)
+    sent = sorted(r.sent for r in run.records)
+    ends = sorted(r.finished for r in run.records)
+    # The fourth request goes when the first one ends, not before.
+    assert sent[3] >= ends[0]

@@ -1,8 +1,20 @@
 """`pdserve generate` in-process: arguments, output streams, and errors a user can act on."""
 
 import pytest
+import torch
 
 from pdserve.cluster.cli import main
+from pdserve.runtime.threads import available_cores, pin_process
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """`generate` pins its process and sizes torch's threads (`--threads auto`); here that
+    process is pytest's, so put both back for the tests that follow."""
+    cores, threads = available_cores(), torch.get_num_threads()
+    yield
+    pin_process(cores)
+    torch.set_num_threads(threads)
 
 
 def test_generate_on_a_hf_directory_streams_text(tiny_llama_dir, capsys):

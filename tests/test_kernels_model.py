@@ -95,7 +95,11 @@ def test_device_config_resolves_to_the_cpu_defaults_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only resolution")
     placement = Placement.resolve(DeviceConfig())
-    assert placement == Placement(torch.device("cpu"), torch.float32, "reference", False)
+    # The compiled batch attention builds on every CI machine (tests/test_kernels_cpu.py).
+    assert placement == Placement(torch.device("cpu"), torch.float32, "cpu", False, True)
+    assert Placement.resolve(DeviceConfig(compile=False)).compiled is False
+    # Triton under the interpreter is never compiled around.
+    assert Placement.resolve(DeviceConfig(kernels="triton")).compiled is False
     with pytest.raises(ConfigError, match="CUDA is not available"):
         Placement.resolve(DeviceConfig(device="cuda"))
 

@@ -12,11 +12,13 @@ construction; every module calls its functions and knows nothing of either famil
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.kernels.block_linear import block_linear
 from pdserve.kernels.rope import rope_cos_sin_cache
 from pdserve.runtime.attention_backend import Kernels, reference_kernels
 from pdserve.runtime.config import ModelConfig
@@ -31,14 +33,35 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+# Rows up to which a linear layer with GGUF blocks computes from them (fewer bytes to
+# stream; decode batches); beyond it the dense float32 GEMM is faster (measured with
+# bench/step_profile.py).
+BLOCK_LINEAR_MAX_ROWS = 16
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
+        self.blocks: WeightBlocks | None = None  # the same weight in GGUF blocks, on the CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None and x.shape[0] <= BLOCK_LINEAR_MAX_ROWS:
+            return self.blocks.linear(x, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+class WeightBlocks(NamedTuple):
+    """A weight [out, in] kept as GGUF blocks [out, in / 32, bytes] of one kind (see
+    pdserve.kernels.block_linear): bit-identical to the dense weight, 4-6x fewer bytes."""
+
+    kind: str
+    data: torch.Tensor
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = block_linear(x, self.data, self.kind)
+        return y if bias is None else y + bias
 
 
 class RMSNorm(nn.Module):
@@ -64,15 +87,19 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, cfg.dtype)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, cfg.o_bias, cfg.dtype)
 
-    def forward(self, x, batch: ForwardBatch, pool: KVPool, cos_sin) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+        """q [T, H, D], k and v [T, KVH, D] of the normed hidden states `x`, RoPE applied."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(q, k, batch.positions, cos_sin)
+        q, k = self.rope(q, k, positions, cos_sin)
+        return q, k, v
+
+    def attend(self, q, k, v, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
+        """Store this layer's new K/V in the pool and attend over it: [T, H * D]."""
         k_cache, v_cache = pool.layer(self.layer_index)
-        out = self.backend.forward(q, k, v, k_cache, v_cache, batch, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.backend.forward(q, k, v, k_cache, v_cache, batch, self.scale).reshape(-1, self.q_size)
 
 
 class MLP(nn.Module):
@@ -95,10 +122,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, kernels)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, batch, pool, cos_sin):
+    def forward(self, x, residual, batch: ForwardBatch, pool: KVPool, cos_sin):
+        """(output, residual stream) of this layer; writes its K/V for `batch` to `pool`.
+
+        Three parts: `before_attention` and `after_attention` are pure tensor functions
+        (what `compile_layers` compiles); the attention between them writes the pool and
+        runs its own kernels, so it stays out of any compiled graph."""
+        q, k, v, residual = self.before_attention(x, residual, batch.positions, cos_sin)
+        out = self.self_attn.attend(q, k, v, batch, pool)
+        return self.after_attention(out, residual)
+
+    def before_attention(self, x, residual, positions, cos_sin):
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, batch, pool, cos_sin)
-        h, residual = self.post_attention_layernorm(h, residual)
+        q, k, v = self.self_attn.project(h, positions, cos_sin)
+        return q, k, v, residual
+
+    def after_attention(self, attention_out, residual):
+        h, residual = self.post_attention_layernorm(self.self_attn.o_proj(attention_out), residual)
         return self.mlp(h), residual
 
 
@@ -122,6 +162,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.kernels) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, self.kernels)
         self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
+        self.head_blocks: WeightBlocks | None = None  # the LM head in GGUF blocks, on the CPU
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer(
             "cos_sin_cache", rope_cos_sin_cache(inv_freq, cfg.max_position_embeddings), persistent=False
@@ -142,9 +183,56 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    def store_weights_input_major(self) -> None:
+        """Re-lay every matmul weight (and the LM head, tied or not) out as [in, out] in
+        memory, keeping its [out, in] shape as a transposed view, so F.linear runs as a
+        plain GEMM. For the CPU: MKL's fp32 GEMM is about 2x faster with this layout for
+        4-64 rows (the decode batches) and the same for prefill-sized inputs (measured with
+        bench/step_profile.py's matmul floor). Embedding lookups from the tied head then
+        read strided rows, a few ms per 512-token chunk. Call once, after load_weights."""
+        for param in self.parameters():
+            if param.dim() == 2:
+                param.data = param.data.t().contiguous().t()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head_blocks is not None and hidden.shape[0] <= BLOCK_LINEAR_MAX_ROWS:
+            return self.head_blocks.linear(hidden)
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return F.linear(hidden, head).float()
+
+    def load_blocks(self, blocks: Iterable[tuple[str, str, torch.Tensor]]) -> int:
+        """Give linear layers (and the LM head) their GGUF blocks, from HF-named
+        `(name, kind, blocks)`; after `load_weights`. A fused layer takes blocks only when
+        all its parts come as blocks of one kind, stacked in its row order. Returns how
+        many layers (head included) now compute from blocks. CPU float32 only."""
+        parts: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
+        for hf_name, kind, data in blocks:
+            name = hf_name.removeprefix("model.").removesuffix(".weight")
+            if name in ("embed_tokens", "lm_head"):
+                if (name == "lm_head") == (self.lm_head is not None):
+                    self.head_blocks = WeightBlocks(kind, data)
+                continue
+            index = 0
+            for hf_suffix, (fused, part) in _FUSED.items():
+                if name.endswith(f".{hf_suffix}"):
+                    name, index = name.removesuffix(hf_suffix) + fused, part
+                    break
+            parts.setdefault(name, {})[index] = (kind, data)
+        modules = dict(self.named_modules())
+        count = int(self.head_blocks is not None)
+        for name, pieces in parts.items():
+            linear = modules.get(name)
+            expected = 3 if name.endswith("qkv_proj") else 2 if name.endswith("gate_up_proj") else 1
+            kinds = {kind for kind, _ in pieces.values()}
+            if not isinstance(linear, Linear) or len(pieces) != expected or len(kinds) != 1:
+                continue
+            data = torch.cat([pieces[i][1] for i in range(expected)])
+            if data.shape[0] != linear.weight.shape[0] or data.shape[1] * 32 != linear.weight.shape[1]:
+                raise ValueError(f"GGUF blocks for {name} have shape {tuple(data.shape)}, which does not "
+                                 f"match its weight {tuple(linear.weight.shape)}")
+            linear.blocks = WeightBlocks(kinds.pop(), data)
+            count += 1
+        return count
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the (fused) parameters; every parameter must be set

@@ -41,6 +41,8 @@ class WeightSource(Protocol):
 
     def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]: ...
 
+    def iter_blocks(self) -> Iterator[tuple[str, str, torch.Tensor]]: ...
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -67,6 +69,12 @@ class Checkpoint:
         tied. Tensors are fresh CPU tensors of `dtype`, owned by the caller.
         """
         return self.weights.iter_weights(dtype)
+
+    def iter_weight_blocks(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """Yield `(hf_name, kind, blocks)` for each matrix the file stores in a block format
+        the CPU kernels compute from (`pdserve.kernels.block_linear`: q4_1, q8_0), in the
+        same row order as `iter_weights` gives it; nothing for other formats."""
+        return self.weights.iter_blocks()
 
 
 def load_checkpoint(model: str) -> Checkpoint:

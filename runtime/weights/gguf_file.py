@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from pdserve.runtime.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig, RopeScaling
@@ -34,6 +34,8 @@ _PER_LAYER = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# GGML block formats the CPU kernels compute from (pdserve.kernels.block_linear).
+_BLOCK_KINDS = {GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q8_0: "q8_0"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -155,6 +157,22 @@ class GgufWeights:
             if not array.flags.writeable:  # F32 tensors are read-only views of the memmap
                 array = array.copy()
             yield name, torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(dtype)
+
+
+    def iter_blocks(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """The Q4_1 and Q8_0 matrices as raw blocks [out, in / 32, block bytes] (uint8),
+        q/k rows put back in HF order like `iter_weights` does."""
+        for tensor in self._reader.tensors:
+            kind = _BLOCK_KINDS.get(tensor.tensor_type)
+            if kind is None or len(tensor.shape) != 2:
+                continue
+            rows = int(tensor.shape[1])
+            array = np.asarray(tensor.data).reshape(rows, int(tensor.shape[0]) // 32, -1)
+            if self._qk_heads is not None and ".attn_q." in tensor.name:
+                array = unpermute_qk(array, self._qk_heads[0])
+            elif self._qk_heads is not None and ".attn_k." in tensor.name:
+                array = unpermute_qk(array, self._qk_heads[1])
+            yield hf_name(tensor.name), kind, torch.from_numpy(np.array(array))  # a writable copy
 
 
 def load_gguf(path: Path) -> Checkpoint:

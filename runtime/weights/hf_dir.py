@@ -173,3 +173,7 @@ class SafetensorsWeights:
                         yield name, f.get_tensor(name).to(dtype)
             except SafetensorError as e:
                 raise CheckpointError(f"{shard} is corrupt ({e}); re-download it") from e
+
+    def iter_blocks(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """Safetensors hold dense tensors only: no blocks."""
+        return iter(())

@@ -1,0 +1,68 @@
+"""Linear layers straight from GGUF blocks: `block_linear` (C++, CPU) and its reference.
+
+A weight [N, K] quantized by llama.cpp is stored as N rows of K / 32 blocks; `blocks` is
+that data as a uint8 tensor [N, K / 32, BLOCK_BYTES[kind]]. Kinds:
+
+    q4_1   20 bytes: float16 d, float16 m, 16 bytes of 4-bit q   weight = d * q + m
+    q8_0   34 bytes: float16 d, 32 int8 q                        weight = d * q
+
+`dequantize_blocks_ref` rebuilds the float32 weights exactly as the GGUF reader does (d * q
+is exact in float32), so a model computing from blocks uses bit-identical weights to the
+same model loaded dense; `block_linear` computes x @ W^T from the blocks without building W,
+reading 5 (q4_1) or 8.5 (q8_0) bits per weight instead of 32. It matches
+`block_linear_ref` up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.kernels.cpu_extension import cpu_extension
+
+BLOCK = 32
+BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
+
+
+def dequantize_blocks_ref(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """[N, K / 32, BLOCK_BYTES[kind]] uint8 -> the float32 weight [N, K]."""
+    if kind not in BLOCK_BYTES or blocks.dim() != 3 or blocks.shape[2] != BLOCK_BYTES[kind]:
+        raise ValueError(f"blocks of kind {kind!r} must be [N, K / 32, {BLOCK_BYTES.get(kind)}] uint8, "
+                         f"got {tuple(blocks.shape)}")
+    n, num_blocks, _ = blocks.shape
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [N, B, 1]
+    if kind == "q4_1":
+        m = blocks[..., 2:4].contiguous().view(torch.float16).float()
+        qs = blocks[..., 4:].int()
+        q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).float()  # low nibbles are weights 0..15
+        weight = d * q + m
+    else:
+        q = blocks[..., 2:].contiguous().view(torch.int8).float()
+        weight = d * q
+    return weight.reshape(n, num_blocks * BLOCK)
+
+
+def block_linear_ref(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [M, K] float32 @ W^T for W given as blocks: [M, N]."""
+    return F.linear(x, dequantize_blocks_ref(blocks, kind))
+
+
+def block_linear_available() -> bool:
+    return cpu_extension() is not None
+
+
+# A torch custom op, so compiled graphs (torch.compile) call it as one opaque node.
+@torch.library.custom_op("pdserve::block_linear", mutates_args=())
+def block_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """`block_linear_ref`'s contract, computed from the blocks in C++. x: [M, K] float32
+    (made contiguous here); returns [M, N] float32. Raises RuntimeError where the CPU
+    kernels are not built (see `block_linear_available`)."""
+    extension = cpu_extension()
+    if extension is None:
+        raise RuntimeError("the CPU kernels are not built on this machine")
+    return extension.block_linear(x.contiguous(), blocks, kind)
+
+
+@block_linear.register_fake
+def _(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    return x.new_empty(x.shape[0], blocks.shape[0])

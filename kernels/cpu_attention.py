@@ -1,0 +1,38 @@
+"""Paged attention over a whole mixed batch on the CPU: one call per layer, no Python loop.
+
+`paged_attention_cpu` has `paged_attention_ref`'s contract (kernels/attention.py) with the
+lengths as int64 tensors. It is C++ (csrc/paged_attention_cpu.cpp) in the CPU kernels'
+extension (kernels/cpu_extension.py), built on first use. `cpu_attention_available()` says
+whether it could be built here; where it cannot, callers keep the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.kernels.cpu_extension import cpu_extension
+
+
+def cpu_attention_available() -> bool:
+    """Whether the compiled kernel exists on this machine (builds it on first call)."""
+    return cpu_extension() is not None
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed queries against their paged context, every sequence
+    of the batch in one call. q: [T, H, D] float32 contiguous; k/v_cache: [blocks,
+    block_size, KVH, D] float32 contiguous; block_tables: [B, pages] int64;
+    query_start: [B + 1] int64 offsets into q; seq_lens: [B] int64. Returns [T, H, D].
+    Raises RuntimeError if the kernel is not available (see `cpu_attention_available`)."""
+    extension = cpu_extension()
+    if extension is None:
+        raise RuntimeError("the CPU paged-attention kernel is not built on this machine")
+    return extension.paged_attention(q, k_cache, v_cache, block_tables, query_start, seq_lens, scale)

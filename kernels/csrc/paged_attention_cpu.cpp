@@ -1,0 +1,138 @@
+// Paged attention for a whole mixed batch on the CPU, in one call.
+//
+// Same contract as `paged_attention_ref` (kernels/attention.py), with the per-sequence
+// lengths as int64 tensors instead of host lists:
+//   q            [T, H, D] float32, the queries of all sequences packed in order
+//   k/v_cache    [num_blocks, block_size, KVH, D] float32, contiguous (one layer of the pool)
+//   block_tables [B, max_pages] int64
+//   query_start  [B + 1] int64 offsets of each sequence's queries in q
+//   seq_lens     [B] int64 context length of each sequence (its queries are the last ones)
+// Returns [T, H, D]. Reads the cache only.
+//
+// Decoding sequences (one query) are computed here directly from the pages, one task per
+// sequence, in parallel: each cache row holds every KV head, so it is read once, in page
+// order, for all the query heads. Sequences with several queries (prefill chunks, drafts)
+// gather their context and run ATen's scaled_dot_product_attention (blocked GEMMs), which
+// beats a row loop once there are more than a few queries.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// One decoding sequence: its H queries against `len` paged rows. Each cache row (all KV
+// heads, contiguous) is read once, front to back, for every head of every group.
+void decode_sequence(const float* q, const float* k_cache, const float* v_cache, const int64_t* table,
+                     int64_t len, int64_t block_size, int64_t kv_heads, int64_t group, int64_t dim,
+                     float scale, float* out, std::vector<float>& scores) {
+  const int64_t heads = kv_heads * group, row_stride = kv_heads * dim;
+  scores.resize(static_cast<size_t>(heads * len));
+  for (int64_t pos = 0; pos < len; ++pos) {
+    const float* k_row = k_cache + (table[pos / block_size] * block_size + pos % block_size) * row_stride;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = q + h * dim;
+      const float* k = k_row + (h / group) * dim;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < dim; ++d) dot += qh[d] * k[d];
+      scores[h * len + pos] = dot * scale;
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores.data() + h * len;
+    float peak = -std::numeric_limits<float>::infinity();
+    for (int64_t pos = 0; pos < len; ++pos) peak = std::max(peak, s[pos]);
+    float total = 0.f;
+    for (int64_t pos = 0; pos < len; ++pos) {
+      s[pos] = std::exp(s[pos] - peak);
+      total += s[pos];
+    }
+    const float inv = 1.f / total;
+    for (int64_t pos = 0; pos < len; ++pos) s[pos] *= inv;
+  }
+  std::fill(out, out + heads * dim, 0.f);
+  for (int64_t pos = 0; pos < len; ++pos) {
+    const float* v_row = v_cache + (table[pos / block_size] * block_size + pos % block_size) * row_stride;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float p = scores[h * len + pos];
+      const float* v = v_row + (h / group) * dim;
+      float* o = out + h * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) o[d] += p * v[d];
+    }
+  }
+}
+
+torch::Tensor gather_context(const torch::Tensor& cache, const torch::Tensor& table, int64_t len) {
+  const int64_t block_size = cache.size(1);
+  const int64_t pages = (len + block_size - 1) / block_size;
+  auto rows = cache.index_select(0, table.slice(0, 0, pages));
+  return rows.reshape({-1, cache.size(2), cache.size(3)}).slice(0, 0, len);
+}
+
+}  // namespace
+
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor query_start,
+                              torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
+              "q must be a contiguous float32 [T, H, D] tensor");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat32 &&
+                  v_cache.scalar_type() == torch::kFloat32,
+              "k_cache and v_cache must be contiguous float32 [blocks, block_size, KVH, D] tensors");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && query_start.scalar_type() == torch::kInt64 &&
+                  seq_lens.scalar_type() == torch::kInt64,
+              "block_tables, query_start and seq_lens must be int64");
+  const int64_t heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(2), block_size = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0, "q and the cache disagree on heads or head_dim");
+  const int64_t group = heads / kv_heads;
+  const int64_t batch = seq_lens.size(0);
+  TORCH_CHECK(query_start.size(0) == batch + 1 && block_tables.size(0) == batch,
+              "query_start needs B + 1 entries and block_tables B rows");
+  auto tables = block_tables.contiguous();
+  const int64_t* starts = query_start.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t max_pages = tables.size(1);
+  TORCH_CHECK(starts[0] == 0 && starts[batch] == q.size(0), "query_start must run from 0 to T");
+  std::vector<int64_t> decoding;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = starts[b + 1] - starts[b];
+    TORCH_CHECK(0 < n && n <= lens[b], "sequence ", b, ": ", n, " queries for context ", lens[b]);
+    TORCH_CHECK(lens[b] <= max_pages * block_size, "sequence ", b, ": context longer than its block table");
+    if (n == 1) decoding.push_back(b);
+  }
+  auto out = torch::empty_like(q);
+  const float* q_ptr = q.data_ptr<float>();
+  const float* k_ptr = k_cache.data_ptr<float>();
+  const float* v_ptr = v_cache.data_ptr<float>();
+  const int64_t* table_ptr = tables.data_ptr<int64_t>();
+  float* out_ptr = out.data_ptr<float>();
+  const int64_t num_decoding = static_cast<int64_t>(decoding.size());
+  at::parallel_for(0, num_decoding, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = decoding[i], token = starts[b];
+      decode_sequence(q_ptr + token * heads * dim, k_ptr, v_ptr, table_ptr + b * max_pages, lens[b],
+                      block_size, kv_heads, group, dim, static_cast<float>(scale),
+                      out_ptr + token * heads * dim, scores);
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = starts[b + 1] - starts[b], len = lens[b];
+    if (n == 1) continue;
+    auto k = gather_context(k_cache, tables[b], len).transpose(0, 1);
+    auto v = gather_context(v_cache, tables[b], len).transpose(0, 1);
+    // Query j sits at position len - n + j and sees keys up to and including it.
+    auto mask = torch::ones({n, len}, q.options().dtype(torch::kBool)).tril(len - n);
+    auto qs = q.slice(0, starts[b], starts[b + 1]).transpose(0, 1);
+    auto o = at::scaled_dot_product_attention(qs, k, v, mask, 0.0, false, scale, /*enable_gqa=*/true);
+    out.slice(0, starts[b], starts[b + 1]).copy_(o.transpose(0, 1));
+  }
+  return out;
+}
