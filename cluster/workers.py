@@ -76,6 +76,10 @@ class _Worker:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {worker_id}: %(message)s")
         self.placement = placement.on_node(_node_id())
         apply_placement(self.placement)  # first: the model's threads start on these cores
+        # The engine thread runs the model with the placement's threads; this (the actor's)
+        # thread loads and compiles it on one, so the process has one multi-threaded
+        # OpenMP pool (see pdserve.runtime.engine_thread).
+        torch.set_num_threads(1)
         self.spec = spec
         self.worker_id = worker_id
         self.loaded: LoadedModel = load_model(spec.model, cache=spec.cache_config, max_model_len=spec.max_model_len,
@@ -85,12 +89,12 @@ class _Worker:
         self._steps = 0
         log.info("%s worker %s ready: %s, %d KV blocks of %d tokens, %d torch thread(s) on core(s) %s",
                  self.role, worker_id, spec.model, self.loaded.info.num_blocks, self.loaded.info.block_size,
-                 torch.get_num_threads(), format_cores(process_cores()))
+                 self.placement.threads, format_cores(process_cores()))
 
     def info(self) -> WorkerInfo:
         """Read now, from inside the process: the cores are what its threads may run on."""
         return WorkerInfo(self.worker_id, self.role, PeerInfo.local(self.loaded.runner.device.type),
-                          self.loaded.info.block_size, os.getpid(), process_cores(), torch.get_num_threads())
+                          self.loaded.info.block_size, os.getpid(), process_cores(), self.engine.threads)
 
     def stats(self) -> tuple[WorkerStats, list[CacheEvent]]:
         """The latest snapshot and the prefix-cache events since the last call (taken)."""
@@ -141,7 +145,7 @@ class DecodeWorker(_Worker):
                           transfer_timeout=spec.transfer_timeout, speculative=spec.speculative)
         self._listeners: dict[str, KVListener] = {}
         self._publish(core)
-        self.engine = AsyncEngine(core, on_iteration=self._publish)
+        self.engine = AsyncEngine(core, on_iteration=self._publish, threads=self.placement.threads)
 
     def listen(self, kind: str) -> str:
         """The address of this worker's KV listener of `kind`, started on first use.
@@ -207,7 +211,7 @@ class PrefillWorker(_Worker):
         self.pusher = KVPusher(runner.pool, lambda address: connect(address, timeout=10.0))
         engine = PrefillEngine(runner, info, self.pusher, spec.scheduler_config, spec.enable_prefix_caching)
         self._publish(engine)
-        self.engine = AsyncPrefillEngine(engine, on_iteration=self._publish)
+        self.engine = AsyncPrefillEngine(engine, on_iteration=self._publish, threads=self.placement.threads)
 
     @property
     def _queued_tokens(self) -> int:

@@ -63,11 +63,12 @@ class _Finish(NamedTuple):
 
 
 class AsyncEngine(EngineThread):
-    def __init__(self, core: EngineCore, on_iteration: Callable[[EngineCore], None] | None = None) -> None:
+    def __init__(self, core: EngineCore, on_iteration: Callable[[EngineCore], None] | None = None,
+                 threads: int | None = None) -> None:
         self.core = core
         self._sinks: dict[str, _Sink] = {}  # engine thread only
         self._ids = itertools.count()
-        super().__init__(core, "pdserve-engine", KV_POLL_SECONDS, on_iteration)
+        super().__init__(core, "pdserve-engine", KV_POLL_SECONDS, on_iteration, threads)
 
     @property
     def num_waiting(self) -> int:

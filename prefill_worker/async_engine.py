@@ -47,7 +47,8 @@ class _Abort(NamedTuple):
 
 
 class AsyncPrefillEngine(EngineThread):
-    def __init__(self, engine: PrefillEngine, on_iteration: Callable[[PrefillEngine], None] | None = None) -> None:
+    def __init__(self, engine: PrefillEngine, on_iteration: Callable[[PrefillEngine], None] | None = None,
+                 threads: int | None = None) -> None:
         self.engine = engine
         self._pending: dict[str, _Pending] = {}  # engine thread only
         self._started_at: dict[str, float] = {}  # engine thread only: its first step began
@@ -55,7 +56,7 @@ class AsyncPrefillEngine(EngineThread):
         # Prompt tokens of jobs posted / applied so far; each counter has one writer thread.
         self._posted_tokens = 0  # caller's thread
         self._applied_tokens = 0  # engine thread
-        super().__init__(engine, "pdserve-prefill", SEND_POLL_SECONDS, on_iteration)
+        super().__init__(engine, "pdserve-prefill", SEND_POLL_SECONDS, on_iteration, threads)
 
     async def prefill(self, job: PrefillJob) -> PrefillResult:
         """Compute the job's prompt and push its KV; return when the transfer settled.

@@ -8,10 +8,12 @@ as two compiled graphs - norm, QKV projection and RoPE before it; output project
 residual, norm and MLP after it - with inductor's fused C++ loops around the matmuls.
 
 Shapes: the token count is dynamic. Dynamo specialises a count of 1 and compiles one
-symbolic graph for every count >= 2, and the first layer (no residual yet) has its own
-graphs, so the buckets are
+symbolic graph for the other counts on each side of every branch the layer takes on the
+count (linear layers with GGUF blocks use them up to BLOCK_LINEAR_MAX_ROWS rows), and the
+first layer (no residual yet) has its own graphs, so the buckets are
 
-    tokens == 1  (decode, one sequence)       tokens >= 2  (decode batches, prefill chunks)
+    tokens == 1       2 <= tokens <= BLOCK_LINEAR_MAX_ROWS       tokens > BLOCK_LINEAR_MAX_ROWS
+    (one decode)      (decode batches)                           (larger batches, prefill chunks)
 
 `compile_layers` compiles both buckets before the runner serves anything, with a log line
 per bucket, so no request ever waits for a compile. Inductor caches its output on disk
@@ -27,12 +29,12 @@ import time
 import torch
 
 from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
+from pdserve.runtime.models.llama import BLOCK_LINEAR_MAX_ROWS
 
 log = logging.getLogger(__name__)
 
-# Token counts run at start-up: one per bucket edge (1, then the symbolic graph at 2 and
-# re-checked at a larger count that must not recompile).
-WARMUP_TOKEN_COUNTS = (1, 2, 17)
+# Token counts run at start-up: one in each bucket, at its lower edge.
+WARMUP_TOKEN_COUNTS = (1, 2, BLOCK_LINEAR_MAX_ROWS + 1)
 
 
 def compile_layers(runner) -> None:
@@ -48,7 +50,9 @@ def compile_layers(runner) -> None:
         bucket_started = time.perf_counter()
         runner.execute(_warmup_batch(count, runner.pool.block_size))
         log.info("compiled forward: %d token(s) ready in %.1fs", count, time.perf_counter() - bucket_started)
-    log.info("compiled the decoder layers (torch.compile, inductor) in %.1fs", time.perf_counter() - started)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    log.info("compiled the decoder layers (torch.compile, inductor): %d graphs in %.1fs", graphs,
+             time.perf_counter() - started)
 
 
 def _warmup_batch(num_tokens: int, block_size: int) -> ForwardBatch:

@@ -34,9 +34,10 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 
 # Rows up to which a linear layer with GGUF blocks computes from them (fewer bytes to
-# stream; decode batches); beyond it the dense float32 GEMM is faster (measured with
-# bench/step_profile.py).
-BLOCK_LINEAR_MAX_ROWS = 16
+# stream); beyond it the dense float32 GEMM is faster. SmolLM2's 30 layers and head on
+# this project's 2-core machine, blocks vs dense, ms: 8 rows 23 vs 58, 16 rows 39 vs 61,
+# 24 rows 53 vs 57, 32 rows 69 vs 68, 64 rows 215 vs 126 (2 threads; 1 thread alike).
+BLOCK_LINEAR_MAX_ROWS = 24
 
 
 class Linear(nn.Module):
@@ -44,11 +45,24 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
-        self.blocks: WeightBlocks | None = None  # the same weight in GGUF blocks, on the CPU
+        # The same weight as GGUF blocks (CPU), see `use_blocks`. A buffer, so compiled
+        # layers take it as a graph input like the weight and share one graph.
+        self.block_kind: str | None = None
+        self.register_buffer("block_data", None, persistent=False)
+
+    def use_blocks(self, blocks: WeightBlocks) -> None:
+        """Compute batches of up to BLOCK_LINEAR_MAX_ROWS rows from `blocks`, which hold
+        exactly this layer's weight."""
+        self.block_kind, self.block_data = blocks.kind, blocks.data
+
+    @property
+    def blocks(self) -> WeightBlocks | None:
+        return None if self.block_kind is None else WeightBlocks(self.block_kind, self.block_data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocks is not None and x.shape[0] <= BLOCK_LINEAR_MAX_ROWS:
-            return self.blocks.linear(x, self.bias)
+        if self.block_kind is not None and x.shape[0] <= BLOCK_LINEAR_MAX_ROWS:
+            y = block_linear(x, self.block_data, self.block_kind)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
@@ -230,7 +244,7 @@ class LlamaForCausalLM(nn.Module):
             if data.shape[0] != linear.weight.shape[0] or data.shape[1] * 32 != linear.weight.shape[1]:
                 raise ValueError(f"GGUF blocks for {name} have shape {tuple(data.shape)}, which does not "
                                  f"match its weight {tuple(linear.weight.shape)}")
-            linear.blocks = WeightBlocks(kinds.pop(), data)
+            linear.use_blocks(WeightBlocks(kinds.pop(), data))
             count += 1
         return count
 
