@@ -8,11 +8,11 @@ assembly, bookkeeping). The floor is the step's own linear layers (same weights,
 layout and path, same row counts) timed alone in the same run: what a step costs if nothing but
 its matmuls ran. Step/floor is the overhead factor to drive down.
 
-The step time is measured as served (the compiled forward, unless --no-compile); the
+The step time is measured as served (eager, or with --compile the compiled layers); the
 split comes from a second, instrumented pass of the same steps on the eager forward
 (timers around each part; a compiled forward cannot be timed from inside).
 
-    python bench/step_profile.py [--threads N] [--context 128] [--steps 12] [--no-compile]
+    python bench/step_profile.py [--threads N] [--context 128] [--steps 12] [--compile]
 """
 
 from __future__ import annotations
@@ -165,11 +165,11 @@ def main() -> int:
     parser.add_argument("--threads", default="auto", help="torch threads (auto: the cores this process may use)")
     parser.add_argument("--context", type=int, default=128, help="prompt tokens of each decoding sequence")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--no-compile", action="store_true", help="time the eager forward")
+    parser.add_argument("--compile", action="store_true", help="time the forward with compiled layers")
     args = parser.parse_args()
     threads = len(os.sched_getaffinity(0)) if args.threads == "auto" else int(args.threads)
     torch.set_num_threads(threads)
-    loaded = load_model(args.model, device_config=DeviceConfig(device="cpu", compile=not args.no_compile))
+    loaded = load_model(args.model, device_config=DeviceConfig(device="cpu", compile=args.compile))
     print(machine_line(threads))
     print(f"{args.model}: {loaded.runner.describe()}; sequences at ~{args.context} tokens; "
           f"median of {args.steps} steps (split: mean over the same number of eager steps)")

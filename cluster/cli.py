@@ -110,8 +110,9 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--transfer-timeout", type=float, default=30.0)
     serve.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
     serve.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
-    serve.add_argument("--no-compile", action="store_true",
-                       help="run the model eagerly: skip torch.compile of the decoder layers at worker start-up (CPU)")
+    serve.add_argument("--compile", action="store_true",
+                       help="torch.compile the decoder layers at worker start-up (CPU; off by default: "
+                            "slower in serving on small machines, see bench/results/engine_speed.md)")
     serve.add_argument("--device", default="auto",
                        help="where workers run the model: auto (CUDA when the worker sees a GPU), cpu, cuda[:N]")
     serve.add_argument("--gpus-per-worker", type=float, default=0.0,
@@ -191,7 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_queued_requests=args.max_queued_requests, transfer_timeout=args.transfer_timeout,
             on_transfer_failure=args.on_transfer_failure, kv_transport=args.kv_transport,
             kv_host="127.0.0.1" if args.address is None else None, speculative=speculative,
-            device=args.device, gpus_per_worker=args.gpus_per_worker, compile=not args.no_compile)
+            device=args.device, gpus_per_worker=args.gpus_per_worker, compile=args.compile)
         scaling = None
         if args.autoscale:
             scaling = ScalingPolicy(
@@ -261,7 +262,6 @@ def _start_ray(address: str | None, num_prefill: int, num_decode: int, threads: 
 
 def _generate(args: argparse.Namespace) -> int:
     from pdserve.decode_worker.engine import EngineCore
-    from pdserve.runtime.config import DeviceConfig
     from pdserve.runtime.loader import load_model
     from pdserve.runtime.sampling_params import SamplingParams
     from pdserve.runtime.stopping import FinishReason
@@ -278,8 +278,7 @@ def _generate(args: argparse.Namespace) -> int:
         )
         print(f"pdserve: loading {args.model} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        # One prompt: compiling the layers would cost more than it saves.
-        loaded = load_model(args.model, max_model_len=args.max_model_len, device_config=DeviceConfig(compile=False))
+        loaded = load_model(args.model, max_model_len=args.max_model_len)
         print(f"pdserve: loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
         tokenizer = loaded.tokenizer
         if args.chat:

@@ -37,7 +37,7 @@ class WorkerSpec:
     speculative: SpeculativeConfig | None = None  # decode workers speculate when set
     device: str = "auto"  # where workers run the model: auto (CUDA if the process sees one), cpu, cuda[:N]
     gpus_per_worker: float = 0.0  # Ray GPUs each worker actor asks for (1 on a GPU pool)
-    compile: bool = True  # torch.compile the decoder layers at start-up (CPU)
+    compile: bool = False  # torch.compile the decoder layers at start-up (CPU)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",

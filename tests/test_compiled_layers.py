@@ -77,7 +77,8 @@ def test_compiled_matches_eager_at_bucket_edges(compiled_runner, num_tokens):
 
 @pytest.mark.slow
 def test_smollm2_compiled_with_blocks_matches_eager_at_bucket_edges():
-    loaded = load_model("smollm2-135m-instruct", cache=CacheConfig(block_size=16, num_blocks=64))
+    loaded = load_model("smollm2-135m-instruct", cache=CacheConfig(block_size=16, num_blocks=64),
+                        device_config=DeviceConfig(device="cpu", compile=True))
     runner = loaded.runner
     assert runner.placement.compiled and "GGUF blocks" in runner.describe()
     for num_tokens in EDGES:
@@ -95,7 +96,8 @@ def test_smollm2_layers_share_their_compiled_graphs():
     # compiled its own would exhaust dynamo's recompile limit and fall back to eager.
     torch._dynamo.reset()
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    load_model("smollm2-135m-instruct", cache=CacheConfig(block_size=16, num_blocks=64))
+    load_model("smollm2-135m-instruct", cache=CacheConfig(block_size=16, num_blocks=64),
+                        device_config=DeviceConfig(device="cpu", compile=True))
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
     # before/after attention x three buckets, plus the first layer's no-residual variants
     assert graphs <= 12, graphs

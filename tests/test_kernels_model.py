@@ -96,10 +96,10 @@ def test_device_config_resolves_to_the_cpu_defaults_without_cuda():
         pytest.skip("checks the CPU-only resolution")
     placement = Placement.resolve(DeviceConfig())
     # The compiled batch attention builds on every CI machine (tests/test_kernels_cpu.py).
-    assert placement == Placement(torch.device("cpu"), torch.float32, "cpu", False, True)
-    assert Placement.resolve(DeviceConfig(compile=False)).compiled is False
+    assert placement == Placement(torch.device("cpu"), torch.float32, "cpu", False, False)
+    assert Placement.resolve(DeviceConfig(compile=True)).compiled is True
     # Triton under the interpreter is never compiled around.
-    assert Placement.resolve(DeviceConfig(kernels="triton")).compiled is False
+    assert Placement.resolve(DeviceConfig(kernels="triton", compile=True)).compiled is False
     with pytest.raises(ConfigError, match="CUDA is not available"):
         Placement.resolve(DeviceConfig(device="cuda"))
 

@@ -8,7 +8,7 @@ from hf_oracle import explain_divergence, hf_greedy, hf_logits
 from transformers import AutoModelForCausalLM
 
 from pdserve.decode_worker.engine import EngineCore
-from pdserve.runtime.config import CacheConfig, SchedulerConfig
+from pdserve.runtime.config import CacheConfig, DeviceConfig, SchedulerConfig
 from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.sampling_params import SamplingParams
@@ -21,10 +21,16 @@ LOGIT_ATOL = 1e-4
 PROMPT_LENGTHS = [1, 3, 8, 13, 21, 34]
 
 
-@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_qwen2_dir"])
+# Each model eager and with compiled layers (torch.compile): both must match the oracle.
+@pytest.fixture(scope="module", params=[("tiny_llama_dir", False), ("tiny_qwen2_dir", False),
+                                        ("tiny_llama_dir", True), ("tiny_qwen2_dir", True)],
+                ids=["llama", "qwen2", "llama-compiled", "qwen2-compiled"])
 def models(request):
-    path = request.getfixturevalue(request.param)
-    ours = load_model(str(path), cache=CacheConfig(block_size=4, num_blocks=512))
+    fixture, compiled = request.param
+    path = request.getfixturevalue(fixture)
+    ours = load_model(str(path), cache=CacheConfig(block_size=4, num_blocks=512),
+                      device_config=DeviceConfig(device="cpu", compile=compiled))
+    assert ours.runner.placement.compiled == compiled
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return ours, hf
 
