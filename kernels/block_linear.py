@@ -47,16 +47,12 @@ def block_linear_ref(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.
     return F.linear(x, dequantize_blocks_ref(blocks, kind))
 
 
-def block_linear_available() -> bool:
-    return cpu_extension() is not None
-
-
 # A torch custom op, so compiled graphs (torch.compile) call it as one opaque node.
 @torch.library.custom_op("pdserve::block_linear", mutates_args=())
 def block_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """`block_linear_ref`'s contract, computed from the blocks in C++. x: [M, K] float32
     (made contiguous here); returns [M, N] float32. Raises RuntimeError where the CPU
-    kernels are not built (see `block_linear_available`)."""
+    kernels are not built (see `cpu_kernels_available`)."""
     extension = cpu_extension()
     if extension is None:
         raise RuntimeError("the CPU kernels are not built on this machine")

@@ -2,7 +2,7 @@
 
 `paged_attention_cpu` has `paged_attention_ref`'s contract (kernels/attention.py) with the
 lengths as int64 tensors. It is C++ (csrc/paged_attention_cpu.cpp) in the CPU kernels'
-extension (kernels/cpu_extension.py), built on first use. `cpu_attention_available()` says
+extension (kernels/cpu_extension.py), built on first use. `cpu_kernels_available()` says
 whether it could be built here; where it cannot, callers keep the PyTorch reference.
 """
 
@@ -11,11 +11,6 @@ from __future__ import annotations
 import torch
 
 from pdserve.kernels.cpu_extension import cpu_extension
-
-
-def cpu_attention_available() -> bool:
-    """Whether the compiled kernel exists on this machine (builds it on first call)."""
-    return cpu_extension() is not None
 
 
 def paged_attention_cpu(
@@ -31,7 +26,7 @@ def paged_attention_cpu(
     of the batch in one call. q: [T, H, D] float32 contiguous; k/v_cache: [blocks,
     block_size, KVH, D] float32 contiguous; block_tables: [B, pages] int64;
     query_start: [B + 1] int64 offsets into q; seq_lens: [B] int64. Returns [T, H, D].
-    Raises RuntimeError if the kernel is not available (see `cpu_attention_available`)."""
+    Raises RuntimeError if the kernel is not available (see `cpu_kernels_available`)."""
     extension = cpu_extension()
     if extension is None:
         raise RuntimeError("the CPU paged-attention kernel is not built on this machine")

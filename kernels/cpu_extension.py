@@ -40,3 +40,9 @@ def cpu_extension():
         log.warning("the CPU kernels could not be built (%s: %s); the PyTorch references run "
                     "instead", type(exc).__name__, exc)
         return None
+
+
+def cpu_kernels_available() -> bool:
+    """Whether the CPU kernels (batch attention, block linear) exist on this machine;
+    builds them on the first call."""
+    return cpu_extension() is not None

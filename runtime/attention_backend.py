@@ -18,7 +18,8 @@ from typing import NamedTuple, Protocol
 import torch
 
 from pdserve.kernels.attention import paged_attention_ref
-from pdserve.kernels.cpu_attention import cpu_attention_available, paged_attention_cpu
+from pdserve.kernels.cpu_attention import paged_attention_cpu
+from pdserve.kernels.cpu_extension import cpu_kernels_available
 from pdserve.kernels.decode_attention import decode_attention
 from pdserve.kernels.extend_attention import extend_attention
 from pdserve.kernels.kv_store import store_kv, store_kv_ref
@@ -185,22 +186,27 @@ def triton_kernels() -> Kernels:
     return Kernels("triton", TritonAttention(), rms_norm, rope)
 
 
+def default_kernels(device: torch.device) -> str:
+    """The family "auto" means on `device`: Triton on CUDA; on the CPU the compiled batch
+    attention where it builds, else the references."""
+    if device.type == "cuda":
+        return "triton"
+    return "cpu" if cpu_kernels_available() else "reference"
+
+
 def select_kernels(kernels: str, device: torch.device) -> Kernels:
     """The kernel family for `DeviceConfig.kernels` ("auto", "cpu", "triton" or "reference")
     on `device`: auto means Triton on CUDA, and on the CPU the compiled batch attention
     where it builds (else the references). Raises ConfigError when the choice cannot run
     there."""
     if kernels == "auto":
-        if device.type == "cuda":
-            kernels = "triton"
-        else:
-            kernels = "cpu" if cpu_attention_available() else "reference"
+        kernels = default_kernels(device)
     if kernels == "reference":
         return reference_kernels()
     if kernels == "cpu":
         if device.type != "cpu":
             raise ConfigError(f"kernels='cpu' runs on the CPU only, not on {device}")
-        if not cpu_attention_available():
+        if not cpu_kernels_available():
             raise ConfigError("kernels='cpu' needs the compiled CPU attention, which could not be "
                               "built here (see the log); use kernels='reference'")
         return cpu_kernels()

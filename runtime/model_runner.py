@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.kernels.block_linear import block_linear_available
-from pdserve.kernels.cpu_attention import cpu_attention_available
-from pdserve.runtime.attention_backend import select_kernels
+from pdserve.kernels.cpu_extension import cpu_kernels_available
+from pdserve.runtime.attention_backend import default_kernels, select_kernels
 from pdserve.runtime.compiled_layers import compile_layers
 from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, ModelConfig
 from pdserve.runtime.forward_batch import ForwardBatch
@@ -50,9 +49,7 @@ class Placement:
                 raise ConfigError(f"device {config.device!r} was asked for but CUDA is not "
                                   "available; use device='cpu' or 'auto'")
         on_cuda = device.type == "cuda"
-        kernels = config.kernels
-        if kernels == "auto":
-            kernels = "triton" if on_cuda else ("cpu" if cpu_attention_available() else "reference")
+        kernels = config.kernels if config.kernels != "auto" else default_kernels(device)
         dtype = config.dtype or (torch.bfloat16 if on_cuda else torch.float32)
         return cls(device, dtype, kernels, config.cuda_graphs and on_cuda and kernels == "triton",
                    config.compile and not on_cuda and kernels != "triton")
@@ -102,7 +99,7 @@ class ModelRunner:
         if placement.device.type == "cpu":
             model.store_weights_input_major()
             if (device_config.weight_blocks and placement.dtype == torch.float32
-                    and placement.kernels != "triton" and block_linear_available()):
+                    and placement.kernels != "triton" and cpu_kernels_available()):
                 model.load_blocks(weight_blocks)
         pool = KVPool.for_model(config, cache, placement.device)
         graphs = None
