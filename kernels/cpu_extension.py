@@ -3,13 +3,15 @@
 Compiled with the machine's C++ compiler (-O3 -march=native) and cached by torch under
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), so only the first process on a
 machine pays the build (about a minute on 2 cores); processes that start together share
-one build behind torch's file lock. `cpu_extension()` returns None where it cannot be
+one build behind a lock that dies with its holder. `cpu_extension()` returns None where it cannot be
 built (no compiler), and callers keep their PyTorch references; the reason is logged once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import logging
 import os
 import sys
@@ -31,11 +33,24 @@ def cpu_extension():
     bin_dir = os.path.dirname(sys.executable)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    # One build directory per source content, so checkouts at other paths or versions
+    # never rebuild each other's copy.
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES)).hexdigest()[:16]
+    build_dir = Path(cpp_extension._get_build_directory("pdserve_cpu_kernels", verbose=False)).parent
+    build_dir = build_dir / f"pdserve_cpu_kernels_{digest}"
+    build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(
-            name="pdserve_cpu_kernels", sources=[str(s) for s in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-            verbose=False)
+        # torch guards a build with a `lock` file that a process killed mid-build leaves
+        # behind, after which every later load waits forever. Builds here run under an
+        # flock instead (released when its holder dies), so a `lock` file found while
+        # holding it is stale and goes.
+        with open(build_dir / "pdserve.flock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            return cpp_extension.load(
+                name="pdserve_cpu_kernels", sources=[str(s) for s in _SOURCES], build_directory=str(build_dir),
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler or ninja
         log.warning("the CPU kernels could not be built (%s: %s); the PyTorch references run "
                     "instead", type(exc).__name__, exc)
