@@ -1,4 +1,4 @@
-"""Triton kernels and the PyTorch references they are checked against.
+"""Triton kernels, C++ CPU kernels, and the PyTorch references they are checked against.
 
 Each module holds a Triton kernel, its wrapper (which asserts shapes and strides) and a
 PyTorch reference with the same signature and contract:
@@ -10,6 +10,14 @@ PyTorch reference with the same signature and contract:
     rmsnorm            rms_norm / rms_norm_ref                   with fused residual add
     rope               rope / rope_ref                           NeoX layout, scaled cos/sin cache
     attention          paged_attention_ref                       mixed-batch reference (no kernel)
+    activation         silu_mul_ref                              gated MLP activation (no Triton kernel)
+
+The C++ CPU kernels (csrc/, one extension built on first use by cpu_extension.py) keep
+the same contracts for float32 on the CPU:
+
+    cpu_attention      paged_attention_cpu                       a mixed batch in one call
+    cpu_layer_ops      rms_norm_cpu, rope_cpu, silu_mul_cpu, store_kv_cpu
+    block_linear       block_linear / block_linear_ref           x @ W^T from GGUF blocks
 
 The Triton wrappers run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set
 before triton was imported (tests); see triton_utils.INTERPRETED.

@@ -19,8 +19,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("bindings.cpp", "paged_attention_cpu.cpp", "block_linear_cpu.cpp")]
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention_cpu.cpp", "block_linear_cpu.cpp",
+                                      "layer_ops_cpu.cpp")]
+_HEADERS = [_CSRC / "vec_math.h"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,7 +37,7 @@ def cpu_extension():
         os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     # One build directory per source content, so checkouts at other paths or versions
     # never rebuild each other's copy.
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES + _HEADERS)).hexdigest()[:16]
     build_dir = Path(cpp_extension._get_build_directory("pdserve_cpu_kernels", verbose=False)).parent
     build_dir = build_dir / f"pdserve_cpu_kernels_{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,12 @@
 """Which kernels a model runs: attention backends and the kernel set chosen per runner.
 
 An attention backend is a strategy object that stores a layer's new K/V and attends over
-the paged pool; `Kernels` bundles it with the RMSNorm and RoPE functions of the same
-family. Layers call them and know nothing of either family. The runner picks the family
-once from its `DeviceConfig` (`select_kernels`): on the CPU the compiled batch attention
-(kernels/cpu_attention.py) with the PyTorch references for the rest, or the references
-alone where it cannot be built; the Triton kernels on CUDA; or any family forced (Triton
-on the CPU needs TRITON_INTERPRET=1).
+the paged pool; `Kernels` bundles it with the RMSNorm, RoPE and gated-activation
+functions of the same family. Layers call them and know nothing of either family. The
+runner picks the family once from its `DeviceConfig` (`select_kernels`): on the CPU in
+float32 the C++ kernels (kernels/cpu_attention.py, kernels/cpu_layer_ops.py), or the
+PyTorch references where they cannot be built; the Triton kernels on CUDA; or any family
+forced (Triton on the CPU needs TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from pdserve.kernels.activation import silu_mul_ref
 from pdserve.kernels.attention import paged_attention_ref
 from pdserve.kernels.cpu_attention import paged_attention_cpu
 from pdserve.kernels.cpu_extension import cpu_kernels_available
+from pdserve.kernels.cpu_layer_ops import rms_norm_cpu, rope_cpu, silu_mul_cpu, store_kv_cpu
 from pdserve.kernels.decode_attention import decode_attention
 from pdserve.kernels.extend_attention import extend_attention
 from pdserve.kernels.kv_store import store_kv, store_kv_ref
@@ -97,7 +99,7 @@ class CpuAttention:
     ) -> torch.Tensor:
         """See `AttentionBackend.forward`."""
         assert batch is self._batch, "prepare(batch) must run before the layers"
-        store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
+        store_kv_cpu(k, v, k_cache, v_cache, batch.slot_mapping)
         query_start, seq_lens = self._lengths
         return paged_attention_cpu(q.contiguous(), k_cache, v_cache, batch.block_tables, query_start,
                                    seq_lens, scale)
@@ -172,44 +174,51 @@ class Kernels(NamedTuple):
     attention: AttentionBackend
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # rms_norm_ref's contract
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # rope_ref's contract
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]  # silu_mul_ref's contract
 
 
 def reference_kernels() -> Kernels:
-    return Kernels("reference", ReferenceAttention(), rms_norm_ref, rope_ref)
+    return Kernels("reference", ReferenceAttention(), rms_norm_ref, rope_ref, silu_mul_ref)
 
 
-def cpu_kernels() -> Kernels:
-    return Kernels("cpu", CpuAttention(), rms_norm_ref, rope_ref)
+def cpu_kernels(compiled: bool = False) -> Kernels:
+    """The C++ CPU kernels. Compiled layers keep the references for the small ops, which
+    inductor fuses itself and cannot trace through the extension's calls."""
+    if compiled:
+        return Kernels("cpu", CpuAttention(), rms_norm_ref, rope_ref, silu_mul_ref)
+    return Kernels("cpu", CpuAttention(), rms_norm_cpu, rope_cpu, silu_mul_cpu)
 
 
 def triton_kernels() -> Kernels:
-    return Kernels("triton", TritonAttention(), rms_norm, rope)
+    return Kernels("triton", TritonAttention(), rms_norm, rope, silu_mul_ref)
 
 
-def default_kernels(device: torch.device) -> str:
-    """The family "auto" means on `device`: Triton on CUDA; on the CPU the compiled batch
-    attention where it builds, else the references."""
+def default_kernels(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The family "auto" means on `device`: Triton on CUDA; on the CPU the C++ kernels
+    (float32) where they build, else the references."""
     if device.type == "cuda":
         return "triton"
-    return "cpu" if cpu_kernels_available() else "reference"
+    return "cpu" if dtype == torch.float32 and cpu_kernels_available() else "reference"
 
 
-def select_kernels(kernels: str, device: torch.device) -> Kernels:
+def select_kernels(kernels: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                   compiled: bool = False) -> Kernels:
     """The kernel family for `DeviceConfig.kernels` ("auto", "cpu", "triton" or "reference")
-    on `device`: auto means Triton on CUDA, and on the CPU the compiled batch attention
-    where it builds (else the references). Raises ConfigError when the choice cannot run
+    on `device` for a model in `dtype` (`compiled`: its layers run under torch.compile):
+    auto means Triton on CUDA, and on the CPU the C++ kernels where they build and the
+    model is float32 (else the references). Raises ConfigError when the choice cannot run
     there."""
     if kernels == "auto":
-        kernels = default_kernels(device)
+        kernels = default_kernels(device, dtype)
     if kernels == "reference":
         return reference_kernels()
     if kernels == "cpu":
-        if device.type != "cpu":
-            raise ConfigError(f"kernels='cpu' runs on the CPU only, not on {device}")
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ConfigError(f"kernels='cpu' runs float32 models on the CPU only, not {dtype} on {device}")
         if not cpu_kernels_available():
-            raise ConfigError("kernels='cpu' needs the compiled CPU attention, which could not be "
+            raise ConfigError("kernels='cpu' needs the C++ CPU kernels, which could not be "
                               "built here (see the log); use kernels='reference'")
-        return cpu_kernels()
+        return cpu_kernels(compiled)
     if kernels != "triton":
         raise ConfigError(f"kernels must be auto, cpu, triton or reference, got {kernels!r}")
     if device.type == "cuda" and INTERPRETED:

@@ -49,8 +49,8 @@ class Placement:
                 raise ConfigError(f"device {config.device!r} was asked for but CUDA is not "
                                   "available; use device='cpu' or 'auto'")
         on_cuda = device.type == "cuda"
-        kernels = config.kernels if config.kernels != "auto" else default_kernels(device)
         dtype = config.dtype or (torch.bfloat16 if on_cuda else torch.float32)
+        kernels = config.kernels if config.kernels != "auto" else default_kernels(device, dtype)
         return cls(device, dtype, kernels, config.cuda_graphs and on_cuda and kernels == "triton",
                    config.compile and not on_cuda and kernels != "triton")
 
@@ -91,7 +91,7 @@ class ModelRunner:
             torch.cuda.set_device(placement.device)
         started = time.perf_counter()
         config = config.with_dtype(placement.dtype)
-        kernels = select_kernels(placement.kernels, placement.device)
+        kernels = select_kernels(placement.kernels, placement.device, placement.dtype, placement.compiled)
         with torch.device(placement.device):
             model = MODEL_CLASSES[config.architecture](config, kernels)
         model.load_weights(weights)

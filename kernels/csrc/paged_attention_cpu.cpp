@@ -22,10 +22,24 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
-// One decoding sequence: its H queries against `len` paged rows. Each cache row (all KV
-// heads, contiguous) is read once, front to back, for every head of every group.
+// s[0..n) <- softmax(s[0..n)), in place.
+void softmax(float* s, int64_t n) {
+  float peak = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) peak = std::max(peak, s[i]);
+  for (int64_t i = 0; i < n; ++i) s[i] -= peak;
+  pdserve::exp_array(s, s, n);
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += s[i];
+  const float inv = 1.f / total;
+  for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+}
+
+// One decoding sequence: its H queries against `len` paged rows, any head_dim. Each cache
+// row (all KV heads, contiguous) is read once, front to back, for every head of every group.
 void decode_sequence(const float* q, const float* k_cache, const float* v_cache, const int64_t* table,
                      int64_t len, int64_t block_size, int64_t kv_heads, int64_t group, int64_t dim,
                      float scale, float* out, std::vector<float>& scores) {
@@ -42,18 +56,7 @@ void decode_sequence(const float* q, const float* k_cache, const float* v_cache,
       scores[h * len + pos] = dot * scale;
     }
   }
-  for (int64_t h = 0; h < heads; ++h) {
-    float* s = scores.data() + h * len;
-    float peak = -std::numeric_limits<float>::infinity();
-    for (int64_t pos = 0; pos < len; ++pos) peak = std::max(peak, s[pos]);
-    float total = 0.f;
-    for (int64_t pos = 0; pos < len; ++pos) {
-      s[pos] = std::exp(s[pos] - peak);
-      total += s[pos];
-    }
-    const float inv = 1.f / total;
-    for (int64_t pos = 0; pos < len; ++pos) s[pos] *= inv;
-  }
+  for (int64_t h = 0; h < heads; ++h) softmax(scores.data() + h * len, len);
   std::fill(out, out + heads * dim, 0.f);
   for (int64_t pos = 0; pos < len; ++pos) {
     const float* v_row = v_cache + (table[pos / block_size] * block_size + pos % block_size) * row_stride;
@@ -65,6 +68,55 @@ void decode_sequence(const float* q, const float* k_cache, const float* v_cache,
       for (int64_t d = 0; d < dim; ++d) o[d] += p * v[d];
     }
   }
+}
+
+#ifdef __AVX512F__
+// The same for a head_dim of DIM (a multiple of 16) with each query head and its output
+// held in DIM / 16 registers while its KV head's rows stream past: no loop over d.
+template <int DIM>
+void decode_sequence_avx512(const float* q, const float* k_cache, const float* v_cache, const int64_t* table,
+                            int64_t len, int64_t block_size, int64_t kv_heads, int64_t group, float scale,
+                            float* out, std::vector<float>& scores) {
+  constexpr int kRegs = DIM / 16;
+  const int64_t row_stride = kv_heads * DIM;
+  scores.resize(static_cast<size_t>(len));
+  float* s = scores.data();
+  for (int64_t h = 0; h < kv_heads * group; ++h) {
+    const int64_t offset = (h / group) * DIM;
+    __m512 qh[kRegs];
+    for (int r = 0; r < kRegs; ++r) qh[r] = _mm512_mul_ps(_mm512_loadu_ps(q + h * DIM + 16 * r), _mm512_set1_ps(scale));
+    for (int64_t pos = 0; pos < len; ++pos) {
+      const float* k = k_cache + (table[pos / block_size] * block_size + pos % block_size) * row_stride + offset;
+      __m512 dot = _mm512_mul_ps(qh[0], _mm512_loadu_ps(k));
+      for (int r = 1; r < kRegs; ++r) dot = _mm512_fmadd_ps(qh[r], _mm512_loadu_ps(k + 16 * r), dot);
+      s[pos] = _mm512_reduce_add_ps(dot);
+    }
+    softmax(s, len);
+    __m512 o[kRegs];
+    for (int r = 0; r < kRegs; ++r) o[r] = _mm512_setzero_ps();
+    for (int64_t pos = 0; pos < len; ++pos) {
+      const float* v = v_cache + (table[pos / block_size] * block_size + pos % block_size) * row_stride + offset;
+      const __m512 p = _mm512_set1_ps(s[pos]);
+      for (int r = 0; r < kRegs; ++r) o[r] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16 * r), o[r]);
+    }
+    for (int r = 0; r < kRegs; ++r) _mm512_storeu_ps(out + h * DIM + 16 * r, o[r]);
+  }
+}
+#endif
+
+// The decoding sequence's output through the fastest path for its head_dim.
+void decode(const float* q, const float* k_cache, const float* v_cache, const int64_t* table, int64_t len,
+            int64_t block_size, int64_t kv_heads, int64_t group, int64_t dim, float scale, float* out,
+            std::vector<float>& scores) {
+#ifdef __AVX512F__
+  if (dim == 64)
+    return decode_sequence_avx512<64>(q, k_cache, v_cache, table, len, block_size, kv_heads, group, scale, out,
+                                      scores);
+  if (dim == 128)
+    return decode_sequence_avx512<128>(q, k_cache, v_cache, table, len, block_size, kv_heads, group, scale,
+                                       out, scores);
+#endif
+  decode_sequence(q, k_cache, v_cache, table, len, block_size, kv_heads, group, dim, scale, out, scores);
 }
 
 torch::Tensor gather_context(const torch::Tensor& cache, const torch::Tensor& table, int64_t len) {
@@ -118,9 +170,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     std::vector<float> scores;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = decoding[i], token = starts[b];
-      decode_sequence(q_ptr + token * heads * dim, k_ptr, v_ptr, table_ptr + b * max_pages, lens[b],
-                      block_size, kv_heads, group, dim, static_cast<float>(scale),
-                      out_ptr + token * heads * dim, scores);
+      decode(q_ptr + token * heads * dim, k_ptr, v_ptr, table_ptr + b * max_pages, lens[b], block_size,
+             kv_heads, group, dim, static_cast<float>(scale), out_ptr + token * heads * dim, scores);
     }
   });
   for (int64_t b = 0; b < batch; ++b) {

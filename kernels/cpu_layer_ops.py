@@ -1,0 +1,52 @@
+"""The small per-layer operations of a decoder, in C++ for the CPU (csrc/layer_ops_cpu.cpp).
+
+Each function has the contract of its PyTorch reference for float32 tensors; at decode
+batch sizes the references spend more in per-op overhead than in arithmetic (RMSNorm is
+eight ATen ops, RoPE about fifteen), these are one pass each:
+
+    rms_norm_cpu    rms_norm_ref (kernels/rmsnorm.py)
+    rope_cpu        rope_ref (kernels/rope.py)
+    silu_mul_cpu    silu_mul_ref (kernels/activation.py)
+    store_kv_cpu    store_kv_ref (kernels/kv_store.py)
+
+They call the extension directly (no torch custom op), so torch.compile cannot trace
+them: compiled layers keep the references, which inductor fuses itself. They raise
+RuntimeError where the CPU kernels are not built (see `cpu_kernels_available`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.kernels.cpu_extension import cpu_extension
+
+
+def _extension():
+    extension = cpu_extension()
+    if extension is None:
+        raise RuntimeError("the CPU kernels are not built on this machine")
+    return extension
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm_ref`'s contract; x (and residual) [rows, N] float32 with contiguous rows."""
+    return _extension().rms_norm(x, weight, eps, residual)
+
+
+def rope_cpu(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+             cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_ref`'s contract; q and k may be views of a fused QKV output (contiguous head
+    dimension); returns contiguous tensors."""
+    return _extension().rope(q, k, positions, cos_sin_cache)
+
+
+def silu_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu_mul_ref`'s contract; gate_up [T, 2I] float32 with contiguous rows."""
+    return _extension().silu_mul(gate_up)
+
+
+def store_kv_cpu(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """`store_kv_ref`'s contract: token t's k/v go to flat slot slot_mapping[t] (-1 skips)."""
+    _extension().store_kv(k, v, k_cache, v_cache, slot_mapping)
