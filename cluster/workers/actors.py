@@ -4,7 +4,7 @@ Each actor owns one engine (built from a `WorkerSpec`) on its own engine thread;
 methods run on the actor's event loop and only talk to the engine through the engine's
 command queue. What leaves a worker:
 
-    DecodeWorker.generate(...)  a stream: Refused | (KVTicket | None, if remote) then TokenChunks
+    DecodeWorker.generate(...)  a stream: Refused | (KVTicket | None, if remote) then TokenDeltas
     PrefillWorker.prefill(job)  PrefillResult | Refused, once the KV reached the decode worker
     *.stats()                   (WorkerStats, prefix-cache events since the last call)
     *.info()                    WorkerInfo: identity, KV peer, and the cores and torch threads it runs on
@@ -27,21 +27,22 @@ from typing import NamedTuple
 
 import torch
 
-from pdserve.cluster.worker_spec import WorkerSpec
-from pdserve.cluster.worker_stats import WorkerStats
+from pdserve.cluster.workers.spec import WorkerSpec
+from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.decode_worker.async_engine import AsyncEngine
 from pdserve.decode_worker.engine import EngineCore
-from pdserve.decode_worker.transfers import OnTransferFailure
+from pdserve.kv_transfer.decode_side import OnTransferFailure
+from pdserve.kv_transfer.messages import PrefillJob, PrefillResult
 from pdserve.kv_transfer.pusher import KVPusher
 from pdserve.kv_transfer.receiver import KVReceiver
 from pdserve.kv_transfer.transports import connect, listen
 from pdserve.kv_transfer.transports.base import KVListener
 from pdserve.kv_transfer.transports.select import PeerInfo, probe
-from pdserve.prefill_worker.async_engine import AsyncPrefillEngine, PrefillResult
-from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
+from pdserve.prefill_worker.async_engine import AsyncPrefillEngine
+from pdserve.prefill_worker.engine import PrefillEngine
 from pdserve.runtime.loader import LoadedModel, load_model
 from pdserve.runtime.radix_cache import CacheEvent
-from pdserve.runtime.request import TokenChunk
+from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.scheduler import BatchScheduler
 from pdserve.runtime.threads import CpuPlacement, apply_placement, format_cores, process_cores
@@ -157,7 +158,7 @@ class DecodeWorker(_Worker):
         return self._listeners[kind].address
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       remote: bool) -> AsyncIterator[Refused | TokenChunk | object]:
+                       remote: bool) -> AsyncIterator[Refused | TokenDelta | object]:
         """Stream one request (see the module docstring). `remote`: a prefill worker
         computes the prompt; the first item is then the KVTicket (or None: no room, it is
         prefilled here)."""
@@ -180,8 +181,8 @@ class DecodeWorker(_Worker):
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
-    def fail_transfer(self, request_id: str, reason: str) -> None:
-        self.engine.fail_transfer(request_id, reason)
+    def fail_remote(self, request_id: str, reason: str) -> None:
+        self.engine.fail_remote(request_id, reason)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -240,7 +241,7 @@ class PrefillWorker(_Worker):
         self._stats = self._snapshot(
             engine.scheduler, num_waiting_for_kv=0,
             transfer_bytes=self.pusher.bytes_sent, transfer_seconds=self.pusher.send_seconds,
-            transfer_outcomes=dict(engine.outcome_counts),
+            transfer_outcomes=dict(engine.jobs.outcome_counts),
             num_steps=engine.num_steps, step_seconds=engine.step_seconds)
 
 
