@@ -171,8 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pdserve.cluster.control.autoscaler import ScalingPolicy
     from pdserve.cluster.serve import GatewayConfig
     from pdserve.cluster.workers.spec import WorkerSpec
-    from pdserve.decode_worker.speculation import SpeculativeConfig
-    from pdserve.runtime.config import ConfigError
+    from pdserve.runtime.config import ConfigError, SpeculativeConfig
     from pdserve.runtime.threads import use_one_thread
 
     use_one_thread()  # the gateway tokenizes and serves HTTP; the workers own the cores

@@ -19,12 +19,12 @@ import time
 import torch
 
 from pdserve.decode_worker.proposers import Draft
-from pdserve.decode_worker.speculation import SpeculativeConfig, Speculator
+from pdserve.decode_worker.speculation import Speculator, make_proposer
 from pdserve.decode_worker.verification import Verified, verify
 from pdserve.kv_transfer.decode_side import OnTransferFailure, RemoteRequests
 from pdserve.kv_transfer.messages import KVTicket
 from pdserve.kv_transfer.receiver import KVReceiver
-from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
+from pdserve.runtime.config import RuntimeInfo, SchedulerConfig, SpeculativeConfig
 from pdserve.runtime.model_runner import ModelRunner
 from pdserve.runtime.request import Request, TokenDelta
 from pdserve.runtime.sampler import Sampler, advance_generator, make_generator
@@ -51,7 +51,7 @@ class EngineCore:
         self.sampler = Sampler()
         self.num_steps = 0  # forward passes run
         self.step_seconds = 0.0  # ... and the time they took, sampling included
-        self.speculator = (Speculator(speculative, speculative.make_proposer(runner, info))
+        self.speculator = (Speculator(speculative, make_proposer(speculative, runner, info))
                            if speculative is not None else None)
         self.remote = None
         if kv_receiver is not None:

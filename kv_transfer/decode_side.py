@@ -19,13 +19,15 @@ from __future__ import annotations
 import enum
 import time
 from collections import Counter
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from pdserve.kv_transfer.messages import KVTicket, TransferDone
 from pdserve.kv_transfer.receiver import KVReceiver, TransferState
 from pdserve.runtime.request import Request, TokenDelta
-from pdserve.runtime.scheduler import BatchScheduler
 from pdserve.runtime.stopping import FinishReason
+
+if TYPE_CHECKING:  # the engine's; worker specs read this module's policy without it
+    from pdserve.runtime.scheduler import BatchScheduler
 
 
 class OnTransferFailure(enum.Enum):

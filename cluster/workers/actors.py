@@ -15,6 +15,10 @@ weights load and its thread pools start on the worker's own cores.
 
 Refusals travel as values, not exceptions, so the gateway maps them to client errors
 without unpickling foreign exception types.
+
+The controller creates these actors from the `pdserve serve` process, so this module is
+imported there too; the engines (models, kernels, schedulers) are imported only when an
+actor starts, in its own process. The serve process never loads engine code.
 """
 
 from __future__ import annotations
@@ -23,29 +27,25 @@ import collections
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from pdserve.cluster.workers.spec import WorkerSpec
 from pdserve.cluster.workers.stats import WorkerStats
-from pdserve.decode_worker.async_engine import AsyncEngine
-from pdserve.decode_worker.engine import EngineCore
-from pdserve.kv_transfer.decode_side import OnTransferFailure
 from pdserve.kv_transfer.messages import PrefillJob, PrefillResult
-from pdserve.kv_transfer.pusher import KVPusher
-from pdserve.kv_transfer.receiver import KVReceiver
-from pdserve.kv_transfer.transports import connect, listen
-from pdserve.kv_transfer.transports.base import KVListener
 from pdserve.kv_transfer.transports.select import PeerInfo, probe
-from pdserve.prefill_worker.async_engine import AsyncPrefillEngine
-from pdserve.prefill_worker.engine import PrefillEngine
-from pdserve.runtime.loader import LoadedModel, load_model
-from pdserve.runtime.radix_cache import CacheEvent
 from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
-from pdserve.runtime.scheduler import BatchScheduler
 from pdserve.runtime.threads import CpuPlacement, apply_placement, format_cores, process_cores
+
+if TYPE_CHECKING:
+    from pdserve.decode_worker.engine import EngineCore
+    from pdserve.kv_transfer.transports.base import KVListener
+    from pdserve.prefill_worker.engine import PrefillEngine
+    from pdserve.runtime.loader import LoadedModel
+    from pdserve.runtime.radix_cache import CacheEvent
+    from pdserve.runtime.scheduler import BatchScheduler
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class _Worker:
         # thread loads and compiles it on one, so the process has one multi-threaded
         # OpenMP pool (see pdserve.runtime.engine_thread).
         torch.set_num_threads(1)
+        from pdserve.runtime.loader import load_model  # in the actor's process only
+
         self.spec = spec
         self.worker_id = worker_id
         self.loaded: LoadedModel = load_model(spec.model, cache=spec.cache_config, max_model_len=spec.max_model_len,
@@ -138,6 +140,11 @@ class DecodeWorker(_Worker):
     role = "decode"
 
     def __init__(self, spec: WorkerSpec, worker_id: str, placement: CpuPlacement) -> None:
+        from pdserve.decode_worker.async_engine import AsyncEngine  # in the actor's process only
+        from pdserve.decode_worker.engine import EngineCore
+        from pdserve.kv_transfer.decode_side import OnTransferFailure
+        from pdserve.kv_transfer.receiver import KVReceiver
+
         super().__init__(spec, worker_id, placement)
         runner, info = self.loaded.runner, self.loaded.info
         self.receiver = KVReceiver(runner.pool, default_timeout=spec.transfer_timeout)
@@ -151,6 +158,8 @@ class DecodeWorker(_Worker):
     def listen(self, kind: str) -> str:
         """The address of this worker's KV listener of `kind`, started on first use.
         Raises TransportError if the transport cannot work here."""
+        from pdserve.kv_transfer.transports import listen
+
         if kind not in self._listeners:
             options = {} if kind == "shm" else {"host": self.spec.kv_host or _node_ip()}
             self._listeners[kind] = listen(kind, self.receiver, **options)
@@ -207,6 +216,11 @@ class PrefillWorker(_Worker):
     role = "prefill"
 
     def __init__(self, spec: WorkerSpec, worker_id: str, placement: CpuPlacement) -> None:
+        from pdserve.kv_transfer.pusher import KVPusher  # in the actor's process only
+        from pdserve.kv_transfer.transports import connect
+        from pdserve.prefill_worker.async_engine import AsyncPrefillEngine
+        from pdserve.prefill_worker.engine import PrefillEngine
+
         super().__init__(spec, worker_id, placement)
         runner, info = self.loaded.runner, self.loaded.info
         self.pusher = KVPusher(runner.pool, lambda address: connect(address, timeout=10.0))
