@@ -65,11 +65,11 @@ def _decode_side(kinds, commands, replies):
 
 def _transfer_once(channel, ticket, pages_by_layer, payloads) -> float:
     from pdserve.kv_transfer import layout
-    from pdserve.kv_transfer.messages import ChunkHeader, TransferDone
+    from pdserve.kv_transfer.messages import PagesHeader, TransferDone
 
     started = time.perf_counter()
     for layer, (pages, payload) in enumerate(zip(pages_by_layer, payloads)):
-        channel.send_chunk(ChunkHeader(
+        channel.send_pages(PagesHeader(
             ticket.request_id, ticket.ticket_id, ticket.secret, layer, 0, pages.shape[1], "float32",
             tuple(pages.shape), len(payload), layout.checksum(payload)), payload)
     channel.send_done(TransferDone(ticket.request_id, ticket.ticket_id, ticket.secret, 0, 0.0))
@@ -153,7 +153,7 @@ def _ttft_decode(kind, commands, replies):
     while (command := commands.get()) is not None:
         op, request_id, prompt = command
         if op == "remote":
-            replies.put(messages.encode(engine.submit_remote(request_id, prompt, params)))
+            replies.put(messages.encode(engine.add_remote_request(request_id, prompt, params)))
         else:
             engine.add_request(request_id, prompt, params)
         while engine.has_unfinished:
@@ -168,9 +168,10 @@ def _ttft_prefill(commands, replies):
     """Prefill worker process: SmolLM2 prefill engine pushing to the decode process."""
     torch.set_num_threads(1)
     from pdserve.kv_transfer import messages
+    from pdserve.kv_transfer.messages import PrefillJob
     from pdserve.kv_transfer.pusher import KVPusher
     from pdserve.kv_transfer.transports import connect
-    from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
+    from pdserve.prefill_worker.engine import PrefillEngine
     from pdserve.runtime.config import CacheConfig
     from pdserve.runtime.loader import load_model
     from pdserve.runtime.sampling_params import SamplingParams

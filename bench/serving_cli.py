@@ -13,9 +13,10 @@ from serving_chat import PRESETS
 from serving_client import FLAVORS
 from serving_launch import default_serve_command
 
+from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
+
 DESCRIPTION = ("Online serving benchmark: an OpenAI-compatible endpoint driven over HTTP, as "
                "`vllm bench serve`, optionally beside a peer server (see bench/serving.py)")
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_COMPARE = ("--prefill-workers 1 --decode-workers 1", "--colocated --decode-workers 2")
 DEFAULT_COMPARE_LABELS = ("disagg", "colocated")
 DEFAULT_NUM_PROMPTS = 100

@@ -23,8 +23,6 @@ import os
 import sys
 import time
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -48,6 +46,8 @@ THREADS_HELP = ("torch threads per worker: 'auto' (default) gives each worker an
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
+
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_parser(sub) -> None:
-    from pdserve.cluster.router import POLICIES
+    from pdserve.cluster.control.router import POLICIES
     from pdserve.kv_transfer.transports.base import KINDS
+    from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
     serve = sub.add_parser("serve", help="run the cluster: workers on Ray, OpenAI HTTP and gRPC gateway")
     serve.add_argument("--model", default=DEFAULT_MODEL,
@@ -167,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pdserve.cluster.autoscaler import ScalingPolicy
-    from pdserve.cluster.gateway import GatewayConfig
-    from pdserve.cluster.worker_spec import WorkerSpec
-    from pdserve.decode_worker.speculation import SpeculativeConfig
-    from pdserve.runtime.config import ConfigError
+    from pdserve.cluster.control.autoscaler import ScalingPolicy
+    from pdserve.cluster.serve import GatewayConfig
+    from pdserve.cluster.workers.spec import WorkerSpec
+    from pdserve.runtime.config import ConfigError, SpeculativeConfig
     from pdserve.runtime.threads import use_one_thread
 
     use_one_thread()  # the gateway tokenizes and serves HTTP; the workers own the cores
@@ -220,8 +220,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run_gateway(config) -> int:
-    from pdserve.cluster.controller import WorkerStartError
-    from pdserve.cluster.gateway import serve
+    from pdserve.cluster.control.controller import WorkerStartError
+    from pdserve.cluster.serve import serve
     from pdserve.runtime.config import ConfigError
 
     def announce(ready) -> None:
@@ -261,61 +261,47 @@ def _start_ray(address: str | None, num_prefill: int, num_decode: int, threads: 
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pdserve.decode_worker.engine import EngineCore
-    from pdserve.runtime.loader import load_model
-    from pdserve.runtime.sampling_params import SamplingParams
-    from pdserve.runtime.stopping import FinishReason
-    from pdserve.runtime.text_stream import TextStream
+    from pdserve.decode_worker.llm import LLM
+    from pdserve.runtime.sampling_params import SAMPLING_FIELDS, SamplingParams
     from pdserve.runtime.threads import CoreLedger, apply_placement, available_cores
 
     placement = CoreLedger(available_cores(), args.threads, num_workers=1).claim("generate")
     apply_placement(placement)
     print(f"pdserve: {placement}", file=sys.stderr, flush=True)
     try:
-        params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
-        )
+        # The sampling flags are named as SamplingParams' fields.
+        params = SamplingParams(**{name: getattr(args, name) for name in SAMPLING_FIELDS if hasattr(args, name)})
         print(f"pdserve: loading {args.model} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        loaded = load_model(args.model, max_model_len=args.max_model_len)
+        llm = LLM(args.model, max_model_len=args.max_model_len)
         print(f"pdserve: loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
-        tokenizer = loaded.tokenizer
+        tokenizer = llm.get_tokenizer()
         if args.chat:
             prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
         else:
             prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
-        engine = EngineCore(loaded.runner, loaded.info)
-        engine.add_request("cli", prompt_ids, params)
+        outputs = llm.stream(prompt_ids, params)
     except (ValueError, FileNotFoundError) as exc:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
 
-    stream = TextStream(tokenizer, params, loaded.info.eos_token_ids)
     started = time.perf_counter()
     first_token_at = None
-    num_tokens = 0
-    finish_reason = None
-    while finish_reason is None:
-        for chunk in engine.step():
-            num_tokens += len(chunk.token_ids)
-            first_token_at = first_token_at or time.perf_counter()
-            for token in chunk.token_ids:
-                sys.stdout.write(stream.push(token))
-            finish_reason = chunk.finish_reason
-            if stream.stopped:
-                engine.finish_request("cli", FinishReason.STOP)
-                finish_reason = FinishReason.STOP
+    output = None
+    for text, output in outputs:
+        first_token_at = first_token_at or time.perf_counter()
+        sys.stdout.write(text)
         sys.stdout.flush()
-    sys.stdout.write(stream.finish() + "\n")
+    sys.stdout.write("\n")
     sys.stdout.flush()
     elapsed = time.perf_counter() - started
+    num_tokens = len(output.token_ids)
     decode_time = time.perf_counter() - (first_token_at or started)
     rate = (num_tokens - 1) / decode_time if num_tokens > 1 and decode_time > 0 else 0.0
     print(
         f"pdserve: {len(prompt_ids)} prompt tokens, {num_tokens} generated in {elapsed:.2f}s "
         f"(first token {1000 * ((first_token_at or started) - started):.0f} ms, "
-        f"decode {rate:.1f} tok/s), finish reason: {finish_reason.value}",
+        f"decode {rate:.1f} tok/s), finish reason: {output.finish_reason}",
         file=sys.stderr,
     )
     return 0

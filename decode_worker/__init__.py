@@ -1,1 +1,2 @@
-"""Decode worker: admission, continuous batching, preemption, speculation, streaming."""
+"""The engine: `EngineCore` (continuous batching, preemption, speculative decoding) serves a
+decode worker, colocated mode, the offline `LLM` and `pdserve generate`."""

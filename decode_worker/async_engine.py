@@ -2,13 +2,13 @@
 
 Data flows one way. Callers put commands (add, finish) on a queue; the engine thread
 applies them between steps, so an abort takes effect before the next step and frees the
-request's blocks within one step. Token chunks go back to each caller's asyncio queue
+request's blocks within one step. Token deltas go back to each caller's asyncio queue
 through its event loop. Nothing but the engine thread touches the core; `on_iteration`
 (if given) runs on that thread after every loop iteration, so it may read the core to
 publish snapshots (stats, prefix-cache events) for other threads.
 
-A request prefilled elsewhere (`generate_remote`) first yields its KV ticket, then its
-chunks. While only such requests wait for their KV, the thread polls their transfers
+A remote request (`generate_remote`: a prefill worker computes its prompt) first yields
+its KV ticket, then its deltas. While only such requests wait for their KV, the thread polls their transfers
 every `KV_POLL_SECONDS` instead of spinning, leaving the GIL to the listener threads
 that write the KV.
 """
@@ -24,7 +24,7 @@ from typing import NamedTuple
 from pdserve.decode_worker.engine import EngineCore
 from pdserve.kv_transfer.messages import KVTicket
 from pdserve.runtime.engine_thread import EngineThread
-from pdserve.runtime.request import TokenChunk
+from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
 
@@ -37,7 +37,7 @@ class _Sink(NamedTuple):
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
-    def put(self, item: TokenChunk | KVTicket | BaseException | None) -> None:
+    def put(self, item: TokenDelta | KVTicket | BaseException | None) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:
@@ -49,10 +49,10 @@ class _Add(NamedTuple):
     prompt_ids: list[int]
     params: SamplingParams
     sink: _Sink
-    remote: bool  # prefilled by a prefill worker: the first item put on the sink is its ticket
+    remote: bool  # a prefill worker computes the prompt: the first item put on the sink is its ticket
 
 
-class _FailTransfer(NamedTuple):
+class _FailRemote(NamedTuple):
     request_id: str
     reason: str
 
@@ -77,8 +77,8 @@ class AsyncEngine(EngineThread):
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[TokenChunk]:
-        """Stream the request's token chunks; the last one carries its finish reason.
+    ) -> AsyncIterator[TokenDelta]:
+        """Stream the request's token deltas; the last one carries its finish reason.
         Raises RequestRejected (ValueError) if the engine cannot take it. Leaving the
         iteration early (break, cancellation, disconnect) aborts the request."""
         async for item in self._stream(prompt_ids, params, request_id, remote=False):
@@ -86,17 +86,17 @@ class AsyncEngine(EngineThread):
 
     async def generate_remote(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[KVTicket | TokenChunk | None]:
+    ) -> AsyncIterator[KVTicket | TokenDelta | None]:
         """Like `generate` for a request whose prompt a prefill worker computes. The
         first item is the KVTicket to hand to that worker, or None when the pool cannot
-        hold the request now: it is then prefilled here. Token chunks follow."""
+        hold the request now: it is then prefilled here. Token deltas follow."""
         async for item in self._stream(prompt_ids, params, request_id, remote=True):
             yield item
 
-    def fail_transfer(self, request_id: str, reason: str) -> None:
+    def fail_remote(self, request_id: str, reason: str) -> None:
         """The prefill side cannot deliver this request's KV (its worker died or refused
         the job): recompute or fail it now, per the engine's policy."""
-        self.post(_FailTransfer(request_id, reason))
+        self.post(_FailRemote(request_id, reason))
 
     async def _stream(self, prompt_ids, params, request_id, remote):
         if not self.is_alive:
@@ -111,14 +111,14 @@ class AsyncEngine(EngineThread):
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                finished = isinstance(item, TokenChunk) and item.finish_reason is not None
+                finished = isinstance(item, TokenDelta) and item.finish_reason is not None
                 yield item
         finally:
             if not finished:
                 self.post(_Finish(request_id, FinishReason.ABORT))
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
-        """Finish a request from any thread; its stream ends with a chunk saying why."""
+        """Finish a request from any thread; its stream ends with a delta saying why."""
         self.post(_Finish(request_id, reason))
 
     # ------------------------------------------------------------------ engine thread
@@ -129,11 +129,11 @@ class AsyncEngine(EngineThread):
     def _has_compute(self) -> bool:
         return self.core.scheduler.has_work
 
-    def _apply(self, command: _Add | _Finish | _FailTransfer) -> None:
+    def _apply(self, command: _Add | _Finish | _FailRemote) -> None:
         if isinstance(command, _Add):
             self._add(command)
-        elif isinstance(command, _FailTransfer):
-            self.core.fail_transfer(command.request_id, command.reason)
+        elif isinstance(command, _FailRemote):
+            self.core.fail_remote(command.request_id, command.reason)
         else:
             self._finish(command.request_id, command.reason)
 
@@ -147,7 +147,7 @@ class AsyncEngine(EngineThread):
     def _add(self, command: _Add) -> None:
         try:
             if command.remote:
-                ticket = self.core.submit_remote(command.request_id, command.prompt_ids, command.params)
+                ticket = self.core.add_remote_request(command.request_id, command.prompt_ids, command.params)
                 if ticket is None:  # no room to reserve now: prefill it here when there is
                     self.core.add_request(command.request_id, command.prompt_ids, command.params)
                 command.sink.put(ticket)
@@ -158,14 +158,14 @@ class AsyncEngine(EngineThread):
             command.sink.put(exc)
 
     def _finish(self, request_id: str, reason: FinishReason) -> None:
-        chunk = self.core.finish_request(request_id, reason)
+        delta = self.core.finish_request(request_id, reason)
         sink = self._sinks.pop(request_id, None)
-        if chunk is not None and sink is not None:
-            sink.put(chunk)
+        if delta is not None and sink is not None:
+            sink.put(delta)
 
     def _step(self) -> None:
         try:
-            chunks = self.core.step()
+            deltas = self.core.step()
         except Exception:
             # A failed step leaves no request in a known state: fail them all, loudly,
             # and keep serving new ones.
@@ -173,9 +173,9 @@ class AsyncEngine(EngineThread):
             for request_id in list(self._sinks):
                 self._finish(request_id, FinishReason.ERROR)
             return
-        for chunk in chunks:
-            sink = self._sinks.get(chunk.request_id)
-            if chunk.finish_reason is not None:
-                self._sinks.pop(chunk.request_id, None)
+        for delta in deltas:
+            sink = self._sinks.get(delta.request_id)
+            if delta.finish_reason is not None:
+                self._sinks.pop(delta.request_id, None)
             if sink is not None:
-                sink.put(chunk)
+                sink.put(delta)

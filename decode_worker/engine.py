@@ -4,9 +4,11 @@ One step is three calls: `scheduler.schedule()` -> `runner.execute(batch)` ->
 `_emit()` per sampled row. With a `Speculator`, decoding requests first get draft tokens;
 the same forward computes the target's logits at every draft position, `verify` keeps
 the longest acceptable prefix plus one token, and `scheduler.commit_draft` makes exactly
-the accepted tokens' KV part of the sequence. With a KV receiver it also admits requests prefilled
-elsewhere (`submit_remote`), settling their transfers at the start of each step. The core
-is single-threaded; `AsyncEngine` drives it from a thread and `LLM` drives it in a loop.
+the accepted tokens' KV part of the sequence. With a KV receiver it also takes remote
+requests, whose prompt a prefill worker computes (`add_remote_request`); the decode side
+of the hop (`pdserve.kv_transfer.decode_side`) settles their transfers at the start of each
+step. The core is single-threaded; `AsyncEngine` drives it from a thread and `LLM` drives
+it in a loop.
 """
 
 from __future__ import annotations
@@ -17,18 +19,17 @@ import time
 import torch
 
 from pdserve.decode_worker.proposers import Draft
-from pdserve.decode_worker.scheduler import DecodeScheduler
-from pdserve.decode_worker.speculation import SpeculativeConfig, Speculator
-from pdserve.decode_worker.transfers import OnTransferFailure, RemoteAdmission
+from pdserve.decode_worker.speculation import Speculator, make_proposer
 from pdserve.decode_worker.verification import Verified, verify
+from pdserve.kv_transfer.decode_side import OnTransferFailure, RemoteRequests
 from pdserve.kv_transfer.messages import KVTicket
 from pdserve.kv_transfer.receiver import KVReceiver
-from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
+from pdserve.runtime.config import RuntimeInfo, SchedulerConfig, SpeculativeConfig
 from pdserve.runtime.model_runner import ModelRunner
-from pdserve.runtime.request import Request, TokenChunk
+from pdserve.runtime.request import Request, TokenDelta
 from pdserve.runtime.sampler import Sampler, advance_generator, make_generator
 from pdserve.runtime.sampling_params import SamplingParams
-from pdserve.runtime.scheduler import build_forward_batch
+from pdserve.runtime.scheduler import BatchScheduler, build_forward_batch
 from pdserve.runtime.stopping import FinishReason, check_stop_token
 
 
@@ -46,29 +47,31 @@ class EngineCore:
     ) -> None:
         self.runner = runner
         self.info = info
-        self.scheduler = DecodeScheduler(config or SchedulerConfig(), info, enable_prefix_caching)
+        self.scheduler = BatchScheduler(config or SchedulerConfig(), info, enable_prefix_caching)
         self.sampler = Sampler()
         self.num_steps = 0  # forward passes run
         self.step_seconds = 0.0  # ... and the time they took, sampling included
-        self.speculator = (Speculator(speculative, speculative.make_proposer(runner, info))
+        self.speculator = (Speculator(speculative, make_proposer(speculative, runner, info))
                            if speculative is not None else None)
         self.remote = None
         if kv_receiver is not None:
-            self.remote = RemoteAdmission(self.scheduler, kv_receiver, on_transfer_failure, transfer_timeout)
+            self.remote = RemoteRequests(self.scheduler, kv_receiver, on_transfer_failure, transfer_timeout)
 
-    def fail_transfer(self, request_id: str, reason: str) -> None:
-        """The prefill side cannot deliver this request's KV: settle it at the next step
-        (recompute here or fail, per policy) instead of waiting for its deadline. A no-op
-        for a request that is not waiting for KV."""
+    def fail_remote(self, request_id: str, reason: str) -> None:
+        """The prefill side cannot deliver this remote request's KV: settle it at the next
+        step (recompute here or fail, per policy) instead of waiting for its deadline. A
+        no-op for a request that is not waiting for KV."""
         if self.remote is not None:
             self.remote.fail(request_id, reason)
 
-    def submit_remote(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> KVTicket | None:
-        """Admit a request whose prompt a prefill worker computes: reserve its blocks and
-        return the ticket to hand to that worker, or None when there is no room now."""
+    def add_remote_request(self, request_id: str, prompt_ids: list[int],
+                           params: SamplingParams) -> KVTicket | None:
+        """Take a remote request (a prefill worker computes its prompt): reserve its
+        blocks and return the ticket to hand to that worker, or None when there is no
+        room now."""
         if self.remote is None:
             raise RuntimeError("this engine has no KV receiver; create it with kv_receiver=")
-        return self.remote.submit(self._new_request(request_id, prompt_ids, params))
+        return self.remote.add(self._new_request(request_id, prompt_ids, params))
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
         """Queue a request for local prefill and decode. Raises RequestRejected (a
@@ -82,9 +85,9 @@ class EngineCore:
             raise ValueError(f"request id {request_id!r} is already in use")
         return Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.runner.device))
 
-    def finish_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> TokenChunk | None:
+    def finish_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> TokenDelta | None:
         """End a request now (abort, or a stop string found by the caller); its blocks are
-        free when this returns. Returns its final chunk, or None if it had already ended."""
+        free when this returns. Returns its final delta, or None if it had already ended."""
         if self.remote is not None:
             self.remote.abort(request_id)
         request = self.scheduler.finish(request_id, reason)
@@ -92,17 +95,17 @@ class EngineCore:
             return None
         if self.speculator is not None:
             self.speculator.forget(request_id)
-        return TokenChunk(request_id, (), (), None, reason, request.num_prompt_tokens,
+        return TokenDelta(request_id, (), (), None, reason, request.num_prompt_tokens,
                           request.num_cached_tokens)
 
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work or bool(self.scheduler.waiting_for_kv)
 
-    def step(self) -> list[TokenChunk]:
-        """Run one forward over the scheduled work; return one chunk per request that
+    def step(self) -> list[TokenDelta]:
+        """Run one forward over the scheduled work; return one delta per request that
         produced tokens (and finished ones with their reason)."""
-        outputs = self._settle_transfers()
+        outputs = self._settle_remote()
         drafts: dict[str, Draft] = {}
         if self.speculator is not None:
             drafts = self.speculator.propose([r for r in self.scheduler.running if not r.is_prefilling])
@@ -143,7 +146,7 @@ class EngineCore:
         self.step_seconds += time.perf_counter() - started
         return outputs
 
-    def _emit_verified(self, request: Request, draft: tuple[int, ...], verified: Verified) -> TokenChunk:
+    def _emit_verified(self, request: Request, draft: tuple[int, ...], verified: Verified) -> TokenDelta:
         """Append a verified run of tokens, stopping at the first that ends the request;
         commit the KV of the accepted draft tokens that were kept."""
         reason, kept = None, 0
@@ -158,7 +161,7 @@ class EngineCore:
         if reason is not None:
             self.finish_request(request.request_id, reason)
         tops = verified.top_logprobs[:kept] if verified.top_logprobs is not None else None
-        return TokenChunk(request.request_id, verified.token_ids[:kept], verified.logprobs[:kept], tops,
+        return TokenDelta(request.request_id, verified.token_ids[:kept], verified.logprobs[:kept], tops,
                           reason, request.num_prompt_tokens, request.num_cached_tokens)
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
@@ -167,7 +170,7 @@ class EngineCore:
             reason = FinishReason.LENGTH
         return reason
 
-    def _settle_transfers(self) -> list[TokenChunk]:
+    def _settle_remote(self) -> list[TokenDelta]:
         if self.remote is None:
             return []
         started, failed = self.remote.poll()
@@ -178,13 +181,13 @@ class EngineCore:
                 kv_wait_seconds=waited))
         return failed
 
-    def _emit(self, request: Request, logprob: float, top) -> TokenChunk:
-        """The chunk for the token just appended to `request`; finishes it if that token
+    def _emit(self, request: Request, logprob: float, top) -> TokenDelta:
+        """The delta for the token just appended to `request`; finishes it if that token
         ends it."""
         token = request.output_ids[-1]
         reason = self._stop_reason(request, token)
         if reason is not None:
             self.finish_request(request.request_id, reason)
-        return TokenChunk(request.request_id, (token,), (logprob,), (top,) if top else None, reason,
+        return TokenDelta(request.request_id, (token,), (logprob,), (top,) if top else None, reason,
                           request.num_prompt_tokens, request.num_cached_tokens)
 

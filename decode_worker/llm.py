@@ -5,13 +5,15 @@
     outputs = llm.generate(["Hello", "The sky is"], SamplingParams(max_tokens=32))
 
 All prompts of one call run through the continuous-batching engine together; outputs come
-back in prompt order.
+back in prompt order. `stream` yields one prompt's text as it is generated (what
+`pdserve generate` prints).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +21,12 @@ import torch
 from pdserve.decode_worker.engine import EngineCore
 from pdserve.runtime.config import CacheConfig, SchedulerConfig
 from pdserve.runtime.loader import load_model
+from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
 from pdserve.runtime.text_stream import TextStream
 from pdserve.runtime.tokenizer import Tokenizer
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
 
 @dataclass
@@ -91,6 +93,15 @@ class LLM:
         texts = [tokenizer.apply_chat_template(list(c)) for c in conversations]
         return self._run(texts, [tokenizer.encode(t) for t in texts], sampling_params)
 
+    def stream(self, prompt_token_ids: Sequence[int],
+               sampling_params: SamplingParams | None = None) -> Iterator[tuple[str, RequestOutput]]:
+        """Queue one prompt now (raises ValueError if it can never run here) and return an
+        iterator of (text that became final, the output so far), one per engine step that
+        produced tokens; the last has its finish_reason set. Closing the iterator early
+        aborts the request."""
+        requests = self._add([None], [list(prompt_token_ids)], [sampling_params or SamplingParams()])
+        return _texts(self._steps(requests))
+
     def _run(self, texts, token_lists, sampling_params) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(token_lists)
@@ -99,40 +110,58 @@ class LLM:
             if len(params_list) != len(token_lists):
                 raise ValueError(f"got {len(params_list)} SamplingParams for {len(token_lists)} prompts; "
                                  "give one for all or one per prompt")
-        outputs: dict[str, RequestOutput] = {}
-        streams: dict[str, TextStream] = {}
-        order = []
+        requests = self._add(texts, token_lists, params_list)
+        for _ in self._steps(requests):
+            pass
+        return [output for output, _ in requests.values()]
+
+    def _add(self, texts, token_lists, params_list) -> dict[str, tuple[RequestOutput, TextStream]]:
+        """Queue the prompts; their outputs and text streams by request id, in prompt order.
+        On an error none of them is left queued."""
+        requests: dict[str, tuple[RequestOutput, TextStream]] = {}
         try:
             for text, ids, params in zip(texts, token_lists, params_list):
                 request_id = str(next(self._ids))
                 self.engine.add_request(request_id, ids, params)
-                order.append(request_id)
-                outputs[request_id] = RequestOutput(request_id, text, ids, "", [], "", [], 0)
-                streams[request_id] = TextStream(self._loaded.tokenizer, params, self._loaded.info.eos_token_ids)
+                requests[request_id] = (RequestOutput(request_id, text, ids, "", [], "", [], 0),
+                                        TextStream(self._loaded.tokenizer, params, self._loaded.info.eos_token_ids))
+        except BaseException:
+            self._abort(requests)
+            raise
+        return requests
+
+    def _steps(self, requests: dict[str, tuple[RequestOutput, TextStream]]) -> Iterator[tuple[str, str, RequestOutput]]:
+        """Step the engine until every request ended; yield (request id, text that became
+        final, its output so far) per engine delta."""
+        try:
             with torch.inference_mode():
                 while self.engine.has_unfinished:
-                    for chunk in self.engine.step():
-                        self._consume(chunk, outputs[chunk.request_id], streams[chunk.request_id])
-        except BaseException:
-            for request_id in order:  # leave nothing running behind an error
-                self.engine.finish_request(request_id, FinishReason.ABORT)
+                    for delta in self.engine.step():
+                        output, stream = requests[delta.request_id]
+                        text = self._consume(delta, output, stream)
+                        output.text = stream.text
+                        yield delta.request_id, text, output
+        except BaseException:  # an error, or the caller left early: leave nothing running
+            self._abort(requests)
             raise
-        for request_id, stream in streams.items():
-            outputs[request_id].text = stream.text
-        return [outputs[r] for r in order]
 
-    def _consume(self, chunk, output: RequestOutput, stream: TextStream) -> None:
-        output.token_ids.extend(chunk.token_ids)
-        output.logprobs.extend(chunk.logprobs)
-        output.num_cached_tokens = chunk.num_cached_tokens
-        for token in chunk.token_ids:
-            stream.push(token)
-            if stream.stopped:
-                break
-        if stream.stopped:
-            if chunk.finish_reason is None:
-                self.engine.finish_request(chunk.request_id, FinishReason.STOP)
-            output.finish_reason = FinishReason.STOP.value
-        elif chunk.finish_reason is not None:
-            stream.finish()
-            output.finish_reason = chunk.finish_reason.value
+    def _abort(self, requests) -> None:
+        for request_id in requests:
+            self.engine.finish_request(request_id, FinishReason.ABORT)
+
+    def _consume(self, delta: TokenDelta, output: RequestOutput, stream: TextStream) -> str:
+        output.token_ids.extend(delta.token_ids)
+        output.logprobs.extend(delta.logprobs)
+        output.num_cached_tokens = delta.num_cached_tokens
+        text, _, finish = stream.take(delta.token_ids, delta.finish_reason)
+        if finish is FinishReason.STOP and delta.finish_reason is None:
+            self.engine.finish_request(delta.request_id, FinishReason.STOP)  # a stop string
+        if finish is not None:
+            output.finish_reason = finish.value
+        return text
+
+
+def _texts(steps: Iterator[tuple[str, str, RequestOutput]]) -> Iterator[tuple[str, RequestOutput]]:
+    with contextlib.closing(steps):  # closing this closes the steps, which aborts the request
+        for _, text, output in steps:
+            yield text, output

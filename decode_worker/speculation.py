@@ -17,12 +17,12 @@ Counters (`proposed`, `accepted`, `accepted_at[i]`: drafts whose position i was
 accepted, `steps`) feed the worker's metrics; acceptance rate per position is
 accepted_at[i] / proposed_at[i].
 
-Methods (`SpeculativeConfig.method`), each a `Proposer`:
+Methods (`SpeculativeConfig.method`, in `pdserve.runtime.config`), each a `Proposer`:
 
     ngram    prompt lookup (`NgramProposer`); needs nothing but the request's tokens
     draft    a draft model (`DraftModelProposer`): the checkpoint `draft_model`, or the
              target's own first `draft_layers` layers (self-draft); needs the target's
-             runner and runtime info, so build it with `make_proposer(runner, info)`
+             runner and runtime info, so build it with `make_proposer(config, runner, info)`
 """
 
 from __future__ import annotations
@@ -32,56 +32,25 @@ from dataclasses import dataclass, field
 
 from pdserve.decode_worker.draft_model import DraftModelProposer
 from pdserve.decode_worker.proposers import Draft, NgramProposer, Proposer
-from pdserve.runtime.config import ConfigError, RuntimeInfo
+from pdserve.runtime.config import ConfigError, RuntimeInfo, SpeculativeConfig
 from pdserve.runtime.model_runner import ModelRunner
 from pdserve.runtime.request import Request
 from pdserve.runtime.tokenizer import Tokenizer
 
-METHODS = ("ngram", "draft")
 
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    method: str = "ngram"
-    num_tokens: int = 3  # k: the most draft tokens per request and step
-    max_batch_size: int = 8  # speculate only while at most this many requests decode
-    rest_steps: int = 16  # steps a request with k = 0 waits before trying again
-    ngram_min: int = 2  # n-gram proposer: the shortest suffix it matches
-    ngram_max: int = 4  # ... and the longest, tried first
-    draft_model: str | None = None  # draft method: a checkpoint (HF directory or .gguf) ...
-    draft_layers: int | None = None  # ... or a self-draft of the target's first N layers
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not 1 <= self.num_tokens <= 16:
-            raise ConfigError(f"num_speculative_tokens must be in [1, 16], got {self.num_tokens}")
-        if self.max_batch_size < 1 or self.rest_steps < 1:
-            raise ConfigError("max_batch_size and rest_steps must be >= 1")
-        if not 1 <= self.ngram_min <= self.ngram_max:
-            raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
-        has_model, has_layers = self.draft_model is not None, self.draft_layers is not None
-        if self.method == "draft" and has_model == has_layers:
-            raise ConfigError("speculative method 'draft' needs exactly one draft source: a draft model "
-                              "(--draft-model M) or the target's first N layers (--draft-layers N)")
-        if self.method != "draft" and (has_model or has_layers):
-            raise ConfigError(f"a draft model or draft layers need speculative method 'draft', not {self.method!r}")
-        if has_layers and self.draft_layers < 1:
-            raise ConfigError(f"draft_layers must be >= 1, got {self.draft_layers}")
-
-    def make_proposer(self, target: ModelRunner | None = None, info: RuntimeInfo | None = None,
-                      tokenizer: Tokenizer | None = None) -> Proposer:
-        """A new proposer for one engine. The draft method needs the target's `runner`
-        and `info` (and checks the draft's whole vocabulary against `tokenizer` when
-        given); it loads the draft model or builds the self-draft here."""
-        if self.method == "ngram":
-            return NgramProposer(max_n=self.ngram_max, min_n=self.ngram_min)
-        if target is None or info is None:
-            raise ConfigError("speculative method 'draft' needs the target model: build its proposer with "
-                              "make_proposer(runner, info) and pass it to Speculator(config, proposer)")
-        if self.draft_layers is not None:
-            return DraftModelProposer.from_target_layers(target, info, self.draft_layers)
-        return DraftModelProposer.from_checkpoint(self.draft_model, target, info, tokenizer)
+def make_proposer(config: SpeculativeConfig, target: ModelRunner | None = None, info: RuntimeInfo | None = None,
+                  tokenizer: Tokenizer | None = None) -> Proposer:
+    """A new proposer for one engine. The draft method needs the target's `runner` and
+    `info` (and checks the draft's whole vocabulary against `tokenizer` when given); it
+    loads the draft model or builds the self-draft here."""
+    if config.method == "ngram":
+        return NgramProposer(max_n=config.ngram_max, min_n=config.ngram_min)
+    if target is None or info is None:
+        raise ConfigError("speculative method 'draft' needs the target model: build its proposer with "
+                          "make_proposer(config, runner, info) and pass it to Speculator(config, proposer)")
+    if config.draft_layers is not None:
+        return DraftModelProposer.from_target_layers(target, info, config.draft_layers)
+    return DraftModelProposer.from_checkpoint(config.draft_model, target, info, tokenizer)
 
 
 @dataclass
@@ -103,7 +72,7 @@ class Speculator:
 
     def __post_init__(self) -> None:
         if self.proposer is None:
-            self.proposer = self.config.make_proposer()
+            self.proposer = make_proposer(self.config)
         self.proposed_at = [0] * self.config.num_tokens
         self.accepted_at = [0] * self.config.num_tokens
 

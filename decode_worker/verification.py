@@ -48,7 +48,7 @@ class Verified(NamedTuple):
     logits of its row), as the Sampler reports.
     top_logprobs: per emitted token the `params.logprobs` best (token id, raw logprob)
     pairs, best first; None when no alternatives were asked for (logprobs None or 0),
-    as the engine's TokenChunk has it.
+    as the engine's TokenDelta has it.
     """
 
     token_ids: tuple[int, ...]

@@ -1,26 +1,38 @@
-"""Immutable messages of the prefill -> decode hop, and their wire encoding.
+"""Immutable messages of the prefill -> decode hop, and the wire encoding of those that
+cross the KV link.
 
-On the wire every message is a msgpack map (never pickle: nothing that came off the
-network is ever executed); a KV chunk's map is followed by its raw bytes. Decoding checks
-every field's type and rejects anything else with `MalformedMessage`.
+    PrefillJob      gateway -> prefill   a prompt to compute and the ticket to push its KV with
+    PrefillResult   prefill -> gateway   the job settled: KV accepted by decode, or why not
+    KVTicket        decode -> prefill    where to write: destination blocks, secret, deadline
+    PagesHeader     prefill -> decode    one layer's pages, then `nbytes` raw bytes
+    TransferDone    prefill -> decode    every page sent; the first sampled token
+    TransferAbort   either way           give up on a ticket, with a reason
+    MessageRejected (raised on the sender) the receiver refused a message, and why
 
-    KVTicket       decode -> prefill   where to write: destination blocks, secret, deadline
-    ChunkHeader    prefill -> decode   one layer's pages, then `nbytes` raw bytes
-    TransferDone   prefill -> decode   every page sent; the first sampled token
-    TransferAbort  either way          give up on a ticket, with a reason
+On the KV link every message is a msgpack map (never pickle: nothing that came off the
+network is ever executed); a pages header's map is followed by its raw bytes. Decoding
+checks every field's type and rejects anything else with `MalformedMessage`. PrefillJob
+and PrefillResult travel between Ray processes, not over the KV link.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
+
+from pdserve.runtime.sampling_params import SamplingParams
 
 
 class MalformedMessage(ValueError):
     """Bytes that do not decode to a well-formed message of the expected kind."""
+
+
+class MessageRejected(ValueError):
+    """The receiver refused an incoming message; nothing was written. The message says
+    why. Raised by the receiver's checks and, through the transports, on the sender."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,10 @@ class KVTicket:
 
 
 @dataclass(frozen=True)
-class ChunkHeader:
+class PagesHeader:
+    """One layer of pages [page_start, page_start + num_pages) of a ticket (the pages one
+    prefill chunk completed); `nbytes` raw bytes follow it on the wire."""
+
     request_id: str
     ticket_id: int
     secret: bytes
@@ -70,7 +85,7 @@ class ChunkHeader:
     nbytes: int
     checksum: int  # CRC-32C of the payload (layout.checksum)
 
-    kind: ClassVar[str] = "chunk"
+    kind: ClassVar[str] = "chunk"  # the wire name, fixed by the protocol
 
 
 @dataclass(frozen=True)
@@ -95,9 +110,29 @@ class TransferAbort:
     kind: ClassVar[str] = "abort"
 
 
+class PrefillJob(NamedTuple):
+    """Compute `prompt_ids` and ship its KV for `ticket` to the listener at `address`."""
+
+    ticket: KVTicket
+    address: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+class PrefillResult(NamedTuple):
+    """How a `PrefillJob` settled, with where its time to first token went."""
+
+    request_id: str
+    ok: bool
+    reason: str  # why it failed; "" when ok
+    queue_seconds: float  # accepted .. the step that computed its first prompt chunk began
+    compute_seconds: float  # that step began .. its last prompt chunk computed, first token sampled
+    transfer_tail_seconds: float  # .. the decode side accepted all its KV (what overlap did not hide)
+
+
 # Field name -> accepted Python types after msgpack decoding, per message kind.
 _SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {}
-_CLASSES = {cls.kind: cls for cls in (ChunkHeader, TransferDone, TransferAbort)}
+_CLASSES = {cls.kind: cls for cls in (PagesHeader, TransferDone, TransferAbort)}
 for _cls in (KVLayout, KVTicket, *_CLASSES.values()):
     _SCHEMAS[_cls.__name__] = {f.name: f.type for f in dataclasses.fields(_cls)}
 

@@ -25,8 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pdserve.kv_transfer import layout
-from pdserve.kv_transfer.messages import ChunkHeader, KVTicket, TransferAbort, TransferDone
-from pdserve.kv_transfer.receiver import ChunkRejected
+from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferAbort, TransferDone
 from pdserve.kv_transfer.transports.base import KVChannel, TransportError
 from pdserve.runtime.kv_pool import KVPool
 
@@ -114,7 +113,7 @@ class KVPusher:
                     self._settle(outgoing, SendState.FAILED, f"aborted: {rest[0]}")
                     ticket = outgoing.ticket
                     channel.send_abort(TransferAbort(ticket.request_id, ticket.ticket_id, ticket.secret, rest[0]))
-            except ChunkRejected as exc:
+            except MessageRejected as exc:
                 self._settle(outgoing, SendState.FAILED, f"rejected by the decode worker: {exc}")
             except TransportError as exc:
                 self._settle(outgoing, SendState.FAILED, f"link to {outgoing.address} failed: {exc}")
@@ -127,14 +126,14 @@ class KVPusher:
                     pages) -> None:
         ticket = outgoing.ticket
         payload = layout.to_bytes(pages)
-        header = ChunkHeader(
+        header = PagesHeader(
             request_id=ticket.request_id, ticket_id=ticket.ticket_id, secret=ticket.secret,
             layer=layer, page_start=page_start, num_pages=pages.shape[1],
             dtype=layout.dtype_name(pages.dtype), shape=tuple(pages.shape),
             nbytes=len(payload), checksum=layout.checksum(payload),
         )
         started = time.perf_counter()
-        channel.send_chunk(header, payload)
+        channel.send_pages(header, payload)
         self.send_seconds += time.perf_counter() - started
         outgoing.bytes_sent += len(payload)
         self.bytes_sent += len(payload)

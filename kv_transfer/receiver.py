@@ -7,7 +7,7 @@ with a reason and writes nothing. A transfer is a handle the scheduler polls:
     PENDING --first chunk--> TRANSFERRING --done, all pages present--> SUCCEEDED
        \\______________________________\\--deadline, abort, bad done--> FAILED(reason)
 
-Transports call `accept_chunk` / `accept_done` / `accept_abort` from their own threads;
+Transports call `accept_pages` / `accept_done` / `accept_abort` from their own threads;
 the decode engine thread calls `issue`, `poll`, `release` and `expire`. One lock guards
 the ticket table; chunk bytes are written outside it, into blocks that only their ticket
 may write (each ticket's blocks are reserved for it by the scheduler).
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from pdserve.kv_transfer import layout
-from pdserve.kv_transfer.messages import ChunkHeader, KVTicket, TransferAbort, TransferDone
+from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferAbort, TransferDone
 from pdserve.runtime.kv_pool import KVPool
 
 
@@ -35,10 +35,6 @@ class TransferState(enum.Enum):
     TRANSFERRING = "transferring"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-
-
-class ChunkRejected(ValueError):
-    """An incoming message was refused; nothing was written. The message says why."""
 
 
 class TransferStatus(NamedTuple):
@@ -125,13 +121,13 @@ class KVReceiver:
 
     # --------------------------------------------------------------- transport side
 
-    def accept_chunk(self, header: ChunkHeader, payload: bytes | bytearray | memoryview) -> None:
-        """Validate and write one chunk. Raises ChunkRejected (nothing written)."""
+    def accept_pages(self, header: PagesHeader, payload: bytes | bytearray | memoryview) -> None:
+        """Validate and write one chunk. Raises MessageRejected (nothing written)."""
         with self._lock:
             live = self._check_ticket(header.ticket_id, header.secret, header.request_id)
             try:
                 self._check_chunk(live.ticket, header, payload)
-            except ChunkRejected as exc:
+            except MessageRejected as exc:
                 # The sender holds the secret, so it is ours and broken: the transfer
                 # cannot complete, and failing it now lets decode recover at once.
                 self._fail(live, str(exc))
@@ -156,7 +152,7 @@ class KVReceiver:
 
     def accept_done(self, done: TransferDone) -> None:
         """The sender says it sent everything: succeed if every page of every layer is
-        here. Otherwise the transfer fails and ChunkRejected tells the sender why; it is
+        here. Otherwise the transfer fails and MessageRejected tells the sender why; it is
         also raised for a foreign message."""
         with self._lock:
             live = self._check_ticket(done.ticket_id, done.secret, done.request_id)
@@ -195,7 +191,7 @@ class KVReceiver:
             raise self._reject(f"ticket {ticket_id} is past its deadline")
         return live
 
-    def _check_chunk(self, ticket: KVTicket, header: ChunkHeader, payload) -> None:
+    def _check_chunk(self, ticket: KVTicket, header: PagesHeader, payload) -> None:
         if header.dtype != self.layout.dtype:
             raise self._reject(f"dtype {header.dtype} != pool dtype {self.layout.dtype}")
         if not 0 <= header.layer < self.layout.num_layers:
@@ -211,9 +207,9 @@ class KVReceiver:
         if header.nbytes != expected or len(payload) != expected:
             raise self._reject(f"payload of {len(payload)} bytes (header {header.nbytes}); expected {expected}")
 
-    def _reject(self, reason: str) -> ChunkRejected:
+    def _reject(self, reason: str) -> MessageRejected:
         self.num_rejected += 1
-        return ChunkRejected(reason)
+        return MessageRejected(reason)
 
     @staticmethod
     def _fail(live: _Live, reason: str) -> None:

@@ -17,21 +17,13 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
+from pdserve.kv_transfer.messages import PrefillJob, PrefillResult
+from pdserve.prefill_worker.engine import PrefillEngine
 from pdserve.runtime.engine_thread import EngineThread
 
 log = logging.getLogger(__name__)
 
 SEND_POLL_SECONDS = 0.002  # how often to check transfers when nothing is left to compute
-
-
-class PrefillResult(NamedTuple):
-    request_id: str
-    ok: bool
-    reason: str  # why it failed; "" when ok
-    queue_seconds: float  # accepted .. the step that computed its first prompt chunk began
-    compute_seconds: float  # that step began .. its last prompt chunk computed, first token sampled
-    transfer_tail_seconds: float  # .. the decode side accepted all its KV (what overlap did not hide)
 
 
 class _Pending(NamedTuple):

@@ -1,56 +1,31 @@
-"""`PrefillEngine`: computes prompts' KV and pushes it, layer by layer, to decode workers.
+"""`PrefillEngine`: computes prompts' KV for decode workers.
 
 One step: the shared batch scheduler picks prompt chunks under the token budget (its own
 radix cache skips prefixes this worker computed before); the forward pass runs, and as
-each layer finishes, the pages of that layer that some ticket wants are copied out and
-queued for sending while the later layers compute. A job whose prompt is complete samples
-its first token and sends TransferDone; its blocks go back at once (its pages stay in the
-radix cache for later prompts).
+each layer finishes, the pages that layer completed are pushed while the later layers
+compute. A job whose prompt is complete samples its first token and ends with
+FinishReason.PREFILLED; its blocks go back at once (its pages stay in the radix cache for
+later prompts).
 
-Pages sent for a ticket whose destination holds pages [first_page, ...): after a chunk
-ending at token `end`, pages [next_page, ceil(end / block_size)) are sent, then next_page
-= end // block_size; the page holding `end` is partial and is sent again, complete, with
-the next chunk.
+What is sent, and when a job's transfer settles, is the hop's business
+(`pdserve.kv_transfer.prefill_side`): the engine only says which prompt tokens are
+computed and which first tokens were sampled.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass
-from typing import NamedTuple
 
 from pdserve.kv_transfer.layout import layout_of
-from pdserve.kv_transfer.messages import KVTicket, TransferDone
-from pdserve.kv_transfer.pusher import KVPusher, SendState
+from pdserve.kv_transfer.messages import PrefillJob
+from pdserve.kv_transfer.prefill_side import JobOutcome, PrefillJobs
+from pdserve.kv_transfer.pusher import KVPusher
 from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
 from pdserve.runtime.model_runner import ModelRunner
 from pdserve.runtime.request import Request
 from pdserve.runtime.sampler import Sampler, make_generator
-from pdserve.runtime.sampling_params import SamplingParams
-from pdserve.runtime.scheduler import BatchScheduler, ScheduledChunk, build_forward_batch
+from pdserve.runtime.scheduler import BatchScheduler, build_forward_batch
 from pdserve.runtime.stopping import FinishReason
-
-
-class PrefillJob(NamedTuple):
-    """Compute `prompt_ids` and ship its KV for `ticket` to the listener at `address`."""
-
-    ticket: KVTicket
-    address: str
-    prompt_ids: list[int]
-    params: SamplingParams
-
-
-class JobOutcome(NamedTuple):
-    request_id: str
-    ok: bool
-    reason: str  # why it failed; "" when ok
-
-
-@dataclass
-class _Job:
-    job: PrefillJob
-    next_page: int  # absolute page index of the first page not yet sent in full
 
 
 class PrefillEngine:
@@ -61,15 +36,13 @@ class PrefillEngine:
         self.pusher = pusher
         self.scheduler = BatchScheduler(config or SchedulerConfig(), info, enable_prefix_caching)
         self.sampler = Sampler()
-        self._jobs: dict[str, _Job] = {}  # being computed
-        self._sending: dict[str, int] = {}  # computed; request id -> ticket id until settled
+        self.jobs = PrefillJobs(pusher, info.block_size)
         self.num_steps = 0  # forward passes run
         self.step_seconds = 0.0  # ... and the time they took
-        self.outcome_counts: Counter[str] = Counter()  # settled transfers: "sent" or "failed"
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work or bool(self._sending)
+        return self.scheduler.has_work or self.jobs.has_sending
 
     def add_job(self, job: PrefillJob) -> None:
         """Queue a job. Raises ValueError if its ticket does not fit this worker's KV
@@ -83,22 +56,14 @@ class PrefillEngine:
         request = Request(ticket.request_id, list(job.prompt_ids), job.params,
                           make_generator(job.params.seed, self.runner.device))
         self.scheduler.add(request)
-        self.pusher.start(ticket, job.address)
-        self._jobs[ticket.request_id] = _Job(job, ticket.first_page)
+        self.jobs.start(job)
 
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
         """Stop a job now: its blocks are free when this returns and the decode worker is
         told (best effort). False if the job is unknown or already done."""
-        job = self._jobs.pop(request_id, None)
-        if job is not None:
+        if self.jobs.is_computing(request_id):
             self.scheduler.finish(request_id, FinishReason.ABORT)
-            self._sending[request_id] = job.job.ticket.ticket_id
-            self.pusher.abort(job.job.ticket.ticket_id, reason)
-            return True
-        if request_id in self._sending:
-            self.pusher.abort(self._sending[request_id], reason)
-            return True
-        return False
+        return self.jobs.abort(request_id, reason)
 
     def step(self) -> list[JobOutcome]:
         """One forward over scheduled chunks; return the jobs whose transfer settled
@@ -109,11 +74,12 @@ class PrefillEngine:
             return outcomes
         started = time.perf_counter()
         batch = build_forward_batch(chunks, self.info.block_size, self.runner.device)
-        sends = self._pages_to_send(chunks)
+        sends = [send for c in chunks
+                 if (send := self.jobs.computed(c.request.request_id, c.request.block_table,
+                                                c.start + c.num_tokens)) is not None]
 
         def on_layer_done(layer: int) -> None:
-            for ticket_id, page_start, blocks in sends:
-                self.pusher.push(ticket_id, layer, page_start, blocks)
+            self.jobs.push_layer(layer, sends)
 
         logits = self.runner.execute(batch, on_layer_done)
         self.scheduler.update(chunks)
@@ -122,47 +88,16 @@ class PrefillEngine:
             out = self.sampler(logits, [r.params for r in sampling], [r.generator for r in sampling])
             token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
             for row, request in enumerate(sampling):
-                job = self._jobs.pop(request.request_id)
-                ticket = job.job.ticket
                 top = out.top_for(row, request.params.logprobs)
-                self.pusher.finish(ticket.ticket_id, TransferDone(
-                    ticket.request_id, ticket.ticket_id, ticket.secret,
-                    token_ids[row], logprobs[row], top))
-                self.scheduler.finish(request.request_id, FinishReason.LENGTH)
-                self._sending[request.request_id] = ticket.ticket_id
+                self.jobs.prefilled(request.request_id, token_ids[row], logprobs[row], top)
+                self.scheduler.finish(request.request_id, FinishReason.PREFILLED)
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started
         return outcomes
 
-    def _pages_to_send(self, chunks: list[ScheduledChunk]) -> list[tuple[int, int, list[int]]]:
-        """(ticket id, ticket-relative first page, this pool's blocks) for each chunk."""
-        sends = []
-        bs = self.info.block_size
-        for chunk in chunks:
-            job = self._jobs[chunk.request.request_id]
-            ticket = job.job.ticket
-            end = chunk.start + chunk.num_tokens
-            first, last = job.next_page, -(-end // bs)  # absolute pages [first, last)
-            if last > first:
-                sends.append((ticket.ticket_id, first - ticket.first_page, chunk.request.block_table[first:last]))
-            job.next_page = max(job.next_page, end // bs)
-        return sends
-
     def _settle(self) -> list[JobOutcome]:
         """Stop computing jobs whose sending failed (decode refused, link down), and
         report sent transfers once the decode worker accepted or refused them."""
-        outcomes = []
-        for request_id, job in list(self._jobs.items()):
-            state, reason = self.pusher.poll(job.job.ticket.ticket_id)
-            if state is SendState.FAILED:
-                del self._jobs[request_id]
-                self.scheduler.finish(request_id, FinishReason.ABORT)
-                self._sending[request_id] = job.job.ticket.ticket_id
-        for request_id, ticket_id in list(self._sending.items()):
-            state, reason = self.pusher.poll(ticket_id)
-            if state is not SendState.SENDING:
-                del self._sending[request_id]
-                self.pusher.forget(ticket_id)
-                outcomes.append(JobOutcome(request_id, state is SendState.SENT, reason))
-                self.outcome_counts["sent" if state is SendState.SENT else "failed"] += 1
-        return outcomes
+        for request_id in self.jobs.stop_failed():
+            self.scheduler.finish(request_id, FinishReason.ABORT)
+        return self.jobs.settled()

@@ -132,6 +132,41 @@ class SchedulerConfig:
             )
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding on a decode worker (`pdserve.decode_worker.speculation`)."""
+
+    method: str = "ngram"
+    num_tokens: int = 3  # k: the most draft tokens per request and step
+    max_batch_size: int = 8  # speculate only while at most this many requests decode
+    rest_steps: int = 16  # steps a request with k = 0 waits before trying again
+    ngram_min: int = 2  # n-gram proposer: the shortest suffix it matches
+    ngram_max: int = 4  # ... and the longest, tried first
+    draft_model: str | None = None  # draft method: a checkpoint (HF directory or .gguf) ...
+    draft_layers: int | None = None  # ... or a self-draft of the target's first N layers
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+        if not 1 <= self.num_tokens <= 16:
+            raise ConfigError(f"num_speculative_tokens must be in [1, 16], got {self.num_tokens}")
+        if self.max_batch_size < 1 or self.rest_steps < 1:
+            raise ConfigError("max_batch_size and rest_steps must be >= 1")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        has_model, has_layers = self.draft_model is not None, self.draft_layers is not None
+        if self.method == "draft" and has_model == has_layers:
+            raise ConfigError("speculative method 'draft' needs exactly one draft source: a draft model "
+                              "(--draft-model M) or the target's first N layers (--draft-layers N)")
+        if self.method != "draft" and (has_model or has_layers):
+            raise ConfigError(f"a draft model or draft layers need speculative method 'draft', not {self.method!r}")
+        if has_layers and self.draft_layers < 1:
+            raise ConfigError(f"draft_layers must be >= 1, got {self.draft_layers}")
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
     """Where the model runs and with which kernels.

@@ -80,7 +80,7 @@ class Request:
         return self.prompt_ids[start:] + self.output_ids[:end - n_prompt]
 
 
-class TokenChunk(NamedTuple):
+class TokenDelta(NamedTuple):
     """What one engine step produced for one request; streamed to whoever waits on it."""
 
     request_id: str
@@ -90,6 +90,6 @@ class TokenChunk(NamedTuple):
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int
-    # On the first chunk of a request prefilled elsewhere: seconds from reserving its
+    # On the first delta of a remote request: seconds from reserving its
     # blocks to having all its KV (prefill queue + compute + transfer, seen from decode).
     kv_wait_seconds: float | None = None

@@ -7,6 +7,7 @@ that is allowed, because they usually come straight from a user's request.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -98,6 +99,14 @@ class SamplingParams:
         path breaks ties by the lowest token id.
         """
         return self.temperature == 0 or self.top_k == 1
+
+
+# Every field a client may set, by name: the HTTP models, the gRPC request and the CLI take
+# these, and the gateway checks requests against them. Repeated fields hold sequences.
+SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SamplingParams))
+REPEATED_SAMPLING_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(SamplingParams) if str(f.type).startswith("tuple"))
+SCALAR_SAMPLING_FIELDS: tuple[str, ...] = tuple(f for f in SAMPLING_FIELDS if f not in REPEATED_SAMPLING_FIELDS)
 
 
 def _as_tuple(value: object, kind: type) -> tuple:

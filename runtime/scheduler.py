@@ -1,9 +1,19 @@
-"""Continuous-batching scheduler shared by both workers: decides, each step, which tokens
+r"""Continuous-batching scheduler shared by both workers: decides, each step, which tokens
 of which requests run.
 
-It owns the block allocator and the prefix cache; nothing else allocates or frees KV.
-The decode worker extends it with admission of requests prefilled elsewhere; the prefill
-worker uses it as is, finishing each request once its first token is sampled.
+It owns the block allocator and the prefix cache; nothing else allocates or frees KV, and
+it holds the one request state machine:
+
+    WAITING --admitted--> RUNNING --finish--> FINISHED(reason)
+       ^                  |   ^
+       +---preempted------+   |
+    WAITING_FOR_KV --start_remote (KV and first token arrived)
+       \--fall_back_to_local (the transfer failed)--> WAITING
+
+A remote request (its prompt is prefilled by a prefill worker) enters WAITING_FOR_KV
+through `reserve_remote`; the decode side of the hop (`pdserve.kv_transfer.decode_side`)
+drives its transitions. The prefill worker uses the scheduler for local prompts only and
+finishes each request once its first token is sampled.
 
 One step, in order:
   1. Running requests that are decoding (one uncomputed token) get that token, oldest
@@ -96,6 +106,7 @@ class BatchScheduler:
         cache_class = RadixCache if enable_prefix_caching else DisabledRadixCache
         self.prefix_cache: PrefixCache = cache_class(self.allocator, info.block_size)
         self.waiting: deque[Request] = deque()  # local prefill; preempted ones at the front
+        self.waiting_for_kv: dict[str, Request] = {}  # remote requests whose KV is on its way
         self.running: list[Request] = []  # in arrival order, oldest first
         self.requests: dict[str, Request] = {}
         self.prefix_query_tokens = 0  # prompt tokens looked up at first admission
@@ -122,14 +133,60 @@ class BatchScheduler:
         return request
 
     def _unqueue(self, request: Request) -> None:
-        if request in self.running:
+        if request.state is RequestState.WAITING_FOR_KV:
+            del self.waiting_for_kv[request.request_id]
+        elif request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
 
     def _pages_are_valid(self, request: Request) -> bool:
-        """Whether the request's computed pages may be cached when it ends."""
+        """Whether the request's computed pages may be cached when it ends: not while a
+        transfer that did not complete may have left them half written."""
+        return request.state is not RequestState.WAITING_FOR_KV
+
+    # ------------------------------------------------------------- remote requests
+
+    def reserve_remote(self, request: Request) -> bool:
+        """Reuse the cached prefix and reserve blocks for the rest of the prompt (decode
+        first: no prefill work anywhere for a request this pool cannot hold). On success
+        the request is WAITING_FOR_KV, its block table covers the whole prompt, and KV
+        for positions [request.num_computed_tokens, num_prompt_tokens) must be written
+        into those blocks before `start_remote`. False (nothing held) when the blocks
+        are not free."""
+        self._validate(request)
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._attach_prefix(request)
+        if not self._allocate_for(request, request.num_prompt_tokens):
+            self._detach(request)
+            return False
+        request.state = RequestState.WAITING_FOR_KV
+        self.requests[request.request_id] = request
+        self.waiting_for_kv[request.request_id] = request
         return True
+
+    def start_remote(self, request_id: str, first_token: int) -> Request:
+        """The prompt's KV has arrived with the first sampled token: start decoding."""
+        request = self.waiting_for_kv.pop(request_id)
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.output_ids.append(first_token)
+        request.state = RequestState.RUNNING
+        self.running.append(request)
+        self.running.sort(key=lambda r: r.arrival)
+        if request.num_prompt_tokens // self.block_size:
+            self._cache_computed_pages(request)
+        return request
+
+    def fall_back_to_local(self, request_id: str) -> Request:
+        """The transfer failed: drop the reserved blocks (their content is unknown) and
+        queue the request to be prefilled here, ahead of newer arrivals."""
+        request = self.waiting_for_kv.pop(request_id)
+        self._release(request, cache_pages=False)
+        request.num_computed_tokens = 0
+        request.state = RequestState.WAITING
+        self._requeue(request)
+        return request
 
     @property
     def has_work(self) -> bool:
@@ -197,7 +254,10 @@ class BatchScheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.state = RequestState.PREEMPTED
-        # Back to the front, but behind older preempted requests.
+        self._requeue(request)
+
+    def _requeue(self, request: Request) -> None:
+        """Back to the front of the waiting queue, but behind older requeued requests."""
         index = next((i for i, r in enumerate(self.waiting) if r.arrival > request.arrival), len(self.waiting))
         self.waiting.insert(index, request)
 

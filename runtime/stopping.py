@@ -14,12 +14,16 @@ from pdserve.runtime.sampling_params import SamplingParams
 
 
 class FinishReason(str, enum.Enum):
-    """Why a sequence ended; the values are the OpenAI API's `finish_reason` strings."""
+    """Why a sequence ended; the values are the OpenAI API's `finish_reason` strings,
+    except PREFILLED, which never reaches a client."""
 
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
     ERROR = "error"
+    # A prefill worker's request: its prompt is computed and its first token sampled;
+    # the decode worker that holds its KV continues it.
+    PREFILLED = "prefilled"
 
 
 def check_stop_token(

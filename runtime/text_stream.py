@@ -2,15 +2,15 @@
 
 Combines incremental detokenization (never a broken UTF-8 character) with stop strings
 (never text that later turns out to belong to one). The gateway, the offline `LLM` and
-the CLI all turn tokens into text through this one class.
+the CLI (through `LLM`) all turn an engine's token deltas into text through `take`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from pdserve.runtime.sampling_params import SamplingParams
-from pdserve.runtime.stopping import StopStringMatcher
+from pdserve.runtime.stopping import FinishReason, StopStringMatcher
 from pdserve.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -35,6 +35,22 @@ class TextStream:
         delta, _ = self._matcher.push(self._detokenizer.push(token_id))
         self.text += delta
         return delta
+
+    def take(self, token_ids: Sequence[int], finish_reason: FinishReason | None) -> tuple[str, int, FinishReason | None]:
+        """One engine delta: push its ids until a stop string is hit. Returns the text that
+        became final, how many ids were taken (the one completing a stop string included)
+        and why the sequence ends: STOP on a stop string (the caller must then finish the
+        request if `finish_reason` is None), else `finish_reason`, with the held-back
+        text released when that is set."""
+        parts, taken = [], 0
+        for token_id in token_ids:
+            parts.append(self.push(token_id))
+            taken += 1
+            if self.stopped:
+                return "".join(parts), taken, FinishReason.STOP
+        if finish_reason is not None:
+            parts.append(self.finish())
+        return "".join(parts), taken, finish_reason
 
     def finish(self) -> str:
         """The sequence ended for a reason other than a stop string: release held text."""

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import uvicorn
 
-from pdserve.cluster.backend import Backend, LocalBackend
-from pdserve.cluster.frontend import Frontend, ModelCard
-from pdserve.cluster.metrics import GatewayMetrics
+from pdserve.cluster.gateway.backend import Backend, LocalBackend
+from pdserve.cluster.gateway.frontend import Frontend, ModelCard
+from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.decode_worker.async_engine import AsyncEngine
 from pdserve.decode_worker.engine import EngineCore
 from pdserve.runtime.config import CacheConfig

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from pdserve.cluster.autoscaler import Autoscaler, ScalingPolicy
-from pdserve.cluster.worker_stats import WorkerStats
+from pdserve.cluster.control.autoscaler import Autoscaler, ScalingPolicy
+from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.runtime.config import ConfigError
 
 POLICY = ScalingPolicy(min_prefill=1, max_prefill=3, min_decode=1, max_decode=3, prefill_tokens_per_worker=1000,

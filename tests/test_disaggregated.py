@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from pdserve.decode_worker.engine import EngineCore
-from pdserve.decode_worker.transfers import OnTransferFailure
 from pdserve.kv_transfer import layout, messages
+from pdserve.kv_transfer.decode_side import OnTransferFailure
+from pdserve.kv_transfer.messages import PrefillJob
 from pdserve.kv_transfer.pusher import KVPusher
 from pdserve.kv_transfer.receiver import KVReceiver
-from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
+from pdserve.prefill_worker.engine import PrefillEngine
 from pdserve.runtime.config import CacheConfig, SchedulerConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.sampling_params import SamplingParams
@@ -33,10 +34,10 @@ class LoopbackChannel:
         self.tamper = tamper or (lambda header, payload: (header, payload))
         self.chunks = 0
 
-    def send_chunk(self, header, payload) -> None:
+    def send_pages(self, header, payload) -> None:
         header, payload = self.tamper(messages.decode(messages.encode(header)), bytes(payload))
         self.chunks += 1
-        self.receiver.accept_chunk(header, payload)
+        self.receiver.accept_pages(header, payload)
 
     def send_done(self, done) -> None:
         self.receiver.accept_done(messages.decode(messages.encode(done)))
@@ -65,7 +66,7 @@ class Pair:
                                  transfer_timeout=timeout)
 
     def run(self, request_id, prompt, params, max_steps=500):
-        ticket = self.decode.submit_remote(request_id, prompt, params)
+        ticket = self.decode.add_remote_request(request_id, prompt, params)
         assert ticket is not None
         self.prefill.add_job(PrefillJob(ticket, "loopback", prompt, params))
         tokens, reasons = [], []
@@ -190,7 +191,7 @@ def test_failure_policy_fail_ends_the_request_with_an_error(tiny_llama_dir):
 
 def test_cancel_mid_transfer_returns_both_pools_to_baseline(pair):
     prompt = _prompt(30, seed=6)  # 4 chunks of 8 on the prefill side
-    ticket = pair.decode.submit_remote("cancel", prompt, GREEDY)
+    ticket = pair.decode.add_remote_request("cancel", prompt, GREEDY)
     pair.prefill.add_job(PrefillJob(ticket, "loopback", prompt, GREEDY))
     pair.prefill.step()  # first chunk computed and (being) pushed
     assert _pool_usage(pair) != (0, 0)
@@ -206,7 +207,7 @@ def test_cancel_mid_transfer_returns_both_pools_to_baseline(pair):
 
 
 def test_ticket_for_a_different_model_layout_is_refused(pair):
-    ticket = pair.decode.submit_remote("odd", [5, 6, 7], GREEDY)
+    ticket = pair.decode.add_remote_request("odd", [5, 6, 7], GREEDY)
     odd = dataclasses.replace(ticket, layout=messages.KVLayout(1, 4, 2, 16, "float32"))
     with pytest.raises(ValueError, match="different models"):
         pair.prefill.add_job(PrefillJob(odd, "loopback", [5, 6, 7], GREEDY))
@@ -215,7 +216,7 @@ def test_ticket_for_a_different_model_layout_is_refused(pair):
 
 def test_abort_from_the_prefill_side_frees_its_blocks_and_decode_recomputes(pair, colocated):
     prompt = _prompt(30, seed=8)
-    ticket = pair.decode.submit_remote("p-abort", prompt, GREEDY)
+    ticket = pair.decode.add_remote_request("p-abort", prompt, GREEDY)
     pair.prefill.add_job(PrefillJob(ticket, "loopback", prompt, GREEDY))
     pair.prefill.step()  # one chunk computed and pushed
     assert pair.prefill.abort("p-abort", "prefill worker draining")

@@ -51,7 +51,7 @@ def _decode_main(model_dir, kind, transfer_timeout, commands, replies):
                 break
             if op == "submit":
                 _, request_id, prompt, params = command
-                ticket = engine.submit_remote(request_id, prompt, SamplingParams(**params))
+                ticket = engine.add_remote_request(request_id, prompt, SamplingParams(**params))
                 replies.put(("ticket", messages.encode(ticket) if ticket else None))
             elif op == "local":
                 _, request_id, prompt, params = command
@@ -75,9 +75,10 @@ def _prefill_main(model_dir, step_delay, commands, replies):
 
     torch.set_num_threads(1)
     from pdserve.kv_transfer import messages
+    from pdserve.kv_transfer.messages import PrefillJob
     from pdserve.kv_transfer.pusher import KVPusher
     from pdserve.kv_transfer.transports import connect
-    from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
+    from pdserve.prefill_worker.engine import PrefillEngine
     from pdserve.runtime.config import CacheConfig, SchedulerConfig
     from pdserve.runtime.loader import load_model
 

@@ -15,8 +15,8 @@ from pdserve.cluster.cli import main
 from pdserve.decode_worker.draft_model import DraftModelProposer
 from pdserve.decode_worker.engine import EngineCore
 from pdserve.decode_worker.proposers import EMPTY_DRAFT
-from pdserve.decode_worker.speculation import SpeculativeConfig, Speculator
-from pdserve.runtime.config import CacheConfig, ConfigError, SchedulerConfig
+from pdserve.decode_worker.speculation import Speculator, make_proposer
+from pdserve.runtime.config import CacheConfig, ConfigError, SchedulerConfig, SpeculativeConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.request import Request
 from pdserve.runtime.sampling_params import SamplingParams
@@ -95,7 +95,7 @@ def _engine(model_dir, speculative: SpeculativeConfig | None, num_blocks: int = 
         # Built here rather than through `EngineCore(speculative=...)` to hand the proposer
         # the tokenizer too, so that it compares the whole vocabularies.
         engine.speculator = Speculator(speculative,
-                                       speculative.make_proposer(loaded.runner, loaded.info, loaded.tokenizer))
+                                       make_proposer(speculative, loaded.runner, loaded.info, loaded.tokenizer))
     return engine
 
 
@@ -236,7 +236,7 @@ def test_sampled_drafts_carry_q_padded_to_the_target_vocabulary(random_draft_dir
 
 def test_self_draft_shares_the_targets_weights(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir), cache=CacheConfig(block_size=BLOCK, num_blocks=32))
-    proposer = SpeculativeConfig(method="draft", draft_layers=2).make_proposer(loaded.runner, loaded.info)
+    proposer = make_proposer(SpeculativeConfig(method="draft", draft_layers=2), loaded.runner, loaded.info)
     draft, target = proposer.runner.model, loaded.runner.model
     assert draft.embed_tokens is target.embed_tokens and draft.lm_head is target.lm_head
     assert draft.norm is target.norm
@@ -244,7 +244,7 @@ def test_self_draft_shares_the_targets_weights(tiny_llama_dir):
     assert proposer.runner.pool.kv.shape[0] == 2  # its own pool, of 2 layers
     assert proposer.runner.pool.kv.data_ptr() != loaded.runner.pool.kv.data_ptr()
     with pytest.raises(ConfigError, match="draft_layers must be in"):
-        SpeculativeConfig(method="draft", draft_layers=4).make_proposer(loaded.runner, loaded.info)
+        make_proposer(SpeculativeConfig(method="draft", draft_layers=4), loaded.runner, loaded.info)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -211,7 +211,7 @@ def test_kv_from_elsewhere_is_admitted_through_waiting_for_kv(tiny, oracle):
     from pdserve.runtime.request import Request
 
     request = Request("remote", transferred, _greedy(10))
-    assert engine.scheduler.reserve_for_transfer(request)
+    assert engine.scheduler.reserve_remote(request)
     assert request.state is RequestState.WAITING_FOR_KV
     m = request.num_computed_tokens
     assert m == 16  # decode-side prefix hit: only positions [16, 25) must travel
@@ -219,7 +219,7 @@ def test_kv_from_elsewhere_is_admitted_through_waiting_for_kv(tiny, oracle):
     batch = ForwardBatch.build([SeqChunk(transferred[m:], m, request.block_table, True)],
                                BLOCK, "cpu")
     first_token = int(loaded.runner.execute(batch).argmax(-1))
-    engine.scheduler.complete_transfer("remote", first_token)
+    engine.scheduler.start_remote("remote", first_token)
     outputs = {"remote": [first_token]}
     _drain(engine, outputs)
     _check(tiny, transferred, outputs["remote"], oracle(transferred, 10))
@@ -233,8 +233,8 @@ def test_reservation_fails_cleanly_when_the_pool_is_full(tiny):
     engine = _engine(loaded, num_blocks=12, prefix_caching=False)
     first = Request("a", list(range(3, 43)), _greedy(4))  # 10 blocks
     second = Request("b", list(range(3, 23)), _greedy(4))  # 5 blocks: does not fit
-    assert engine.scheduler.reserve_for_transfer(first)
-    assert not engine.scheduler.reserve_for_transfer(second)
+    assert engine.scheduler.reserve_remote(first)
+    assert not engine.scheduler.reserve_remote(second)
     assert second.block_table == [] and engine.scheduler.allocator.num_used == 10
     engine.finish_request("a")
     assert engine.scheduler.allocator.num_used == 0

@@ -20,10 +20,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from pdserve.cluster.backend import LocalBackend
-from pdserve.cluster.frontend import Frontend, ModelCard
-from pdserve.cluster.grpc_api import GENERATION_SERVICE, HEALTH_SERVICE, start_grpc_server
-from pdserve.cluster.metrics import GatewayMetrics
+from pdserve.cluster.gateway.backend import LocalBackend
+from pdserve.cluster.gateway.frontend import Frontend, ModelCard
+from pdserve.cluster.gateway.grpc_api import GENERATION_SERVICE, HEALTH_SERVICE, start_grpc_server
+from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.decode_worker.async_engine import AsyncEngine
 from pdserve.decode_worker.engine import EngineCore
 from pdserve.decode_worker.llm import LLM

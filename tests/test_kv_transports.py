@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from pdserve.kv_transfer import layout, messages
-from pdserve.kv_transfer.messages import ChunkHeader, KVTicket, TransferAbort, TransferDone
-from pdserve.kv_transfer.receiver import ChunkRejected, KVReceiver, TransferState
+from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferAbort, TransferDone
+from pdserve.kv_transfer.receiver import KVReceiver, TransferState
 from pdserve.kv_transfer.transports import (
     PeerInfo,
     TransportError,
@@ -56,11 +56,11 @@ def _source_pool() -> KVPool:
 
 
 def _chunk(source: KVPool, ticket: KVTicket, layer: int, page_start: int, src_blocks: list[int],
-           **overrides) -> tuple[ChunkHeader, memoryview]:
+           **overrides) -> tuple[PagesHeader, memoryview]:
     """A well-formed chunk carrying `src_blocks` of `source` to the ticket's pages from
     `page_start`; `overrides` replace header fields after the checksum is taken."""
     payload = layout.to_bytes(layout.read_pages(source, layer, src_blocks))
-    header = ChunkHeader(
+    header = PagesHeader(
         request_id=ticket.request_id, ticket_id=ticket.ticket_id, secret=ticket.secret, layer=layer,
         page_start=page_start, num_pages=len(src_blocks), dtype=ticket.layout.dtype,
         shape=layout.chunk_shape(ticket.layout, len(src_blocks)), nbytes=payload.nbytes,
@@ -70,7 +70,7 @@ def _chunk(source: KVPool, ticket: KVTicket, layer: int, page_start: int, src_bl
 
 def _send_all(channel, source: KVPool, ticket: KVTicket, src_blocks: list[int], first_token: int) -> None:
     for layer in range(source.kv.shape[0]):
-        channel.send_chunk(*_chunk(source, ticket, layer, 0, src_blocks))
+        channel.send_pages(*_chunk(source, ticket, layer, 0, src_blocks))
     channel.send_done(_done(ticket, first_token))
 
 
@@ -214,9 +214,9 @@ def test_pages_arrive_bit_exact_at_the_tickets_blocks(decode, channel, source):
     ticket = decode.issue("exact", num_pages=3, first_page=1)
     src_blocks = [7, 2, 11]
     # layer 0 in two chunks, layer 1 in one
-    channel.send_chunk(*_chunk(source, ticket, 0, 0, src_blocks[:2]))
-    channel.send_chunk(*_chunk(source, ticket, 0, 2, src_blocks[2:]))
-    channel.send_chunk(*_chunk(source, ticket, 1, 0, src_blocks))
+    channel.send_pages(*_chunk(source, ticket, 0, 0, src_blocks[:2]))
+    channel.send_pages(*_chunk(source, ticket, 0, 2, src_blocks[2:]))
+    channel.send_pages(*_chunk(source, ticket, 1, 0, src_blocks))
     assert decode.state(ticket.ticket_id)[0] == "transferring"
     channel.send_done(_done(ticket, first_token=42))
     assert decode.state(ticket.ticket_id) == ("succeeded", "", 42)
@@ -246,8 +246,8 @@ def test_corrupted_payload_is_rejected_and_fails_the_ticket(decode, channel, sou
     header, payload = _chunk(source, ticket, 0, 0, [1, 2])
     corrupted = bytearray(payload)
     corrupted[37] ^= 0x10  # after the checksum was taken
-    with pytest.raises(ChunkRejected, match="checksum"):
-        channel.send_chunk(header, corrupted)
+    with pytest.raises(MessageRejected, match="checksum"):
+        channel.send_pages(header, corrupted)
     state, reason, _ = decode.state(ticket.ticket_id)
     assert state == "failed" and "checksum" in reason
     channel.ping()  # a refusal leaves the channel usable
@@ -256,8 +256,8 @@ def test_corrupted_payload_is_rejected_and_fails_the_ticket(decode, channel, sou
 
 def test_wrong_secret_is_rejected_and_the_ticket_stays_usable(decode, channel, source):
     ticket = decode.issue("secret", num_pages=2)
-    with pytest.raises(ChunkRejected, match="secret"):
-        channel.send_chunk(*_chunk(source, ticket, 0, 0, [3, 4], secret=b"\0" * 16))
+    with pytest.raises(MessageRejected, match="secret"):
+        channel.send_pages(*_chunk(source, ticket, 0, 0, [3, 4], secret=b"\0" * 16))
     assert decode.state(ticket.ticket_id)[0] == "pending"
     _send_all(channel, source, ticket, [3, 4], first_token=5)
     assert decode.state(ticket.ticket_id) == ("succeeded", "", 5)
@@ -274,8 +274,8 @@ def test_wrong_secret_is_rejected_and_the_ticket_stays_usable(decode, channel, s
 def test_misshapen_chunks_are_rejected(decode, channel, source, bad, match):
     ticket = decode.issue("misshapen", num_pages=3)
     header, payload = _chunk(source, ticket, 0, 0, [1, 2, 3])
-    with pytest.raises(ChunkRejected, match=match):
-        channel.send_chunk(dataclasses.replace(header, **bad), payload)
+    with pytest.raises(MessageRejected, match=match):
+        channel.send_pages(dataclasses.replace(header, **bad), payload)
     assert decode.state(ticket.ticket_id)[0] == "failed"  # the secret was right: the transfer is broken
     decode.call("release", ticket.ticket_id)
 
@@ -284,8 +284,8 @@ def test_a_chunk_over_the_links_limit_is_refused_before_sending(decode, channel,
     ticket = decode.issue("oversized", num_pages=1)
     header, _ = _chunk(source, ticket, 0, 0, [1])
     assert channel.max_chunk_bytes == LISTENER_OPTIONS["max_chunk_bytes"]
-    with pytest.raises(ChunkRejected, match="exceeds"):
-        channel.send_chunk(header, bytes(channel.max_chunk_bytes + 1))
+    with pytest.raises(MessageRejected, match="exceeds"):
+        channel.send_pages(header, bytes(channel.max_chunk_bytes + 1))
     _send_all(channel, source, ticket, [1], first_token=1)  # neither link nor ticket harmed
     assert decode.state(ticket.ticket_id)[0] == "succeeded"
     decode.call("release", ticket.ticket_id)
@@ -294,15 +294,15 @@ def test_a_chunk_over_the_links_limit_is_refused_before_sending(decode, channel,
 def test_a_chunk_for_an_unknown_ticket_is_rejected(decode, channel, source):
     ticket = decode.issue("known", num_pages=1)
     header, payload = _chunk(source, ticket, 0, 0, [1], ticket_id=ticket.ticket_id + 1000)
-    with pytest.raises(ChunkRejected, match="no live ticket"):
-        channel.send_chunk(header, payload)
+    with pytest.raises(MessageRejected, match="no live ticket"):
+        channel.send_pages(header, payload)
     decode.call("release", ticket.ticket_id)
 
 
 def test_done_before_every_page_is_rejected_and_fails_the_ticket(decode, channel, source):
     ticket = decode.issue("early-done", num_pages=2)
-    channel.send_chunk(*_chunk(source, ticket, 0, 0, [1, 2]))  # layer 1 never sent
-    with pytest.raises(ChunkRejected, match="incomplete"):
+    channel.send_pages(*_chunk(source, ticket, 0, 0, [1, 2]))  # layer 1 never sent
+    with pytest.raises(MessageRejected, match="incomplete"):
         channel.send_done(_done(ticket))
     state, reason, _ = decode.state(ticket.ticket_id)
     assert state == "failed" and "incomplete" in reason
@@ -326,7 +326,7 @@ def _sender_main(address: str, tickets, progress) -> None:
     channel = connect(address, timeout=CALL_S)
     progress.put("connected")
     ticket = messages.decode(tickets.get(timeout=STARTUP_S), KVTicket)
-    channel.send_chunk(*_chunk(_source_pool(), ticket, 0, 0, [5]))
+    channel.send_pages(*_chunk(_source_pool(), ticket, 0, 0, [5]))
     progress.put("sent")
     time.sleep(STARTUP_S)
 
@@ -367,11 +367,11 @@ def test_a_dead_decode_worker_is_a_transport_error_within_the_timeout(kind, sour
     spawned.append(peer)
     chan = connect(peer.address, timeout=5.0)
     ticket = peer.issue("doomed", num_pages=1)
-    chan.send_chunk(*_chunk(source, ticket, 0, 0, [1]))
+    chan.send_pages(*_chunk(source, ticket, 0, 0, [1]))
     peer.kill()
     started = time.monotonic()
     with pytest.raises(TransportError):
-        chan.send_chunk(*_chunk(source, ticket, 1, 0, [1]))
+        chan.send_pages(*_chunk(source, ticket, 1, 0, [1]))
     assert time.monotonic() - started < chan.timeout + 1.0
     with pytest.raises(TransportError, match="unusable"):  # and it stays broken
         chan.ping()

@@ -47,3 +47,17 @@ def test_import_contracts_hold(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+def test_the_serve_process_loads_no_engine_code():
+    """`pdserve serve` runs the gateway and the controller; the engines load only in the
+    worker actors' processes (the controller creates them from this process)."""
+    probe = ("import sys; import pdserve.cluster.cli, pdserve.cluster.serve; "
+             "print(' '.join(m for m in sys.modules if m.startswith('pdserve.')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded = result.stdout.split()
+    assert "pdserve.cluster.workers.actors" in loaded  # the probe did import the actors
+    engine = ("pdserve.kernels", "pdserve.runtime.models", "pdserve.runtime.model_runner",
+              "pdserve.runtime.scheduler", "pdserve.runtime.loader", "pdserve.decode_worker",
+              "pdserve.prefill_worker", "pdserve.kv_transfer.pusher")
+    assert [m for m in loaded if m.startswith(engine)] == []

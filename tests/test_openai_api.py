@@ -19,8 +19,8 @@ import pytest
 from gateway_fixtures import LocalGateway, serve_asgi
 
 from pdserve import LLM, SamplingParams
-from pdserve.cluster.backend import LocalBackend
-from pdserve.cluster.openai_api import create_app
+from pdserve.cluster.gateway.backend import LocalBackend
+from pdserve.cluster.gateway.openai.api import create_app
 
 API_KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -14,7 +14,7 @@ import schemathesis
 from gateway_fixtures import LocalGateway, serve_asgi
 from schemathesis import GenerationMode
 
-from pdserve.cluster.openai_api import create_app
+from pdserve.cluster.gateway.openai.api import create_app
 
 API_KEY = "sk-fuzz"
 EXAMPLES_PER_OPERATION = 60

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdserve.cluster.router import LeastLoad, PrefixAware, PrefixIndex, RoundRobin, Router, WorkerView
+from pdserve.cluster.control.router import LeastLoad, PrefixAware, PrefixIndex, RoundRobin, Router, WorkerView
 from pdserve.runtime.block_allocator import BlockAllocator
 from pdserve.runtime.radix_cache import CacheEvent, RadixCache, page_hashes
 

@@ -77,7 +77,7 @@ def test_cli_streams_only_the_answer_to_stdout():
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_speculative_greedy_output_is_identical_with_each_proposer(smollm2, k):
-    from pdserve.decode_worker.speculation import SpeculativeConfig
+    from pdserve.runtime.config import SpeculativeConfig
 
     passage = ("The keeper climbed the one hundred and twelve steps every evening, trimmed the wick, "
                "polished the lens and wrote three lines in a leather book.")

@@ -10,8 +10,7 @@ import torch
 from engine_runs import run_to_completion
 
 from pdserve.decode_worker.engine import EngineCore
-from pdserve.decode_worker.speculation import SpeculativeConfig
-from pdserve.runtime.config import CacheConfig, SchedulerConfig
+from pdserve.runtime.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.sampling_params import SamplingParams
 

@@ -33,7 +33,7 @@ def test_check_stop_token(token, n, kwargs, expected):
 
 
 def test_finish_reason_values_are_api_strings():
-    assert [r.value for r in FinishReason] == ["stop", "length", "abort", "error"]
+    assert [r.value for r in FinishReason] == ["stop", "length", "abort", "error", "prefilled"]
     assert FinishReason.STOP == "stop"
 
 

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from pdserve.cluster.cli import build_parser
-from pdserve.cluster.worker_spec import WorkerSpec
+from pdserve.cluster.workers.spec import WorkerSpec
 from pdserve.runtime.config import ConfigError
 from pdserve.runtime.threads import (
     CoreLedger,
@@ -144,8 +144,8 @@ def local_ray():
 def test_workers_are_pinned_where_the_controller_placed_them(local_ray, tiny_llama_dir):
     """1 prefill + 1 decode through the controller; each worker reports, from inside its
     process, the union of its threads' affinities and torch's thread count."""
-    from pdserve.cluster.controller import Controller
-    from pdserve.cluster.router import PrefixIndex
+    from pdserve.cluster.control.controller import Controller
+    from pdserve.cluster.control.router import PrefixIndex
 
     cores = available_cores()
     per_worker = max(1, len(cores) // 2)
@@ -171,7 +171,7 @@ def test_workers_are_pinned_where_the_controller_placed_them(local_ray, tiny_lla
 
 
 def test_an_explicit_placement_is_what_the_worker_runs_with(local_ray, tiny_llama_dir):
-    from pdserve.cluster.workers import DecodeWorker
+    from pdserve.cluster.workers.actors import DecodeWorker
 
     core = available_cores()[-1]
     spec = WorkerSpec(model=str(tiny_llama_dir), block_size=4, kv_cache_memory_bytes=1024**2, threads=2)

@@ -2,13 +2,13 @@
 
     listener = listen("shm", receiver)            # decode worker
     channel = connect(listener.address)           # prefill worker
-    channel.send_chunk(header, payload); channel.send_done(done)
+    channel.send_pages(header, payload); channel.send_done(done)
 
 Kinds: grpc (any network), tcp (any network, plain sockets), gloo / nccl (torch.distributed
 pairs), shm (one host).
 """
 
-from pdserve.kv_transfer.receiver import ChunkRejected
+from pdserve.kv_transfer.messages import MessageRejected
 from pdserve.kv_transfer.transports.base import (
     KINDS,
     KVChannel,
@@ -19,5 +19,15 @@ from pdserve.kv_transfer.transports.base import (
 )
 from pdserve.kv_transfer.transports.select import PeerInfo, choose_transport, probe
 
-__all__ = ["KINDS", "ChunkRejected", "KVChannel", "KVListener", "PeerInfo", "TransportError",
-           "choose_transport", "connect", "listen", "probe"]
+__all__ = [
+    "KINDS",
+    "KVChannel",
+    "KVListener",
+    "MessageRejected",
+    "PeerInfo",
+    "TransportError",
+    "choose_transport",
+    "connect",
+    "listen",
+    "probe",
+]

@@ -1,12 +1,12 @@
 """The interface of the prefill -> decode KV hop, and what every transport shares.
 
     prefill worker                                decode worker
-    KVChannel.send_chunk(header, payload) --frame--> KVListener -> KVReceiver.accept_chunk
+    KVChannel.send_pages(header, payload) --frame--> KVListener -> KVReceiver.accept_pages
               <------------------- reply: ok, or the reason it was refused
 
-A frame is a msgpack message from `messages` (ChunkHeader, TransferDone, TransferAbort;
+A frame is a msgpack message from `messages` (PagesHeader, TransferDone, TransferAbort;
 an empty header is a ping) plus, for a chunk, its raw page bytes. Each call waits for the
-receiver's verdict: None/ok, or ChunkRejected(reason) on the sender. Nothing that comes
+receiver's verdict: None/ok, or MessageRejected(reason) on the sender. Nothing that comes
 off a link is ever unpickled, and every wait is bounded: a link that fails or stalls
 raises TransportError on the sender, and the decode side's `KVReceiver.expire()` fails
 the tickets it strands.
@@ -22,8 +22,14 @@ import time
 from abc import ABC, abstractmethod
 
 from pdserve.kv_transfer import messages
-from pdserve.kv_transfer.messages import ChunkHeader, MalformedMessage, TransferAbort, TransferDone
-from pdserve.kv_transfer.receiver import ChunkRejected, KVReceiver, TransferState
+from pdserve.kv_transfer.messages import (
+    MalformedMessage,
+    MessageRejected,
+    PagesHeader,
+    TransferAbort,
+    TransferDone,
+)
+from pdserve.kv_transfer.receiver import KVReceiver, TransferState
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +70,7 @@ class KVListener(ABC):
 class KVChannel(ABC):
     """Prefill side: an ordered, reliable link to one decode worker's listener.
 
-    Every call returns once the receiver accepted the message, raises ChunkRejected(reason)
+    Every call returns once the receiver accepted the message, raises MessageRejected(reason)
     if it refused it (the channel stays usable), or TransportError if the link failed
     within `timeout` (the channel is then broken: every later call raises TransportError).
     Calls from several threads are serialized.
@@ -80,16 +86,16 @@ class KVChannel(ABC):
         self._broken: str | None = None
         self.last_used = time.monotonic()
 
-    def send_chunk(self, header: ChunkHeader, payload: memoryview | bytes) -> None:
+    def send_pages(self, header: PagesHeader, payload: memoryview | bytes) -> None:
         nbytes = memoryview(payload).nbytes
         if nbytes > self.max_chunk_bytes:
-            raise ChunkRejected(f"chunk of {nbytes} bytes exceeds the {self.max_chunk_bytes}-byte limit of "
+            raise MessageRejected(f"chunk of {nbytes} bytes exceeds the {self.max_chunk_bytes}-byte limit of "
                                 f"the link to {self.address}; send fewer pages per chunk or raise the "
                                 f"listener's max_chunk_bytes")
         self._request(messages.encode(header), payload)
 
     def send_done(self, done: TransferDone) -> None:
-        """ChunkRejected when the receiver failed the transfer (e.g. pages missing)."""
+        """MessageRejected when the receiver failed the transfer (e.g. pages missing)."""
         self._request(messages.encode(done), b"")
 
     def send_abort(self, abort: TransferAbort) -> None:
@@ -136,7 +142,7 @@ class KVChannel(ABC):
             finally:
                 self.last_used = time.monotonic()
         if reason is not None:
-            raise ChunkRejected(reason)
+            raise MessageRejected(reason)
 
     def _broken_words(self) -> str:
         return self._broken if self._broken == "closed" else f"unusable ({self._broken})"
@@ -166,8 +172,8 @@ def serve_frame(receiver: KVReceiver, header: bytes | memoryview, payload: bytes
     except MalformedMessage as exc:
         return f"malformed message: {exc}"
     try:
-        if isinstance(message, ChunkHeader):
-            receiver.accept_chunk(message, payload)
+        if isinstance(message, PagesHeader):
+            receiver.accept_pages(message, payload)
             return None
         if len(payload) != 0:
             return f"a {message.kind} message carries no payload ({len(payload)} bytes sent)"
@@ -176,7 +182,7 @@ def serve_frame(receiver: KVReceiver, header: bytes | memoryview, payload: bytes
             return None
         receiver.accept_done(message)
         return _done_verdict(receiver, message.ticket_id)
-    except ChunkRejected as exc:
+    except MessageRejected as exc:
         return str(exc)
     except Exception as exc:  # a bug here must not take the listener down
         logger.exception("KV receiver failed on a %s frame", getattr(message, "kind", "?"))

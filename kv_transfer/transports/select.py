@@ -15,7 +15,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from pdserve.kv_transfer.receiver import ChunkRejected
+from pdserve.kv_transfer.messages import MessageRejected
 from pdserve.kv_transfer.transports.base import KINDS, TransportError, connect
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def probe(address: str, timeout: float = 5.0) -> None:
                              f"{address} reachable from this host ({socket.gethostname()})?") from exc
     try:
         channel.ping()
-    except (TransportError, ChunkRejected) as exc:
+    except (TransportError, MessageRejected) as exc:
         raise TransportError(f"KV transport check failed: {address} accepted a channel but did not "
                              f"answer a ping: {exc}") from exc
     finally:

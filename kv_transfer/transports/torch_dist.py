@@ -37,7 +37,8 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from pdserve.kv_transfer.receiver import ChunkRejected, KVReceiver
+from pdserve.kv_transfer.messages import MessageRejected
+from pdserve.kv_transfer.receiver import KVReceiver
 from pdserve.kv_transfer.transports.base import (
     DEFAULT_MAX_CHUNK_BYTES,
     KVChannel,
@@ -301,7 +302,7 @@ class TorchDistChannel(KVChannel):
             if time.monotonic() - self.last_used >= interval:
                 try:
                     self.ping()
-                except (TransportError, ChunkRejected):
+                except (TransportError, MessageRejected):
                     return
 
 

@@ -14,9 +14,9 @@ while it waits, generates or streams) closes its `OutputStream`, which aborts it
 workers and frees its KV.
 
 This module owns the routes, the path of one generation through the frontend, and the
-OpenAPI description of the responses. The bodies are in `openai_protocol` (requests),
-`openai_responses` and `openai_bodies`; errors in `openai_errors`; the API key in
-`openai_auth`; SSE and disconnect handling in `http_streaming`.
+OpenAPI description of the responses. The bodies are in `protocol` (requests),
+`responses` and `bodies`; errors in `errors`; the API key in
+`auth`; SSE and disconnect handling in `..streaming`.
 """
 
 from __future__ import annotations
@@ -32,30 +32,30 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
-from pdserve.cluster.errors import ErrorKind, RequestError
-from pdserve.cluster.frontend import Frontend, OutputStream, PreparedRequest
-from pdserve.cluster.http_streaming import (
-    SSE_DONE,
-    EventStreamResponse,
-    json_response,
-    sse_event,
-    until_disconnected,
-)
-from pdserve.cluster.openai_auth import ApiKeyMiddleware
-from pdserve.cluster.openai_bodies import ChatBodies, CompletionBodies, merge_deltas
-from pdserve.cluster.openai_errors import (
+from pdserve.cluster.gateway.errors import ErrorKind, RequestError
+from pdserve.cluster.gateway.frontend import Frontend, OutputStream, PreparedRequest
+from pdserve.cluster.gateway.openai.auth import ApiKeyMiddleware
+from pdserve.cluster.gateway.openai.bodies import ChatBodies, CompletionBodies, merge_deltas
+from pdserve.cluster.gateway.openai.errors import (
     INTERNAL_MESSAGE,
     counting_refusals,
     error_body,
     install_error_handlers,
 )
-from pdserve.cluster.openai_protocol import ChatCompletionRequest, CompletionRequest
-from pdserve.cluster.openai_responses import (
+from pdserve.cluster.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.cluster.gateway.openai.responses import (
     ChatCompletionResponse,
     CompletionResponse,
     ErrorResponse,
     ModelList,
     ModelObject,
+)
+from pdserve.cluster.gateway.streaming import (
+    SSE_DONE,
+    EventStreamResponse,
+    json_response,
+    sse_event,
+    until_disconnected,
 )
 from pdserve.version import __version__
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from pdserve.cluster.errors import ErrorKind
-from pdserve.cluster.worker_stats import WorkerStats
+from pdserve.cluster.gateway.errors import ErrorKind
+from pdserve.cluster.workers.stats import WorkerStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 TTFT_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "first_decode_step")
@@ -84,7 +84,8 @@ _WORKER_FIELDS = (
     ("prefix_hit_tokens", "prefix_hit_tokens", "Prompt tokens served from the prefix cache", True),
     ("prefix_query_tokens", "prefix_query_tokens", "Prompt tokens looked up in the prefix cache", True),
     ("transfer_bytes", "transfer_bytes", "KV bytes sent (prefill) or received (decode)", True),
-    ("transfer_seconds", "transfer_seconds", "Seconds spent sending or receiving KV", True),
+    ("transfer_seconds", "transfer_seconds",
+     "Prefill: seconds spent sending KV; decode: seconds remote requests waited for their KV", True),
     ("steps", "num_steps", "Engine steps run", True),
     ("step_seconds", "step_seconds", "Seconds spent in engine steps", True),
     ("spec_proposed_tokens", "spec_proposed_tokens", "Speculative draft tokens proposed", True),

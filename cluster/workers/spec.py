@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.decode_worker.speculation import SpeculativeConfig
-from pdserve.decode_worker.transfers import OnTransferFailure
+from pdserve.kv_transfer.decode_side import OnTransferFailure
 from pdserve.kv_transfer.transports.base import KINDS
-from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, SchedulerConfig
+from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, SchedulerConfig, SpeculativeConfig
 from pdserve.runtime.threads import AUTO, Threads
 
 ROLES = ("prefill", "decode")

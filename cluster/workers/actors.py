@@ -4,7 +4,7 @@ Each actor owns one engine (built from a `WorkerSpec`) on its own engine thread;
 methods run on the actor's event loop and only talk to the engine through the engine's
 command queue. What leaves a worker:
 
-    DecodeWorker.generate(...)  a stream: Refused | (KVTicket | None, if remote) then TokenChunks
+    DecodeWorker.generate(...)  a stream: Refused | (KVTicket | None, if remote) then TokenDeltas
     PrefillWorker.prefill(job)  PrefillResult | Refused, once the KV reached the decode worker
     *.stats()                   (WorkerStats, prefix-cache events since the last call)
     *.info()                    WorkerInfo: identity, KV peer, and the cores and torch threads it runs on
@@ -15,6 +15,10 @@ weights load and its thread pools start on the worker's own cores.
 
 Refusals travel as values, not exceptions, so the gateway maps them to client errors
 without unpickling foreign exception types.
+
+The controller creates these actors from the `pdserve serve` process, so this module is
+imported there too; the engines (models, kernels, schedulers) are imported only when an
+actor starts, in its own process. The serve process never loads engine code.
 """
 
 from __future__ import annotations
@@ -23,28 +27,25 @@ import collections
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from pdserve.cluster.worker_spec import WorkerSpec
-from pdserve.cluster.worker_stats import WorkerStats
-from pdserve.decode_worker.async_engine import AsyncEngine
-from pdserve.decode_worker.engine import EngineCore
-from pdserve.decode_worker.transfers import OnTransferFailure
-from pdserve.kv_transfer.pusher import KVPusher
-from pdserve.kv_transfer.receiver import KVReceiver
-from pdserve.kv_transfer.transports import connect, listen
-from pdserve.kv_transfer.transports.base import KVListener
+from pdserve.cluster.workers.spec import WorkerSpec
+from pdserve.cluster.workers.stats import WorkerStats
+from pdserve.kv_transfer.messages import PrefillJob, PrefillResult
 from pdserve.kv_transfer.transports.select import PeerInfo, probe
-from pdserve.prefill_worker.async_engine import AsyncPrefillEngine, PrefillResult
-from pdserve.prefill_worker.engine import PrefillEngine, PrefillJob
-from pdserve.runtime.loader import LoadedModel, load_model
-from pdserve.runtime.radix_cache import CacheEvent
-from pdserve.runtime.request import TokenChunk
+from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
-from pdserve.runtime.scheduler import BatchScheduler
 from pdserve.runtime.threads import CpuPlacement, apply_placement, format_cores, process_cores
+
+if TYPE_CHECKING:
+    from pdserve.decode_worker.engine import EngineCore
+    from pdserve.kv_transfer.transports.base import KVListener
+    from pdserve.prefill_worker.engine import PrefillEngine
+    from pdserve.runtime.loader import LoadedModel
+    from pdserve.runtime.radix_cache import CacheEvent
+    from pdserve.runtime.scheduler import BatchScheduler
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class _Worker:
         # thread loads and compiles it on one, so the process has one multi-threaded
         # OpenMP pool (see pdserve.runtime.engine_thread).
         torch.set_num_threads(1)
+        from pdserve.runtime.loader import load_model  # in the actor's process only
+
         self.spec = spec
         self.worker_id = worker_id
         self.loaded: LoadedModel = load_model(spec.model, cache=spec.cache_config, max_model_len=spec.max_model_len,
@@ -137,6 +140,11 @@ class DecodeWorker(_Worker):
     role = "decode"
 
     def __init__(self, spec: WorkerSpec, worker_id: str, placement: CpuPlacement) -> None:
+        from pdserve.decode_worker.async_engine import AsyncEngine  # in the actor's process only
+        from pdserve.decode_worker.engine import EngineCore
+        from pdserve.kv_transfer.decode_side import OnTransferFailure
+        from pdserve.kv_transfer.receiver import KVReceiver
+
         super().__init__(spec, worker_id, placement)
         runner, info = self.loaded.runner, self.loaded.info
         self.receiver = KVReceiver(runner.pool, default_timeout=spec.transfer_timeout)
@@ -150,6 +158,8 @@ class DecodeWorker(_Worker):
     def listen(self, kind: str) -> str:
         """The address of this worker's KV listener of `kind`, started on first use.
         Raises TransportError if the transport cannot work here."""
+        from pdserve.kv_transfer.transports import listen
+
         if kind not in self._listeners:
             options = {} if kind == "shm" else {"host": self.spec.kv_host or _node_ip()}
             self._listeners[kind] = listen(kind, self.receiver, **options)
@@ -157,7 +167,7 @@ class DecodeWorker(_Worker):
         return self._listeners[kind].address
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       remote: bool) -> AsyncIterator[Refused | TokenChunk | object]:
+                       remote: bool) -> AsyncIterator[Refused | TokenDelta | object]:
         """Stream one request (see the module docstring). `remote`: a prefill worker
         computes the prompt; the first item is then the KVTicket (or None: no room, it is
         prefilled here)."""
@@ -180,8 +190,8 @@ class DecodeWorker(_Worker):
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
-    def fail_transfer(self, request_id: str, reason: str) -> None:
-        self.engine.fail_transfer(request_id, reason)
+    def fail_remote(self, request_id: str, reason: str) -> None:
+        self.engine.fail_remote(request_id, reason)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -206,6 +216,11 @@ class PrefillWorker(_Worker):
     role = "prefill"
 
     def __init__(self, spec: WorkerSpec, worker_id: str, placement: CpuPlacement) -> None:
+        from pdserve.kv_transfer.pusher import KVPusher  # in the actor's process only
+        from pdserve.kv_transfer.transports import connect
+        from pdserve.prefill_worker.async_engine import AsyncPrefillEngine
+        from pdserve.prefill_worker.engine import PrefillEngine
+
         super().__init__(spec, worker_id, placement)
         runner, info = self.loaded.runner, self.loaded.info
         self.pusher = KVPusher(runner.pool, lambda address: connect(address, timeout=10.0))
@@ -240,7 +255,7 @@ class PrefillWorker(_Worker):
         self._stats = self._snapshot(
             engine.scheduler, num_waiting_for_kv=0,
             transfer_bytes=self.pusher.bytes_sent, transfer_seconds=self.pusher.send_seconds,
-            transfer_outcomes=dict(engine.outcome_counts),
+            transfer_outcomes=dict(engine.jobs.outcome_counts),
             num_steps=engine.num_steps, step_seconds=engine.step_seconds)
 
 

@@ -1,6 +1,6 @@
 """Building a request's response bodies from its `OutputDelta`s.
 
-`CompletionBodies` and `ChatBodies` turn the deltas into the models of `openai_responses`,
+`CompletionBodies` and `ChatBodies` turn the deltas into the models of `responses`,
 as stream chunks or as one response (`merge_deltas` folds a whole request's deltas first);
 they only format, and never fail.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pdserve.cluster.frontend import OutputDelta, Usage
-from pdserve.cluster.openai_responses import (
+from pdserve.cluster.gateway.frontend import OutputDelta, Usage
+from pdserve.cluster.gateway.openai.responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,

@@ -11,7 +11,7 @@ Signals (the same `WorkerStats` the router and /metrics read):
     decode   requests queued on the decode workers for admission (a free batch slot or
              KV memory); wanted workers = ceil(queued / decode_waiting_per_worker), and one
              more than now while the mean KV usage is above `decode_kv_usage_high`.
-             Requests whose KV is still being prefilled elsewhere do not count: that backlog
+             Remote requests still waiting for their KV do not count: that backlog
              is the prefill workers' (it shows in their pending tokens).
 
 Against flapping:
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pdserve.cluster.worker_stats import WorkerStats
+from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.runtime.config import ConfigError
 
 

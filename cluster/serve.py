@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from pdserve.cluster.autoscaler import Autoscaler, ScalingPolicy
-from pdserve.cluster.controller import Controller
-from pdserve.cluster.frontend import Frontend, ModelCard
-from pdserve.cluster.grpc_api import start_grpc_server
-from pdserve.cluster.metrics import GatewayMetrics
-from pdserve.cluster.openai_api import create_app
-from pdserve.cluster.ray_backend import ClusterBackend
-from pdserve.cluster.router import POLICIES, PrefixIndex, Router
-from pdserve.cluster.worker_spec import WorkerSpec
+from pdserve.cluster.control.autoscaler import Autoscaler, ScalingPolicy
+from pdserve.cluster.control.cluster_backend import ClusterBackend
+from pdserve.cluster.control.controller import Controller
+from pdserve.cluster.control.router import POLICIES, PrefixIndex, Router
+from pdserve.cluster.gateway.frontend import Frontend, ModelCard
+from pdserve.cluster.gateway.grpc_api import start_grpc_server
+from pdserve.cluster.gateway.metrics import GatewayMetrics
+from pdserve.cluster.gateway.openai.api import create_app
+from pdserve.cluster.workers.spec import WorkerSpec
 from pdserve.runtime.weights import load_checkpoint
 
 log = logging.getLogger(__name__)

@@ -20,19 +20,15 @@ import uuid
 from collections.abc import AsyncIterator, Collection
 from typing import NamedTuple
 
-from pdserve.cluster.backend import Backend
-from pdserve.cluster.errors import ErrorKind, RequestError, invalid
-from pdserve.cluster.metrics import GatewayMetrics
-from pdserve.runtime.request import TokenChunk
-from pdserve.runtime.sampling_params import SamplingParams
+from pdserve.cluster.gateway.backend import Backend
+from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid
+from pdserve.cluster.gateway.metrics import GatewayMetrics
+from pdserve.runtime.request import TokenDelta
+from pdserve.runtime.sampling_params import SAMPLING_FIELDS, SamplingParams
 from pdserve.runtime.stopping import FinishReason
 from pdserve.runtime.text_stream import TextStream
 from pdserve.runtime.tokenizer import Tokenizer
 
-# Fields a client may set; everything else in SamplingParams is the gateway's business.
-SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                             "stop_token_ids", "ignore_eos", "logprobs", "include_stop_str_in_output",
-                             "speculate"})
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # as the OpenAI completions API and vLLM
 
 
@@ -102,7 +98,7 @@ class Frontend:
         `default_max_tokens`, or the rest of the context if that is None."""
         prompt_ids = self._tokenize(prompt, messages)
         fields = {k: v for k, v in sampling.items() if v is not None}
-        unknown = set(fields) - SAMPLING_FIELDS
+        unknown = set(fields).difference(SAMPLING_FIELDS)
         if unknown:
             raise invalid(f"unknown sampling parameters: {', '.join(sorted(unknown))}")
         room = self.card.max_model_len - len(prompt_ids)
@@ -177,7 +173,7 @@ class OutputStream:
     def __init__(self, frontend: Frontend, request: PreparedRequest) -> None:
         self.request = request
         self._frontend = frontend
-        self._chunks: AsyncIterator[TokenChunk] = frontend.backend.generate(
+        self._token_deltas: AsyncIterator[TokenDelta] = frontend.backend.generate(
             request.request_id, request.prompt_ids, request.params)
         self._text = TextStream(frontend.tokenizer, request.params, frontend.eos_token_ids)
         self._started = time.monotonic()
@@ -213,7 +209,7 @@ class OutputStream:
         if self._counted:
             self._counted = False
             self._frontend.num_in_flight -= 1
-        await self._chunks.aclose()
+        await self._token_deltas.aclose()
 
     async def _next_or_close(self) -> OutputDelta:
         try:
@@ -226,41 +222,33 @@ class OutputStream:
             raise
 
     async def _next(self) -> OutputDelta:
-        chunk = await self._next_chunk()
-        if chunk is None:  # the backend ended without a finish reason: a broken worker
+        token_delta = await self._next_token_delta()
+        if token_delta is None:  # the backend ended without a finish reason: a broken worker
             raise RequestError(ErrorKind.INTERNAL, "the worker serving this request ended its stream "
                                "without finishing it; retry the request")
-        if chunk.finish_reason is FinishReason.ERROR:
+        if token_delta.finish_reason is FinishReason.ERROR:
             raise RequestError(ErrorKind.INTERNAL, "the request failed on its worker (see the server log); "
                                "retry it")
         now = time.monotonic()
-        if chunk.token_ids and self._first_token_at is None:
+        if token_delta.token_ids and self._first_token_at is None:
             self._first_token_at = now
-        text, finish = [], chunk.finish_reason
-        for token in chunk.token_ids:
-            text.append(self._text.push(token))
-            if self._text.stopped:
-                finish = FinishReason.STOP
-                break
-        num_new = len(text)
+        text, num_new, finish = self._text.take(token_delta.token_ids, token_delta.finish_reason)
         self._num_tokens += num_new
-        if finish is not None and not self._text.stopped:
-            text.append(self._text.finish())
-        usage = Usage(chunk.num_prompt_tokens, self._num_tokens, chunk.num_cached_tokens)
-        delta = OutputDelta("".join(text), chunk.token_ids[:num_new], chunk.logprobs[:num_new],
-                            chunk.top_logprobs[:num_new] if chunk.top_logprobs else None,
+        usage = Usage(token_delta.num_prompt_tokens, self._num_tokens, token_delta.num_cached_tokens)
+        delta = OutputDelta(text, token_delta.token_ids[:num_new], token_delta.logprobs[:num_new],
+                            token_delta.top_logprobs[:num_new] if token_delta.top_logprobs else None,
                             finish.value if finish is not None else None, usage)
         if finish is not None:
             self._record_finish(finish, now)
             await self.aclose()  # a stop string: the workers still hold the request
         return delta
 
-    async def _next_chunk(self) -> TokenChunk | None:
+    async def _next_token_delta(self) -> TokenDelta | None:
         remaining = None if self._deadline is None else self._deadline - time.monotonic()
         try:
             if remaining is not None and remaining <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(anext(self._chunks, None), remaining)
+            return await asyncio.wait_for(anext(self._token_deltas, None), remaining)
         except asyncio.TimeoutError:
             raise RequestError(ErrorKind.TIMEOUT, f"the request did not finish within its timeout of "
                                f"{self.request.timeout:g} s ({self._num_tokens} tokens were generated); "

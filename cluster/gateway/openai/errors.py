@@ -20,10 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from pdserve.cluster.errors import ErrorKind, RequestError
-from pdserve.cluster.http_streaming import json_response
-from pdserve.cluster.metrics import GatewayMetrics
-from pdserve.cluster.openai_responses import ErrorDetail, ErrorResponse
+from pdserve.cluster.gateway.errors import ErrorKind, RequestError
+from pdserve.cluster.gateway.metrics import GatewayMetrics
+from pdserve.cluster.gateway.openai.responses import ErrorDetail, ErrorResponse
+from pdserve.cluster.gateway.streaming import json_response
 
 INTERNAL_MESSAGE = ("The server had an internal error while handling this request (it is logged). "
                     "Retry the request; if the error persists, report it with the request.")

@@ -2,9 +2,9 @@
 
     route -> D.generate(remote=P is not None)  ==stream==> first item: KVTicket (or None)
           -> P.prefill(PrefillJob(ticket, D's KV address))  (concurrently; P pushes KV to D)
-          <== TokenChunks from D, as D produces them (a Ray streaming generator, not polling)
+          <== TokenDeltas from D, as D produces them (a Ray streaming generator, not polling)
 
-Failure semantics: a refused or failed prefill tells D at once (`fail_transfer`), and D
+Failure semantics: a refused or failed prefill tells D at once (`fail_remote`), and D
 recomputes the prompt or fails the request per its policy. A decode worker found dead
 before it produced any token is retried once on another worker; after that, or once
 tokens have been streamed, the request ends with UNAVAILABLE. Either way the controller
@@ -21,15 +21,13 @@ from collections.abc import AsyncIterator
 
 from ray.exceptions import RayActorError, RayTaskError
 
-from pdserve.cluster.controller import Controller, WorkerHandle
-from pdserve.cluster.errors import ErrorKind, RequestError
-from pdserve.cluster.metrics import GatewayMetrics
-from pdserve.cluster.router import Router
-from pdserve.cluster.workers import Refused
-from pdserve.kv_transfer.messages import KVTicket
-from pdserve.prefill_worker.async_engine import PrefillResult
-from pdserve.prefill_worker.engine import PrefillJob
-from pdserve.runtime.request import TokenChunk
+from pdserve.cluster.control.controller import Controller, WorkerHandle
+from pdserve.cluster.control.router import Router
+from pdserve.cluster.gateway.errors import ErrorKind, RequestError
+from pdserve.cluster.gateway.metrics import GatewayMetrics
+from pdserve.cluster.workers.actors import Refused
+from pdserve.kv_transfer.messages import KVTicket, PrefillJob, PrefillResult
+from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -47,15 +45,15 @@ class ClusterBackend:
         return bool(self.controller.members("decode"))
 
     async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[TokenChunk]:
+                       params: SamplingParams) -> AsyncIterator[TokenDelta]:
         for attempt in range(MAX_ATTEMPTS):
             request = self._route(request_id, prompt_ids, params)
             try:
-                async for chunk in request.run():
-                    yield chunk
+                async for delta in request.run():
+                    yield delta
                 return
             except RequestError:
-                if not request.decode_lost or request.num_chunks or attempt == MAX_ATTEMPTS - 1:
+                if not request.decode_lost or request.num_deltas or attempt == MAX_ATTEMPTS - 1:
                     raise
                 log.warning("retrying request %s: decode worker %s died before its first token",
                             request_id, request.decode.worker_id)
@@ -90,10 +88,10 @@ class _InFlight:
         self.routed_at = time.monotonic()
         self.first_token_at: float | None = None
         self.prefill_result: PrefillResult | None = None
-        self.num_chunks = 0  # yielded to the caller
+        self.num_deltas = 0  # yielded to the caller
         self.decode_lost = False  # the decode worker's process died under this request
 
-    async def run(self) -> AsyncIterator[TokenChunk]:
+    async def run(self) -> AsyncIterator[TokenDelta]:
         decode, prefill = self.decode, self.prefill
         decode.in_flight += 1
         if prefill is not None:
@@ -106,14 +104,14 @@ class _InFlight:
                 item = await ref
                 if isinstance(item, Refused):
                     raise RequestError(ErrorKind[item.kind], item.message, retry_after=item.retry_after)
-                if not isinstance(item, TokenChunk):  # remote mode's first item: the ticket or None
+                if not isinstance(item, TokenDelta):  # remote mode's first item: the ticket or None
                     self._start_prefill(item)
                     continue
                 if self.first_token_at is None and item.token_ids:
                     self.first_token_at = time.monotonic()
                     self._record_ttft_split()
                 finished = item.finish_reason is not None
-                self.num_chunks += 1
+                self.num_deltas += 1
                 yield item
         except RayActorError as exc:
             self.decode_lost = True
@@ -140,7 +138,7 @@ class _InFlight:
             return
         address = prefill.kv_addresses.get(self.decode.worker_id)
         if address is None:
-            self.decode.actor.fail_transfer.remote(self.request_id, f"prefill worker {prefill.worker_id} lost "
+            self.decode.actor.fail_remote.remote(self.request_id, f"prefill worker {prefill.worker_id} lost "
                                                    f"its link to {self.decode.worker_id}")
             self._release_prefill()
             return
@@ -161,7 +159,7 @@ class _InFlight:
             self._release_prefill()
         if isinstance(result, Refused) or not result.ok:
             reason = result.message if isinstance(result, Refused) else result.reason
-            self.decode.actor.fail_transfer.remote(self.request_id, reason)
+            self.decode.actor.fail_remote.remote(self.request_id, reason)
             return
         self.prefill_result = result
         self._record_ttft_split()

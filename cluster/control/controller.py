@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from pdserve.cluster.autoscaler import Autoscaler, Decision
-from pdserve.cluster.router import PrefixIndex, WorkerView
-from pdserve.cluster.worker_spec import ROLES, WorkerSpec
-from pdserve.cluster.worker_stats import WorkerStats
-from pdserve.cluster.workers import DecodeWorker, PrefillWorker, WorkerInfo
+from pdserve.cluster.control.autoscaler import Autoscaler, Decision
+from pdserve.cluster.control.router import PrefixIndex, WorkerView
+from pdserve.cluster.workers.actors import DecodeWorker, PrefillWorker, WorkerInfo
+from pdserve.cluster.workers.spec import ROLES, WorkerSpec
+from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.kv_transfer.transports.select import choose_transport
 from pdserve.runtime.threads import CoreLedger, CpuPlacement, UnpinnedPlan, available_cores, format_cores
 

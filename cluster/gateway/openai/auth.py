@@ -12,9 +12,9 @@ import hmac
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pdserve.cluster.errors import ErrorKind, RequestError
-from pdserve.cluster.metrics import GatewayMetrics
-from pdserve.cluster.openai_errors import error_response
+from pdserve.cluster.gateway.errors import ErrorKind, RequestError
+from pdserve.cluster.gateway.metrics import GatewayMetrics
+from pdserve.cluster.gateway.openai.errors import error_response
 
 
 class ApiKeyMiddleware:

@@ -10,7 +10,7 @@ the option (`check_supported`) instead of being served as if it had not asked.
 Extensions beyond OpenAI, named as vLLM names them: `top_k`, `min_p`, `stop_token_ids`,
 `ignore_eos`, `include_stop_str_in_output`, `return_token_ids`, `speculate`, and `timeout` (seconds).
 
-The response models are in `openai_responses`; `openai_bodies` builds them.
+The response models are in `responses`; `bodies` builds them.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pdserve.cluster.errors import invalid
-from pdserve.runtime.sampling_params import MAX_LOGPROBS
+from pdserve.cluster.gateway.errors import invalid
+from pdserve.runtime.sampling_params import MAX_LOGPROBS, SAMPLING_FIELDS
 
 # The seeds torch.Generator.manual_seed accepts.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -90,11 +90,10 @@ class _GenerationRequest(_Body):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
-        return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
-                "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos,
-                "logprobs": logprobs, "include_stop_str_in_output": self.include_stop_str_in_output,
-                "speculate": self.speculate}
+        """The SamplingParams fields of this body, by their names; max_tokens and logprobs
+        are spelled differently per endpoint, so the caller gives them."""
+        derived = {"max_tokens": max_tokens, "logprobs": logprobs}
+        return {name: derived[name] if name in derived else getattr(self, name) for name in SAMPLING_FIELDS}
 
 
 class CompletionRequest(_GenerationRequest):

@@ -22,16 +22,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pdserve.cluster.errors import ErrorKind, RequestError, invalid
-from pdserve.cluster.frontend import Frontend, OutputDelta, OutputStream, PreparedRequest, Usage
+from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid
+from pdserve.cluster.gateway.frontend import Frontend, OutputDelta, OutputStream, PreparedRequest, Usage
 from pdserve.proto import serving_pb2, serving_pb2_grpc
+from pdserve.runtime.sampling_params import REPEATED_SAMPLING_FIELDS, SCALAR_SAMPLING_FIELDS
 
 GENERATION_SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# Sampling fields of GenerateRequest, by SamplingParams name; scalars are proto3 `optional`.
-_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos",
-                      "logprobs", "include_stop_str_in_output", "speculate")
-_REPEATED_SAMPLING = ("stop", "stop_token_ids")
 
 T = TypeVar("T")
 
@@ -137,8 +134,11 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
         if request_id is not None and request_id in self._open:
             raise invalid(f"request_id {request_id!r} is in use by a running request; choose another "
                           "or leave it unset", "request_id")
-        sampling = {name: getattr(request, name) if request.HasField(name) else None for name in _OPTIONAL_SAMPLING}
-        sampling.update({name: tuple(getattr(request, name)) or None for name in _REPEATED_SAMPLING})
+        # GenerateRequest names its sampling fields as SamplingParams does; scalars are proto3
+        # `optional`, so an unset field means "the default".
+        sampling = {name: getattr(request, name) if request.HasField(name) else None
+                    for name in SCALAR_SAMPLING_FIELDS}
+        sampling.update({name: tuple(getattr(request, name)) or None for name in REPEATED_SAMPLING_FIELDS})
         source = request.WhichOneof("input")
         if source is None:
             raise invalid("the request has no input; set one of text, token_ids or chat", "input")

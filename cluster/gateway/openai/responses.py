@@ -2,7 +2,7 @@
 their stream chunks, usage, logprobs, the model list and the error shape.
 
 These models are what `/openapi.json` publishes for the responses; they are built by
-`openai_bodies` (generations) and `openai_errors` (errors), and never parse client input.
+`bodies` (generations) and `errors` (errors), and never parse client input.
 Fields that extend OpenAI's shapes (`token_ids`, `prompt_token_ids`) are left out of a body
 when unset.
 """
@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from pdserve.cluster.frontend import Usage
+from pdserve.cluster.gateway.frontend import Usage
 
 # Extension fields are left out of a body when unset, so plain OpenAI clients see plain bodies.
 _OMIT_IF_NONE: Any = {"default": None, "exclude_if": lambda value: value is None}

@@ -1,0 +1,1 @@
+"""The gateway process: HTTP (OpenAI API) and gRPC in front of a `Backend`; imports no engine code."""

@@ -1,0 +1,123 @@
+"""The decode side of the hop: remote requests, whose prompt KV a prefill worker computes.
+
+    add      -> scheduler.reserve_remote (decode first: blocks before any prefill work)
+                -> receiver.issue -> KVTicket for the prefill worker
+    poll     -> each step: expire tickets past their deadline; a SUCCEEDED transfer starts
+                decoding with the first token the prefill worker sampled
+                (scheduler.start_remote); a FAILED one is prefilled here (policy RECOMPUTE,
+                the default: scheduler.fall_back_to_local) or ends with ERROR
+    fail     -> the prefill side gave up: the transfer fails now, settled at the next poll
+    abort    -> the ticket is refused from then on and the blocks are free at once
+
+The scheduler keeps the request's state machine; this module only decides, from the
+receiver's verdict, which transition to take. Outcomes are counted in `counts` (the
+`pdserve_worker_transfer_outcomes` metric reads them).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, NamedTuple
+
+from pdserve.kv_transfer.messages import KVTicket, TransferDone
+from pdserve.kv_transfer.receiver import KVReceiver, TransferState
+from pdserve.runtime.request import Request, TokenDelta
+from pdserve.runtime.stopping import FinishReason
+
+if TYPE_CHECKING:  # the engine's; worker specs read this module's policy without it
+    from pdserve.runtime.scheduler import BatchScheduler
+
+
+class OnTransferFailure(enum.Enum):
+    RECOMPUTE = "recompute"  # prefill the prompt on this decode worker instead
+    FAIL = "fail"  # end the request with finish reason "error" and the transfer's reason
+
+
+class Started(NamedTuple):
+    """A remote request whose KV arrived: it is RUNNING with its first token appended."""
+
+    request: Request
+    done: TransferDone  # the prefill worker's message: first token, its logprobs
+    kv_wait_seconds: float  # ticket issued .. transfer settled
+
+
+class RemoteRequests:
+    def __init__(self, scheduler: BatchScheduler, receiver: KVReceiver,
+                 on_failure: OnTransferFailure = OnTransferFailure.RECOMPUTE,
+                 timeout: float = 30.0) -> None:
+        self.scheduler = scheduler
+        self.receiver = receiver
+        self.on_failure = on_failure
+        self.timeout = timeout
+        self._tickets: dict[str, int] = {}  # request id -> ticket id, while WAITING_FOR_KV
+        self._issued_at: dict[str, float] = {}  # request id -> when its ticket was issued
+        self.total_kv_wait_seconds = 0.0  # ticket issued .. transfer settled, summed
+        self.counts: Counter[str] = Counter()
+        self.failure_reasons: dict[str, str] = {}  # request id -> last transfer failure
+
+    def add(self, request: Request) -> KVTicket | None:
+        """Reserve blocks and issue a ticket, or None when the pool cannot hold the
+        request now (nothing is held then; the caller may retry or prefill locally)."""
+        if not self.scheduler.reserve_remote(request):
+            self.counts["no_room"] += 1
+            return None
+        first_page = request.num_computed_tokens // self.scheduler.block_size
+        ticket = self.receiver.issue(request.request_id, request.block_table[first_page:],
+                                     first_page, request.num_prompt_tokens, self.timeout)
+        self._tickets[request.request_id] = ticket.ticket_id
+        self._issued_at[request.request_id] = time.monotonic()
+        return ticket
+
+    def fail(self, request_id: str, reason: str) -> None:
+        """The prefill side gave up on this request's transfer (its worker died or
+        refused the job): settle it at the next poll, per policy, instead of at its
+        deadline. A no-op for a request that is not waiting for KV."""
+        ticket_id = self._tickets.get(request_id)
+        if ticket_id is not None:
+            self.receiver.abort(ticket_id, reason)
+
+    def abort(self, request_id: str) -> None:
+        """The request ends (cancelled): refuse its ticket from now on and wait out
+        in-flight writes, so its blocks may be freed as soon as this returns."""
+        ticket_id = self._tickets.pop(request_id, None)
+        self._issued_at.pop(request_id, None)
+        if ticket_id is not None:
+            self.receiver.abort(ticket_id, "request cancelled by the decode side")
+            self.receiver.release(ticket_id)
+            self.counts["aborted"] += 1
+
+    def poll(self) -> tuple[list[Started], list[TokenDelta]]:
+        """Settle finished transfers. Returns the requests that start decoding and the
+        final deltas of those that ended with an error."""
+        self.receiver.expire()
+        started, failed = [], []
+        for request_id, ticket_id in list(self._tickets.items()):
+            status = self.receiver.poll(ticket_id)
+            if status.state not in (TransferState.SUCCEEDED, TransferState.FAILED):
+                continue
+            del self._tickets[request_id]
+            self.receiver.release(ticket_id)
+            waited = time.monotonic() - self._issued_at.pop(request_id)
+            self.total_kv_wait_seconds += waited
+            if status.state is TransferState.SUCCEEDED:
+                request = self.scheduler.start_remote(request_id, status.done.first_token)
+                started.append(Started(request, status.done, waited))
+                self.counts["succeeded"] += 1
+            else:
+                self.failure_reasons[request_id] = status.reason
+                delta = self._settle_failure(request_id)
+                if delta is not None:
+                    failed.append(delta)
+        return started, failed
+
+    def _settle_failure(self, request_id: str) -> TokenDelta | None:
+        if self.on_failure is OnTransferFailure.RECOMPUTE:
+            self.scheduler.fall_back_to_local(request_id)
+            self.counts["failed_recomputed"] += 1
+            return None
+        request = self.scheduler.finish(request_id, FinishReason.ERROR)
+        self.counts["failed"] += 1
+        return TokenDelta(request_id, (), (), None, FinishReason.ERROR, request.num_prompt_tokens,
+                          request.num_cached_tokens)

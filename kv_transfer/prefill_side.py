@@ -1,0 +1,130 @@
+"""The prefill side of the hop: jobs whose prompt KV this worker pushes to a decode worker.
+
+The prefill engine only reports progress; this module decides what to send:
+
+    start(job)                       the pusher learns the ticket and where to send
+    computed(request_id, table, n)   prompt tokens [0, n) are computed -> the pages to send
+    push_layer(layer, sends)         those pages are ready at `layer` (during the forward)
+    prefilled(request_id, token...)  the prompt is done: TransferDone with the first token
+    settle()                         transfers the decode worker accepted or that failed
+
+Page cursor. The destination holds the ticket's pages [first_page, ...). After a chunk
+ending at token `end`, pages [next_page, ceil(end / block_size)) are sent, then next_page
+= end // block_size: the page holding `end` is partial and is sent again, complete, with
+the next chunk.
+
+    tokens   |=========== chunk 1 ===========|==== chunk 2 ====|
+    pages    [  p0  ][  p1  ][  p2  ][  p3 ..   ][  p4  ][  p5 ]
+    sent     ^ chunk 1: p0..p3 (p3 partial)    ^ chunk 2: p3..p5
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pdserve.kv_transfer.messages import PrefillJob, TransferDone
+from pdserve.kv_transfer.pusher import KVPusher, SendState
+
+
+class PageSend(NamedTuple):
+    """Pages of one ticket to push at every layer of this step's forward."""
+
+    ticket_id: int
+    page_start: int  # ticket-relative
+    block_ids: list[int]  # this pool's blocks holding them
+
+
+class JobOutcome(NamedTuple):
+    request_id: str
+    ok: bool
+    reason: str  # why it failed; "" when ok
+
+
+@dataclass
+class _Job:
+    job: PrefillJob
+    next_page: int  # absolute page index of the first page not yet sent in full
+
+
+class PrefillJobs:
+    """Jobs being computed, then being sent until the decode worker settles them. Engine
+    thread only."""
+
+    def __init__(self, pusher: KVPusher, block_size: int) -> None:
+        self.pusher = pusher
+        self.block_size = block_size
+        self._computing: dict[str, _Job] = {}
+        self._sending: dict[str, int] = {}  # computed; request id -> ticket id until settled
+        self.outcome_counts: Counter[str] = Counter()  # settled transfers: "sent" or "failed"
+
+    @property
+    def has_sending(self) -> bool:
+        return bool(self._sending)
+
+    def is_computing(self, request_id: str) -> bool:
+        return request_id in self._computing
+
+    def start(self, job: PrefillJob) -> None:
+        self.pusher.start(job.ticket, job.address)
+        self._computing[job.ticket.request_id] = _Job(job, job.ticket.first_page)
+
+    def computed(self, request_id: str, block_table: Sequence[int], end: int) -> PageSend | None:
+        """Prompt tokens [0, end) of the job are computed (or will be, by the forward about
+        to run): the pages to push for them, or None when no page is due."""
+        job = self._computing[request_id]
+        ticket = job.job.ticket
+        first, last = job.next_page, -(-end // self.block_size)  # absolute pages [first, last)
+        job.next_page = max(job.next_page, end // self.block_size)
+        if last <= first:
+            return None
+        return PageSend(ticket.ticket_id, first - ticket.first_page, list(block_table[first:last]))
+
+    def push_layer(self, layer: int, sends: Sequence[PageSend]) -> None:
+        """Layer `layer` of every send is computed: copy and queue it now."""
+        for send in sends:
+            self.pusher.push(send.ticket_id, layer, send.page_start, send.block_ids)
+
+    def prefilled(self, request_id: str, first_token: int, logprob: float,
+                  top_logprobs: tuple[tuple[int, float], ...]) -> None:
+        """The prompt is complete and its first token sampled: every page was pushed;
+        tell the decode worker, and wait for its verdict."""
+        ticket = self._computing.pop(request_id).job.ticket
+        self.pusher.finish(ticket.ticket_id, TransferDone(
+            ticket.request_id, ticket.ticket_id, ticket.secret, first_token, logprob, top_logprobs))
+        self._sending[request_id] = ticket.ticket_id
+
+    def abort(self, request_id: str, reason: str) -> bool:
+        """Stop the job's transfer and tell the decode worker (best effort). False if the
+        job is unknown or already settled."""
+        job = self._computing.pop(request_id, None)
+        if job is not None:
+            self._sending[request_id] = job.job.ticket.ticket_id
+        ticket_id = self._sending.get(request_id)
+        if ticket_id is None:
+            return False
+        self.pusher.abort(ticket_id, reason)
+        return True
+
+    def stop_failed(self) -> list[str]:
+        """Jobs still computing whose transfer failed (decode refused, link down): they
+        stop here; the caller ends their requests."""
+        failed = [r for r, job in self._computing.items()
+                  if self.pusher.poll(job.job.ticket.ticket_id)[0] is SendState.FAILED]
+        for request_id in failed:
+            self._sending[request_id] = self._computing.pop(request_id).job.ticket.ticket_id
+        return failed
+
+    def settled(self) -> list[JobOutcome]:
+        """Transfers the decode worker accepted, or that failed, since the last call."""
+        outcomes = []
+        for request_id, ticket_id in list(self._sending.items()):
+            state, reason = self.pusher.poll(ticket_id)
+            if state is not SendState.SENDING:
+                del self._sending[request_id]
+                self.pusher.forget(ticket_id)
+                outcomes.append(JobOutcome(request_id, state is SendState.SENT, reason))
+                self.outcome_counts["sent" if state is SendState.SENT else "failed"] += 1
+        return outcomes
