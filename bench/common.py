@@ -11,7 +11,7 @@ from importlib import metadata
 
 import torch
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.sampling_params import SamplingParams
 
 

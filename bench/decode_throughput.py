@@ -19,7 +19,7 @@ from importlib import metadata
 
 import torch
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import SchedulerConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.sampling_params import SamplingParams

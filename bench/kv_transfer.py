@@ -136,7 +136,7 @@ def bandwidth(kinds: list[str], repeats: int) -> dict[tuple[int, str], float]:
 def _ttft_decode(kind, commands, replies):
     """Decode worker process: SmolLM2 engine behind a KV listener; reports first-token times."""
     torch.set_num_threads(1)
-    from pdserve.decode_worker.engine import EngineCore
+    from pdserve.engine.engine import EngineCore
     from pdserve.kv_transfer import messages
     from pdserve.kv_transfer.receiver import KVReceiver
     from pdserve.kv_transfer.transports import listen

@@ -22,7 +22,7 @@ import sys
 import torch
 from common import machine_line, progress_printer, run_engine
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import SchedulerConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.sampling_params import SamplingParams

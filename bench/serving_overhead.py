@@ -33,8 +33,8 @@ def engine_ttfts(model: str, prompts: list[list[int]]) -> list[float]:
     """TTFT of each prompt, one at a time, through an AsyncEngine in this process."""
     import torch
 
-    from pdserve.decode_worker.async_engine import AsyncEngine
-    from pdserve.decode_worker.engine import EngineCore
+    from pdserve.engine.async_engine import AsyncEngine
+    from pdserve.engine.engine import EngineCore
     from pdserve.runtime.loader import load_model
     from pdserve.runtime.sampling_params import SamplingParams
 

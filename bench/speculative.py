@@ -17,7 +17,7 @@ import statistics
 import torch
 from common import machine_line, progress_printer, run_engine, smollm2_gguf
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import SchedulerConfig, SpeculativeConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.sampling_params import SamplingParams

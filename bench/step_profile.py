@@ -28,8 +28,8 @@ from collections.abc import Callable
 import torch
 from common import machine_line
 
-import pdserve.decode_worker.engine as engine_module
-from pdserve.decode_worker.engine import EngineCore
+import pdserve.engine.engine as engine_module
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import DeviceConfig, SchedulerConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.models.llama import Linear

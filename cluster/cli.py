@@ -261,7 +261,7 @@ def _start_ray(address: str | None, num_prefill: int, num_decode: int, threads: 
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pdserve.decode_worker.llm import LLM
+    from pdserve.engine.llm import LLM
     from pdserve.runtime.sampling_params import SAMPLING_FIELDS, SamplingParams
     from pdserve.runtime.threads import CoreLedger, apply_placement, available_cores
 

@@ -12,7 +12,7 @@ __all__ = ["LLM", "SamplingParams", "__version__"]
 
 def __getattr__(name: str):
     if name == "LLM":
-        from pdserve.decode_worker.llm import LLM
+        from pdserve.engine.llm import LLM
 
         return LLM
     if name == "SamplingParams":

@@ -137,7 +137,7 @@ SPECULATIVE_METHODS = ("ngram", "draft")
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding on a decode worker (`pdserve.decode_worker.speculation`)."""
+    """Speculative decoding on a decode worker (`pdserve.engine.speculation`)."""
 
     method: str = "ngram"
     num_tokens: int = 3  # k: the most draft tokens per request and step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.sampling_params import SamplingParams
 
 

@@ -24,8 +24,8 @@ import uvicorn
 from pdserve.cluster.gateway.backend import Backend, LocalBackend
 from pdserve.cluster.gateway.frontend import Frontend, ModelCard
 from pdserve.cluster.gateway.metrics import GatewayMetrics
-from pdserve.decode_worker.async_engine import AsyncEngine
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import CacheConfig
 from pdserve.runtime.loader import LoadedModel, load_model
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from pdserve.decode_worker.async_engine import AsyncEngine
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import CacheConfig, SchedulerConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.sampling_params import SamplingParams

@@ -80,7 +80,7 @@ def test_smollm2_blocks_are_the_dense_weights_bit_for_bit():
 
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_are_the_same_with_blocks_on_and_off():
-    from pdserve.decode_worker.engine import EngineCore
+    from pdserve.engine.engine import EngineCore
     from pdserve.runtime.config import DeviceConfig, SchedulerConfig
     from pdserve.runtime.loader import load_model
     from pdserve.runtime.sampling_params import SamplingParams

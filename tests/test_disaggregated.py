@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.kv_transfer import layout, messages
 from pdserve.kv_transfer.decode_side import OnTransferFailure
 from pdserve.kv_transfer.messages import PrefillJob

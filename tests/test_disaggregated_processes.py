@@ -26,7 +26,7 @@ def _decode_main(model_dir, kind, transfer_timeout, commands, replies):
     import torch
 
     torch.set_num_threads(1)
-    from pdserve.decode_worker.engine import EngineCore
+    from pdserve.engine.engine import EngineCore
     from pdserve.kv_transfer import messages
     from pdserve.kv_transfer.receiver import KVReceiver
     from pdserve.kv_transfer.transports import listen

@@ -12,10 +12,10 @@ import torch
 from engine_runs import run_to_completion
 
 from pdserve.cluster.cli import main
-from pdserve.decode_worker.draft_model import DraftModelProposer
-from pdserve.decode_worker.engine import EngineCore
-from pdserve.decode_worker.proposers import EMPTY_DRAFT
-from pdserve.decode_worker.speculation import Speculator, make_proposer
+from pdserve.engine.draft_model import DraftModelProposer
+from pdserve.engine.engine import EngineCore
+from pdserve.engine.proposers import EMPTY_DRAFT
+from pdserve.engine.speculation import Speculator, make_proposer
 from pdserve.runtime.config import CacheConfig, ConfigError, SchedulerConfig, SpeculativeConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.request import Request

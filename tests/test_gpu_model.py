@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import CacheConfig, DeviceConfig, SchedulerConfig
 from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
 from pdserve.runtime.loader import load_model

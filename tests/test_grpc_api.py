@@ -24,9 +24,9 @@ from pdserve.cluster.gateway.backend import LocalBackend
 from pdserve.cluster.gateway.frontend import Frontend, ModelCard
 from pdserve.cluster.gateway.grpc_api import GENERATION_SERVICE, HEALTH_SERVICE, start_grpc_server
 from pdserve.cluster.gateway.metrics import GatewayMetrics
-from pdserve.decode_worker.async_engine import AsyncEngine
-from pdserve.decode_worker.engine import EngineCore
-from pdserve.decode_worker.llm import LLM
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.engine import EngineCore
+from pdserve.engine.llm import LLM
 from pdserve.proto import serving_pb2, serving_pb2_grpc
 from pdserve.runtime.config import CacheConfig
 from pdserve.runtime.loader import load_model

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime import attention_backend
 from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, SchedulerConfig
 from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk

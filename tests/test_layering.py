@@ -23,7 +23,7 @@ def _package_dirs() -> dict[str, str]:
 def test_every_top_level_package_maps_under_pdserve():
     mapping = _package_dirs()
     assert all(name == "pdserve" or name.startswith("pdserve.") for name in mapping)
-    for folder in ("runtime", "kernels", "cluster", "prefill_worker", "decode_worker",
+    for folder in ("runtime", "kernels", "cluster", "prefill_worker", "engine",
                    "kv_transfer", "proto"):
         assert mapping[f"pdserve.{folder}"] == folder
 
@@ -58,6 +58,6 @@ def test_the_serve_process_loads_no_engine_code():
     loaded = result.stdout.split()
     assert "pdserve.cluster.workers.actors" in loaded  # the probe did import the actors
     engine = ("pdserve.kernels", "pdserve.runtime.models", "pdserve.runtime.model_runner",
-              "pdserve.runtime.scheduler", "pdserve.runtime.loader", "pdserve.decode_worker",
+              "pdserve.runtime.scheduler", "pdserve.runtime.loader", "pdserve.engine",
               "pdserve.prefill_worker", "pdserve.kv_transfer.pusher")
     assert [m for m in loaded if m.startswith(engine)] == []

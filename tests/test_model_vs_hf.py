@@ -7,7 +7,7 @@ import torch
 from hf_oracle import explain_divergence, hf_greedy, hf_logits
 from transformers import AutoModelForCausalLM
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import CacheConfig, DeviceConfig, SchedulerConfig
 from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
 from pdserve.runtime.loader import load_model

@@ -8,7 +8,7 @@ import sys
 import pytest
 from hf_oracle import explain_divergence, hf_greedy
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import SchedulerConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.sampling_params import SamplingParams

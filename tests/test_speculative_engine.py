@@ -9,7 +9,7 @@ import pytest
 import torch
 from engine_runs import run_to_completion
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.sampling_params import SamplingParams

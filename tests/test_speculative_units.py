@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from pdserve.decode_worker.proposers import EMPTY_DRAFT, Draft, NgramProposer
-from pdserve.decode_worker.verification import Verified, verify, verify_batch
+from pdserve.engine.proposers import EMPTY_DRAFT, Draft, NgramProposer
+from pdserve.engine.verification import Verified, verify, verify_batch
 from pdserve.runtime.request import Request
 from pdserve.runtime.sampler import Sampler, apply_filters, make_generator
 from pdserve.runtime.sampling_params import SamplingParams

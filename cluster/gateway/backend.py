@@ -30,7 +30,7 @@ class Backend(Protocol):
 
 
 class LocalEngine(Protocol):
-    """What `LocalBackend` needs of `pdserve.decode_worker.async_engine.AsyncEngine`."""
+    """What `LocalBackend` needs of `pdserve.engine.async_engine.AsyncEngine`."""
 
     is_alive: bool
     num_waiting: int

@@ -40,7 +40,7 @@ from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.threads import CpuPlacement, apply_placement, format_cores, process_cores
 
 if TYPE_CHECKING:
-    from pdserve.decode_worker.engine import EngineCore
+    from pdserve.engine.engine import EngineCore
     from pdserve.kv_transfer.transports.base import KVListener
     from pdserve.prefill_worker.engine import PrefillEngine
     from pdserve.runtime.loader import LoadedModel
@@ -140,8 +140,8 @@ class DecodeWorker(_Worker):
     role = "decode"
 
     def __init__(self, spec: WorkerSpec, worker_id: str, placement: CpuPlacement) -> None:
-        from pdserve.decode_worker.async_engine import AsyncEngine  # in the actor's process only
-        from pdserve.decode_worker.engine import EngineCore
+        from pdserve.engine.async_engine import AsyncEngine  # in the actor's process only
+        from pdserve.engine.engine import EngineCore
         from pdserve.kv_transfer.decode_side import OnTransferFailure
         from pdserve.kv_transfer.receiver import KVReceiver
 

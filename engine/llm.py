@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import CacheConfig, SchedulerConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.request import TokenDelta

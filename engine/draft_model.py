@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pdserve.decode_worker.proposers import EMPTY_DRAFT, Draft, Proposer
+from pdserve.engine.proposers import EMPTY_DRAFT, Draft, Proposer
 from pdserve.runtime.block_allocator import BlockAllocator
 from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, RuntimeInfo
 from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk

@@ -30,8 +30,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pdserve.decode_worker.draft_model import DraftModelProposer
-from pdserve.decode_worker.proposers import Draft, NgramProposer, Proposer
+from pdserve.engine.draft_model import DraftModelProposer
+from pdserve.engine.proposers import Draft, NgramProposer, Proposer
 from pdserve.runtime.config import ConfigError, RuntimeInfo, SpeculativeConfig
 from pdserve.runtime.model_runner import ModelRunner
 from pdserve.runtime.request import Request

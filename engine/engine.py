@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from pdserve.decode_worker.proposers import Draft
-from pdserve.decode_worker.speculation import Speculator, make_proposer
-from pdserve.decode_worker.verification import Verified, verify
+from pdserve.engine.proposers import Draft
+from pdserve.engine.speculation import Speculator, make_proposer
+from pdserve.engine.verification import Verified, verify
 from pdserve.kv_transfer.decode_side import OnTransferFailure, RemoteRequests
 from pdserve.kv_transfer.messages import KVTicket
 from pdserve.kv_transfer.receiver import KVReceiver

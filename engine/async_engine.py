@@ -21,7 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
-from pdserve.decode_worker.engine import EngineCore
+from pdserve.engine.engine import EngineCore
 from pdserve.kv_transfer.messages import KVTicket
 from pdserve.runtime.engine_thread import EngineThread
 from pdserve.runtime.request import TokenDelta

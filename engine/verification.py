@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from pdserve.decode_worker.proposers import Draft
+from pdserve.engine.proposers import Draft
 from pdserve.runtime.sampler import apply_filters, exponential_race
 from pdserve.runtime.sampling_params import SamplingParams
 
