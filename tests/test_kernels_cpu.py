@@ -1,7 +1,8 @@
 """The compiled CPU batch attention against the per-sequence PyTorch reference.
 
 `paged_attention_cpu` must give what `paged_attention_ref` gives on ragged mixed batches:
-decode rows (one query) next to prefill chunks, contexts of length 1 and on page edges,
+decode rows (one query) next to prefill chunks (shorter and longer than its 64-query
+blocks, after a cached prefix or not), contexts of length 1 and on page edges,
 scattered block tables, grouped-query attention with groups of 1, 3 and 8, head_dim 64
 and 128. Both are float32 with different summation orders, so they agree to a few ulps
 (1e-5), not bit for bit. The kernel is the CPU default: it must build here, never skip.
@@ -68,6 +69,15 @@ def test_mixed_batch_of_decodes_and_chunks_matches_reference(block_size):
     # a single-token prompt, a chunk ending on a page edge.
     shapes = [(1, 40), (33, 33), (7, 70), (4, 19), (1, 1), (16, 32)]
     got, expected = _run_both(shapes, block_size)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
+def test_long_chunks_across_query_blocks_match_reference(heads, kv_heads):
+    # Chunks of 64+ queries run as blocks of 64: a whole prompt of 150 (two full blocks and
+    # a partial one), 130 new tokens after a 70-token prefix, exactly 64 and 65.
+    shapes = [(150, 150), (130, 200), (64, 64), (65, 80), (1, 33)]
+    got, expected = _run_both(shapes, 16, kv_heads, heads, 64)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
