@@ -102,3 +102,17 @@ def test_rejects_inconsistent_lengths():
     with pytest.raises(RuntimeError, match="float32"):
         paged_attention_cpu(q.double(), k_cache, v_cache, block_tables, torch.tensor([0, 1]),
                             torch.tensor([20]), 0.125)
+
+
+def test_chunks_run_on_several_threads_in_inference_mode():
+    # The engine calls the kernel under inference mode; the chunk tasks run on the worker
+    # threads, which must write its inference tensors too.
+    shapes = [(150, 150), (70, 90)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got, expected = _run_both(shapes)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

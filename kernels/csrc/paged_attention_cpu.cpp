@@ -223,7 +223,11 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     for (int64_t kv = 0; kv < kv_heads; ++kv)
       for (int64_t first = 0; first < n; first += kQueryBlock) tasks.push_back({b, kv, first, std::min(n, first + kQueryBlock)});
   }
+  // Worker threads do not inherit the caller's inference mode, which the tensor ops of a
+  // task need when the caller's tensors are inference tensors.
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode guard(inference);
     for (int64_t i = begin; i < end; ++i) {
       const ChunkTask& task = tasks[i];
       const auto& [k, v] = contexts[task.sequence];
