@@ -119,9 +119,16 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_prefill_chunk: int = 512
+    # Prompt tokens (all prefill chunks together) in a step that also decodes; None: no
+    # limit but the above. Bounds the inter-token latency that a prompt prefilled beside
+    # running requests adds to them (a disaggregated decode worker's local prefills).
+    max_prefill_tokens_while_decoding: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk"):
+        names = ["max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk"]
+        if self.max_prefill_tokens_while_decoding is not None:
+            names.append("max_prefill_tokens_while_decoding")
+        for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"scheduler config {name} must be a positive integer, got {value!r}")

@@ -18,7 +18,9 @@ finishes each request once its first token is sampled.
 One step, in order:
   1. Running requests that are decoding (one uncomputed token) get that token, oldest
      first. Then running requests still prefilling get a chunk of at most
-     `max_prefill_chunk` tokens. Together they stay within `max_num_batched_tokens`.
+     `max_prefill_chunk` tokens. Together they stay within `max_num_batched_tokens`, and
+     when anybody decodes in the step, its prompt tokens within
+     `max_prefill_tokens_while_decoding`.
   2. If nobody was preempted, waiting requests are admitted first come, first served
      while sequences, tokens and blocks allow; a request reuses the longest cached
      prefix of its tokens and computes only the rest.
@@ -77,22 +79,31 @@ def build_forward_batch(chunks: list[ScheduledChunk], block_size: int, device) -
 
 
 class _Step:
-    """The chunks of the step being built and the token budget they leave."""
+    """The chunks of the step being built and the token budgets they leave: all tokens,
+    and prompt tokens (`prefill_budget`)."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, prefill_budget: int) -> None:
         self.budget = budget
+        self.prefill_budget = prefill_budget
         self.chunks: list[ScheduledChunk] = []
+        self.prefills: set[str] = set()  # ids of the requests whose chunk is prompt tokens
         self.preempted = False
 
-    def add(self, chunk: ScheduledChunk) -> None:
+    def add(self, chunk: ScheduledChunk, prefill: bool) -> None:
         self.chunks.append(chunk)
         self.budget -= chunk.num_input_tokens
+        if prefill:
+            self.prefill_budget -= chunk.num_tokens
+            self.prefills.add(chunk.request.request_id)
 
     def remove(self, request: Request) -> None:
         for chunk in self.chunks:
             if chunk.request is request:
                 self.chunks.remove(chunk)
                 self.budget += chunk.num_input_tokens
+                if request.request_id in self.prefills:
+                    self.prefills.discard(request.request_id)
+                    self.prefill_budget += chunk.num_tokens
                 return
 
 
@@ -199,39 +210,47 @@ class BatchScheduler:
         order their tokens appear in the forward batch. `drafts` (request id -> proposed
         tokens) adds speculative tokens to decoding requests, cut to what the budget,
         the context and max_tokens leave."""
-        step = _Step(self.config.max_num_batched_tokens)
         decoding = [r for r in self.running if not r.is_prefilling]
         prefilling = [r for r in self.running if r.is_prefilling]
+        limit = self.config.max_prefill_tokens_while_decoding
+        step = _Step(self.config.max_num_batched_tokens,
+                     limit if decoding and limit is not None else self.config.max_num_batched_tokens)
         for request in decoding + prefilling:
             if step.budget == 0:
                 break
             if request not in self.running:
                 continue  # preempted earlier in this step
+            prefill = request.is_prefilling
             n = min(request.num_uncomputed_tokens, self.config.max_prefill_chunk, step.budget)
+            if prefill:
+                n = min(n, step.prefill_budget)
+                if n == 0:
+                    continue
             draft = ()
-            if drafts and not request.is_prefilling:
+            if drafts and not prefill:
                 draft = self._fit_draft(request, drafts.get(request.request_id, ()), step.budget - n)
             if self._allocate_or_preempt(request, request.num_computed_tokens + n + len(draft), step):
-                step.add(ScheduledChunk(request, request.num_computed_tokens, n, draft))
+                step.add(ScheduledChunk(request, request.num_computed_tokens, n, draft), prefill)
         if not step.preempted:
             self._admit(step)
         return step.chunks
 
     def _admit(self, step: _Step) -> None:
-        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and step.budget > 0 and step.prefill_budget > 0
+               and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             self._attach_prefix(request)
             if self._prefix_in_flight(request):
                 self._detach(request)
                 break  # its prefix will be in the cache in a step or two: wait for it
-            n = min(request.num_uncomputed_tokens, self.config.max_prefill_chunk, step.budget)
+            n = min(request.num_uncomputed_tokens, self.config.max_prefill_chunk, step.budget, step.prefill_budget)
             if not self._allocate_for(request, request.num_computed_tokens + n):
                 self._detach(request)
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.state = RequestState.RUNNING
             self.running.append(request)
-            step.add(ScheduledChunk(request, request.num_computed_tokens, n))
+            step.add(ScheduledChunk(request, request.num_computed_tokens, n), prefill=True)
         self.running.sort(key=lambda r: r.arrival)
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int, step: _Step) -> bool:

@@ -103,6 +103,33 @@ def test_36_requests_arriving_over_time_match_transformers(tiny, oracle):
     _assert_no_leak(engine)
 
 
+def test_prompts_beside_decodes_stay_within_their_budget_and_change_no_output(tiny, oracle):
+    loaded, _ = tiny
+    vocab = loaded.runner.config.vocab_size
+    engine = _engine(loaded, max_prefill_tokens_while_decoding=5)
+    short, long_prompt = _prompts(1, vocab, seed=3)[0], _prompts(1, vocab, seed=4, shared_prefix=30)[0]
+    outputs: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for delta in engine.step():
+            outputs.setdefault(delta.request_id, []).extend(delta.token_ids)
+
+    engine.add_request("decoding", short[:6], _greedy(40))
+    step()  # its whole prompt: nobody decodes yet, so no limit
+    engine.add_request("prompt", long_prompt, _greedy(3))
+    prompt = next(r for r in [*engine.scheduler.waiting, *engine.scheduler.running] if r.request_id == "prompt")
+    progress = []
+    while prompt.num_computed_tokens < len(long_prompt) - 1:
+        before = prompt.num_computed_tokens
+        step()
+        progress.append(prompt.num_computed_tokens - before)
+    # Beside a decoding request the prompt moves 5 tokens a step, not max_prefill_chunk (16).
+    assert progress[0] == 5 and max(progress) == 5
+    _drain(engine, outputs)
+    _check(tiny, short[:6], outputs["decoding"], oracle(short[:6], 40))
+    _check(tiny, long_prompt, outputs["prompt"], oracle(long_prompt, 3))
+
+
 def test_preemption_in_a_tiny_pool_changes_no_output_and_starves_nobody(tiny, oracle):
     loaded, _ = tiny
     prompts = _prompts(10, loaded.runner.config.vocab_size, seed=2)

@@ -78,3 +78,18 @@ def test_the_prefill_worker_with_the_prefix_wins_over_an_idle_one():
     router.index.apply("p1", [stored(prompt[:96])])
     route = router.route(prompt, [view("d0")], [view("p0"), view("p1", in_flight=1, tokens=50)])
     assert route.prefill == "p1"
+
+
+def test_a_prompt_spills_to_the_decode_worker_when_it_waits_less_there():
+    router = Router(RoundRobin(), BLOCK, local_prefill_tokens=8, spill_backlog_tokens=1000,
+                    local_prefill_slowdown=2.0)
+    short, long_prompt = list(range(100, 180)), list(range(1000, 2500))
+    # Light load: below the backlog floor everything goes to the prefill worker.
+    assert router.route(short, [view("d0")], [view("p0", tokens=900)]).prefill == "p0"
+    # A long prompt queued there: a short one waits less on the decode worker...
+    assert router.route(short, [view("d0")], [view("p0", tokens=1500)]).prefill is None
+    # ...unless the decode worker has its own local backlog: 2 x (800 + 80) > 1500 + 80.
+    assert router.route(short, [view("d0", tokens=800)], [view("p0", tokens=1500)]).prefill == "p0"
+    # A second long prompt ties (2 x 1500 == 1500 + 1500) and queues; a third spills.
+    assert router.route(long_prompt, [view("d0")], [view("p0", tokens=1500)]).prefill == "p0"
+    assert router.route(long_prompt, [view("d0")], [view("p0", tokens=3000)]).prefill is None

@@ -90,6 +90,7 @@ class _InFlight:
         self.prefill_result: PrefillResult | None = None
         self.num_deltas = 0  # yielded to the caller
         self.decode_lost = False  # the decode worker's process died under this request
+        self.local_prefill_tokens = 0  # counted in the decode worker's backlog until the first token
 
     async def run(self) -> AsyncIterator[TokenDelta]:
         decode, prefill = self.decode, self.prefill
@@ -97,6 +98,9 @@ class _InFlight:
         if prefill is not None:
             prefill.in_flight += 1
             prefill.in_flight_tokens += len(self.prompt_ids)
+        else:  # prefilled on the decode worker: its backlog until the first token
+            self.local_prefill_tokens = len(self.prompt_ids)
+            decode.in_flight_tokens += self.local_prefill_tokens
         finished = False
         stream = decode.actor.generate.remote(self.request_id, self.prompt_ids, self.params, prefill is not None)
         try:
@@ -109,6 +113,7 @@ class _InFlight:
                     continue
                 if self.first_token_at is None and item.token_ids:
                     self.first_token_at = time.monotonic()
+                    self._release_local_prefill()
                     self._record_ttft_split()
                 finished = item.finish_reason is not None
                 self.num_deltas += 1
@@ -124,6 +129,7 @@ class _InFlight:
                                "retry it") from exc
         finally:
             decode.in_flight -= 1
+            self._release_local_prefill()
             if self.prefill_task is None:
                 self._release_prefill()  # no ticket came: the prefill worker never got the job
             if not finished:
@@ -163,6 +169,10 @@ class _InFlight:
             return
         self.prefill_result = result
         self._record_ttft_split()
+
+    def _release_local_prefill(self) -> None:
+        self.decode.in_flight_tokens -= self.local_prefill_tokens
+        self.local_prefill_tokens = 0
 
     def _release_prefill(self) -> None:
         if self.prefill is not None:

@@ -66,7 +66,7 @@ class WorkerHandle:
     stats: WorkerStats | None = None
     missed_polls: int = 0
     in_flight: int = 0  # requests this gateway has on it now
-    in_flight_tokens: int = 0  # their prompt tokens (prefill workers)
+    in_flight_tokens: int = 0  # prompt tokens of those still to prefill on it
     kv_addresses: dict[str, str] = field(default_factory=dict)  # prefill only: decode id -> address
     draining: bool = False  # being removed: no new requests, stops once it holds none
 

@@ -15,7 +15,13 @@ prompt's own chain hashes are looked up page by page.
 
 Conditional disaggregation: the decode worker prefills locally (prefill=None) when the
 uncached part of the prompt is at most `local_prefill_tokens`, when no prefill worker is
-up, or when every prefill worker already has `prefill_saturation_tokens` in flight.
+up, or when every prefill worker already has `prefill_saturation_tokens` in flight. It
+also prefills locally when the prompt would wait less there (spill): once the chosen
+prefill worker has `spill_backlog_tokens` or more queued, a prompt goes to the decode
+worker if `local_prefill_slowdown` x (its own local backlog + the prompt) is below the
+prefill worker's backlog + the prompt. Local prefill runs in chunks between decode steps,
+hence the slowdown factor; the backlog floor keeps light loads fully disaggregated. So a
+short prompt no longer queues behind long ones, and two long prompts run side by side.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class WorkerView(NamedTuple):
 
     worker_id: str
     in_flight: int  # requests this gateway has on the worker now (fresh, unlike stats)
-    in_flight_tokens: int  # prompt tokens of those (prefill workers)
+    in_flight_tokens: int  # prompt tokens of those still to prefill there
     kv_usage: float  # from the worker's latest stats
 
 
@@ -117,12 +123,15 @@ POLICIES = {"round_robin": RoundRobin, "least_load": LeastLoad, "prefix_aware": 
 
 class Router:
     def __init__(self, policy: DecodePolicy, block_size: int, index: PrefixIndex | None = None,
-                 local_prefill_tokens: int = 32, prefill_saturation_tokens: int = 16384) -> None:
+                 local_prefill_tokens: int = 32, prefill_saturation_tokens: int = 16384,
+                 spill_backlog_tokens: int = 1024, local_prefill_slowdown: float = 2.0) -> None:
         self.policy = policy
         self.block_size = block_size
         self.index = index or PrefixIndex()
         self.local_prefill_tokens = local_prefill_tokens
         self.prefill_saturation_tokens = prefill_saturation_tokens
+        self.spill_backlog_tokens = spill_backlog_tokens
+        self.local_prefill_slowdown = local_prefill_slowdown
 
     def route(self, prompt_ids: Sequence[int], decode: Sequence[WorkerView],
               prefill: Sequence[WorkerView]) -> Route | None:
@@ -139,7 +148,16 @@ class Router:
         # The prefill worker: most of the prompt cached there, then least work in flight.
         best = max(open_prefill, key=lambda w: (self._cached_tokens(w.worker_id, hashes, len(prompt_ids))
                                                 - w.in_flight_tokens, -w.in_flight))
+        if self._waits_less_locally(uncached, decode[chosen], best):
+            return Route(decode[chosen].worker_id, None, cached[chosen])
         return Route(decode[chosen].worker_id, best.worker_id, cached[chosen])
+
+    def _waits_less_locally(self, uncached: int, decode: WorkerView, prefill: WorkerView) -> bool:
+        """The spill rule (module docstring), in prompt tokens ahead of this one plus its own."""
+        if prefill.in_flight_tokens < self.spill_backlog_tokens:
+            return False
+        local = self.local_prefill_slowdown * (decode.in_flight_tokens + uncached)
+        return local < prefill.in_flight_tokens + uncached
 
     def _cached_tokens(self, worker_id: str, hashes: Sequence[int], prompt_len: int) -> int:
         # A worker computes at least the last prompt token itself, as its scheduler does.
