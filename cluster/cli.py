@@ -87,6 +87,9 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--local-prefill-tokens", type=_non_negative_int, default=32,
                        help="a decode worker prefills a request itself when at most this many prompt "
                             "tokens are not in its prefix cache")
+    serve.add_argument("--spill-backlog-tokens", type=_non_negative_int, default=1024,
+                       help="prompt tokens queued on a prefill worker from which a prompt that would "
+                            "wait less on its decode worker is prefilled there (0: whenever it waits less)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_non_negative_int, default=8000, help="HTTP port (0: any free one)")
     serve.add_argument("--grpc-port", type=_non_negative_int, default=50051, help="gRPC port (0: any free one)")
@@ -212,7 +215,8 @@ def _serve(args: argparse.Namespace) -> int:
             spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
             host=args.host, port=args.port, grpc_port=args.grpc_port, api_key=args.api_key,
             served_model_name=args.served_model_name, max_in_flight=args.max_in_flight,
-            local_prefill_tokens=args.local_prefill_tokens, scaling=scaling)
+            local_prefill_tokens=args.local_prefill_tokens, spill_backlog_tokens=args.spill_backlog_tokens,
+            scaling=scaling)
     except (ConfigError, ValueError) as exc:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2

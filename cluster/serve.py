@@ -45,6 +45,7 @@ class GatewayConfig:
     served_model_name: str | None = None  # default: the --model argument
     max_in_flight: int = 1024  # gateway-wide bound; past it requests get 429
     local_prefill_tokens: int = 32  # uncached prompt tokens at most which decode prefills itself
+    spill_backlog_tokens: int = 1024  # prefill backlog from which prompts may spill to decode (Router)
     cpus_per_worker: float = 1.0
     scaling: ScalingPolicy | None = None  # autoscale worker counts within its bounds
 
@@ -82,7 +83,8 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
     metrics = GatewayMetrics(worker_stats=controller.all_stats, worker_counts=controller.counts)
     controller.on_decision = metrics.scaled  # the metrics read the controller, and count its decisions
     router = Router(POLICIES[config.router](), config.spec.block_size, index,
-                    local_prefill_tokens=config.local_prefill_tokens)
+                    local_prefill_tokens=config.local_prefill_tokens,
+                    spill_backlog_tokens=config.spill_backlog_tokens)
     frontend = Frontend(ClusterBackend(controller, router, metrics), checkpoint.tokenizer,
                         ModelCard(name, max_model_len, int(time.time())), checkpoint.eos_token_ids, metrics,
                         max_in_flight=config.max_in_flight)

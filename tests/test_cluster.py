@@ -110,12 +110,17 @@ def test_32_concurrent_streams_each_equal_their_reference(disagg, llm):
     assert texts == [e.text for e in expected]
     after = disagg.metrics()
     remote = 'pdserve_routes_total{decode_worker="decode-0",prefill="remote"}'
-    assert after[remote] - before.get(remote, 0) == 32, "every prompt went through the prefill worker"
+    local = 'pdserve_routes_total{decode_worker="decode-0",prefill="local"}'
+    routed = {kind: after.get(key, 0) - before.get(key, 0) for kind, key in (("remote", remote), ("local", local))}
+    assert sum(routed.values()) == 32
+    # Until the prefill worker has 1,024 prompt tokens queued (17+ of these prompts), none
+    # spills to the decode worker; past that, some may.
+    assert routed["remote"] >= 17, routed
     # Worker counters reach /metrics with the controller's next poll: every transfer the
     # gateway started so far (this test's and earlier ones) succeeded.
     succeeded = 'pdserve_worker_transfer_outcomes_total{outcome="succeeded",role="decode",worker="decode-0"}'
     wait_for(lambda: disagg.metrics().get(succeeded) == after[remote], what="transfer outcomes")
-    assert after['pdserve_request_ttft_split_seconds_count{stage="kv_transfer"}'] >= 32
+    assert after['pdserve_request_ttft_split_seconds_count{stage="kv_transfer"}'] >= routed["remote"]
 
 
 def test_client_disconnect_mid_stream_frees_kv_on_both_workers(disagg):

@@ -112,6 +112,7 @@ process as "$@" (see raycluster.yaml), so no value is ever parsed by a shell.
     "--decode-workers" (toString $s.decodeWorkers)
     "--router" $s.router
     "--local-prefill-tokens" (toString $s.localPrefillTokens)
+    "--spill-backlog-tokens" (toString $s.spillBacklogTokens)
     "--block-size" (toString $s.blockSize)
     "--kv-cache-memory" (toString $s.kvCacheMemoryMiB)
     "--max-num-seqs" (toString $s.maxNumSeqs)
