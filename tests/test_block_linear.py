@@ -52,6 +52,15 @@ def test_block_linear_matches_dense(kind, rows):
                                atol=1e-4, rtol=1e-5)
 
 
+def test_compiled_graphs_run_it_as_one_custom_op():
+    # Eager calls go straight to the extension; under torch.compile the same kernel runs
+    # as the custom op pdserve::block_linear, with the same result.
+    blocks = _random_blocks("q4_1", 64, 128)
+    x = torch.randn(5, 128)
+    compiled = torch.compile(lambda x: block_linear(x, blocks, "q4_1") * 2.0, fullgraph=True)
+    torch.testing.assert_close(compiled(x), block_linear(x, blocks, "q4_1") * 2.0, atol=0, rtol=0)
+
+
 def test_block_linear_rejects_mismatched_shapes():
     blocks = _random_blocks("q4_1", 8, 64)
     with pytest.raises(RuntimeError, match="features"):
