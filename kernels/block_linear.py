@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pdserve.kernels.cpu_extension import cpu_extension
+from pdserve.kernels.cpu_extension import built_cpu_extension
 
 BLOCK = 32
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
@@ -61,10 +61,7 @@ def block_linear(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tens
 
 
 def _compute(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    extension = cpu_extension()
-    if extension is None:
-        raise RuntimeError("the CPU kernels are not built on this machine")
-    return extension.block_linear(x.contiguous(), blocks, kind)
+    return built_cpu_extension().block_linear(x.contiguous(), blocks, kind)
 
 
 @torch.library.custom_op("pdserve::block_linear", mutates_args=())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.kernels.cpu_extension import cpu_extension
+from pdserve.kernels.cpu_extension import built_cpu_extension
 
 
 def paged_attention_cpu(
@@ -27,7 +27,4 @@ def paged_attention_cpu(
     block_size, KVH, D] float32 contiguous; block_tables: [B, pages] int64;
     query_start: [B + 1] int64 offsets into q; seq_lens: [B] int64. Returns [T, H, D].
     Raises RuntimeError if the kernel is not available (see `cpu_kernels_available`)."""
-    extension = cpu_extension()
-    if extension is None:
-        raise RuntimeError("the CPU paged-attention kernel is not built on this machine")
-    return extension.paged_attention(q, k_cache, v_cache, block_tables, query_start, seq_lens, scale)
+    return built_cpu_extension().paged_attention(q, k_cache, v_cache, block_tables, query_start, seq_lens, scale)

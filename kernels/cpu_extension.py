@@ -59,6 +59,15 @@ def cpu_extension():
         return None
 
 
+def built_cpu_extension():
+    """The compiled module; RuntimeError where it cannot be built (see `cpu_kernels_available`).
+    What every kernel wrapper calls."""
+    extension = cpu_extension()
+    if extension is None:
+        raise RuntimeError("the CPU kernels are not built on this machine")
+    return extension
+
+
 def cpu_kernels_available() -> bool:
     """Whether the CPU kernels (batch attention, block linear) exist on this machine;
     builds them on the first call."""

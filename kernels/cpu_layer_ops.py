@@ -18,35 +18,28 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.kernels.cpu_extension import cpu_extension
-
-
-def _extension():
-    extension = cpu_extension()
-    if extension is None:
-        raise RuntimeError("the CPU kernels are not built on this machine")
-    return extension
+from pdserve.kernels.cpu_extension import built_cpu_extension
 
 
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`rms_norm_ref`'s contract; x (and residual) [rows, N] float32 with contiguous rows."""
-    return _extension().rms_norm(x, weight, eps, residual)
+    return built_cpu_extension().rms_norm(x, weight, eps, residual)
 
 
 def rope_cpu(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
              cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope_ref`'s contract; q and k may be views of a fused QKV output (contiguous head
     dimension); returns contiguous tensors."""
-    return _extension().rope(q, k, positions, cos_sin_cache)
+    return built_cpu_extension().rope(q, k, positions, cos_sin_cache)
 
 
 def silu_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
     """`silu_mul_ref`'s contract; gate_up [T, 2I] float32 with contiguous rows."""
-    return _extension().silu_mul(gate_up)
+    return built_cpu_extension().silu_mul(gate_up)
 
 
 def store_kv_cpu(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     """`store_kv_ref`'s contract: token t's k/v go to flat slot slot_mapping[t] (-1 skips)."""
-    _extension().store_kv(k, v, k_cache, v_cache, slot_mapping)
+    built_cpu_extension().store_kv(k, v, k_cache, v_cache, slot_mapping)
