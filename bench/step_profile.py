@@ -8,9 +8,11 @@ assembly, bookkeeping). The floor is the step's own linear layers (same weights,
 layout and path, same row counts) timed alone in the same run: what a step costs if nothing but
 its matmuls ran. Step/floor is the overhead factor to drive down.
 
-The step time is measured as served (eager, or with --compile the compiled layers); the
-split comes from a second, instrumented pass of the same steps on the eager forward
-(timers around each part; a compiled forward cannot be timed from inside).
+The step time is measured as served (the decoder layers as one C++ call, or with
+--compile the compiled layers); the split comes from a second, instrumented pass of the
+same steps on the Python layers with the same kernels (timers around each part; neither
+a fused nor a compiled forward can be timed from inside), so its parts add up to more
+than the served step by the Python between the kernels, which the fused layers skip.
 
     python bench/step_profile.py [--threads N] [--context 128] [--steps 12] [--compile]
 """
@@ -115,7 +117,7 @@ class Timers:
 
 
 def split(scenario: Scenario, engine: EngineCore, steps: int) -> dict[str, float]:
-    """Milliseconds per step of each part, on the eager forward."""
+    """Milliseconds per step of each part, on the eager forward of the Python layers."""
     runner, model = engine.runner, engine.runner.model
     timers = Timers()
     build = engine_module.build_forward_batch
@@ -128,10 +130,12 @@ def split(scenario: Scenario, engine: EngineCore, steps: int) -> dict[str, float
     for module in model.modules():
         if isinstance(module, Linear):
             timers.wrap(module, "forward", "matmul")
+    fused, model.fused_layers = model.fused_layers, None
     try:
         with torch.compiler.set_stance("force_eager"):
             total = sum(timed_steps(scenario, engine, steps))
     finally:
+        model.fused_layers = fused
         engine_module.build_forward_batch = build
         timers.remove()
     ms = {part: 1000 * seconds / steps for part, seconds in timers.seconds.items()}

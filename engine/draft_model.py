@@ -65,7 +65,8 @@ class LayerSkipModel(nn.Module):
     self-draft costs only its KV pool. Decoder layer i reads and writes layer i of the pool
     it is given, so that pool needs `num_layers` layers. The forward and the logits are
     the target class's own, run over this object's shorter `layers`; they read only
-    `kernels`, `embed_tokens`, `layers`, `norm`, `cos_sin_cache` and `lm_head`.
+    `kernels`, `embed_tokens`, `layers`, `fused_layers`, `norm`, `cos_sin_cache`, `lm_head`
+    and `head_blocks`.
     """
 
     def __init__(self, target: nn.Module, num_layers: int) -> None:
@@ -80,6 +81,8 @@ class LayerSkipModel(nn.Module):
         self.norm = target.norm
         self.lm_head = target.lm_head
         self.head_blocks = target.head_blocks
+        # The target's layers as one C++ call, if fused: it runs the first num_layers.
+        self.fused_layers = target.fused_layers
         self.cos_sin_cache = target.cos_sin_cache
         # The layers call the target's kernel objects, whose attention backend keeps the
         # metadata of the batch last prepared. Sharing them is safe because every forward

@@ -9,6 +9,9 @@ eight ATen ops, RoPE about fifteen), these are one pass each:
     silu_mul_cpu    silu_mul_ref (kernels/activation.py)
     store_kv_cpu    store_kv_ref (kernels/kv_store.py)
 
+`decoder_layers_cpu` chains them (with block_linear and paged_attention) into a whole
+decoder's layers, one call per forward (csrc/decoder_layers_cpu.cpp).
+
 They call the extension directly (no torch custom op), so torch.compile cannot trace
 them: compiled layers keep the references, which inductor fuses itself. They raise
 RuntimeError where the CPU kernels are not built (see `cpu_kernels_available`).
@@ -43,3 +46,16 @@ def store_kv_cpu(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
                  slot_mapping: torch.Tensor) -> None:
     """`store_kv_ref`'s contract: token t's k/v go to flat slot slot_mapping[t] (-1 skips)."""
     built_cpu_extension().store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def decoder_layers_cpu(layers: list[tuple], num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                       scale: float, max_block_rows: int):
+    """The C++ `DecoderLayers` over a Llama-family model's layers, given per layer as
+    (input_norm, qkv, o, post_attention_norm, gate_up, down) with each linear layer as
+    (weight, bias or None, GGUF blocks or None, block kind or None); see
+    runtime/models/llama.py (`LlamaForCausalLM.fuse_layers`). It holds these tensors, not
+    copies. `forward(x, residual, first, last, kv, positions, cos_sin, slot_mapping,
+    block_tables, query_start, seq_lens)` runs layers [first, last) and returns (x, residual),
+    bit-identical to the Python layers on these kernels."""
+    return built_cpu_extension().DecoderLayers(layers, num_heads, num_kv_heads, head_dim, eps, scale,
+                                               max_block_rows)

@@ -87,6 +87,11 @@ class CpuAttention:
         self._lengths = (torch.tensor(starts, dtype=torch.int64), torch.tensor(batch.seq_lens, dtype=torch.int64))
         self._batch = batch
 
+    def lengths(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query_start [B + 1], seq_lens [B]) int64 of `batch`, the one last prepared."""
+        assert batch is self._batch, "prepare(batch) must run before the layers"
+        return self._lengths
+
     def forward(
         self,
         q: torch.Tensor,

@@ -101,6 +101,8 @@ class ModelRunner:
             if (device_config.weight_blocks and placement.dtype == torch.float32
                     and placement.kernels != "triton" and cpu_kernels_available()):
                 model.load_blocks(weight_blocks)
+            if kernels.name == "cpu" and not placement.compiled:
+                model.fuse_layers()  # last: it holds the weights and blocks as they are now
         pool = KVPool.for_model(config, cache, placement.device)
         graphs = None
         if placement.cuda_graphs:

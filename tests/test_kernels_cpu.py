@@ -53,7 +53,10 @@ def test_kernel_builds_on_this_machine():
     assert cpu_kernels_available()
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
+# Groups of 3, 1, 8 and 7 query heads per KV head: the decode kernel takes a group in
+# chunks of up to 4 (head_dim 64) or 2 (128) heads, so these cover whole, split and
+# remainder chunks.
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1), (14, 2)])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_ragged_decode_batch_matches_reference(heads, kv_heads, head_dim, block_size):

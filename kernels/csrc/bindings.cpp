@@ -15,6 +15,7 @@ std::tuple<torch::Tensor, torch::Tensor> rope(torch::Tensor q, torch::Tensor k, 
 torch::Tensor silu_mul(torch::Tensor gate_up);
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
               torch::Tensor slot_mapping);
+void bind_decoder_layers(py::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over a mixed batch (CPU, float32)");
@@ -23,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotary position embedding of q and k, NeoX layout (CPU, float32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection (CPU, float32)");
   m.def("store_kv", &store_kv, "write K/V rows into their paged cache slots (CPU, float32)");
+  bind_decoder_layers(m);  // DecoderLayers: a decoder's layers as one call (CPU, float32)
 }

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.kernels.block_linear import block_linear
+from pdserve.kernels.cpu_layer_ops import decoder_layers_cpu, rms_norm_cpu
 from pdserve.kernels.rope import rope_cos_sin_cache
 from pdserve.runtime.attention_backend import Kernels, reference_kernels
 from pdserve.runtime.config import ModelConfig
@@ -176,6 +177,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, self.kernels)
         self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
         self.head_blocks: WeightBlocks | None = None  # the LM head in GGUF blocks, on the CPU
+        self.fused_layers = None  # the layers as one C++ call, see fuse_layers
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer(
             "cos_sin_cache", rope_cos_sin_cache(inv_freq, cfg.max_position_embeddings), persistent=False
@@ -189,12 +191,46 @@ class LlamaForCausalLM(nn.Module):
         self.kernels.attention.prepare(batch)
         x = F.embedding(batch.input_ids, self.embed_tokens)
         residual = None
-        for index, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, batch, pool, self.cos_sin_cache)
-            if on_layer_done is not None:
-                on_layer_done(index)
+        if self.fused_layers is not None:
+            query_start, seq_lens = self.kernels.attention.lengths(batch)
+
+            def fused(x, residual, first, last):
+                return self.fused_layers.forward(x, residual, first, last, pool.kv, batch.positions,
+                                                 self.cos_sin_cache, batch.slot_mapping, batch.block_tables,
+                                                 query_start, seq_lens)
+
+            if on_layer_done is None:
+                x, residual = fused(x, residual, 0, len(self.layers))
+            else:
+                for index in range(len(self.layers)):
+                    x, residual = fused(x, residual, index, index + 1)
+                    on_layer_done(index)
+        else:
+            for index, layer in enumerate(self.layers):
+                x, residual = layer(x, residual, batch, pool, self.cos_sin_cache)
+                if on_layer_done is not None:
+                    on_layer_done(index)
         x, _ = self.norm(x, residual)
         return x
+
+    def fuse_layers(self) -> None:
+        """Run the decoder layers as one C++ call per forward (`decoder_layers_cpu`): the
+        same kernels in the same order as the Python layers, so bit-identical, without
+        the Python between them (~5 ms a step at batch 8 on SmolLM2's 30 layers). Needs
+        the "cpu" kernel family (eager, float32). Call last, after every weight and block
+        is in place: the C++ side holds the tensors it is given."""
+        if self.kernels.name != "cpu" or self.kernels.rms_norm is not rms_norm_cpu:
+            raise ValueError("fused layers need the eager 'cpu' kernel family")
+
+        def linear(module: Linear) -> tuple:
+            return module.weight, module.bias, module.block_data, module.block_kind
+
+        cfg = self.config
+        layers = [(layer.input_layernorm.weight, linear(layer.self_attn.qkv_proj), linear(layer.self_attn.o_proj),
+                   layer.post_attention_layernorm.weight, linear(layer.mlp.gate_up_proj), linear(layer.mlp.down_proj))
+                  for layer in self.layers]
+        self.fused_layers = decoder_layers_cpu(layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                               cfg.rms_norm_eps, cfg.head_dim ** -0.5, BLOCK_LINEAR_MAX_ROWS)
 
     def store_weights_input_major(self) -> None:
         """Re-lay every matmul weight (and the LM head, tied or not) out as [in, out] in
