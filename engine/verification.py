@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from pdserve.engine.proposers import Draft
+from pdserve.kernels.greedy import argmax_logsumexp
 from pdserve.runtime.sampler import apply_filters, exponential_race
 from pdserve.runtime.sampling_params import SamplingParams
 
@@ -75,12 +76,14 @@ def verify(
         raise ValueError(f"draft probs must be [k, V] = [{k}, {logits.shape[1]}], "
                          f"got shape {tuple(draft.probs.shape)}")
     logits = logits.float()
+    # The Sampler's greedy tokens and logprob normalisers, from the same kernel.
+    greedy, normaliser = argmax_logsumexp(logits)
     if params.is_greedy:
-        num_accepted, next_token = _verify_greedy(logits, draft)
+        num_accepted, next_token = _verify_greedy(greedy, draft)
     else:
         num_accepted, next_token = _verify_sampled(logits, draft, params, generator)
     token_ids = draft.token_ids[:num_accepted] + (next_token,)
-    logprobs, top_logprobs = _logprobs(logits, token_ids, params.logprobs)
+    logprobs, top_logprobs = _logprobs(logits, normaliser, token_ids, params.logprobs)
     return Verified(token_ids, num_accepted, logprobs, top_logprobs)
 
 
@@ -97,8 +100,8 @@ def verify_batch(
     return [verify(*args) for args in zip(logits_rows, drafts, params_list, generators)]
 
 
-def _verify_greedy(logits: torch.Tensor, draft: Draft) -> tuple[int, int]:
-    targets = logits.argmax(dim=-1).tolist()  # ties -> lowest id, as the Sampler's greedy rows
+def _verify_greedy(greedy: torch.Tensor, draft: Draft) -> tuple[int, int]:
+    targets = greedy.tolist()  # ties -> lowest id, as the Sampler's greedy rows
     num_accepted = 0
     while num_accepted < draft.num_tokens and draft.token_ids[num_accepted] == targets[num_accepted]:
         num_accepted += 1
@@ -140,15 +143,17 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
 
 
 def _logprobs(
-    logits: torch.Tensor, token_ids: tuple[int, ...], num_top: int | None
+    logits: torch.Tensor, normaliser: torch.Tensor, token_ids: tuple[int, ...], num_top: int | None
 ) -> tuple[tuple[float, ...], tuple[tuple[tuple[int, float], ...], ...] | None]:
-    """Raw logprobs of the emitted tokens (token j comes from row j) and their top pairs."""
+    """Raw logprobs (logits - logsumexp, as the Sampler computes them) of the emitted
+    tokens (token j comes from row j) and their top pairs."""
     rows = len(token_ids)
-    raw = torch.log_softmax(logits, dim=-1)[:rows]
+    logits, normaliser = logits[:rows], normaliser[:rows]
     ids = torch.tensor(token_ids, device=logits.device).unsqueeze(1)
-    logprobs = tuple(raw.gather(1, ids).squeeze(1).tolist())
+    logprobs = tuple((logits.gather(1, ids).squeeze(1) - normaliser).tolist())
     if not num_top:
         return logprobs, None
-    values, top_ids = raw.topk(num_top, dim=-1)
+    values, top_ids = logits.topk(num_top, dim=-1)
+    values = values - normaliser.unsqueeze(1)
     top = tuple(tuple(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist()))
     return logprobs, top

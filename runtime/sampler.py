@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from pdserve.kernels.greedy import argmax_logsumexp
 from pdserve.runtime.sampling_params import SamplingParams
 
 
@@ -175,8 +176,8 @@ class Sampler:
                 "pass one generator (or None) per row"
             )
         logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-        token_ids = logits.argmax(dim=-1)
+        # log_softmax(logits) == logits - logsumexp, computed only where it is read.
+        token_ids, normaliser = argmax_logsumexp(logits)
 
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
@@ -184,11 +185,12 @@ class Sampler:
             sampled = exponential_race(probs, random_rows, generators)
             token_ids[random_rows] = sampled
 
-        token_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        token_logprobs = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1) - normaliser
         n = max((p.logprobs or 0 for p in params), default=0)
         top_ids = top_values = None
         if n > 0:
-            top_values, top_ids = raw_logprobs.topk(n, dim=-1)
+            top_values, top_ids = logits.topk(n, dim=-1)
+            top_values = top_values - normaliser.unsqueeze(1)
         return SamplerOutput(token_ids, token_logprobs, top_ids, top_values)
 
 

@@ -321,3 +321,26 @@ def test_sampling_params_is_frozen_and_hashable():
 )
 def test_is_greedy(kwargs, greedy):
     assert SamplingParams(**kwargs).is_greedy is greedy
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 15), (7, 49152), (33, 1000)])
+def test_argmax_logsumexp_kernel_matches_torch(rows, vocab):
+    # The CPU default (C++) against torch: the first maximum on ties, -inf entries, widths
+    # that are not a multiple of the 16-lane vector, a row of all -inf.
+    from pdserve.kernels.cpu_extension import cpu_kernels_available
+    from pdserve.kernels.greedy import argmax_logsumexp, argmax_logsumexp_ref
+
+    assert cpu_kernels_available()
+    generator = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, vocab, generator=generator) * 8
+    logits[0, vocab // 2:] = logits[0].max() + 1  # ties: the first one wins
+    if rows > 1:
+        logits[1, ::3] = float("-inf")
+        logits[-1] = float("-inf")
+    ids, lse = argmax_logsumexp(logits)
+    expected_ids, expected_lse = argmax_logsumexp_ref(logits)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-6)
+    # Strided rows (a view of every other row) give the same as a contiguous copy.
+    view_ids, view_lse = argmax_logsumexp(logits[::2])
+    assert torch.equal(view_ids, expected_ids[::2]) and torch.equal(view_lse, lse[::2])

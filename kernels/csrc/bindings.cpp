@@ -16,6 +16,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up);
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
               torch::Tensor slot_mapping);
 void bind_decoder_layers(py::module& m);
+std::tuple<torch::Tensor, torch::Tensor> argmax_logsumexp(torch::Tensor logits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over a mixed batch (CPU, float32)");
@@ -24,5 +25,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotary position embedding of q and k, NeoX layout (CPU, float32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection (CPU, float32)");
   m.def("store_kv", &store_kv, "write K/V rows into their paged cache slots (CPU, float32)");
+  m.def("argmax_logsumexp", &argmax_logsumexp, "per row of logits: first argmax and logsumexp (CPU, float32)");
   bind_decoder_layers(m);  // DecoderLayers: a decoder's layers as one call (CPU, float32)
 }
