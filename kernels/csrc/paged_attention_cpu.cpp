@@ -43,6 +43,35 @@ void softmax(float* s, int64_t n) {
   for (int64_t i = 0; i < n; ++i) s[i] *= inv;
 }
 
+// s[0..n) <- exp(s[0..n) - max(s)), in place; returns their sum (> 0 for finite input).
+float exp_shifted_sum(float* s, int64_t n) {
+  float peak = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#ifdef __AVX512F__
+  __m512 peaks = _mm512_set1_ps(peak);
+  for (; i + 16 <= n; i += 16) peaks = _mm512_max_ps(peaks, _mm512_loadu_ps(s + i));
+  peak = _mm512_reduce_max_ps(peaks);
+#endif
+  for (; i < n; ++i) peak = std::max(peak, s[i]);
+  float total = 0.f;
+  i = 0;
+#ifdef __AVX512F__
+  const __m512 shift = _mm512_set1_ps(peak);
+  __m512 sum = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = pdserve::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), shift));
+    _mm512_storeu_ps(s + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; i < n; ++i) {
+    s[i] = pdserve::exp_scalar(s[i] - peak);
+    total += s[i];
+  }
+  return total;
+}
+
 // One decoding sequence: its H queries against `len` paged rows, any head_dim. Each cache
 // row (all KV heads, contiguous) is read once, front to back, for every head of every group.
 void decode_sequence(const float* q, const float* k_cache, const float* v_cache, const int64_t* table,
@@ -209,20 +238,24 @@ void chunk_block(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
   const int64_t visible = len - n + task.last;  // keys the last query of the block sees
   const int64_t h0 = task.kv_head * group;
   // [rows, group, D] -> [rows * group, D]: row r is query first + r / group, head h0 + r % group.
+  // Scaled here (one pass over D per row) rather than the scores (one over the context).
   auto queries = q.slice(0, q_start + task.first, q_start + task.last).slice(1, h0, h0 + group)
-                     .reshape({rows * group, dim});
+                     .reshape({rows * group, dim}) * scale;
   auto keys = k.slice(0, 0, visible).select(1, task.kv_head);    // [visible, D], rows strided
   auto values = v.slice(0, 0, visible).select(1, task.kv_head);
-  auto scores = at::mm(queries, keys.t()).contiguous();          // [rows * group, visible]
+  auto scores = at::mm(queries, keys.t());                       // [rows * group, visible]
+  auto inverse_sums = torch::empty({rows * group, 1}, scores.options());
   float* s = scores.data_ptr<float>();
+  float* inverse = inverse_sums.data_ptr<float>();
   for (int64_t r = 0; r < rows * group; ++r) {
     float* row = s + r * visible;
     const int64_t sees = len - n + task.first + r / group + 1;
-    for (int64_t c = 0; c < sees; ++c) row[c] *= scale;
-    softmax(row, sees);
+    // Unnormalised softmax; the output rows are divided by the sums after the second GEMM
+    // (D values a row instead of the context's).
+    inverse[r] = 1.f / exp_shifted_sum(row, sees);
     std::fill(row + sees, row + visible, 0.f);
   }
-  auto o = at::mm(scores, values).view({rows, group, dim});
+  auto o = at::mm(scores, values).mul_(inverse_sums).view({rows, group, dim});
   out.slice(0, q_start + task.first, q_start + task.last).slice(1, h0, h0 + group).copy_(o);
 }
 
