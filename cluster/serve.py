@@ -21,7 +21,7 @@ import uvicorn
 from pdserve.cluster.control.autoscaler import Autoscaler, ScalingPolicy
 from pdserve.cluster.control.cluster_backend import ClusterBackend
 from pdserve.cluster.control.controller import Controller
-from pdserve.cluster.control.router import POLICIES, PrefixIndex, Router
+from pdserve.cluster.control.router import POLICIES, PrefixIndex, Router, local_prefill_slowdown
 from pdserve.cluster.gateway.frontend import Frontend, ModelCard
 from pdserve.cluster.gateway.grpc_api import start_grpc_server
 from pdserve.cluster.gateway.metrics import GatewayMetrics
@@ -84,7 +84,8 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
     controller.on_decision = metrics.scaled  # the metrics read the controller, and count its decisions
     router = Router(POLICIES[config.router](), config.spec.block_size, index,
                     local_prefill_tokens=config.local_prefill_tokens,
-                    spill_backlog_tokens=config.spill_backlog_tokens)
+                    spill_backlog_tokens=config.spill_backlog_tokens,
+                    local_prefill_slowdown=local_prefill_slowdown(config.spec.max_prefill_tokens_while_decoding))
     frontend = Frontend(ClusterBackend(controller, router, metrics), checkpoint.tokenizer,
                         ModelCard(name, max_model_len, int(time.time())), checkpoint.eos_token_ids, metrics,
                         max_in_flight=config.max_in_flight)

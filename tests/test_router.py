@@ -93,3 +93,17 @@ def test_a_prompt_spills_to_the_decode_worker_when_it_waits_less_there():
     # A second long prompt ties (2 x 1500 == 1500 + 1500) and queues; a third spills.
     assert router.route(long_prompt, [view("d0")], [view("p0", tokens=1500)]).prefill == "p0"
     assert router.route(long_prompt, [view("d0")], [view("p0", tokens=3000)]).prefill is None
+
+
+def test_local_prefill_slowdown_follows_the_decode_workers_prompt_budget():
+    from pdserve.cluster.control.router import DECODE_STEP_PROMPT_TOKENS, local_prefill_slowdown
+
+    assert local_prefill_slowdown(64) == 1.0 + DECODE_STEP_PROMPT_TOKENS / 64
+    assert local_prefill_slowdown(16) > local_prefill_slowdown(64) > local_prefill_slowdown(256) > 1.0
+    assert 1.0 < local_prefill_slowdown(None) < local_prefill_slowdown(64)
+    # With the serving default (64 prompt tokens a step) two long prompts arriving together
+    # run side by side: the second one spills instead of queueing behind the first.
+    router = Router(RoundRobin(), BLOCK, local_prefill_tokens=8, spill_backlog_tokens=1000,
+                    local_prefill_slowdown=local_prefill_slowdown(64))
+    long_prompt = list(range(1000, 2500))
+    assert router.route(long_prompt, [view("d0")], [view("p0", tokens=1500)]).prefill is None

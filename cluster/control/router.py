@@ -20,7 +20,8 @@ also prefills locally when the prompt would wait less there (spill): once the ch
 prefill worker has `spill_backlog_tokens` or more queued, a prompt goes to the decode
 worker if `local_prefill_slowdown` x (its own local backlog + the prompt) is below the
 prefill worker's backlog + the prompt. Local prefill runs in chunks between decode steps,
-hence the slowdown factor; the backlog floor keeps light loads fully disaggregated. So a
+hence the slowdown factor (`local_prefill_slowdown`: from the decode worker's prompt-token
+budget per step); the backlog floor keeps light loads fully disaggregated. So a
 short prompt no longer queues behind long ones, and two long prompts run side by side.
 """
 
@@ -119,6 +120,20 @@ def _load(worker: WorkerView) -> float:
 
 
 POLICIES = {"round_robin": RoundRobin, "least_load": LeastLoad, "prefix_aware": PrefixAware}
+
+# A decode step's own work in prompt tokens of prefill compute: a batch-8 decode step of
+# SmolLM2 on one core (~40 ms) against ~2.7 ms a prompt token of a 1,500-token prefill,
+# measured with bench/step_profile.py --threads 1 on this project's 2-core machine.
+DECODE_STEP_PROMPT_TOKENS = 16
+
+
+def local_prefill_slowdown(prompt_tokens_per_step: int | None) -> float:
+    """How much longer a prompt takes on a decode worker that computes at most
+    `prompt_tokens_per_step` prompt tokens beside each decode step (None: no limit) than
+    on an idle prefill worker: every budget's worth of prompt also waits one decode step."""
+    if prompt_tokens_per_step is None:
+        return 1.0 + DECODE_STEP_PROMPT_TOKENS / 512  # one step per scheduler chunk
+    return 1.0 + DECODE_STEP_PROMPT_TOKENS / max(1, prompt_tokens_per_step)
 
 
 class Router:
