@@ -9,24 +9,12 @@
 //
 // The weights are held from construction (the tensors of the model's parameters and
 // buffers, shared, never copied); the KV pool and the batch come with each call.
-#include <torch/extension.h>
-
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                              torch::Tensor block_tables, torch::Tensor query_start,
-                              torch::Tensor seq_lens, double scale);
-torch::Tensor block_linear(torch::Tensor x, torch::Tensor blocks, const std::string& kind);
-std::tuple<torch::Tensor, torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps,
-                                                  c10::optional<torch::Tensor> residual);
-std::tuple<torch::Tensor, torch::Tensor> rope(torch::Tensor q, torch::Tensor k, torch::Tensor positions,
-                                              torch::Tensor cos_sin);
-torch::Tensor silu_mul(torch::Tensor gate_up);
-void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-              torch::Tensor slot_mapping);
+#include "kernels.h"
 
 namespace {
 
