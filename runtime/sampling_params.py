@@ -14,6 +14,12 @@ from dataclasses import dataclass
 
 # Upper bound on `logprobs`, as in the OpenAI API: top alternatives cost a top-k per step.
 MAX_LOGPROBS = 20
+# Bounds on the stop conditions, which are checked against every step's output: one request
+# must not make every step of its batch slow. Stop token ids count as a set (duplicates
+# are dropped).
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 def _is_int(value: object) -> bool:
@@ -79,6 +85,16 @@ class SamplingParams:
                 f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
                 f"got {self.logprobs!r}"
             )
+        object.__setattr__(self, "stop_token_ids", tuple(dict.fromkeys(self.stop_token_ids)))
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"stop holds a string of {longest} characters; at most "
+                             f"{MAX_STOP_STRING_CHARS} are allowed")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids holds {len(self.stop_token_ids)} distinct ids; at most "
+                             f"{MAX_STOP_TOKEN_IDS} are allowed")
         if "" in self.stop:
             raise ValueError(
                 f"stop must not contain empty strings, got {self.stop!r}; "

@@ -16,6 +16,7 @@ class ErrorKind(enum.Enum):
     UNAUTHENTICATED = (401, "authentication_error", "UNAUTHENTICATED")
     NOT_FOUND = (404, "not_found_error", "NOT_FOUND")
     TIMEOUT = (408, "timeout_error", "DEADLINE_EXCEEDED")
+    TOO_LARGE = (413, "invalid_request_error", "RESOURCE_EXHAUSTED")
     OVERLOADED = (429, "rate_limit_error", "RESOURCE_EXHAUSTED")
     INTERNAL = (500, "internal_error", "INTERNAL")
     UNAVAILABLE = (503, "service_unavailable", "UNAVAILABLE")

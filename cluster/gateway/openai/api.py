@@ -42,6 +42,7 @@ from pdserve.cluster.gateway.openai.errors import (
     error_body,
     install_error_handlers,
 )
+from pdserve.cluster.gateway.openai.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from pdserve.cluster.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.cluster.gateway.openai.responses import (
     ChatCompletionResponse,
@@ -64,14 +65,17 @@ log = logging.getLogger(__name__)
 _CLIENT_CLOSED_REQUEST = 499  # a status nobody reads: the client has gone (nginx's convention)
 
 
-def create_app(frontend: Frontend, *, api_key: str | None = None) -> FastAPI:
+def create_app(frontend: Frontend, *, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The HTTP API over `frontend`. With `api_key`, /v1/* requires
     `Authorization: Bearer <api_key>`; /health and /metrics stay open for probes and
-    scrapers. The app holds no state of its own: serve it from one event loop."""
+    scrapers. Bodies over `max_body_bytes` get 413 unread (openai/limits.py). The app
+    holds no state of its own: serve it from one event loop."""
     app = FastAPI(title="pdserve", version=__version__,
                   summary="OpenAI-compatible API of the pdserve prefill/decode serving cluster.")
     install_error_handlers(app, frontend.metrics)
-    if api_key is not None:
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes, metrics=frontend.metrics)
+    if api_key is not None:  # added last, so it runs first: no body is looked at unauthenticated
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, metrics=frontend.metrics)
 
     @app.post("/v1/completions", response_model=None, responses=_generation_responses(CompletionResponse))

@@ -20,12 +20,18 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.cluster.gateway.errors import invalid
-from pdserve.runtime.sampling_params import MAX_LOGPROBS, SAMPLING_FIELDS
+from pdserve.runtime.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    SAMPLING_FIELDS,
+)
 
 # The seeds torch.Generator.manual_seed accepts.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
 T = TypeVar("T")
 NonEmptyList = Annotated[list[T], Field(min_length=1)]
@@ -55,7 +61,7 @@ class _GenerationRequest(_Body):
     top_k: int | None = Field(None, ge=-1, description="0 or -1 disables it.")
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
