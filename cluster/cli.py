@@ -115,7 +115,8 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--max-in-flight", type=_positive_int, default=1024,
                        help="gateway: past this many requests in flight, new ones get 429")
     serve.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
-                       help="gateway: HTTP request bodies larger than this get 413, unread")
+                       help="gateway: HTTP bodies larger than this get 413 and gRPC messages "
+                       "RESOURCE_EXHAUSTED, unread")
     serve.add_argument("--kv-transport", choices=KINDS, default=None,
                        help="force the KV transport (default: shm on one host, nccl between GPUs, else grpc)")
     serve.add_argument("--transfer-timeout", type=float, default=30.0)

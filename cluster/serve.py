@@ -45,7 +45,7 @@ class GatewayConfig:
     api_key: str | None = None
     served_model_name: str | None = None  # default: the --model argument
     max_in_flight: int = 1024  # gateway-wide bound; past it requests get 429
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # HTTP request bodies past it get 413
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # HTTP bodies past it get 413, gRPC messages RESOURCE_EXHAUSTED
     local_prefill_tokens: int = 32  # uncached prompt tokens at most which decode prefills itself
     spill_backlog_tokens: int = 1024  # prefill backlog from which prompts may spill to decode (Router)
     cpus_per_worker: float = 1.0
@@ -108,7 +108,7 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
         if not await _unless_stopped(controller.start(), stop):
             return
         grpc_server, grpc_port = await start_grpc_server(frontend, f"{config.host}:{config.grpc_port}",
-                                                         config.api_key)
+                                                         config.api_key, config.max_body_bytes)
         serving = asyncio.create_task(http.serve())
         while not http.started:
             if serving.done():

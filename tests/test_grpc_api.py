@@ -81,8 +81,9 @@ class Gateway:
         self._thread.start()
         self._servers = []
 
-    def serve(self, frontend: Frontend, api_key: str | None = None, address: str = "127.0.0.1:0") -> str:
-        server, port = self._run(start_grpc_server(frontend, address, api_key))
+    def serve(self, frontend: Frontend, api_key: str | None = None, address: str = "127.0.0.1:0",
+              **options) -> str:
+        server, port = self._run(start_grpc_server(frontend, address, api_key, **options))
         self._servers.append(server)
         return f"127.0.0.1:{port}"
 
@@ -426,3 +427,24 @@ def test_example_client_aborts(cluster, runner, capsys):
     assert code == 0
     assert "finish_reason=abort" in capsys.readouterr().err
     _released_after_hold(cluster, runner, baseline)
+
+
+def test_oversized_messages_and_stop_bounds_are_refused(cluster, stub):
+    # A message over the gateway's limit is refused by gRPC before it is parsed; stop
+    # conditions past their bounds are INVALID_ARGUMENT, as over HTTP.
+    from pdserve.runtime.sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+
+    small = cluster["gateway"].serve(cluster["frontends"]["open"], max_message_bytes=16 * 1024)
+    with grpc.insecure_channel(small) as channel:
+        small_stub = serving_pb2_grpc.GenerationStub(channel)
+        big = serving_pb2.GenerateRequest(text="x" * (20 * 1024))
+        assert _refusal(small_stub, big).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        fits = serving_pb2.GenerateRequest(text="x" * 500, **_greedy(max_tokens=1))
+        assert _collect(small_stub, fits)[-1].finish_reason == "length"
+    many_stops = serving_pb2.GenerateRequest(text="Hi", stop=[f"s{i}" for i in range(MAX_STOP_STRINGS + 1)])
+    error = _refusal(stub, many_stops)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "stop" in error.details()
+    many_ids = serving_pb2.GenerateRequest(text="Hi", stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1)))
+    assert _refusal(stub, many_ids).code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The server goes on serving.
+    assert _collect(stub, serving_pb2.GenerateRequest(text="Hi", **_greedy(max_tokens=2)))[-1].finish_reason

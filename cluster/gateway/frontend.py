@@ -30,6 +30,10 @@ from pdserve.runtime.text_stream import TextStream
 from pdserve.runtime.tokenizer import Tokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # as the OpenAI completions API and vLLM
+# The largest request either API reads (an HTTP body, a gRPC message): far above any
+# prompt the default models take (128K tokens of text is ~0.5 MB), far below what would
+# stall the gateway's event loop.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 class Usage(NamedTuple):

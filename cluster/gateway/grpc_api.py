@@ -23,7 +23,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid
-from pdserve.cluster.gateway.frontend import Frontend, OutputDelta, OutputStream, PreparedRequest, Usage
+from pdserve.cluster.gateway.frontend import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    Frontend,
+    OutputDelta,
+    OutputStream,
+    PreparedRequest,
+    Usage,
+)
 from pdserve.proto import serving_pb2, serving_pb2_grpc
 from pdserve.runtime.sampling_params import REPEATED_SAMPLING_FIELDS, SCALAR_SAMPLING_FIELDS
 
@@ -33,15 +40,18 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 T = TypeVar("T")
 
 
-async def start_grpc_server(frontend: Frontend, address: str = "127.0.0.1:0",
-                            api_key: str | None = None) -> tuple[grpc.aio.Server, int]:
+async def start_grpc_server(frontend: Frontend, address: str = "127.0.0.1:0", api_key: str | None = None,
+                            max_message_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[grpc.aio.Server, int]:
     """Serve Generation, Health and reflection on `address` (port 0: any free port) and
     return the started server and its port. Call it inside the event loop that will run
     the server; stop it with `await server.stop(grace)`, which ends open calls (and so
     their requests). With `api_key`, Generation calls must send `authorization: Bearer
-    <api_key>`; Health and reflection stay open for probes."""
+    <api_key>`; Health and reflection stay open for probes. A request message over
+    `max_message_bytes` is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed,
+    the HTTP API's body limit."""
     # No SO_REUSEPORT: a second gateway on a taken port must fail, not share its traffic.
-    server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
+    server = grpc.aio.server(options=(("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", max_message_bytes)))
     serving_pb2_grpc.add_GenerationServicer_to_server(GenerationService(frontend, api_key), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthService(frontend.backend.ready), server)
     reflection.enable_server_reflection((GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)

@@ -14,12 +14,11 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
+from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.cluster.gateway.openai.errors import error_response
 
-# Far above any prompt the default models take (a 128K-token prompt is ~0.5 MB of text),
-# far below what would stall the gateway's event loop.
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = DEFAULT_MAX_REQUEST_BYTES
 
 
 def too_large_message(max_bytes: int) -> str:
