@@ -20,16 +20,14 @@ CHAT = [{"role": "user", "content": "Hello world!"}]
 
 
 @pytest.fixture(scope="module")
-def gateway(tiny_llama_dir):
+def base_url(tiny_llama_dir):
+    """The HTTP API with a body limit of LIMIT bytes over the tiny Llama."""
     gateway = LocalGateway.start(tiny_llama_dir)
-    yield gateway
-    gateway.close()
-
-
-@pytest.fixture(scope="module")
-def base_url(gateway):
-    with serve_asgi(create_app(gateway.frontend, max_body_bytes=LIMIT)) as url:
-        yield url
+    try:
+        with serve_asgi(create_app(gateway.frontend, max_body_bytes=LIMIT)) as url:
+            yield url
+    finally:
+        gateway.close()
 
 
 def _chat(**fields) -> dict:
