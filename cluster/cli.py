@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve_parser(sub) -> None:
     from pdserve.cluster.control.router import POLICIES
-    from pdserve.cluster.gateway.openai.limits import DEFAULT_MAX_BODY_BYTES
+    from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES
     from pdserve.kv_transfer.transports.base import KINDS
     from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
@@ -114,7 +114,7 @@ def _add_serve_parser(sub) -> None:
                        help="per worker: past this many queued requests, new ones get 429")
     serve.add_argument("--max-in-flight", type=_positive_int, default=1024,
                        help="gateway: past this many requests in flight, new ones get 429")
-    serve.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES,
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
                        help="gateway: HTTP bodies larger than this get 413 and gRPC messages "
                        "RESOURCE_EXHAUSTED, unread")
     serve.add_argument("--kv-transport", choices=KINDS, default=None,

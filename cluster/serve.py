@@ -22,11 +22,10 @@ from pdserve.cluster.control.autoscaler import Autoscaler, ScalingPolicy
 from pdserve.cluster.control.cluster_backend import ClusterBackend
 from pdserve.cluster.control.controller import Controller
 from pdserve.cluster.control.router import POLICIES, PrefixIndex, Router, local_prefill_slowdown
-from pdserve.cluster.gateway.frontend import Frontend, ModelCard
+from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend, ModelCard
 from pdserve.cluster.gateway.grpc_api import start_grpc_server
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.cluster.gateway.openai.api import create_app
-from pdserve.cluster.gateway.openai.limits import DEFAULT_MAX_BODY_BYTES
 from pdserve.cluster.workers.spec import WorkerSpec
 from pdserve.runtime.weights import load_checkpoint
 
@@ -45,7 +44,7 @@ class GatewayConfig:
     api_key: str | None = None
     served_model_name: str | None = None  # default: the --model argument
     max_in_flight: int = 1024  # gateway-wide bound; past it requests get 429
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # HTTP bodies past it get 413, gRPC messages RESOURCE_EXHAUSTED
+    max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP bodies past it get 413, gRPC messages RESOURCE_EXHAUSTED
     local_prefill_tokens: int = 32  # uncached prompt tokens at most which decode prefills itself
     spill_backlog_tokens: int = 1024  # prefill backlog from which prompts may spill to decode (Router)
     cpus_per_worker: float = 1.0

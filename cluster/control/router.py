@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from pdserve.runtime.config import SchedulerConfig
 from pdserve.runtime.radix_cache import CacheEvent, page_hashes
 
 
@@ -131,8 +132,8 @@ def local_prefill_slowdown(prompt_tokens_per_step: int | None) -> float:
     """How much longer a prompt takes on a decode worker that computes at most
     `prompt_tokens_per_step` prompt tokens beside each decode step (None: no limit) than
     on an idle prefill worker: every budget's worth of prompt also waits one decode step."""
-    if prompt_tokens_per_step is None:
-        return 1.0 + DECODE_STEP_PROMPT_TOKENS / 512  # one step per scheduler chunk
+    if prompt_tokens_per_step is None:  # one decode step per prefill chunk
+        return 1.0 + DECODE_STEP_PROMPT_TOKENS / SchedulerConfig.max_prefill_chunk
     return 1.0 + DECODE_STEP_PROMPT_TOKENS / max(1, prompt_tokens_per_step)
 
 

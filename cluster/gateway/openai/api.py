@@ -33,7 +33,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
-from pdserve.cluster.gateway.frontend import Frontend, OutputStream, PreparedRequest
+from pdserve.cluster.gateway.frontend import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    Frontend,
+    OutputStream,
+    PreparedRequest,
+)
 from pdserve.cluster.gateway.openai.auth import ApiKeyMiddleware
 from pdserve.cluster.gateway.openai.bodies import ChatBodies, CompletionBodies, merge_deltas
 from pdserve.cluster.gateway.openai.errors import (
@@ -42,7 +47,7 @@ from pdserve.cluster.gateway.openai.errors import (
     error_body,
     install_error_handlers,
 )
-from pdserve.cluster.gateway.openai.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
+from pdserve.cluster.gateway.openai.limits import BodySizeLimitMiddleware
 from pdserve.cluster.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.cluster.gateway.openai.responses import (
     ChatCompletionResponse,
@@ -66,7 +71,7 @@ _CLIENT_CLOSED_REQUEST = 499  # a status nobody reads: the client has gone (ngin
 
 
 def create_app(frontend: Frontend, *, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The HTTP API over `frontend`. With `api_key`, /v1/* requires
     `Authorization: Bearer <api_key>`; /health and /metrics stay open for probes and
     scrapers. Bodies over `max_body_bytes` get 413 unread (openai/limits.py). The app

@@ -14,11 +14,8 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
-from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.cluster.gateway.openai.errors import error_response
-
-DEFAULT_MAX_BODY_BYTES = DEFAULT_MAX_REQUEST_BYTES
 
 
 def too_large_message(max_bytes: int) -> str:
@@ -34,6 +31,8 @@ class BodyTooLarge(HTTPException):
 
 
 class BodySizeLimitMiddleware:
+    """Refuses HTTP bodies over `max_bytes` with 413 (see the module docstring)."""
+
     def __init__(self, app: ASGIApp, max_bytes: int, metrics: GatewayMetrics) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
