@@ -8,6 +8,10 @@ stops everything, local Ray included.
 `pdserve generate` runs one prompt in-process and streams only the generated text to
 stdout; progress and timing go to stderr so the text can be piped.
 
+`pdserve serve` on an address other than loopback (127.0.0.0/8, ::1, localhost) needs an API
+key (`--api-key` or $PDSERVE_API_KEY): without one it refuses to start, before Ray or any
+server does, unless `--allow-unauthenticated` says the open API is meant (then it warns).
+
 `--threads` (both commands; see `pdserve.runtime.threads`): `auto`, the default, gives
 each worker an equal share of the cores this process may use and pins it there with one
 torch thread per core; N gives each worker N threads pinned to N cores (shared when there
@@ -18,10 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import sys
 import time
+
+logger = logging.getLogger(__name__)
 
 
 def _positive_int(text: str) -> int:
@@ -95,7 +102,11 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--port", type=_non_negative_int, default=8000, help="HTTP port (0: any free one)")
     serve.add_argument("--grpc-port", type=_non_negative_int, default=50051, help="gRPC port (0: any free one)")
     serve.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
-                       help="require this key (Bearer token / gRPC metadata); default $PDSERVE_API_KEY")
+                       help="require this key (Bearer token / gRPC metadata); default $PDSERVE_API_KEY "
+                            "(prefer it: arguments are visible to every user of the machine); empty is no key")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="serve without an API key on a non-loopback --host (refused otherwise): "
+                            "anyone who can reach the address can use the API")
     serve.add_argument("--address", default=None,
                        help="join this Ray cluster (e.g. auto or ray://...) instead of starting a local one")
     serve.add_argument("--max-model-len", type=_positive_int, default=None)
@@ -121,6 +132,9 @@ def _add_serve_parser(sub) -> None:
                        help="force the KV transport (default: shm on one host, nccl between GPUs, else grpc)")
     serve.add_argument("--transfer-timeout", type=float, default=30.0)
     serve.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
+    serve.add_argument("--engine-hang-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="a worker whose engine loop makes no progress for this long (a stuck step, a "
+                            "dead thread) is replaced and its requests end with an error")
     serve.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     serve.add_argument("--compile", action="store_true",
                        help="torch.compile the decoder layers at worker start-up (CPU; off by default: "
@@ -178,7 +192,47 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def is_loopback_host(host: str) -> bool:
+    """True when `host` (a --host value) is reachable from this machine only: an address in
+    127.0.0.0/8 (also IPv4-mapped), ::1, or the name localhost. Any other name may resolve to
+    an outside interface, so it counts as reachable from the network."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_open_bind(host: str, api_key: str | None, allow_unauthenticated: bool) -> str | None:
+    """The reason `pdserve serve` must not start, or None when it may.
+
+    A gateway on a non-loopback `host` without an API key would answer anyone who can reach
+    it: refused unless `allow_unauthenticated`, and then logged as a warning. A loopback
+    bind or a non-empty key needs nothing."""
+    if api_key or is_loopback_host(host):
+        return None
+    if not allow_unauthenticated:
+        return (f"refusing to serve on {host!r} without an API key: anyone who can reach that address "
+                f"could use the API. Set a key with --api-key KEY or the environment variable "
+                f"PDSERVE_API_KEY, or pass --allow-unauthenticated to serve it open on purpose "
+                f"(or bind --host 127.0.0.1)")
+    logger.warning("SERVING WITHOUT AN API KEY on %s (--allow-unauthenticated): anyone who can reach "
+                   "this address can send requests. Set --api-key or PDSERVE_API_KEY to require one.", host)
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    # Decided before anything starts (Ray, workers, servers): a refused bind never listens.
+    api_key = args.api_key or None  # an empty key (e.g. PDSERVE_API_KEY="") is no key
+    refusal = check_open_bind(args.host, api_key, args.allow_unauthenticated)
+    if refusal is not None:
+        print(f"pdserve: error: {refusal}", file=sys.stderr)
+        return 2
+
     from pdserve.cluster.control.autoscaler import ScalingPolicy
     from pdserve.cluster.serve import GatewayConfig
     from pdserve.cluster.workers.spec import WorkerSpec
@@ -204,7 +258,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_queued_requests=args.max_queued_requests, transfer_timeout=args.transfer_timeout,
             on_transfer_failure=args.on_transfer_failure, kv_transport=args.kv_transport,
             kv_host="127.0.0.1" if args.address is None else None, speculative=speculative,
-            device=args.device, gpus_per_worker=args.gpus_per_worker, compile=args.compile)
+            device=args.device, gpus_per_worker=args.gpus_per_worker, compile=args.compile,
+            engine_hang_timeout=args.engine_hang_timeout)
         scaling = None
         if args.autoscale:
             scaling = ScalingPolicy(
@@ -217,7 +272,7 @@ def _serve(args: argparse.Namespace) -> int:
                 down_cooldown=args.autoscale_down_cooldown)
         config = GatewayConfig(
             spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
-            host=args.host, port=args.port, grpc_port=args.grpc_port, api_key=args.api_key,
+            host=args.host, port=args.port, grpc_port=args.grpc_port, api_key=api_key,
             served_model_name=args.served_model_name, max_in_flight=args.max_in_flight,
             max_body_bytes=args.max_body_bytes,
             local_prefill_tokens=args.local_prefill_tokens, spill_backlog_tokens=args.spill_backlog_tokens,

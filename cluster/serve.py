@@ -81,7 +81,8 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
     controller = Controller(config.spec, config.num_prefill, config.num_decode, index,
                             cpus_per_worker=config.cpus_per_worker,
                             autoscaler=Autoscaler(config.scaling) if config.scaling else None)
-    metrics = GatewayMetrics(worker_stats=controller.all_stats, worker_counts=controller.counts)
+    metrics = GatewayMetrics(worker_stats=controller.all_stats, worker_counts=controller.counts,
+                             control_status=controller.status)
     controller.on_decision = metrics.scaled  # the metrics read the controller, and count its decisions
     router = Router(POLICIES[config.router](), config.spec.block_size, index,
                     local_prefill_tokens=config.local_prefill_tokens,

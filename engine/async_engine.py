@@ -137,6 +137,18 @@ class AsyncEngine(EngineThread):
         else:
             self._finish(command.request_id, command.reason)
 
+    def _command_failed(self, command: _Add | _Finish | _FailRemote, exc: Exception) -> None:
+        """End the command's request with an error; the batch goes on."""
+        request_id = command.request_id
+        sink = command.sink if isinstance(command, _Add) else self._sinks.get(request_id)
+        self._sinks.pop(request_id, None)
+        try:
+            self.core.finish_request(request_id, FinishReason.ERROR)  # frees whatever it holds
+        except Exception:  # it may never have been added: nothing more to free
+            log.exception("could not finish request %s after its command failed", request_id)
+        if sink is not None:
+            sink.put(RuntimeError(f"request {request_id} failed on the decode worker: {type(exc).__name__}: {exc}"))
+
     def _close(self, unapplied: list) -> None:
         for request_id in list(self._sinks):
             self._finish(request_id, FinishReason.ABORT)

@@ -44,7 +44,14 @@ from torch import nn
 
 from pdserve.engine.proposers import EMPTY_DRAFT, Draft, Proposer
 from pdserve.runtime.block_allocator import BlockAllocator
-from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, RuntimeInfo
+from pdserve.runtime.config import (
+    CacheConfig,
+    ConfigError,
+    DeviceConfig,
+    ModelConfig,
+    RuntimeInfo,
+    SpeculativeConfig,
+)
 from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
 from pdserve.runtime.kv_pool import KVPool
 from pdserve.runtime.loader import LoadedModel, load_model
@@ -52,6 +59,7 @@ from pdserve.runtime.model_runner import DecodeGraphRunner, ModelRunner
 from pdserve.runtime.request import Request
 from pdserve.runtime.sampler import apply_filters
 from pdserve.runtime.tokenizer import Tokenizer
+from pdserve.runtime.weights import load_checkpoint
 
 # Mixes a request's seed into the seed of its draft generator (a 64-bit LCG step), so that
 # drafting and verification draw from different streams of the same seed.
@@ -129,6 +137,19 @@ class _GrowingDraft:
     @property
     def draft(self) -> Draft:
         return Draft(tuple(self.token_ids), torch.stack(self.probs) if self.probs else None)
+
+
+def draft_kv_share(config: SpeculativeConfig | None, target: ModelConfig) -> float:
+    """The bytes of a draft pool's block over those of the target pool's block (both pools
+    have as many blocks, of the same size and dtype): what `CacheConfig.draft_kv_share`
+    needs so the KV memory limit covers both pools. 0 when the method has no draft pool."""
+    if config is None or config.method != "draft":
+        return 0.0
+    if config.draft_layers is not None:
+        return min(config.draft_layers, target.num_layers) / target.num_layers
+    draft = load_checkpoint(config.draft_model).config  # metadata only
+    return (draft.num_layers * draft.num_kv_heads * draft.head_dim) / (
+        target.num_layers * target.num_kv_heads * target.head_dim)
 
 
 class DraftModelProposer(Proposer):

@@ -92,6 +92,18 @@ class AsyncPrefillEngine(EngineThread):
         except ValueError as exc:
             _set(command, exc)
 
+    def _command_failed(self, command: _Pending | _Abort, exc: Exception) -> None:
+        """End the command's job with a failed result; the other jobs go on."""
+        request_id = command.request_id if isinstance(command, _Abort) else command.job.ticket.request_id
+        try:
+            self.engine.abort(request_id, f"failed on the prefill worker: {type(exc).__name__}")
+        except Exception:  # it may never have been added: nothing more to free
+            log.exception("could not abort job %s after its command failed", request_id)
+        if isinstance(command, _Pending) and request_id not in self._pending:
+            _set(command, RuntimeError(f"job {request_id} failed on the prefill worker: {type(exc).__name__}: {exc}"))
+        else:
+            self._resolve(request_id, False, f"the prefill worker failed this job: {type(exc).__name__}: {exc}")
+
     def _close(self, unapplied: list) -> None:
         for request_id in list(self._pending):
             self.engine.abort(request_id, "the prefill worker is shutting down")

@@ -102,6 +102,9 @@ class CacheConfig:
     num_blocks: int | None = None
     memory_bytes: int = 512 * 1024**2
     dtype: torch.dtype | None = None  # None: the model's dtype
+    # A draft model's KV pool of as many blocks shares `memory_bytes` with this one; its
+    # block takes this fraction of one of ours (0: no draft pool).
+    draft_kv_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -110,6 +113,8 @@ class CacheConfig:
             raise ConfigError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.memory_bytes <= 0:
             raise ConfigError(f"memory_bytes must be positive, got {self.memory_bytes}")
+        if not 0.0 <= self.draft_kv_share < float("inf"):
+            raise ConfigError(f"draft_kv_share must be >= 0, got {self.draft_kv_share}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,14 @@ nothing but that thread touches the engine. Each loop iteration:
 
 Subclasses say what the engine's state is and how a command or a step is applied.
 
+Liveness: the loop beats (`health()`) at every iteration and at least every
+`HEARTBEAT_SECONDS` while idle, so a heartbeat older than a step could take means the
+thread is stuck; a thread that ended without `shutdown` reports what ended it. One bad
+command never ends the loop: an exception applying it goes to `_command_failed` (the
+subclass fails that command's request) and the loop goes on; so does an exception in
+`on_iteration`. Only a BaseException (a bug past recovery, or a test's injected fault)
+ends the thread.
+
 Threads: OpenMP thread pools (torch's intra-op threads) belong to the thread that calls
 into them. With `threads`, the engine thread sizes its own pool first thing, and the
 process's other threads should keep one torch thread: two multi-threaded pools in one
@@ -22,13 +30,27 @@ second thread of a process whose main thread had a 2-thread pool).
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0  # the longest an idle loop waits before it beats again
+
+
+class EngineHealth(NamedTuple):
+    alive: bool  # the loop is running (not stopped, not crashed)
+    heartbeat_age: float  # seconds since the loop last beat: how long the current step has run, if one runs
+    failure: str | None  # why the loop ended, if it ended without a shutdown
+    num_errors: int  # commands and on_iteration calls that raised (each handled, the loop went on)
+
 
 
 class EngineThread(ABC):
@@ -41,6 +63,10 @@ class EngineThread(ABC):
         self._poll_seconds = poll_seconds
         self._on_iteration = on_iteration
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._last_beat = time.monotonic()  # written by the engine thread only
+        self._failure: str | None = None  # written once, by the engine thread, as it dies
+        self._stopping = False
+        self._num_errors = 0  # engine thread only
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -53,11 +79,20 @@ class EngineThread(ABC):
         """Commands posted but not yet applied by the engine thread."""
         return self._commands.qsize()
 
+    def health(self) -> EngineHealth:
+        """The loop's liveness, read from any thread."""
+        alive = self._thread.is_alive()
+        failure = self._failure
+        if not alive and failure is None and not self._stopping:
+            failure = "the engine thread ended"
+        return EngineHealth(alive, time.monotonic() - self._last_beat, failure, self._num_errors)
+
     def post(self, command: Any) -> None:
         """Queue a command for the engine thread (any thread may call this)."""
         self._commands.put(command)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
         self._commands.put(None)
         self._thread.join(timeout)
 
@@ -79,6 +114,10 @@ class EngineThread(ABC):
     def _step(self) -> None:
         """Run one engine step and deliver its results (engine thread)."""
 
+    def _command_failed(self, command: Any, exc: Exception) -> None:
+        """Applying `command` raised `exc` (not a ValueError the subclass handles itself):
+        end whatever request the command concerns, with an error (engine thread)."""
+
     @abstractmethod
     def _close(self, unapplied: list[Any]) -> None:
         """The thread is stopping: end whatever is still in flight, and refuse the
@@ -93,13 +132,22 @@ class EngineThread(ABC):
         return self._measured_threads
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            self._failure = f"the engine thread died: {type(exc).__name__}: {exc}"
+            log.critical("%s", self._failure, exc_info=True)
+            raise
+
+    def _loop(self) -> None:
         if self._threads is not None:
             torch.set_num_threads(self._threads)
         self._measured_threads = torch.get_num_threads()
         self._started.set()
         while True:
+            self._last_beat = time.monotonic()
             if not self._has_unfinished():
-                wait = None
+                wait = HEARTBEAT_SECONDS
             elif not self._has_compute():
                 wait = self._poll_seconds
             else:
@@ -109,7 +157,11 @@ class EngineThread(ABC):
             if self._has_unfinished():
                 self._step()
             if self._on_iteration is not None:
-                self._on_iteration(self._engine)
+                try:
+                    self._on_iteration(self._engine)
+                except Exception:
+                    self._num_errors += 1
+                    log.exception("publishing the engine's state failed; the engine goes on")
         unapplied = []
         while True:
             try:
@@ -118,9 +170,9 @@ class EngineThread(ABC):
                 break
         self._close([c for c in unapplied if c is not None])
 
-    def _apply_commands(self, wait: float | None) -> bool:
-        """Apply queued commands, waiting up to `wait` seconds for the first (None:
-        until one arrives). False means shut down."""
+    def _apply_commands(self, wait: float) -> bool:
+        """Apply queued commands, waiting up to `wait` seconds for the first. False means
+        shut down."""
         while True:
             try:
                 command = self._commands.get(block=wait != 0.0, timeout=wait)
@@ -129,4 +181,9 @@ class EngineThread(ABC):
             wait = 0.0
             if command is None:
                 return False
-            self._apply(command)
+            try:
+                self._apply(command)
+            except Exception as exc:
+                self._num_errors += 1
+                log.exception("applying %s failed; failing its request, the engine goes on", type(command).__name__)
+                self._command_failed(command, exc)

@@ -8,6 +8,8 @@ reads and writes its own views; which blocks belong to whom is the allocator's b
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pdserve.runtime.config import CacheConfig, ModelConfig
@@ -33,16 +35,18 @@ class KVPool:
 
     @classmethod
     def for_model(cls, model: ModelConfig, cache: CacheConfig, device: torch.device | str) -> KVPool:
-        """Size the pool from `cache.num_blocks`, or else from `cache.memory_bytes`."""
+        """Size the pool from `cache.num_blocks`, or else from `cache.memory_bytes` (which
+        a draft pool of as many blocks shares, per `cache.draft_kv_share`)."""
         dtype = cache.dtype or model.dtype
         num_blocks = cache.num_blocks
         if num_blocks is None:
-            per_block = bytes_per_block(model, cache.block_size, dtype)
+            per_block = math.ceil(bytes_per_block(model, cache.block_size, dtype) * (1.0 + cache.draft_kv_share))
             num_blocks = cache.memory_bytes // per_block
             if num_blocks == 0:
                 raise ValueError(
                     f"KV cache memory of {cache.memory_bytes} bytes holds no block "
-                    f"(one block needs {per_block} bytes); raise the KV cache memory"
+                    f"(one block needs {per_block} bytes, a draft model's share included); "
+                    "raise the KV cache memory"
                 )
         return cls(model.num_layers, num_blocks, cache.block_size, model.num_kv_heads,
                    model.head_dim, dtype, device)

@@ -23,8 +23,8 @@ START_TIMEOUT = 240  # seconds: local Ray plus three worker processes on a 2-cor
 class ServeProcess:
     """`pdserve serve ...` as a child process; knows where it listens."""
 
-    def __init__(self, model: str, *args: str) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def __init__(self, model: str, *args: str, env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         cmd = [sys.executable, "-m", "pdserve", "serve", "--model", model, "--port", "0", "--grpc-port", "0",
                "--api-key", API_KEY, "--block-size", str(BLOCK), "--kv-cache-memory", "1", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -1,9 +1,11 @@
-"""`pdserve generate` in-process: arguments, output streams, and errors a user can act on."""
+"""`pdserve generate` in-process: arguments, output streams, and errors a user can act on;
+`pdserve serve`'s refusal to serve a non-loopback address without an API key."""
 
 import pytest
 import torch
 
-from pdserve.cluster.cli import main
+from pdserve.cluster import cli
+from pdserve.cluster.cli import build_parser, check_open_bind, is_loopback_host, main
 from pdserve.runtime.threads import available_cores, pin_process
 
 
@@ -70,3 +72,117 @@ def test_chat_needs_a_template(tiny_llama_dir, tmp_path, capsys):
 def test_unknown_subcommand_is_rejected():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+# ------------------------------------------------------------------------- `pdserve serve` exposure
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("localhost", True), ("LocalHost", True),
+    ("::ffff:127.0.0.1", True),
+    ("0.0.0.0", False), ("::", False), ("10.1.2.3", False), ("192.168.0.7", False), ("fe80::1", False),
+    ("example.com", False), ("localhost.example.com", False), ("", False),
+])
+def test_loopback_hosts(host, loopback):
+    assert is_loopback_host(host) is loopback
+
+
+def parse_serve(argv: list[str]):
+    return build_parser().parse_args(["serve", *argv])
+
+
+REFUSAL_NAMES_BOTH_FIXES = ("--api-key", "PDSERVE_API_KEY", "--allow-unauthenticated")
+
+
+def test_open_bind_without_a_key_is_refused(monkeypatch):
+    monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
+    args = parse_serve(["--host", "0.0.0.0"])
+    refusal = check_open_bind(args.host, args.api_key, args.allow_unauthenticated)
+    assert refusal is not None and "'0.0.0.0' without an API key" in refusal
+    for fix in REFUSAL_NAMES_BOTH_FIXES:
+        assert fix in refusal
+
+
+@pytest.mark.parametrize("argv, env_key", [
+    (["--host", "0.0.0.0", "--api-key", "k"], None),  # a key on the command line
+    (["--host", "0.0.0.0"], "from-env"),  # a key from the environment (the Helm chart's Secret)
+    (["--host", "::1"], None),  # loopback needs nothing
+    ([], None),  # the default host is 127.0.0.1
+])
+def test_a_key_or_a_loopback_bind_needs_nothing(monkeypatch, caplog, argv, env_key):
+    if env_key is None:
+        monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("PDSERVE_API_KEY", env_key)
+    args = parse_serve(argv)
+    assert check_open_bind(args.host, args.api_key, args.allow_unauthenticated) is None
+    assert "WITHOUT AN API KEY" not in caplog.text
+
+
+def test_allow_unauthenticated_starts_with_a_warning(monkeypatch, caplog):
+    monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
+    args = parse_serve(["--host", "0.0.0.0", "--allow-unauthenticated"])
+    assert check_open_bind(args.host, args.api_key, args.allow_unauthenticated) is None
+    [record] = [r for r in caplog.records if "WITHOUT AN API KEY" in r.getMessage()]
+    assert record.levelname == "WARNING" and "0.0.0.0" in record.getMessage()
+
+
+class StartRecorder:
+    """Stands in for what `pdserve serve` starts (local Ray, the gateway's servers), so these
+    tests never bind an address: records what would have started, with which config."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.ray_started = 0
+        self.configs = []
+        monkeypatch.setattr(cli, "_start_ray", self._start_ray)
+        monkeypatch.setattr(cli, "_run_gateway", self._run_gateway)
+
+    def _start_ray(self, *args, **kwargs):
+        self.ray_started += 1
+        return self
+
+    def shutdown(self) -> None:
+        pass
+
+    async def _run_gateway(self, config) -> int:
+        self.configs.append(config)
+        return 0
+
+
+def test_serve_on_all_interfaces_without_a_key_exits_before_starting_anything(monkeypatch, capsys):
+    monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
+    started = StartRecorder(monkeypatch)
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "pdserve: error: refusing to serve on '0.0.0.0' without an API key" in err
+    for fix in REFUSAL_NAMES_BOTH_FIXES:
+        assert fix in err
+    assert (started.ray_started, started.configs) == (0, [])
+
+
+def test_an_empty_key_in_the_environment_is_no_key(monkeypatch, capsys):
+    monkeypatch.setenv("PDSERVE_API_KEY", "")
+    started = StartRecorder(monkeypatch)
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
+    assert started.ray_started == 0
+    # On loopback it starts, open: an empty key is not a key clients could send.
+    assert main(["serve"]) == 0
+    assert started.configs[-1].api_key is None
+
+
+def test_serve_passes_the_environment_key_to_the_gateway(monkeypatch, caplog):
+    monkeypatch.setenv("PDSERVE_API_KEY", "s3cret")
+    started = StartRecorder(monkeypatch)
+    assert main(["serve", "--host", "0.0.0.0"]) == 0
+    [config] = started.configs
+    assert (config.host, config.api_key) == ("0.0.0.0", "s3cret")
+    assert "WITHOUT AN API KEY" not in caplog.text
+
+
+def test_serve_allowed_open_warns_and_starts(monkeypatch, caplog):
+    monkeypatch.delenv("PDSERVE_API_KEY", raising=False)
+    started = StartRecorder(monkeypatch)
+    assert main(["serve", "--host", "0.0.0.0", "--allow-unauthenticated"]) == 0
+    [config] = started.configs
+    assert (config.host, config.api_key, started.ray_started) == ("0.0.0.0", None, 1)
+    assert "SERVING WITHOUT AN API KEY on 0.0.0.0" in caplog.text

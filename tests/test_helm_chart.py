@@ -9,6 +9,10 @@ core/v1 PodTemplates), the ServiceMonitor and PodMonitor against the Prometheus 
 
 Both Helm and kubernetes-validate are declared test dependencies (pyproject `test` extra),
 so they are imported plainly: an environment without them fails here instead of skipping.
+
+The one template that reads the cluster (`lookup` of the API key Secret, so that an upgrade
+keeps a generated key) is rendered by a server-side dry-run install against a stand-in
+Kubernetes API on 127.0.0.1 that serves discovery and the objects a test puts in it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import re
 import stat
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import helm_python as helm
@@ -29,7 +35,7 @@ import kubernetes_validate.utils
 import pytest
 import yaml
 
-from pdserve.cluster.cli import build_parser
+from pdserve.cluster.cli import build_parser, check_open_bind
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "pdserve"
@@ -55,6 +61,11 @@ def render(chart: helm.Chart, values: dict | None = None) -> list[dict]:
             continue
         docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
     return docs
+
+
+def notes(chart: helm.Chart, values: dict | None = None) -> str:
+    """NOTES.txt as `helm install` prints it."""
+    return chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)["pdserve/templates/NOTES.txt"]
 
 
 def one(docs: list[dict], kind: str) -> dict:
@@ -94,6 +105,7 @@ def pod_specs(docs: list[dict]) -> dict[str, dict]:
 VARIANTS = {
     "default": {},
     "gpu-example": GPU_VALUES,
+    "open-api-no-shm": {"apiKey": {"create": False}, "sharedMemory": {"enabled": False}},
     "api-key-podmonitor-colocated": {
         "apiKey": {"value": "s3cret"}, "monitoring": {"enabled": True, "kind": "PodMonitor"},
         "serve": {"colocated": True, "speculative": "ngram", "kvTransport": "grpc", "extraArgs": ["--block-size", "32"]},
@@ -103,7 +115,7 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("values", ["default", "gpu-example"])
+@pytest.mark.parametrize("values", ["default", "gpu-example", "open-api-no-shm"])
 def test_lint_strict_passes(values):
     report = helm.lint(CHART, VARIANTS[values], strict=True, kube_version=f"v{KUBE_VERSION}")
     assert report["errors"] == []
@@ -147,7 +159,7 @@ def test_the_fixtures_reject_what_kuberay_would_not_take(chart):
 
 
 def test_rendered_manifests(chart):
-    assert kinds(render(chart)) == ["RayCluster", "Service"]
+    assert kinds(render(chart)) == ["RayCluster", "Secret", "Service"]
     assert kinds(render(chart, GPU_VALUES)) == ["RayCluster", "Service", "ServiceMonitor"]
     for doc in render(chart, GPU_VALUES):
         assert doc["metadata"]["name"] == FULLNAME
@@ -324,10 +336,146 @@ def test_api_key_from_an_existing_secret(chart):
     assert env["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "token"}
 
 
-def test_no_api_key_means_no_secret_and_no_env(chart):
+def secret_key(docs: list[dict]) -> str:
+    return base64.b64decode(one(docs, "Secret")["data"]["api-key"]).decode()
+
+
+def test_default_install_requires_a_generated_api_key(chart):
     docs = render(chart)
+    secret = one(docs, "Secret")
+    assert secret["metadata"]["name"] == f"{FULLNAME}-api-key"
+    key = secret_key(docs)
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", key)
+    assert secret_key(render(chart)) != key  # generated per install (offline: nothing to look up)
+    [env] = api_key_env(docs)
+    assert env["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-api-key", "key": "api-key"}
+    assert key not in json.dumps(one(docs, "RayCluster"))
+    # The gateway binds every interface: it starts only because the Secret gives it a key.
+    args = parse_serve(serve_args(docs))
+    assert not args.allow_unauthenticated
+    assert check_open_bind(args.host, key, args.allow_unauthenticated) is None
+    assert "without an API key" in check_open_bind(args.host, None, args.allow_unauthenticated)
+    text = notes(chart)
+    assert f"get secret {FULLNAME}-api-key -o jsonpath='{{.data.api-key}}' | base64 -d" in text
+    assert "generated at install, kept on upgrades" in text and "the API is open" not in text
+
+
+# group/version path -> (resource, kind) the stand-in cluster serves: what the chart renders.
+STAND_IN_KINDS = {"api/v1": [("secrets", "Secret"), ("services", "Service")],
+                  "apis/ray.io/v1": [("rayclusters", "RayCluster")],
+                  "apis/monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor"), ("podmonitors", "PodMonitor")]}
+
+
+class StandInKubernetes(ThreadingHTTPServer):
+    """A Kubernetes API on 127.0.0.1 that Helm can install against with `dry_run="server"`:
+    discovery for the kinds the chart renders, an empty OpenAPI document (so client-side
+    schema validation has nothing to check), and GET of the objects in `objects`, keyed by
+    their URL path. Everything else is 404; nothing is ever written."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _StandInHandler)
+        self.objects: dict[str, dict] = {}
+
+    @property
+    def kubeconfig(self) -> str:
+        return yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
+            "clusters": [{"name": "stand-in", "cluster": {"server": f"http://127.0.0.1:{self.server_address[1]}"}}],
+            "users": [{"name": "stand-in", "user": {"token": "unused"}}],
+            "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "stand-in"}}]})
+
+    def answer(self, path: str) -> tuple[int, bytes]:
+        groups = [gv.removeprefix("apis/") for gv in STAND_IN_KINDS if gv.startswith("apis/")]
+        if path == "/version":
+            body = {"major": "1", "minor": "33", "gitVersion": "v1.33.0"}
+        elif path == "/api":
+            body = {"kind": "APIVersions", "versions": ["v1"]}
+        elif path == "/apis":
+            body = {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": "v1"}],
+                 "preferredVersion": {"groupVersion": gv, "version": "v1"}} for gv in groups]}
+        elif path.lstrip("/") in STAND_IN_KINDS:
+            group_version = path.lstrip("/").removeprefix("apis/").removeprefix("api/")
+            body = {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": [
+                {"name": name, "singularName": "", "namespaced": True, "kind": kind, "verbs": ["get", "list"]}
+                for name, kind in STAND_IN_KINDS[path.lstrip("/")]]}
+        elif path == "/openapi/v2":
+            return 200, b""  # an empty protobuf Document: no schemas, so no type is checked
+        elif path in self.objects:
+            body = self.objects[path]
+        else:
+            body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}
+            return 404, json.dumps(body).encode()
+        return 200, json.dumps(body).encode()
+
+
+class _StandInHandler(BaseHTTPRequestHandler):
+    server: StandInKubernetes
+
+    def do_GET(self) -> None:
+        status, body = self.server.answer(self.path.split("?")[0])
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream" if self.path.startswith("/openapi")
+                         else "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def kubernetes():
+    server = StandInKubernetes()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def install_dry_run(chart: helm.Chart, kubernetes: StandInKubernetes, values: dict | None = None) -> list[dict]:
+    """What `helm install --dry-run=server` renders against the stand-in cluster: templates
+    that `lookup` see its objects."""
+    with helm.Config(kubeconfig_content=kubernetes.kubeconfig, namespace=NAMESPACE, storage_driver="memory") as cfg:
+        release = cfg.install(chart, RELEASE, values or {}, namespace=NAMESPACE, dry_run="server")
+    return [doc for doc in yaml.safe_load_all(release["manifest"]) if doc]
+
+
+def test_an_upgrade_keeps_the_generated_api_key(chart, kubernetes):
+    fresh = secret_key(install_dry_run(chart, kubernetes))
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", fresh)  # nothing stored yet: a new key
+
+    # The Secret a first install left, as the cluster returns it (Helm's ownership marks).
+    stored = one(render(chart), "Secret")
+    stored["metadata"].update(namespace=NAMESPACE, annotations={
+        "meta.helm.sh/release-name": RELEASE, "meta.helm.sh/release-namespace": NAMESPACE})
+    kubernetes.objects[f"/api/v1/namespaces/{NAMESPACE}/secrets/{FULLNAME}-api-key"] = stored
+    first = secret_key([stored])
+    assert secret_key(install_dry_run(chart, kubernetes)) == first
+    assert secret_key(install_dry_run(chart, kubernetes)) == first
+    # An explicit value still replaces it (rotation), and a new secretKey starts afresh.
+    assert secret_key(install_dry_run(chart, kubernetes, {"apiKey": {"value": "rotated"}})) == "rotated"
+    renamed = one(install_dry_run(chart, kubernetes, {"apiKey": {"secretKey": "token"}}), "Secret")
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", base64.b64decode(renamed["data"]["token"]).decode())
+    assert base64.b64decode(renamed["data"]["token"]).decode() != first
+
+
+def test_api_key_opt_out_serves_open_and_says_so(chart):
+    docs = render(chart, {"apiKey": {"create": False}})
     assert "Secret" not in kinds(docs)
     assert api_key_env(docs) == []
+    args = parse_serve(serve_args(docs))
+    assert args.allow_unauthenticated
+    assert check_open_bind(args.host, None, args.allow_unauthenticated) is None
+    text = notes(chart, {"apiKey": {"create": False}})
+    assert "WARNING: the API is open" in text and "--allow-unauthenticated" in text
+    assert "Authorization" not in text
+    # An existing Secret still wins over the opt-out: the API keeps its key.
+    docs = render(chart, {"apiKey": {"create": False, "existingSecret": "mine"}})
+    assert api_key_env(docs) and not parse_serve(serve_args(docs)).allow_unauthenticated
 
 
 # ------------------------------------------------------------------------- monitoring
@@ -358,20 +506,64 @@ def test_pod_monitor_scrapes_the_head_pod(chart):
 
 # ------------------------------------------------------------------------- model
 
+SHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}
+SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
+
+
 def test_model_pvc_is_mounted_read_only_on_every_pod(chart):
     docs = render(chart, {"model": {"pvc": {"claimName": "models"}, "path": "/llama/", "mountPath": "/m"}})
     specs = pod_specs(docs)
     assert sorted(specs) == ["decode", "head", "prefill"]
+    model_volume = {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+    model_mount = {"name": "model", "mountPath": "/m", "readOnly": True}
     for role, spec in specs.items():
-        assert spec["volumes"] == [{"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}], role
-        mounts = spec["containers"][0]["volumeMounts"]
-        assert mounts == [{"name": "model", "mountPath": "/m", "readOnly": True}], role
+        shm = ([], []) if role == "head" else ([SHM_VOLUME], [SHM_MOUNT])
+        assert spec["volumes"] == [model_volume, *shm[0]], role
+        assert spec["containers"][0]["volumeMounts"] == [model_mount, *shm[1]], role
     assert parse_serve(serve_args(docs)).model == "/m/llama/"
 
 
-def test_no_pvc_means_no_volume(chart):
-    for spec in pod_specs(render(chart)).values():
-        assert "volumes" not in spec and "volumeMounts" not in spec["containers"][0]
+def test_no_pvc_means_no_model_volume(chart):
+    for role, spec in pod_specs(render(chart)).items():
+        if role == "head":
+            assert "volumes" not in spec and "volumeMounts" not in spec["containers"][0]
+        else:
+            assert spec["volumes"] == [SHM_VOLUME] and spec["containers"][0]["volumeMounts"] == [SHM_MOUNT]
+
+
+# ------------------------------------------------------------------------- shared memory
+
+def test_every_worker_pod_mounts_memory_backed_shm(chart):
+    """Each pod that runs a pdserve worker gets /dev/shm as a memory-backed emptyDir of
+    `sharedMemory.sizeLimit`; the head, which runs no worker, does not."""
+    for values, roles in (({}, ["prefill", "decode"]), (GPU_VALUES, ["prefill", "decode"]),
+                          ({"serve": {"colocated": True}}, ["decode"])):
+        specs = pod_specs(render(chart, values))
+        assert sorted(specs) == sorted(["head", *roles])
+        for role in roles:
+            [volume] = [v for v in specs[role]["volumes"] if v["name"] == "dshm"]
+            assert volume == SHM_VOLUME, role
+            assert SHM_MOUNT in specs[role]["containers"][0]["volumeMounts"], role
+        assert "dshm" not in json.dumps(specs["head"])
+
+    sized = pod_specs(render(chart, {"sharedMemory": {"sizeLimit": "4Gi"}}))
+    assert sized["decode"]["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}}]
+    off = pod_specs(render(chart, {"sharedMemory": {"enabled": False}}))
+    assert "dshm" not in json.dumps(off)
+
+
+def test_the_default_shm_holds_the_shm_transport_staging():
+    """values.yaml sizes /dev/shm for a decode worker's shm KV listener at its limits: one
+    staging region of the largest chunk per channel, for as many channels as it accepts."""
+    import inspect
+
+    from pdserve.kv_transfer.transports.base import DEFAULT_MAX_CHUNK_BYTES
+    from pdserve.kv_transfer.transports.shm import ShmListener
+
+    max_channels = inspect.signature(ShmListener).parameters["max_channels"].default
+    size = yaml.safe_load((CHART / "values.yaml").read_text())["sharedMemory"]["sizeLimit"]
+    number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", size).groups()
+    assert int(number) * {"Mi": 2**20, "Gi": 2**30}[unit] >= max_channels * DEFAULT_MAX_CHUNK_BYTES
 
 
 # ------------------------------------------------------------------------- bad values
@@ -388,6 +580,9 @@ def test_no_pvc_means_no_volume(chart):
     ({"serve": {"router": "random"}}, "/serve/router"),
     ({"prefill": {"gpus": -1}}, "/prefill/gpus"),
     ({"prefil": {}}, "prefil"),
+    ({"apiKey": {"create": False, "value": "k"}}, "apiKey.value is set but apiKey.create is false"),
+    ({"apiKey": {"secretKey": "a key"}}, "/apiKey/secretKey"),
+    ({"sharedMemory": {"sizeLimit": "lots"}}, "/sharedMemory/sizeLimit"),
 ])
 def test_bad_values_fail_with_the_reason(chart, values, message):
     with pytest.raises(helm.HelmError) as caught:

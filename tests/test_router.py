@@ -57,11 +57,12 @@ def test_route_prefills_locally_for_a_short_uncached_part_or_saturated_prefill()
     prefix = list(range(200, 240))  # 10 pages
     router.index.apply("d1", [stored(prefix)])
     decode, prefill = [view("d0"), view("d1")], [view("p0")]
-    assert router.route(prefix + [1, 2, 3], decode, prefill) == ("d1", None, 40)
+    assert router.route(prefix + [1, 2, 3], decode, prefill) == ("d1", None, 40, 0)
     long_prompt = list(range(300, 400))
     assert router.route(long_prompt, decode, prefill).prefill == "p0"
-    assert router.route(long_prompt, decode, [view("p0", tokens=1000)]).prefill is None
-    assert router.route(long_prompt, decode, []).prefill is None
+    # No prefill worker open: prefilled locally, and the demand is reported (autoscaler).
+    assert router.route(long_prompt, decode, [view("p0", tokens=1000)])[1:] == (None, 0, 100)
+    assert router.route(long_prompt, decode, [])[1:] == (None, 0, 100)
     assert router.route(long_prompt, [], prefill) is None
 
 

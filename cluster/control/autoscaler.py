@@ -6,7 +6,9 @@ It only decides counts; the controller starts or drains workers, and Ray (KubeRa
 autoscaler on Kubernetes) finds nodes for them through the role resources.
 
 Signals (the same `WorkerStats` the router and /metrics read):
-    prefill  pending prompt tokens on the prefill workers (queued, not yet computed);
+    prefill  pending prompt tokens on the prefill workers (queued, not yet computed), plus
+             the prompt tokens the gateway routed since the last observation that wanted a
+             prefill worker and found none up (so a role scaled to 0 comes back);
              wanted workers = ceil(tokens / prefill_tokens_per_worker)
     decode   requests queued on the decode workers for admission (a free batch slot or
              KV memory); wanted workers = ceil(queued / decode_waiting_per_worker), and one
@@ -93,12 +95,13 @@ class Autoscaler:
         self._roles = {"prefill": _RoleState(), "decode": _RoleState()}
 
     def observe(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats],
-                counts: dict[str, int] | None = None) -> list[Decision]:
+                counts: dict[str, int] | None = None, unmet_prefill_tokens: int = 0) -> list[Decision]:
         """Take one snapshot of the serving workers' stats; return the changes to make now
         (at most one per role). The current count of a role is `counts[role]` if given
-        (workers still starting count as there), else the number of its stats."""
+        (workers still starting count as there), else the number of its stats.
+        `unmet_prefill_tokens`: see the prefill signal in the module docstring."""
         decisions = []
-        for role, stats, (wanted, why) in (("prefill", prefill, self._prefill_want(prefill)),
+        for role, stats, (wanted, why) in (("prefill", prefill, self._prefill_want(prefill, unmet_prefill_tokens)),
                                             ("decode", decode, self._decode_want(decode))):
             current = counts[role] if counts is not None else len(stats)
             decision = self._decide(role, now, current, wanted, why)
@@ -108,9 +111,12 @@ class Autoscaler:
 
     # ------------------------------------------------------------------ signals
 
-    def _prefill_want(self, stats: Sequence[WorkerStats]) -> tuple[float, str]:
+    def _prefill_want(self, stats: Sequence[WorkerStats], unmet_tokens: int) -> tuple[float, str]:
         tokens = sum(s.num_waiting_tokens for s in stats)
-        return tokens / self.policy.prefill_tokens_per_worker, f"{tokens} prompt tokens pending on prefill"
+        why = f"{tokens} prompt tokens pending on prefill"
+        if unmet_tokens:
+            why += f", {unmet_tokens} that found no prefill worker"
+        return (tokens + unmet_tokens) / self.policy.prefill_tokens_per_worker, why
 
     def _decode_want(self, stats: Sequence[WorkerStats]) -> tuple[float, str]:
         waiting = sum(s.num_waiting for s in stats)

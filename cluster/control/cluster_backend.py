@@ -47,7 +47,10 @@ class ClusterBackend:
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[TokenDelta]:
         for attempt in range(MAX_ATTEMPTS):
-            request = self._route(request_id, prompt_ids, params)
+            # Each attempt its own id on the workers, so nothing left of an earlier one (a
+            # late ticket, a prefill job still running) can settle or abort this one.
+            attempt_id = request_id if attempt == 0 else f"{request_id}.retry{attempt}"
+            request = self._route(attempt_id, prompt_ids, params)
             try:
                 async for delta in request.run():
                     yield delta
@@ -59,17 +62,22 @@ class ClusterBackend:
                             request_id, request.decode.worker_id)
 
     def _route(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> _InFlight:
+        links = self.controller.links
         decode_workers = self.controller.members("decode")
-        prefill_workers = [p for p in self.controller.members("prefill") if p.kv_addresses]
+        prefill_workers = [p for p in self.controller.members("prefill") if links.has_up(p.worker_id)]
         route = self.router.route(prompt_ids, [w.view() for w in decode_workers],
                                   [w.view() for w in prefill_workers])
         if route is None:
             raise RequestError(ErrorKind.UNAVAILABLE, "no decode worker is ready; retry shortly", retry_after=1)
+        if route.unmet_prefill_tokens:
+            self.controller.note_unmet_prefill(route.unmet_prefill_tokens)
         decode = self.controller.workers[route.decode]
         prefill = self.controller.workers.get(route.prefill) if route.prefill else None
-        if prefill is not None and route.decode not in prefill.kv_addresses:
-            prefill = None  # the pair's link is not up (yet): prefill locally
-        self.metrics.routed(decode.worker_id, prefill is not None)
+        path = "remote" if prefill is not None else "local"
+        if prefill is not None and links.address(prefill.worker_id, decode.worker_id) is None:
+            # The pair's link is down (logged, retried, in pdserve_kv_links): prefill on D, counted.
+            prefill, path = None, "unlinked"
+        self.metrics.routed(decode.worker_id, path)
         return _InFlight(self, request_id, prompt_ids, params, decode, prefill)
 
 
@@ -142,7 +150,7 @@ class _InFlight:
         if ticket is None or prefill is None:
             self._release_prefill()  # no room on D now: D prefills it itself
             return
-        address = prefill.kv_addresses.get(self.decode.worker_id)
+        address = self.backend.controller.links.address(prefill.worker_id, self.decode.worker_id)
         if address is None:
             self.decode.actor.fail_remote.remote(self.request_id, f"prefill worker {prefill.worker_id} lost "
                                                    f"its link to {self.decode.worker_id}")

@@ -2,10 +2,17 @@
 
 It runs on the gateway's event loop and owns the list of workers. Every `poll_interval`
 it asks each worker for its stats; the answer is the health check, refreshes the numbers
-the router, `/metrics` (and the autoscaler) read, and carries the worker's prefix-cache
-events into the router's `PrefixIndex`. A worker whose process died, or that misses
-`max_missed_polls` polls in a row, is removed (its requests end with a clear error at
-the gateway) and a replacement is started from the same `WorkerSpec`.
+the router, `/metrics` (and the autoscaler) read, and carries the worker's numbered
+prefix-cache events into the router's `PrefixIndex` (a gap in the numbers - a reply
+lost to a timeout, events dropped on the worker - makes it reload that worker's whole
+cache from a snapshot). A worker is replaced from the same `WorkerSpec` when its process
+died, when it misses `max_missed_polls` polls in a row, or when its engine thread died
+or made no progress for `spec.engine_hang_timeout` seconds (the stats say, from the
+actor's own thread); its requests end with a clear error at the gateway.
+
+The monitor loop survives its own failures: an exception in a round (or in one
+worker's poll) is logged and counted (`num_errors`, `pdserve_controller_errors_total`)
+and the next round runs as usual.
 
 With an `Autoscaler`, each poll round also asks it for the number of workers per role:
 new workers are started like replacements; a worker to remove is drained first - it
@@ -22,10 +29,16 @@ claimed before its actor starts, passed to it, and asks Ray for as many CPUs; a 
 claims with the placement it replaces (so it gets the same cores); a stopped worker's
 cores are released.
 
-KV links: for each (prefill, decode) pair the transport is chosen by
-`choose_transport` (forced by the spec or picked per pair), the decode worker opens a
+KV links (`kv_links.KVLinks`): for each (prefill, decode) pair the transport is chosen
+by `choose_transport` (forced by the spec or picked per pair), the decode worker opens a
 listener of that kind, and the prefill worker proves it with a ping before the pair is
-used. A link that cannot work fails start-up loudly; there is no silent fallback.
+used. A worker is registered before its links are made, and lists the workers of the
+other role in the same event-loop turn, so of two workers starting together the later
+one always sees the earlier: every pair gets linked whatever the start order (an attempt
+already running for a pair is shared). At start-up a link that cannot work fails
+start-up loudly; later (replacements, scale-ups) a failed link is marked down, logged and
+retried with backoff, and requests between that pair are prefilled on the decode worker
+and counted as such (`pdserve_routes_total{prefill="unlinked"}`).
 """
 
 from __future__ import annotations
@@ -34,13 +47,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from pdserve.cluster.control.autoscaler import Autoscaler, Decision
+from pdserve.cluster.control.kv_links import KVLinks
 from pdserve.cluster.control.router import PrefixIndex, WorkerView
+from pdserve.cluster.gateway.metrics import ControlPlaneStatus
 from pdserve.cluster.workers.actors import DecodeWorker, PrefillWorker, WorkerInfo
 from pdserve.cluster.workers.spec import ROLES, WorkerSpec
 from pdserve.cluster.workers.stats import WorkerStats
@@ -67,7 +82,7 @@ class WorkerHandle:
     missed_polls: int = 0
     in_flight: int = 0  # requests this gateway has on it now
     in_flight_tokens: int = 0  # prompt tokens of those still to prefill on it
-    kv_addresses: dict[str, str] = field(default_factory=dict)  # prefill only: decode id -> address
+    ready: bool = False  # registered and its KV links attempted: it takes requests
     draining: bool = False  # being removed: no new requests, stops once it holds none
 
     @property
@@ -96,8 +111,13 @@ class Controller:
         self.autoscaler = autoscaler
         self.on_decision = on_decision
         self.drain_timeout = drain_timeout
-        self.workers: dict[str, WorkerHandle] = {}
+        self.workers: dict[str, WorkerHandle] = {}  # registered: starting (not ready), serving, draining
+        self.links = KVLinks()
         self.num_replaced = 0
+        self.num_errors = 0  # monitor-loop failures (logged, counted, survived)
+        self.unmet_prefill_tokens = 0  # routed prompt tokens that found no prefill worker (autoscaler)
+        self._unmet_seen = 0  # the part of it the autoscaler has seen
+        self._link_tasks: dict[tuple[str, str], asyncio.Task] = {}
         self._next_id = {"prefill": 0, "decode": 0}
         self._monitor: asyncio.Task | None = None
         self._replacing: set[asyncio.Task] = set()  # starting (replacements and scale-ups) and draining
@@ -107,16 +127,25 @@ class Controller:
     # ------------------------------------------------------------------ membership
 
     def members(self, role: str) -> list[WorkerHandle]:
-        """The workers of `role` that take new requests (draining ones excluded)."""
-        return [w for w in self.workers.values() if w.role == role and not w.draining]
+        """The workers of `role` that take new requests (ready, not draining)."""
+        return [w for w in self.workers.values() if w.role == role and w.ready and not w.draining]
 
     def counts(self) -> dict[tuple[str, str], int]:
         """(role, state) -> number of workers; state is starting, serving or draining."""
         out = {(role, "starting"): n for role, n in self._starting.items()}
         for w in self.workers.values():
-            key = (w.role, "draining" if w.draining else "serving")
-            out[key] = out.get(key, 0) + 1
+            if w.ready:
+                key = (w.role, "draining" if w.draining else "serving")
+                out[key] = out.get(key, 0) + 1
         return out
+
+    def status(self) -> ControlPlaneStatus:
+        return ControlPlaneStatus(self.num_errors, self.links.counts(), self.index.num_resyncs, self.num_replaced)
+
+    def note_unmet_prefill(self, tokens: int) -> None:
+        """The gateway routed `tokens` prompt tokens that wanted a prefill worker and found
+        none: the autoscaler's prefill signal counts them."""
+        self.unmet_prefill_tokens += tokens
 
     def all_stats(self) -> list[WorkerStats]:
         return [w.stats for w in self.workers.values() if w.stats is not None]
@@ -125,11 +154,11 @@ class Controller:
         """Start every worker and link every pair; raises WorkerStartError on failure."""
         self._cpus = self._plan_cpus()
         roles = [role for role in ("prefill", "decode") for _ in range(self.target[role])]
-        await asyncio.gather(*(self._add_worker(role) for role in roles))
+        await asyncio.gather(*(self._add_worker(role, strict=True) for role in roles))
         self._monitor = asyncio.create_task(self._monitor_loop(), name="pdserve-controller")
 
     async def shutdown(self) -> None:
-        for task in [self._monitor, *self._replacing]:
+        for task in [self._monitor, *self._replacing, *self._link_tasks.values()]:
             if task is not None:
                 task.cancel()
         for handle in list(self.workers.values()):
@@ -156,8 +185,11 @@ class Controller:
             log.info("%s workers on other nodes: %d CPU(s) each, not pinned", role, plans[role].num_cpus)
         return plans
 
-    async def _add_worker(self, role: str, previous: CpuPlacement | None = None) -> WorkerHandle:
-        """Start a worker of `role` on cores claimed for it (like `previous`'s, if given)."""
+    async def _add_worker(self, role: str, previous: CpuPlacement | None = None,
+                          strict: bool = False) -> WorkerHandle:
+        """Start a worker of `role` on cores claimed for it (like `previous`'s, if given)
+        and link it with every worker of the other role. `strict` (start-up): a link that
+        fails fails the worker; otherwise it is left down and retried."""
         worker_id = f"{role}-{self._next_id[role]}"
         self._next_id[role] += 1
         placement = self._cpus[role].claim(worker_id, previous)
@@ -173,46 +205,89 @@ class Controller:
             self._cpus[role].release(worker_id)
             raise WorkerStartError(f"{role} worker {worker_id} failed to start: {exc}") from exc
         handle = WorkerHandle(worker_id, role, actor, info, placement)
-        try:
-            await self._link(handle)
-        except Exception:
+        # Registered and the other role listed in this same turn of the event loop (no
+        # await in between): see "KV links" in the module docstring.
+        self.workers[worker_id] = handle
+        others = [w for w in self.workers.values() if w.role != role and not w.draining]
+        pairs = [(handle, w) if role == "prefill" else (w, handle) for w in others]
+        errors = await asyncio.gather(*(self._link(p, d) for p, d in pairs))
+        failed = [e for e in errors if e is not None]
+        if strict and failed:
+            self.workers.pop(worker_id, None)
+            self.links.forget(worker_id)
             ray.kill(actor)
             self._cpus[role].release(worker_id)
-            raise
-        self.workers[worker_id] = handle
+            raise WorkerStartError(failed[0])
+        if self.workers.get(worker_id) is not handle:
+            raise WorkerStartError(f"{role} worker {worker_id} was lost while linking")
+        handle.ready = True
         log.info("%s worker %s up (pid %d, %d torch thread(s) on core(s) %s)", role, worker_id, info.pid,
                  info.threads, format_cores(info.cores))
         return handle
 
-    async def _link(self, new: WorkerHandle) -> None:
-        """Open and prove KV links between `new` and every worker of the other role."""
-        if new.role == "prefill":
-            pairs = [(new, d) for d in self.members("decode")]
-        else:
-            pairs = [(p, new) for p in self.members("prefill")]
-        for prefill, decode in pairs:
-            try:
-                kind = choose_transport(prefill.info.peer, decode.info.peer, self.spec.kv_transport)
-                address = await decode.actor.listen.remote(kind)
-                await prefill.actor.probe.remote(address)
-            except Exception as exc:
-                raise WorkerStartError(f"the KV link {prefill.worker_id} -> {decode.worker_id} does not work: "
-                                       f"{_cause(exc)}") from exc
-            prefill.kv_addresses[decode.worker_id] = address
-            log.info("KV link %s -> %s over %s", prefill.worker_id, decode.worker_id, address)
+    async def _link(self, prefill: WorkerHandle, decode: WorkerHandle) -> str | None:
+        """Make the pair's link (or join the attempt already running); None if it is up,
+        else why not."""
+        pair = (prefill.worker_id, decode.worker_id)
+        task = self._link_tasks.get(pair)
+        if task is None:
+            task = asyncio.create_task(self._attempt_link(prefill, decode), name=f"pdserve-link-{pair}")
+            self._link_tasks[pair] = task
+            task.add_done_callback(lambda _: self._link_tasks.pop(pair, None))
+        return await asyncio.shield(task)
+
+    async def _attempt_link(self, prefill: WorkerHandle, decode: WorkerHandle) -> str | None:
+        pair = (prefill.worker_id, decode.worker_id)
+        self.links.begin(pair)
+        try:
+            kind = choose_transport(prefill.info.peer, decode.info.peer, self.spec.kv_transport)
+            address = await decode.actor.listen.remote(kind)
+            await prefill.actor.probe.remote(address)
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the link down, with its reason
+            error = f"the KV link {prefill.worker_id} -> {decode.worker_id} does not work: {_cause(exc)}"
+            delay = self.links.failed(pair, error, time.monotonic())
+            log.error("%s; retrying in %.0f s", error, delay)
+            return error
+        self.links.succeeded(pair, address)
+        log.info("KV link %s -> %s over %s", prefill.worker_id, decode.worker_id, address)
+        return None
+
+    def _retry_links(self) -> None:
+        for prefill_id, decode_id in self.links.due(time.monotonic()):
+            prefill, decode = self.workers.get(prefill_id), self.workers.get(decode_id)
+            if prefill is None or decode is None or (prefill_id, decode_id) in self._link_tasks:
+                continue
+            self._spawn(self._link(prefill, decode))
 
     # ------------------------------------------------------------------ health
 
     async def _monitor_loop(self) -> None:
         while True:
-            await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
-            if self.autoscaler is not None:
-                self._autoscale()
+            try:
+                await self._monitor_round()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one failure
+                self._count_error("a monitor round")
             await asyncio.sleep(self.poll_interval)
 
+    async def _monitor_round(self) -> None:
+        polled = [h for h in self.workers.values() if h.ready]
+        results = await asyncio.gather(*(self._poll(h) for h in polled), return_exceptions=True)
+        for handle, result in zip(polled, results):
+            if isinstance(result, Exception):
+                self._count_error(f"polling {handle.worker_id}", result)
+        self._retry_links()
+        if self.autoscaler is not None:
+            self._autoscale()
+
+    def _count_error(self, what: str, exc: BaseException | None = None) -> None:
+        self.num_errors += 1
+        log.error("controller: %s failed (%d errors so far); going on", what, self.num_errors,
+                  exc_info=exc if exc is not None else True)
+
     async def _poll(self, handle: WorkerHandle) -> None:
+        acked = self.index.seq(handle.worker_id)
         try:
-            stats, events = await asyncio.wait_for(_await(handle.actor.stats.remote()), self.poll_timeout)
+            stats, batch = await asyncio.wait_for(_await(handle.actor.stats.remote(acked)), self.poll_timeout)
         except (asyncio.TimeoutError, GetTimeoutError):
             handle.missed_polls += 1
             log.warning("%s missed a health check (%d in a row)", handle.worker_id, handle.missed_polls)
@@ -224,14 +299,39 @@ class Controller:
             return
         handle.missed_polls = 0
         handle.stats = stats
-        self.index.apply(handle.worker_id, events)
+        unhealthy = self._engine_trouble(stats)
+        if unhealthy is not None:
+            self._replace(handle, unhealthy)
+            return
+        if handle.worker_id not in self.workers:
+            return  # removed while this poll was out
+        if not self.index.apply_batch(handle.worker_id, batch):
+            await self._resync_prefix_index(handle, acked, batch.first_seq)
+
+    def _engine_trouble(self, stats: WorkerStats) -> str | None:
+        """Why the worker's engine cannot serve (dead, hung), or None."""
+        if not stats.engine_alive:
+            return stats.engine_failure or "its engine thread ended"
+        if stats.engine_heartbeat_age > self.spec.engine_hang_timeout:
+            return (f"its engine thread made no progress for {stats.engine_heartbeat_age:.0f} s "
+                    f"(limit {self.spec.engine_hang_timeout:g} s): hung")
+        return None
+
+    async def _resync_prefix_index(self, handle: WorkerHandle, acked: int, first_seq: int) -> None:
+        log.warning("%s: prefix-cache events %d..%d were lost; reloading its cache index from a snapshot",
+                    handle.worker_id, acked + 1, first_seq - 1)
+        snapshot = await asyncio.wait_for(_await(handle.actor.cache_snapshot.remote()), self.poll_timeout)
+        if handle.worker_id in self.workers:
+            self.index.reset(handle.worker_id, snapshot)
 
     # ------------------------------------------------------------------ scaling
 
     def _autoscale(self) -> None:
         serving = {role: [w.stats for w in self.members(role) if w.stats is not None] for role in self.target}
         counts = {role: len(self.members(role)) + self._starting[role] for role in self.target}
-        for decision in self.autoscaler.observe(time.monotonic(), serving["prefill"], serving["decode"], counts):
+        unmet, self._unmet_seen = self.unmet_prefill_tokens - self._unmet_seen, self.unmet_prefill_tokens
+        for decision in self.autoscaler.observe(time.monotonic(), serving["prefill"], serving["decode"], counts,
+                                                unmet_prefill_tokens=unmet):
             log.info("autoscaler: %s %s %d -> %d: %s", decision.role, decision.direction, decision.current,
                      decision.desired, decision.reason)
             if self.on_decision is not None:
@@ -254,8 +354,7 @@ class Controller:
         if self.workers.pop(handle.worker_id, None) is None:
             return  # it died meanwhile (and was replaced... by nobody: it was leaving anyway)
         self.index.forget(handle.worker_id)
-        for other in self.members("prefill"):
-            other.kv_addresses.pop(handle.worker_id, None)
+        self.links.forget(handle.worker_id)
         log.info("%s worker %s drained and stopped", handle.role, handle.worker_id)
         await self._stop(handle)
         self._cpus[handle.role].release(handle.worker_id)
@@ -273,8 +372,7 @@ class Controller:
         if self.workers.pop(handle.worker_id, None) is None:
             return
         self.index.forget(handle.worker_id)
-        for other in self.members("prefill"):
-            other.kv_addresses.pop(handle.worker_id, None)
+        self.links.forget(handle.worker_id)
         ray.kill(handle.actor)
         self._cpus[handle.role].release(handle.worker_id)
         if handle.draining:

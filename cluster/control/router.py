@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from pdserve.cluster.workers.cache_events import CacheSnapshot, EventBatch
 from pdserve.runtime.config import SchedulerConfig
 from pdserve.runtime.radix_cache import CacheEvent, page_hashes
 
@@ -50,16 +51,42 @@ class Route(NamedTuple):
     decode: str
     prefill: str | None  # None: the decode worker prefills the prompt itself
     cached_tokens: int  # prompt tokens the decode worker holds already
+    # Uncached prompt tokens that should have gone to a prefill worker but found none up
+    # (or all saturated): demand the autoscaler's prefill signal counts, even at 0 workers.
+    unmet_prefill_tokens: int = 0
 
 
 class PrefixIndex:
     """Per worker, the chain hashes of the pages in its radix cache. Exact as long as
-    every event is applied in order; `forget` a worker whose events were lost."""
+    every event is applied in order: numbered batches (`apply_batch`) are checked for
+    gaps, and a worker with a gap is `reset` from a snapshot of its cache."""
 
     def __init__(self) -> None:
         self._pages: dict[str, set[int]] = {}
+        self._seq: dict[str, int] = {}  # worker -> the last event seq applied
+        self.num_resyncs = 0  # gaps found and repaired from a snapshot
+
+    def seq(self, worker_id: str) -> int:
+        """The last event seq applied for the worker (0: none yet)."""
+        return self._seq.get(worker_id, 0)
+
+    def apply_batch(self, worker_id: str, batch: EventBatch) -> bool:
+        """Apply a worker's numbered events. False (nothing applied) when they do not
+        follow the last ones applied: some were lost; `reset` the worker."""
+        if batch.first_seq != self.seq(worker_id) + 1:
+            return False
+        self.apply(worker_id, batch.events)
+        self._seq[worker_id] = batch.last_seq
+        return True
+
+    def reset(self, worker_id: str, snapshot: CacheSnapshot) -> None:
+        """Start the worker over from a snapshot of its whole cache."""
+        self._pages[worker_id] = set(snapshot.pages)
+        self._seq[worker_id] = snapshot.seq
+        self.num_resyncs += 1
 
     def apply(self, worker_id: str, events: Sequence[CacheEvent]) -> None:
+        """Apply events in order (unnumbered: the caller vouches that none was lost)."""
         pages = self._pages.setdefault(worker_id, set())
         for event in events:
             if event.kind == "stored":
@@ -67,8 +94,12 @@ class PrefixIndex:
             else:
                 pages.difference_update(event.page_hashes)
 
+    def pages(self, worker_id: str) -> frozenset[int]:
+        return frozenset(self._pages.get(worker_id, ()))
+
     def forget(self, worker_id: str) -> None:
         self._pages.pop(worker_id, None)
+        self._seq.pop(worker_id, None)
 
     def num_cached_pages(self, worker_id: str, hashes: Sequence[int]) -> int:
         """How many leading pages of a prompt (given as its chain hashes) the worker holds."""
@@ -159,8 +190,10 @@ class Router:
         chosen = self.policy.choose(decode, cached)
         uncached = len(prompt_ids) - cached[chosen]
         open_prefill = [w for w in prefill if w.in_flight_tokens < self.prefill_saturation_tokens]
-        if uncached <= self.local_prefill_tokens or not open_prefill:
+        if uncached <= self.local_prefill_tokens:
             return Route(decode[chosen].worker_id, None, cached[chosen])
+        if not open_prefill:
+            return Route(decode[chosen].worker_id, None, cached[chosen], unmet_prefill_tokens=uncached)
         # The prefill worker: most of the prompt cached there, then least work in flight.
         best = max(open_prefill, key=lambda w: (self._cached_tokens(w.worker_id, hashes, len(prompt_ids))
                                                 - w.in_flight_tokens, -w.in_flight))

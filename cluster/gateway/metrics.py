@@ -8,6 +8,7 @@ One registry per gateway, so that everything a cluster measures is one scrape ta
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,9 +20,22 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 6
 TTFT_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "first_decode_step")
 
 
+class ControlPlaneStatus(NamedTuple):
+    """What the controller reports about itself (counters grow over the gateway's life)."""
+
+    errors: int  # monitor-loop failures survived
+    kv_links: dict[str, int]  # state -> (prefill, decode) pairs in it
+    prefix_resyncs: int  # worker cache indexes reloaded after lost events
+    workers_replaced: int
+
+
+_NO_CONTROLLER = ControlPlaneStatus(0, {}, 0, 0)
+
+
 class GatewayMetrics:
     def __init__(self, worker_stats: Callable[[], Iterable[WorkerStats]] = tuple,
-                 worker_counts: Callable[[], dict[tuple[str, str], int]] = dict) -> None:
+                 worker_counts: Callable[[], dict[tuple[str, str], int]] = dict,
+                 control_status: Callable[[], ControlPlaneStatus] = lambda: _NO_CONTROLLER) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.errors = Counter("pdserve_request_errors", "Requests refused or failed, by error kind "
@@ -39,12 +53,14 @@ class GatewayMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.output_tokens = Counter("pdserve_output_tokens", "Output tokens streamed", registry=r)
         self.routes = Counter("pdserve_routes", "Routing decisions, by decode worker and prefill path "
-                              "(remote: a prefill worker; local: the decode worker prefills)",
+                              "(remote: a prefill worker; local: the decode worker prefills; unlinked: "
+                              "the decode worker prefills because the chosen pair's KV link is down)",
                               ["decode_worker", "prefill"], registry=r)
         self.scaling = Counter("pdserve_autoscaler_decisions", "Autoscaler decisions, by role and direction "
                                "(the reason of each is logged)", ["role", "direction"], registry=r)
         r.register(_WorkerCollector(worker_stats))
         r.register(_CountCollector(worker_counts))
+        r.register(_ControlCollector(control_status))
 
     def error(self, kind: ErrorKind) -> None:
         self.errors.labels(kind.name.lower()).inc()
@@ -67,8 +83,9 @@ class GatewayMetrics:
         """An `autoscaler.Decision` was made."""
         self.scaling.labels(decision.role, decision.direction).inc()
 
-    def routed(self, decode_worker: str, remote_prefill: bool) -> None:
-        self.routes.labels(decode_worker, "remote" if remote_prefill else "local").inc()
+    def routed(self, decode_worker: str, path: str) -> None:
+        """`path`: remote, local or unlinked (see the metric's help)."""
+        self.routes.labels(decode_worker, path).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -87,6 +104,11 @@ _WORKER_FIELDS = (
     ("transfer_seconds", "transfer_seconds",
      "Prefill: seconds spent sending KV; decode: seconds remote requests waited for their KV", True),
     ("steps", "num_steps", "Engine steps run", True),
+    ("engine_heartbeat_age_seconds", "engine_heartbeat_age",
+     "Seconds since the worker's engine loop last made progress (a worker past its hang timeout is replaced)",
+     False),
+    ("engine_errors", "engine_errors",
+     "Commands the engine failed (their requests ended with an error; the engine went on)", True),
     ("step_seconds", "step_seconds", "Seconds spent in engine steps", True),
     ("spec_proposed_tokens", "spec_proposed_tokens", "Speculative draft tokens proposed", True),
     ("spec_accepted_tokens", "spec_accepted_tokens", "Speculative draft tokens accepted", True),
@@ -145,3 +167,28 @@ class _CountCollector:
         for (role, state), count in sorted(self._worker_counts().items()):
             family.add_metric([role, state], float(count))
         yield family
+
+
+class _ControlCollector:
+    """The controller's own state: its survived errors, KV links by state, index resyncs."""
+
+    def __init__(self, control_status: Callable[[], ControlPlaneStatus]) -> None:
+        self._control_status = control_status
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        status = self._control_status()
+        yield CounterMetricFamily("pdserve_controller_errors", "Controller monitor-loop failures (logged; the "
+                                  "loop went on)", value=float(status.errors))
+        links = GaugeMetricFamily("pdserve_kv_links", "KV links between (prefill, decode) pairs, by state "
+                                  "(down: failed, retried with backoff)", labels=["state"])
+        for state, count in sorted(status.kv_links.items()):
+            links.add_metric([state], float(count))
+        yield links
+        yield CounterMetricFamily("pdserve_prefix_index_resyncs", "Worker prefix-cache indexes reloaded from a "
+                                  "snapshot after lost events", value=float(status.prefix_resyncs))
+        yield CounterMetricFamily("pdserve_workers_replaced", "Workers replaced after their process died, they "
+                                  "missed health checks, or their engine died or hung",
+                                  value=float(status.workers_replaced))

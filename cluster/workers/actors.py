@@ -6,12 +6,17 @@ command queue. What leaves a worker:
 
     DecodeWorker.generate(...)  a stream: Refused | (KVTicket | None, if remote) then TokenDeltas
     PrefillWorker.prefill(job)  PrefillResult | Refused, once the KV reached the decode worker
-    *.stats()                   (WorkerStats, prefix-cache events since the last call)
+    *.stats(acked)              (WorkerStats, the prefix-cache events after seq `acked`)
+    *.cache_snapshot()          every page in the prefix cache, at an event seq (after a gap)
     *.info()                    WorkerInfo: identity, KV peer, and the cores and torch threads it runs on
 
 A worker is built from its `WorkerSpec` and the `CpuPlacement` the controller claimed for
 it (`pdserve.runtime.threads`), which it applies before anything else: the model's
 weights load and its thread pools start on the worker's own cores.
+
+Liveness: `stats()` is answered by the actor's event loop, not the engine thread, and says
+how the engine thread is (alive, seconds since its loop last beat, why it died); the
+controller replaces a worker whose engine is dead or hung.
 
 Refusals travel as values, not exceptions, so the gateway maps them to client errors
 without unpickling foreign exception types.
@@ -23,7 +28,6 @@ actor starts, in its own process. The serve process never loads engine code.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -31,6 +35,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from pdserve.cluster.workers.cache_events import CacheEventLog, CacheSnapshot, EventBatch
+from pdserve.cluster.workers.faults import planned_fault
 from pdserve.cluster.workers.spec import WorkerSpec
 from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.kv_transfer.messages import PrefillJob, PrefillResult
@@ -44,12 +50,9 @@ if TYPE_CHECKING:
     from pdserve.kv_transfer.transports.base import KVListener
     from pdserve.prefill_worker.engine import PrefillEngine
     from pdserve.runtime.loader import LoadedModel
-    from pdserve.runtime.radix_cache import CacheEvent
     from pdserve.runtime.scheduler import BatchScheduler
 
 log = logging.getLogger(__name__)
-
-MAX_PENDING_EVENTS = 100_000  # past this the oldest cache events are dropped (controller gone)
 
 
 class Refused(NamedTuple):
@@ -85,27 +88,35 @@ class _Worker:
 
         self.spec = spec
         self.worker_id = worker_id
-        self.loaded: LoadedModel = load_model(spec.model, cache=spec.cache_config, max_model_len=spec.max_model_len,
-                                              device_config=spec.device_config)
-        self._events: collections.deque[CacheEvent] = collections.deque(maxlen=MAX_PENDING_EVENTS)
+        self.loaded: LoadedModel = load_model(spec.model, cache=self._cache_config(spec),
+                                              max_model_len=spec.max_model_len, device_config=spec.device_config)
+        self._events = CacheEventLog()
+        self._fault = planned_fault(worker_id)
         self._stats: WorkerStats | None = None
-        self._steps = 0
         log.info("%s worker %s ready: %s, %d KV blocks of %d tokens, %d torch thread(s) on core(s) %s",
                  self.role, worker_id, spec.model, self.loaded.info.num_blocks, self.loaded.info.block_size,
                  self.placement.threads, format_cores(process_cores()))
+
+    def _cache_config(self, spec: WorkerSpec):
+        return spec.cache_config
 
     def info(self) -> WorkerInfo:
         """Read now, from inside the process: the cores are what its threads may run on."""
         return WorkerInfo(self.worker_id, self.role, PeerInfo.local(self.loaded.runner.device.type),
                           self.loaded.info.block_size, os.getpid(), process_cores(), self.engine.threads)
 
-    def stats(self) -> tuple[WorkerStats, list[CacheEvent]]:
-        """The latest snapshot and the prefix-cache events since the last call (taken)."""
-        events = []
-        while self._events:
-            events.append(self._events.popleft())
-        return self._stats._replace(num_waiting=self.num_waiting,
-                                    num_waiting_tokens=self._stats.num_waiting_tokens + self._queued_tokens), events
+    def stats(self, acked: int = 0) -> tuple[WorkerStats, EventBatch]:
+        """The latest snapshot, the engine thread's health now, and the prefix-cache
+        events after seq `acked` (the ones up to it are forgotten)."""
+        health = self.engine.health()
+        stats = self._stats._replace(
+            num_waiting=self.num_waiting, num_waiting_tokens=self._stats.num_waiting_tokens + self._queued_tokens,
+            engine_alive=health.alive, engine_heartbeat_age=health.heartbeat_age,
+            engine_failure=health.failure, engine_errors=health.num_errors)
+        return stats, self._events.since(acked)
+
+    def cache_snapshot(self) -> CacheSnapshot:
+        return self._events.snapshot()
 
     @property
     def _queued_tokens(self) -> int:
@@ -120,7 +131,7 @@ class _Worker:
     def _snapshot(self, scheduler: BatchScheduler, **fields) -> WorkerStats:
         """Engine thread only (and the constructor). `num_waiting` counts the scheduler's
         queue; commands not yet applied are added when it is read."""
-        self._events.extend(scheduler.prefix_cache.drain_events())
+        self._events.record(scheduler.prefix_cache.drain_events())
         waiting = list(scheduler.waiting)
         allocator = scheduler.allocator
         held = allocator.num_used - scheduler.prefix_cache.num_evictable_blocks
@@ -154,6 +165,18 @@ class DecodeWorker(_Worker):
         self._listeners: dict[str, KVListener] = {}
         self._publish(core)
         self.engine = AsyncEngine(core, on_iteration=self._publish, threads=self.placement.threads)
+
+    def _cache_config(self, spec: WorkerSpec):
+        """The KV memory limit covers the draft model's pool too, when speculation has one."""
+        import dataclasses
+
+        from pdserve.engine.draft_model import draft_kv_share
+        from pdserve.runtime.weights import load_checkpoint
+
+        if spec.speculative is None or spec.speculative.method != "draft":
+            return spec.cache_config
+        share = draft_kv_share(spec.speculative, load_checkpoint(spec.model).config)
+        return dataclasses.replace(spec.cache_config, draft_kv_share=share)
 
     def listen(self, kind: str) -> str:
         """The address of this worker's KV listener of `kind`, started on first use.
@@ -199,6 +222,8 @@ class DecodeWorker(_Worker):
             listener.close()
 
     def _publish(self, core: EngineCore) -> None:
+        if self._fault is not None:
+            self._fault.maybe_fire(core.num_steps)
         remote = core.remote
         spec = core.speculator
         speculation = {} if spec is None else {
@@ -252,6 +277,8 @@ class PrefillWorker(_Worker):
         self.pusher.close()
 
     def _publish(self, engine: PrefillEngine) -> None:
+        if self._fault is not None:
+            self._fault.maybe_fire(engine.num_steps)
         self._stats = self._snapshot(
             engine.scheduler, num_waiting_for_kv=0,
             transfer_bytes=self.pusher.bytes_sent, transfer_seconds=self.pusher.send_seconds,

@@ -40,6 +40,9 @@ class WorkerSpec:
     device: str = "auto"  # where workers run the model: auto (CUDA if the process sees one), cpu, cuda[:N]
     gpus_per_worker: float = 0.0  # Ray GPUs each worker actor asks for (1 on a GPU pool)
     compile: bool = False  # torch.compile the decoder layers at start-up (CPU)
+    # Seconds an engine loop may go without progress (one step running, or a stuck
+    # thread) before its worker counts as hung and is replaced: far above any one step.
+    engine_hang_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens",
@@ -57,6 +60,8 @@ class WorkerSpec:
                               f"{', '.join(p.value for p in OnTransferFailure)}, got {self.on_transfer_failure!r}")
         if self.kv_transport is not None and self.kv_transport not in KINDS:
             raise ConfigError(f"kv_transport must be one of {', '.join(KINDS)}, got {self.kv_transport!r}")
+        if not self.engine_hang_timeout > 0:
+            raise ConfigError(f"engine_hang_timeout must be > 0 seconds, got {self.engine_hang_timeout!r}")
         if self.gpus_per_worker < 0:
             raise ConfigError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         self.cache_config, self.scheduler_config, self.device_config  # noqa: B018 - their checks raise now

@@ -27,3 +27,8 @@ class WorkerStats(NamedTuple):
     spec_accepted_tokens: int = 0
     spec_verify_steps: int = 0  # request-steps that verified a draft
     spec_accepted_at: tuple[tuple[int, int], ...] = ()  # per draft position: (proposed, accepted)
+    # the engine thread, read when the stats are asked for (not from the snapshot)
+    engine_alive: bool = True
+    engine_heartbeat_age: float = 0.0  # seconds since the engine loop last beat
+    engine_failure: str | None = None  # why the engine thread ended, if it did
+    engine_errors: int = 0  # commands that failed (their requests ended with an error; the loop went on)

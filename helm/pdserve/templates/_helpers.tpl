@@ -56,8 +56,31 @@ app.kubernetes.io/component: gateway
 {{- end }}
 {{- end }}
 
+{{/*
+"true" when the gateway requires an API key: from `existingSecret`, or from the Secret the
+chart creates (`create`, the default). Empty means the API is open (`--allow-unauthenticated`).
+*/}}
 {{- define "pdserve.apiKeyEnabled" -}}
-{{- if or .Values.apiKey.existingSecret .Values.apiKey.value }}true{{ end }}
+{{- if or .Values.apiKey.existingSecret .Values.apiKey.create }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the chart creates the API key Secret itself. */}}
+{{- define "pdserve.apiKeyCreated" -}}
+{{- if and .Values.apiKey.create (not .Values.apiKey.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/*
+The created Secret's key, base64-encoded: `apiKey.value`; else the key this release stored
+before (read back from the cluster, so an upgrade keeps it); else 48 new random letters and
+digits. Offline renders (`helm template`) cannot look up, and always generate.
+*/}}
+{{- define "pdserve.apiKeyData" -}}
+{{- if .Values.apiKey.value }}
+{{- .Values.apiKey.value | b64enc }}
+{{- else }}
+{{- $stored := lookup "v1" "Secret" .Release.Namespace (include "pdserve.apiKeySecretName" .) }}
+{{- dig "data" .Values.apiKey.secretKey (randAlphaNum 48 | b64enc) $stored }}
+{{- end }}
 {{- end }}
 
 {{/* `--model`: the PVC path when a PVC is mounted, else model.name. */}}
@@ -92,6 +115,28 @@ app.kubernetes.io/component: gateway
 {{- end }}
 
 {{/*
+Volumes and mounts of a worker pod: the model's, and /dev/shm as a memory-backed emptyDir
+(see values.yaml `sharedMemory` for what lives there and how it is sized).
+*/}}
+{{- define "pdserve.workerVolumes" -}}
+{{- include "pdserve.modelVolumes" . }}
+{{- if .Values.sharedMemory.enabled }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ required "sharedMemory.sizeLimit must be set (e.g. 1Gi) while sharedMemory.enabled" .Values.sharedMemory.sizeLimit }}
+{{- end }}
+{{- end }}
+
+{{- define "pdserve.workerVolumeMounts" -}}
+{{- include "pdserve.modelVolumeMounts" . }}
+{{- if .Values.sharedMemory.enabled }}
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+{{- end }}
+
+{{/*
 The arguments of `pdserve serve` on the head, one list item per argument. They reach the
 process as "$@" (see raycluster.yaml), so no value is ever parsed by a shell.
 */}}
@@ -100,6 +145,10 @@ process as "$@" (see raycluster.yaml), so no value is ever parsed by a shell.
 {{- $args := list "serve" "--address" "auto" "--host" "0.0.0.0"
     "--port" (toString .Values.gateway.httpPort) "--grpc-port" (toString .Values.gateway.grpcPort)
     "--model" (include "pdserve.modelArg" .) }}
+{{- /* The gateway listens on every interface of the pod: without a key it must be told so. */}}
+{{- if not (include "pdserve.apiKeyEnabled" .) }}
+{{- $args = append $args "--allow-unauthenticated" }}
+{{- end }}
 {{- with .Values.model.servedModelName }}
 {{- $args = concat $args (list "--served-model-name" .) }}
 {{- end }}
@@ -210,6 +259,9 @@ Checks across values that the schema cannot express. Each failure says what to c
 {{- end }}
 {{- if and .Values.autoscaling.enabled (lt (int .Values.decode.minReplicas) 1) }}
 {{- fail "decode.minReplicas must be at least 1 with autoscaling: pdserve always keeps a decode worker" }}
+{{- end }}
+{{- if and .Values.apiKey.value (not .Values.apiKey.create) (not .Values.apiKey.existingSecret) }}
+{{- fail "apiKey.value is set but apiKey.create is false: set apiKey.create=true to store the key in a Secret the chart creates, or name your own Secret in apiKey.existingSecret" }}
 {{- end }}
 {{- if and .Values.model.path (not .Values.model.pvc.claimName) }}
 {{- fail "model.path is a path inside the model PVC: set model.pvc.claimName too (or use model.name for a path in the image)" }}

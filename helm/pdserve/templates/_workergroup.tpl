@@ -104,11 +104,11 @@ other.
           securityContext:
             {{- toYaml . | nindent 12 }}
           {{- end }}
-          {{- with include "pdserve.modelVolumeMounts" $root }}
+          {{- with include "pdserve.workerVolumeMounts" $root }}
           volumeMounts:
             {{- . | nindent 12 }}
           {{- end }}
-      {{- with include "pdserve.modelVolumes" $root }}
+      {{- with include "pdserve.workerVolumes" $root }}
       volumes:
         {{- . | nindent 8 }}
       {{- end }}
