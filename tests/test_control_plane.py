@@ -406,3 +406,36 @@ def test_a_retry_ends_after_the_last_attempt_with_unavailable():
     with pytest.raises(RequestError, match="died"):
         asyncio.run(run())
     assert seen == ["req-2", "req-2.retry1"]
+
+
+class _RecordingAutoscaler:
+    policy = ScalingPolicy(min_prefill=0)
+
+    def __init__(self) -> None:
+        self.unmet: list[int] = []
+
+    def observe(self, now, prefill, decode, counts, unmet_prefill_tokens=0):
+        self.unmet.append(unmet_prefill_tokens)
+        return []
+
+
+def test_prompts_that_find_no_prefill_worker_reach_the_autoscaler_once():
+    from pdserve.cluster.control.controller import WorkerHandle
+
+    autoscaler = _RecordingAutoscaler()
+    controller = _controller(0, 1, autoscaler=autoscaler)
+    info = WorkerInfo("decode-0", "decode", PeerInfo.local("cpu"), BLOCK, 1, (0,), 1)
+    controller.workers["decode-0"] = WorkerHandle("decode-0", "decode", _DecodeThatServes([]), info, None,
+                                                  ready=True)
+    metrics = GatewayMetrics()
+    backend = ClusterBackend(controller, Router(RoundRobin(), BLOCK, local_prefill_tokens=4), metrics)
+
+    async def run(prompt):
+        return [d async for d in backend.generate("r", prompt, SamplingParams(max_tokens=1))]
+
+    asyncio.run(run(list(range(10, 110))))  # 100 uncached tokens, no prefill worker
+    asyncio.run(run([1, 2, 3]))  # short: local by choice, not unmet demand
+    controller._autoscale()
+    controller._autoscale()
+    assert autoscaler.unmet == [100, 0]
+    assert 'pdserve_routes_total{decode_worker="decode-0",prefill="local"} 2.0' in metrics.render().decode()
