@@ -132,6 +132,9 @@ def _add_serve_parser(sub) -> None:
                        help="force the KV transport (default: shm on one host, nccl between GPUs, else grpc)")
     serve.add_argument("--transfer-timeout", type=float, default=30.0)
     serve.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
+    serve.add_argument("--max-migrations", type=_non_negative_int, default=3,
+                       help="times a request may move to another decode worker when its own is lost "
+                            "(0: its stream ends with an error instead)")
     serve.add_argument("--engine-hang-timeout", type=float, default=120.0, metavar="SECONDS",
                        help="a worker whose engine loop makes no progress for this long (a stuck step, a "
                             "dead thread) is replaced and its requests end with an error")
@@ -274,6 +277,7 @@ def _serve(args: argparse.Namespace) -> int:
             spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
             host=args.host, port=args.port, grpc_port=args.grpc_port, api_key=api_key,
             served_model_name=args.served_model_name, max_in_flight=args.max_in_flight,
+            max_migrations=args.max_migrations,
             max_body_bytes=args.max_body_bytes,
             local_prefill_tokens=args.local_prefill_tokens, spill_backlog_tokens=args.spill_backlog_tokens,
             scaling=scaling)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from pdserve.cluster.control.autoscaler import Autoscaler, ScalingPolicy
-from pdserve.cluster.control.cluster_backend import ClusterBackend
+from pdserve.cluster.control.cluster_backend import DEFAULT_MAX_MIGRATIONS, ClusterBackend
 from pdserve.cluster.control.controller import Controller
 from pdserve.cluster.control.router import POLICIES, PrefixIndex, Router, local_prefill_slowdown
 from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend, ModelCard
@@ -44,6 +44,7 @@ class GatewayConfig:
     api_key: str | None = None
     served_model_name: str | None = None  # default: the --model argument
     max_in_flight: int = 1024  # gateway-wide bound; past it requests get 429
+    max_migrations: int = DEFAULT_MAX_MIGRATIONS  # moves per request after its decode worker is lost
     max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP bodies past it get 413, gRPC messages RESOURCE_EXHAUSTED
     local_prefill_tokens: int = 32  # uncached prompt tokens at most which decode prefills itself
     spill_backlog_tokens: int = 1024  # prefill backlog from which prompts may spill to decode (Router)
@@ -88,7 +89,8 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
                     local_prefill_tokens=config.local_prefill_tokens,
                     spill_backlog_tokens=config.spill_backlog_tokens,
                     local_prefill_slowdown=local_prefill_slowdown(config.spec.max_prefill_tokens_while_decoding))
-    frontend = Frontend(ClusterBackend(controller, router, metrics), checkpoint.tokenizer,
+    frontend = Frontend(ClusterBackend(controller, router, metrics, max_migrations=config.max_migrations),
+                        checkpoint.tokenizer,
                         ModelCard(name, max_model_len, int(time.time())), checkpoint.eos_token_ids, metrics,
                         max_in_flight=config.max_in_flight)
     http = _HttpServer(uvicorn.Config(create_app(frontend, api_key=config.api_key,

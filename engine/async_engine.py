@@ -50,6 +50,7 @@ class _Add(NamedTuple):
     params: SamplingParams
     sink: _Sink
     remote: bool  # a prefill worker computes the prompt: the first item put on the sink is its ticket
+    resume_at: int | None  # see EngineCore.add_request
 
 
 class _FailRemote(NamedTuple):
@@ -76,21 +77,24 @@ class AsyncEngine(EngineThread):
         return self.num_queued_commands + len(self.core.scheduler.waiting)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        resume_at: int | None = None,
     ) -> AsyncIterator[TokenDelta]:
         """Stream the request's token deltas; the last one carries its finish reason.
         Raises RequestRejected (ValueError) if the engine cannot take it. Leaving the
-        iteration early (break, cancellation, disconnect) aborts the request."""
-        async for item in self._stream(prompt_ids, params, request_id, remote=False):
+        iteration early (break, cancellation, disconnect) aborts the request.
+        `resume_at`: a migrated request (see EngineCore.add_request)."""
+        async for item in self._stream(prompt_ids, params, request_id, False, resume_at):
             yield item
 
     async def generate_remote(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        resume_at: int | None = None,
     ) -> AsyncIterator[KVTicket | TokenDelta | None]:
         """Like `generate` for a request whose prompt a prefill worker computes. The
         first item is the KVTicket to hand to that worker, or None when the pool cannot
         hold the request now: it is then prefilled here. Token deltas follow."""
-        async for item in self._stream(prompt_ids, params, request_id, remote=True):
+        async for item in self._stream(prompt_ids, params, request_id, True, resume_at):
             yield item
 
     def fail_remote(self, request_id: str, reason: str) -> None:
@@ -98,12 +102,12 @@ class AsyncEngine(EngineThread):
         the job): recompute or fail it now, per the engine's policy."""
         self.post(_FailRemote(request_id, reason))
 
-    async def _stream(self, prompt_ids, params, request_id, remote):
+    async def _stream(self, prompt_ids, params, request_id, remote, resume_at):
         if not self.is_alive:
             raise RuntimeError("the engine has been shut down")
         request_id = request_id or f"req-{next(self._ids)}"
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        self.post(_Add(request_id, list(prompt_ids), params, sink, remote))
+        self.post(_Add(request_id, list(prompt_ids), params, sink, remote, resume_at))
         finished = False
         try:
             while not finished:
@@ -159,12 +163,14 @@ class AsyncEngine(EngineThread):
     def _add(self, command: _Add) -> None:
         try:
             if command.remote:
-                ticket = self.core.add_remote_request(command.request_id, command.prompt_ids, command.params)
+                ticket = self.core.add_remote_request(command.request_id, command.prompt_ids, command.params,
+                                                      command.resume_at)
                 if ticket is None:  # no room to reserve now: prefill it here when there is
-                    self.core.add_request(command.request_id, command.prompt_ids, command.params)
+                    self.core.add_request(command.request_id, command.prompt_ids, command.params,
+                                          command.resume_at)
                 command.sink.put(ticket)
             else:
-                self.core.add_request(command.request_id, command.prompt_ids, command.params)
+                self.core.add_request(command.request_id, command.prompt_ids, command.params, command.resume_at)
             self._sinks[command.request_id] = command.sink
         except ValueError as exc:
             command.sink.put(exc)

@@ -26,8 +26,8 @@ from pdserve.kv_transfer.messages import KVTicket
 from pdserve.kv_transfer.receiver import KVReceiver
 from pdserve.runtime.config import RuntimeInfo, SchedulerConfig, SpeculativeConfig
 from pdserve.runtime.model_runner import ModelRunner
-from pdserve.runtime.request import Request, TokenDelta
-from pdserve.runtime.sampler import Sampler, advance_generator, make_generator
+from pdserve.runtime.request import Request, TokenDelta, resumed_arrival
+from pdserve.runtime.sampler import Sampler, make_generator
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.scheduler import BatchScheduler, build_forward_batch
 from pdserve.runtime.stopping import FinishReason, check_stop_token
@@ -64,26 +64,33 @@ class EngineCore:
         if self.remote is not None:
             self.remote.fail(request_id, reason)
 
-    def add_remote_request(self, request_id: str, prompt_ids: list[int],
-                           params: SamplingParams) -> KVTicket | None:
+    def add_remote_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                           resume_at: int | None = None) -> KVTicket | None:
         """Take a remote request (a prefill worker computes its prompt): reserve its
         blocks and return the ticket to hand to that worker, or None when there is no
-        room now."""
+        room now. `resume_at`: see `add_request`."""
         if self.remote is None:
             raise RuntimeError("this engine has no KV receiver; create it with kv_receiver=")
-        return self.remote.add(self._new_request(request_id, prompt_ids, params))
+        return self.remote.add(self._new_request(request_id, prompt_ids, params, resume_at))
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    resume_at: int | None = None) -> Request:
         """Queue a request for local prefill and decode. Raises RequestRejected (a
-        ValueError saying why) if it can never run here."""
-        request = self._new_request(request_id, prompt_ids, params)
+        ValueError saying why) if it can never run here. `resume_at`: the request
+        continues one that was running elsewhere (a migration) whose first `resume_at`
+        output tokens end `prompt_ids`; it queues ahead of new arrivals and its seeded
+        draws continue from that output position."""
+        request = self._new_request(request_id, prompt_ids, params, resume_at)
         self.scheduler.add(request)
         return request
 
-    def _new_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def _new_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     resume_at: int | None) -> Request:
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        return Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.runner.device))
+        resumed = {} if resume_at is None else {"arrival": resumed_arrival(), "output_offset": resume_at}
+        return Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.runner.device),
+                       **resumed)
 
     def finish_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> TokenDelta | None:
         """End a request now (abort, or a stop string found by the caller); its blocks are
@@ -126,7 +133,7 @@ class EngineCore:
             else:
                 logits_plain = logits
             out = self.sampler(logits_plain, [r.params for r in plain_requests],
-                               [r.generator for r in plain_requests])
+                               [r.generator_for_next_token() for r in plain_requests])
             # One host copy per step, not one per row.
             token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
             for row, request in enumerate(plain_requests):
@@ -140,7 +147,7 @@ class EngineCore:
                 draft = drafts[request.request_id]
                 probs = draft.probs[:len(chunk.draft)] if draft.probs is not None else None
                 verified = verify(logits[rows[i]:rows[i + 1]], Draft(chunk.draft, probs), request.params,
-                                  request.generator)
+                                  request.generator_for_next_token())
                 outputs.append(self._emit_verified(request, chunk.draft, verified))
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started
@@ -175,8 +182,7 @@ class EngineCore:
             return []
         started, failed = self.remote.poll()
         for request, done, waited in started:
-            # The prefill worker drew the first token from its own copy of the seed.
-            advance_generator(request.generator, request.params, self.runner.config.vocab_size)
+            # The prefill worker drew the first token (seeded draws are keyed by position).
             failed.append(self._emit(request, done.logprob, done.top_logprobs or None)._replace(
                 kv_wait_seconds=waited))
         return failed

@@ -117,6 +117,9 @@ class PrefillJob(NamedTuple):
     address: str
     prompt_ids: list[int]
     params: SamplingParams
+    # A migrated request's output tokens carried at the end of `prompt_ids` (None: a new
+    # request): it queues ahead of new jobs and samples its first token at this position.
+    resume_at: int | None = None
 
 
 class PrefillResult(NamedTuple):

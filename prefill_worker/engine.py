@@ -22,7 +22,7 @@ from pdserve.kv_transfer.prefill_side import JobOutcome, PrefillJobs
 from pdserve.kv_transfer.pusher import KVPusher
 from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
 from pdserve.runtime.model_runner import ModelRunner
-from pdserve.runtime.request import Request
+from pdserve.runtime.request import Request, resumed_arrival
 from pdserve.runtime.sampler import Sampler, make_generator
 from pdserve.runtime.scheduler import BatchScheduler, build_forward_batch
 from pdserve.runtime.stopping import FinishReason
@@ -53,8 +53,9 @@ class PrefillEngine:
                              f"{layout_of(self.runner.pool)}: the workers serve different models")
         if ticket.num_prompt_tokens != len(job.prompt_ids):
             raise ValueError(f"ticket is for {ticket.num_prompt_tokens} prompt tokens, job has {len(job.prompt_ids)}")
+        resumed = {} if job.resume_at is None else {"arrival": resumed_arrival(), "output_offset": job.resume_at}
         request = Request(ticket.request_id, list(job.prompt_ids), job.params,
-                          make_generator(job.params.seed, self.runner.device))
+                          make_generator(job.params.seed, self.runner.device), **resumed)
         self.scheduler.add(request)
         self.jobs.start(job)
 
@@ -85,7 +86,7 @@ class PrefillEngine:
         self.scheduler.update(chunks)
         sampling = [c.request for c in chunks if c.samples]
         if sampling:
-            out = self.sampler(logits, [r.params for r in sampling], [r.generator for r in sampling])
+            out = self.sampler(logits, [r.params for r in sampling], [r.generator_for_next_token() for r in sampling])
             token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
             for row, request in enumerate(sampling):
                 top = out.top_for(row, request.params.logprobs)

@@ -22,6 +22,14 @@ from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
 
 _arrival_counter = itertools.count()
+# Resumed requests (migrated from a lost worker) count as older than any new arrival.
+_resumed_counter = itertools.count(-(1 << 62))
+
+
+def resumed_arrival() -> int:
+    """An arrival for a request continued from another worker: ahead of every new one,
+    behind requests resumed before it."""
+    return next(_resumed_counter)
 
 
 class RequestState(enum.Enum):
@@ -48,6 +56,20 @@ class Request:
     num_preemptions: int = 0
     # Arrival order: lower is older. Scheduling priority and preemption order use it.
     arrival: int = field(default_factory=lambda: next(_arrival_counter))
+    # Output tokens generated before this request started here (a migrated request carries
+    # them at the end of its prompt): its own outputs continue from that position.
+    output_offset: int = 0
+
+    @property
+    def is_resumed(self) -> bool:
+        return self.arrival < 0
+
+    def generator_for_next_token(self) -> torch.Generator | None:
+        """The request's generator, seeded for the output position it samples next
+        (`SamplingParams.seed_at`), or None when unseeded."""
+        if self.generator is not None:
+            self.generator.manual_seed(self.params.seed_at(self.output_offset + self.num_output_tokens))
+        return self.generator
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -67,17 +67,6 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return generator
 
 
-def advance_generator(generator: torch.Generator | None, params: SamplingParams, vocab_size: int) -> None:
-    """Advance `generator` exactly as sampling one token for a row with `params` would.
-
-    Used when a token was sampled elsewhere (the first token of a disaggregated request,
-    drawn on the prefill worker from its own copy of the seed), so that later tokens come
-    out as they would have in one process.
-    """
-    if generator is not None and not params.is_greedy:
-        torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
-
-
 def _row_tensor(values: list, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=logits.device)
 

@@ -8,7 +8,9 @@ that is allowed, because they usually come straight from a user's request.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+_U64 = (1 << 64) - 1
 
 
 def _is_int(value: object) -> bool:
@@ -51,6 +54,16 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     speculate: bool = True  # False opts this request out of speculative decoding
+
+    def seed_at(self, position: int) -> int | None:
+        """The seed of the draws that pick output token number `position` (0-based), or
+        None when unseeded. A pure function of (seed, position): a request continued on
+        another worker at position n (a migration, the prefill worker's first token) draws
+        exactly what it would have drawn in one place."""
+        if self.seed is None:
+            return None
+        digest = hashlib.blake2b(struct.pack("<QQ", self.seed & _U64, position), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1  # torch seeds are < 2**64; keep it non-negative
 
     def __post_init__(self) -> None:
         # Frozen: normalise through object.__setattr__, before anything reads the fields.

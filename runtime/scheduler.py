@@ -129,7 +129,10 @@ class BatchScheduler:
         """Queue a request for local prefill. Raises RequestRejected if it can never run."""
         self._validate(request)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        if request.is_resumed:
+            self._requeue(request)  # it keeps its place ahead of new arrivals
+        else:
+            self.waiting.append(request)
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
         """End a request in any state and release its blocks now. Finished requests'

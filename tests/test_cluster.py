@@ -12,6 +12,7 @@ Greedy references come from the in-process engine (`LLM`) on the same checkpoint
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -280,25 +281,35 @@ def test_speculative_decoding_in_the_cluster_keeps_greedy_output(two_decoders, l
     wait_for(lambda: proposed() > 0, what="speculative drafts in the worker metrics")
 
 
-def test_killed_decode_worker_is_replaced_and_service_restored(two_decoders):
+def test_killed_decode_workers_are_replaced_and_their_stream_migrates(two_decoders, llm):
     client = two_decoders.client()
     victims = [p for p in two_decoders.descendants() if "DecodeWorker" in " ".join(cmdline(p))]
     assert len(victims) == 2
     killed = _decode_workers(two_decoders)
-    body = {"model": two_decoders.model_name, "prompt": _prompt(5, 40), "max_tokens": 900, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    prompt = _prompt(5, 40)
+    expected = llm.generate([prompt], SamplingParams(max_tokens=900, **GREEDY))[0]
+    body = {"model": two_decoders.model_name, "prompt": prompt, "max_tokens": 900, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    errors = []
+    errors, text, usage = [], "", None
     with httpx.stream("POST", f"{two_decoders.http_url}/v1/completions", json=body, headers=headers,
-                      timeout=60) as response:
+                      timeout=120) as response:
         lines = response.iter_lines()
-        next(line for line in lines if line.startswith("data:"))
+        first = next(line for line in lines if line.startswith("data:"))
+        text += json.loads(first[5:])["choices"][0]["text"]
         for victim in victims:
             victim.send_signal(signal.SIGKILL)
-        for line in lines:  # the stream must end (no hang), with an error event
-            if '"error"' in line:
-                errors.append(line)
-    assert errors and "died" in errors[0]
+        for line in lines:  # the stream waits for a replacement and goes on (migration)
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                errors.append(event)
+            usage = event.get("usage") or usage
+            text += "".join(c["text"] for c in event.get("choices", []))
+    assert not errors
+    assert usage["completion_tokens"] == 900 and usage["prompt_tokens"] == 40
+    assert text == expected.text, "no token lost or repeated across the migration"
     wait_for(lambda: _healthy_with_new_decoders(two_decoders, killed), timeout=180,
               what="replacement decode workers")
     done = client.completions.create(model=two_decoders.model_name, prompt=_prompt(6, 20), max_tokens=4,

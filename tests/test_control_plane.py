@@ -333,25 +333,30 @@ def test_prefill_demand_with_no_prefill_worker_scales_prefill_up_from_zero():
 class _DecodeThatDies:
     """A decode worker whose stream dies before its first token (RayActorError)."""
 
-    def __init__(self, requests: list) -> None:
+    def __init__(self, requests: list, tokens_before_death: int = 0) -> None:
         self.requests = requests
+        self.tokens_before_death = tokens_before_death
+        self.calls: list[tuple] = []
         self.generate = _Stream(self._generate)
         self.abort = _Method(self._noop)
         self.fail_remote = _Method(self._noop)
 
-    async def _generate(self, request_id, prompt_ids, params, remote):
+    async def _generate(self, request_id, prompt_ids, params, remote, resume_at=None):
         self.requests.append(request_id)
+        self.calls.append((list(prompt_ids), params.max_tokens, resume_at))
+        for i in range(self.tokens_before_death):
+            yield TokenDelta(request_id, (100 + i,), (0.0,), None, None, len(prompt_ids), 0)
         raise RayActorError()
-        yield  # an async generator
 
     async def _noop(self, *args):
         return None
 
 
 class _DecodeThatServes(_DecodeThatDies):
-    async def _generate(self, request_id, prompt_ids, params, remote):
+    async def _generate(self, request_id, prompt_ids, params, remote, resume_at=None):
         self.requests.append(request_id)
-        yield TokenDelta(request_id, (7,), (0.0,), None, FinishReason.LENGTH, len(prompt_ids), 0)
+        self.calls.append((list(prompt_ids), params.max_tokens, resume_at))
+        yield TokenDelta(request_id, (7,), (0.0,), None, FinishReason.LENGTH, len(prompt_ids), 3)
 
 
 class _Stream:
@@ -384,8 +389,51 @@ def test_a_retry_on_another_decode_worker_has_its_own_request_id():
         return [d async for d in backend.generate("req-1", [1, 2, 3], SamplingParams(max_tokens=1))]
 
     deltas = asyncio.run(run())
-    assert seen == ["req-1", "req-1.retry1"]
+    assert seen == ["req-1", "req-1.m1"]
     assert [d.token_ids for d in deltas] == [(7,)]
+
+
+def test_a_migration_carries_the_streamed_tokens_and_the_rest_of_max_tokens():
+    from pdserve.cluster.control.controller import WorkerHandle
+
+    seen: list[str] = []
+    controller = _controller(0, 2)
+    dying, serving = _DecodeThatDies(seen, tokens_before_death=2), _DecodeThatServes(seen)
+    for worker_id, actor in (("decode-0", dying), ("decode-1", serving)):
+        info = WorkerInfo(worker_id, "decode", PeerInfo.local("cpu"), BLOCK, 1, (0,), 1)
+        controller.workers[worker_id] = WorkerHandle(worker_id, "decode", actor, info, None, ready=True)
+    controller.worker_died = lambda handle, why: controller.workers.pop(handle.worker_id, None)
+    metrics = GatewayMetrics()
+    backend = ClusterBackend(controller, Router(RoundRobin(), BLOCK, local_prefill_tokens=100), metrics)
+
+    async def run():
+        return [d async for d in backend.generate("req-3", [1, 2, 3], SamplingParams(max_tokens=5))]
+
+    deltas = asyncio.run(run())
+    assert [t for d in deltas for t in d.token_ids] == [100, 101, 7]
+    assert serving.calls == [([1, 2, 3, 100, 101], 3, 2)]  # prompt + streamed tokens, 5 - 2 left, resumed at 2
+    assert all(d.num_prompt_tokens == 3 for d in deltas), "usage counts the client's prompt"
+    assert deltas[-1].num_cached_tokens == 3
+    assert 'pdserve_request_migrations_total{reason="unknown"} 1.0' in metrics.render().decode()
+    assert "pdserve_request_migration_seconds_count 1.0" in metrics.render().decode()
+
+
+def test_with_migrations_off_a_lost_worker_ends_the_stream():
+    from pdserve.cluster.control.controller import WorkerHandle
+
+    controller = _controller(0, 2)
+    for worker_id in ("decode-0", "decode-1"):
+        info = WorkerInfo(worker_id, "decode", PeerInfo.local("cpu"), BLOCK, 1, (0,), 1)
+        controller.workers[worker_id] = WorkerHandle(worker_id, "decode", _DecodeThatDies([], 1), info, None,
+                                                     ready=True)
+    controller.worker_died = lambda handle, why: None
+    backend = ClusterBackend(controller, Router(RoundRobin(), BLOCK), GatewayMetrics(), max_migrations=0)
+
+    async def run():
+        return [d async for d in backend.generate("req-4", [1, 2, 3], SamplingParams(max_tokens=5))]
+
+    with pytest.raises(RequestError, match="limit --max-migrations 0"):
+        asyncio.run(run())
 
 
 def test_a_retry_ends_after_the_last_attempt_with_unavailable():
@@ -403,9 +451,9 @@ def test_a_retry_ends_after_the_last_attempt_with_unavailable():
     async def run():
         return [d async for d in backend.generate("req-2", [1, 2, 3], SamplingParams(max_tokens=1))]
 
-    with pytest.raises(RequestError, match="died"):
+    with pytest.raises(RequestError, match="moved 3 times"):
         asyncio.run(run())
-    assert seen == ["req-2", "req-2.retry1"]
+    assert seen == ["req-2", "req-2.m1", "req-2.m2", "req-2.m3"]
 
 
 class _RecordingAutoscaler:

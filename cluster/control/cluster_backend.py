@@ -5,16 +5,24 @@
           <== TokenDeltas from D, as D produces them (a Ray streaming generator, not polling)
 
 Failure semantics: a refused or failed prefill tells D at once (`fail_remote`), and D
-recomputes the prompt or fails the request per its policy. A decode worker found dead
-before it produced any token is retried once on another worker; after that, or once
-tokens have been streamed, the request ends with UNAVAILABLE. Either way the controller
-hears of the death at once. Leaving the stream early aborts the request on D and P,
-which frees its KV on both.
+recomputes the prompt or fails the request per its policy. A decode worker lost under a
+request (its process died, the controller replaced it as hung, or a drain ran out of
+time) does not end the request: it migrates. The gateway re-admits it on another decode
+worker with the prompt + every token already streamed as its new prompt (prefilled
+remotely or locally by the usual rule), `max_tokens` reduced by those, queued ahead of
+new arrivals and with its seeded draws continuing from the same output position; the
+client's stream simply goes on, without a repeated or missing token, and its usage counts
+the original prompt. A greedy or seeded request continues exactly as it would have. After
+`max_migrations` moves (or with none allowed) the request ends with UNAVAILABLE. The
+controller hears of every death at once. Leaving the stream early aborts the request on
+D and P, which frees its KV on both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,36 +40,70 @@ from pdserve.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 2  # decode workers tried for one request (a retry only before any output)
+DEFAULT_MAX_MIGRATIONS = 3  # moves to another decode worker per request
+MIGRATION_WAIT_S = 120.0  # how long a migrating request waits for a decode worker to be up
 
 
 class ClusterBackend:
-    def __init__(self, controller: Controller, router: Router, metrics: GatewayMetrics) -> None:
+    def __init__(self, controller: Controller, router: Router, metrics: GatewayMetrics,
+                 max_migrations: int = DEFAULT_MAX_MIGRATIONS) -> None:
         self.controller = controller
         self.router = router
         self.metrics = metrics
+        self.max_migrations = max_migrations
 
     def ready(self) -> bool:
         return bool(self.controller.members("decode"))
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[TokenDelta]:
-        for attempt in range(MAX_ATTEMPTS):
+        sent: list[int] = []  # output token ids yielded so far, over every attempt
+        lost_at: float | None = None  # when the last decode worker was lost under it
+        for attempt in itertools.count():
             # Each attempt its own id on the workers, so nothing left of an earlier one (a
             # late ticket, a prefill job still running) can settle or abort this one.
-            attempt_id = request_id if attempt == 0 else f"{request_id}.retry{attempt}"
-            request = self._route(attempt_id, prompt_ids, params)
+            attempt_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"
+            if attempt == 0:
+                request = self._route(attempt_id, prompt_ids, params, None)
+            else:
+                await self._wait_for_a_decode_worker(request_id)
+                remaining = dataclasses.replace(params, max_tokens=params.max_tokens - len(sent))
+                request = self._route(attempt_id, prompt_ids + sent, remaining, len(sent))
             try:
                 async for delta in request.run():
+                    if attempt:  # usage speaks of the client's prompt, not the carried tokens
+                        delta = delta._replace(num_prompt_tokens=len(prompt_ids),
+                                               num_cached_tokens=min(delta.num_cached_tokens, len(prompt_ids)))
+                        if lost_at is not None and (delta.token_ids or delta.finish_reason is not None):
+                            self.metrics.migration_took(time.monotonic() - lost_at)
+                            lost_at = None
+                    sent.extend(delta.token_ids)
                     yield delta
                 return
             except RequestError:
-                if not request.decode_lost or request.num_deltas or attempt == MAX_ATTEMPTS - 1:
+                if not request.decode_lost:
                     raise
-                log.warning("retrying request %s: decode worker %s died before its first token",
-                            request_id, request.decode.worker_id)
+                lost = request.decode.worker_id
+                reason = self.controller.departure_reason(lost)
+                if attempt >= self.max_migrations:
+                    raise RequestError(ErrorKind.UNAVAILABLE, f"decode worker {lost} was lost under this request "
+                                       f"({reason}) after {len(sent)} tokens, and it has moved {attempt} times "
+                                       f"already (limit --max-migrations {self.max_migrations}); retry it") from None
+                lost_at = time.monotonic()
+                self.metrics.migrated(reason)
+                log.warning("request %s: decode worker %s lost (%s) after %d tokens; migrating (move %d of at most %d)",
+                            request_id, lost, reason, len(sent), attempt + 1, self.max_migrations)
 
-    def _route(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> _InFlight:
+    async def _wait_for_a_decode_worker(self, request_id: str) -> None:
+        deadline = time.monotonic() + MIGRATION_WAIT_S
+        while not self.controller.members("decode"):
+            if time.monotonic() > deadline:
+                raise RequestError(ErrorKind.UNAVAILABLE, f"request {request_id} lost its decode worker and no "
+                                   f"other came up within {MIGRATION_WAIT_S:.0f} s; retry it", retry_after=5)
+            await asyncio.sleep(0.1)
+
+    def _route(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               resume_at: int | None) -> _InFlight:
         links = self.controller.links
         decode_workers = self.controller.members("decode")
         prefill_workers = [p for p in self.controller.members("prefill") if links.has_up(p.worker_id)]
@@ -78,25 +120,26 @@ class ClusterBackend:
             # The pair's link is down (logged, retried, in pdserve_kv_links): prefill on D, counted.
             prefill, path = None, "unlinked"
         self.metrics.routed(decode.worker_id, path)
-        return _InFlight(self, request_id, prompt_ids, params, decode, prefill)
+        return _InFlight(self, request_id, prompt_ids, params, decode, prefill, resume_at)
 
 
 class _InFlight:
     """One request on its way through the cluster; owns the gateway's counters for it."""
 
     def __init__(self, backend: ClusterBackend, request_id: str, prompt_ids: list[int],
-                 params: SamplingParams, decode: WorkerHandle, prefill: WorkerHandle | None) -> None:
+                 params: SamplingParams, decode: WorkerHandle, prefill: WorkerHandle | None,
+                 resume_at: int | None) -> None:
         self.backend = backend
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
+        self.resume_at = resume_at  # a migrated request's carried output tokens (None: a new one)
         self.decode = decode
         self.prefill = prefill
         self.prefill_task: asyncio.Task | None = None
         self.routed_at = time.monotonic()
         self.first_token_at: float | None = None
         self.prefill_result: PrefillResult | None = None
-        self.num_deltas = 0  # yielded to the caller
         self.decode_lost = False  # the decode worker's process died under this request
         self.local_prefill_tokens = 0  # counted in the decode worker's backlog until the first token
 
@@ -110,7 +153,8 @@ class _InFlight:
             self.local_prefill_tokens = len(self.prompt_ids)
             decode.in_flight_tokens += self.local_prefill_tokens
         finished = False
-        stream = decode.actor.generate.remote(self.request_id, self.prompt_ids, self.params, prefill is not None)
+        stream = decode.actor.generate.remote(self.request_id, self.prompt_ids, self.params, prefill is not None,
+                                              self.resume_at)
         try:
             async for ref in stream:
                 item = await ref
@@ -124,7 +168,6 @@ class _InFlight:
                     self._release_local_prefill()
                     self._record_ttft_split()
                 finished = item.finish_reason is not None
-                self.num_deltas += 1
                 yield item
         except RayActorError as exc:
             self.decode_lost = True
@@ -156,7 +199,7 @@ class _InFlight:
                                                    f"its link to {self.decode.worker_id}")
             self._release_prefill()
             return
-        job = PrefillJob(ticket, address, self.prompt_ids, self.params)
+        job = PrefillJob(ticket, address, self.prompt_ids, self.params, self.resume_at)
         self.prefill_task = asyncio.create_task(self._prefill(job))
 
     async def _prefill(self, job: PrefillJob) -> None:
@@ -194,8 +237,8 @@ class _InFlight:
         The stages are measured where they happen; the first decode step is the rest
         (D settling the transfer plus the stream to the gateway)."""
         result = self.prefill_result
-        if self.first_token_at is None or result is None:
-            return
+        if self.first_token_at is None or result is None or self.resume_at is not None:
+            return  # a migrated request's first token here is not its time to first token
         self.prefill_result = None  # record once
         ttft = self.first_token_at - self.routed_at
         stages = {"prefill_queue": result.queue_seconds, "prefill_compute": result.compute_seconds,

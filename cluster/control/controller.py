@@ -44,6 +44,7 @@ and counted as such (`pdserve_routes_total{prefill="unlinked"}`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -65,6 +66,7 @@ from pdserve.runtime.threads import CoreLedger, CpuPlacement, UnpinnedPlan, avai
 log = logging.getLogger(__name__)
 
 _CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker}
+MAX_DEPARTURES = 1024  # departure reasons remembered (for requests still migrating off them)
 
 
 class WorkerStartError(RuntimeError):
@@ -118,6 +120,7 @@ class Controller:
         self.unmet_prefill_tokens = 0  # routed prompt tokens that found no prefill worker (autoscaler)
         self._unmet_seen = 0  # the part of it the autoscaler has seen
         self._link_tasks: dict[tuple[str, str], asyncio.Task] = {}
+        self._departures: collections.OrderedDict[str, str] = collections.OrderedDict()  # worker -> reason
         self._next_id = {"prefill": 0, "decode": 0}
         self._monitor: asyncio.Task | None = None
         self._replacing: set[asyncio.Task] = set()  # starting (replacements and scale-ups) and draining
@@ -292,29 +295,29 @@ class Controller:
             handle.missed_polls += 1
             log.warning("%s missed a health check (%d in a row)", handle.worker_id, handle.missed_polls)
             if handle.missed_polls >= self.max_missed_polls:
-                self._replace(handle, f"it missed {handle.missed_polls} health checks")
+                self._replace(handle, f"it missed {handle.missed_polls} health checks", "unresponsive")
             return
         except RayActorError as exc:
-            self._replace(handle, f"its process died ({_cause(exc)})")
+            self._replace(handle, f"its process died ({_cause(exc)})", "process_died")
             return
         handle.missed_polls = 0
         handle.stats = stats
-        unhealthy = self._engine_trouble(stats)
-        if unhealthy is not None:
-            self._replace(handle, unhealthy)
+        trouble = self._engine_trouble(stats)
+        if trouble is not None:
+            self._replace(handle, *trouble)
             return
         if handle.worker_id not in self.workers:
             return  # removed while this poll was out
         if not self.index.apply_batch(handle.worker_id, batch):
             await self._resync_prefix_index(handle, acked, batch.first_seq)
 
-    def _engine_trouble(self, stats: WorkerStats) -> str | None:
-        """Why the worker's engine cannot serve (dead, hung), or None."""
+    def _engine_trouble(self, stats: WorkerStats) -> tuple[str, str] | None:
+        """(why, reason kind) when the worker's engine cannot serve (dead, hung), or None."""
         if not stats.engine_alive:
-            return stats.engine_failure or "its engine thread ended"
+            return stats.engine_failure or "its engine thread ended", "engine_died"
         if stats.engine_heartbeat_age > self.spec.engine_hang_timeout:
             return (f"its engine thread made no progress for {stats.engine_heartbeat_age:.0f} s "
-                    f"(limit {self.spec.engine_hang_timeout:g} s): hung")
+                    f"(limit {self.spec.engine_hang_timeout:g} s): hung"), "engine_hung"
         return None
 
     async def _resync_prefix_index(self, handle: WorkerHandle, acked: int, first_seq: int) -> None:
@@ -355,6 +358,7 @@ class Controller:
             return  # it died meanwhile (and was replaced... by nobody: it was leaving anyway)
         self.index.forget(handle.worker_id)
         self.links.forget(handle.worker_id)
+        self._departed(handle.worker_id, "drained")
         log.info("%s worker %s drained and stopped", handle.role, handle.worker_id)
         await self._stop(handle)
         self._cpus[handle.role].release(handle.worker_id)
@@ -366,11 +370,24 @@ class Controller:
 
     def worker_died(self, handle: WorkerHandle, why: str) -> None:
         """A caller saw the worker's process die: replace it now, not at the next poll."""
-        self._replace(handle, why)
+        self._replace(handle, why, "process_died")
 
-    def _replace(self, handle: WorkerHandle, why: str) -> None:
+    def departure_reason(self, worker_id: str) -> str:
+        """Why a worker left (process_died, unresponsive, engine_died, engine_hung,
+        drained), for the requests it held; "unknown" if it is not known to have left."""
+        return self._departures.get(worker_id, "unknown")
+
+    def _departed(self, worker_id: str, reason: str) -> None:
+        self._departures[worker_id] = reason
+        while len(self._departures) > MAX_DEPARTURES:
+            self._departures.popitem(last=False)
+
+    def _replace(self, handle: WorkerHandle, why: str, reason: str) -> None:
+        """Remove a worker that cannot serve (`reason`: its kind, see departure_reason)
+        and start a replacement, unless it was leaving anyway."""
         if self.workers.pop(handle.worker_id, None) is None:
             return
+        self._departed(handle.worker_id, reason)
         self.index.forget(handle.worker_id)
         self.links.forget(handle.worker_id)
         ray.kill(handle.actor)

@@ -56,6 +56,11 @@ class GatewayMetrics:
                               "(remote: a prefill worker; local: the decode worker prefills; unlinked: "
                               "the decode worker prefills because the chosen pair's KV link is down)",
                               ["decode_worker", "prefill"], registry=r)
+        self.migrations = Counter("pdserve_request_migrations", "Requests moved to another decode worker after "
+                                  "theirs was lost, by why it was lost", ["reason"], registry=r)
+        self.migration_seconds = Histogram("pdserve_request_migration_seconds", "From losing a request's decode "
+                                           "worker to its next token from the new one", buckets=_LATENCY_BUCKETS,
+                                           registry=r)
         self.scaling = Counter("pdserve_autoscaler_decisions", "Autoscaler decisions, by role and direction "
                                "(the reason of each is logged)", ["role", "direction"], registry=r)
         r.register(_WorkerCollector(worker_stats))
@@ -78,6 +83,12 @@ class GatewayMetrics:
     def observe_ttft_split(self, stages: dict[str, float]) -> None:
         for stage, seconds in stages.items():
             self.ttft_split.labels(stage).observe(max(0.0, seconds))
+
+    def migrated(self, reason: str) -> None:
+        self.migrations.labels(reason).inc()
+
+    def migration_took(self, seconds: float) -> None:
+        self.migration_seconds.observe(seconds)
 
     def scaled(self, decision) -> None:
         """An `autoscaler.Decision` was made."""

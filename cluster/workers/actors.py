@@ -190,18 +190,18 @@ class DecodeWorker(_Worker):
         return self._listeners[kind].address
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       remote: bool) -> AsyncIterator[Refused | TokenDelta | object]:
+                       remote: bool, resume_at: int | None = None) -> AsyncIterator[Refused | TokenDelta | object]:
         """Stream one request (see the module docstring). `remote`: a prefill worker
         computes the prompt; the first item is then the KVTicket (or None: no room, it is
-        prefilled here)."""
+        prefilled here). `resume_at`: a migrated request (EngineCore.add_request)."""
         if self.num_waiting >= self.spec.max_queued_requests:
             yield Refused("OVERLOADED", f"decode worker {self.worker_id} has {self.num_waiting} requests "
                           f"queued (limit {self.spec.max_queued_requests}); retry shortly", 1.0)
             return
         if remote:
-            stream = self.engine.generate_remote(prompt_ids, params, request_id)
+            stream = self.engine.generate_remote(prompt_ids, params, request_id, resume_at)
         else:
-            stream = self.engine.generate(prompt_ids, params, request_id)
+            stream = self.engine.generate(prompt_ids, params, request_id, resume_at)
         try:
             async for item in stream:
                 yield item
