@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -52,9 +52,11 @@ def output_tail(path: str, lines: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def launched_server(args: argparse.Namespace, server_args: str) -> Iterator[str]:
+def launched_server(args: argparse.Namespace, server_args: str,
+                    on_start: Callable[[subprocess.Popen], object] | None = None) -> Iterator[str]:
     """Start the server with `server_args` on free ports, wait for /health, yield its base
-    URL; stop it (SIGINT, then SIGKILL for its whole process group) when the block ends."""
+    URL; stop it (SIGINT, then SIGKILL for its whole process group) when the block ends.
+    `on_start` gets the server's process once it is healthy (e.g. to find its workers)."""
     port, grpc_port = free_ports(2)
     extra = with_defaults(shlex.split(server_args),
                           {"--model": args.model, "--host": "127.0.0.1", "--api-key": args.api_key})
@@ -71,6 +73,8 @@ def launched_server(args: argparse.Namespace, server_args: str) -> Iterator[str]
                              "command that starts the server") from exc
         try:
             wait_healthy(process, base_url, args.server_timeout, log.name)
+            if on_start is not None:
+                on_start(process)
             yield base_url
         finally:
             stop_server(process, args.server_stop_timeout)
