@@ -3,7 +3,7 @@
 #   docker build -t pdserve:0.1.0 .                      # CPU torch: builds and runs anywhere
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
 #                -t pdserve:0.1.0-cu128 .               # CUDA torch, for GPU nodes
-#   docker run --rm -e PDSERVE_API_KEY="$(openssl rand -hex 32)" -p 8000:8000 -p 50051:50051 pdserve:0.1.0
+#   docker run --rm --shm-size=2g -e PDSERVE_API_KEY="$(openssl rand -hex 32)" -p 8000:8000 -p 50051:50051 pdserve:0.1.0
 #
 # The gateway listens on every interface of the container (CMD below), so it needs an API key
 # (PDSERVE_API_KEY, or --api-key): without one it refuses to start, unless its arguments add

@@ -93,6 +93,7 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
                         checkpoint.tokenizer,
                         ModelCard(name, max_model_len, int(time.time())), checkpoint.eos_token_ids, metrics,
                         max_in_flight=config.max_in_flight)
+    metrics.track_in_flight(lambda: frontend.num_in_flight)
     http = _HttpServer(uvicorn.Config(create_app(frontend, api_key=config.api_key,
                                                    max_body_bytes=config.max_body_bytes), host=config.host,
                                       port=config.port, log_level="warning", lifespan="off"))

@@ -4,8 +4,10 @@
                 -> receiver.issue -> KVTicket for the prefill worker
     poll     -> each step: expire tickets past their deadline; a SUCCEEDED transfer starts
                 decoding with the first token the prefill worker sampled
-                (scheduler.start_remote); a FAILED one is prefilled here (policy RECOMPUTE,
-                the default: scheduler.fall_back_to_local) or ends with ERROR
+                (scheduler.start_remote) once that token and its logprobs are in range
+                for the model and the request; a FAILED one, or one whose first token is
+                unusable, is prefilled here (policy RECOMPUTE, the default:
+                scheduler.fall_back_to_local) or ends with ERROR
     fail     -> the prefill side gave up: the transfer fails now, settled at the next poll
     abort    -> the ticket is refused from then on and the blocks are free at once
 
@@ -21,7 +23,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, NamedTuple
 
-from pdserve.kv_transfer.messages import KVTicket, TransferDone
+from pdserve.kv_transfer.messages import KVTicket, TransferDone, first_token_problem
 from pdserve.kv_transfer.receiver import KVReceiver, TransferState
 from pdserve.runtime.request import Request, TokenDelta
 from pdserve.runtime.stopping import FinishReason
@@ -101,16 +103,31 @@ class RemoteRequests:
             self.receiver.release(ticket_id)
             waited = time.monotonic() - self._issued_at.pop(request_id)
             self.total_kv_wait_seconds += waited
+            reason = status.reason
             if status.state is TransferState.SUCCEEDED:
-                request = self.scheduler.start_remote(request_id, status.done.first_token)
-                started.append(Started(request, status.done, waited))
-                self.counts["succeeded"] += 1
-            else:
-                self.failure_reasons[request_id] = status.reason
-                delta = self._settle_failure(request_id)
-                if delta is not None:
-                    failed.append(delta)
+                reason = self._unusable(request_id, status.done)
+                if reason is None:
+                    request = self.scheduler.start_remote(request_id, status.done.first_token)
+                    started.append(Started(request, status.done, waited))
+                    self.counts["succeeded"] += 1
+                    continue
+            self.failure_reasons[request_id] = reason
+            delta = self._settle_failure(request_id)
+            if delta is not None:
+                failed.append(delta)
         return started, failed
+
+    def _unusable(self, request_id: str, done: TransferDone) -> str | None:
+        """Why the engine must not start from `done` (a token id outside the vocabulary,
+        more top logprobs than the request asked for, a logprob that is not one); None if
+        it may. The receiver has checked the vocabulary already when it knows it; this
+        check also knows the request."""
+        params = self.scheduler.waiting_for_kv[request_id].params
+        problem = first_token_problem(done, self.receiver.vocab_size, params.logprobs or 0)
+        if problem is None:
+            return None
+        self.receiver.count_rejection("bad_token")
+        return f"the prefill worker's first token is unusable: {problem}"
 
     def _settle_failure(self, request_id: str) -> TokenDelta | None:
         if self.on_failure is OnTransferFailure.RECOMPUTE:

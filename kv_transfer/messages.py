@@ -11,13 +11,16 @@ cross the KV link.
 
 On the KV link every message is a msgpack map (never pickle: nothing that came off the
 network is ever executed); a pages header's map is followed by its raw bytes. Decoding
-checks every field's type and rejects anything else with `MalformedMessage`. PrefillJob
-and PrefillResult travel between Ray processes, not over the KV link.
+checks every field's type and rejects anything else with `MalformedMessage`; the values of
+a TransferDone (its token ids and logprobs) are checked against the model and the request
+by `first_token_problem`. PrefillJob and PrefillResult travel between Ray processes, not
+over the KV link.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -160,10 +163,39 @@ def decode(data: bytes | memoryview, expected: type | None = None) -> Any:
         raise MalformedMessage(f"not a msgpack message: {exc}") from None
     if not isinstance(body, dict):
         raise MalformedMessage("a message must be a msgpack map")
-    cls = expected if expected is not None and expected in (KVTicket, KVLayout) else _CLASSES.get(body.pop("kind", None))
+    if expected is not None and expected in (KVTicket, KVLayout):
+        cls = expected
+    else:
+        kind = body.pop("kind", None)
+        cls = _CLASSES.get(kind) if isinstance(kind, str) else None  # a peer may send any value
     if cls is None or (expected is not None and cls is not expected):
         raise MalformedMessage(f"unexpected message kind for {getattr(expected, '__name__', 'any')}")
     return _from_plain(cls, body)
+
+
+# A log-probability is <= 0; logits - logsumexp may round a hair above it.
+_LOGPROB_ROUNDING = 1e-3
+
+
+def first_token_problem(done: TransferDone, vocab_size: int | None, max_top_logprobs: int) -> str | None:
+    """Why `done`'s sampled token and logprobs cannot be used by a decode engine whose
+    vocabulary has `vocab_size` ids (None: unknown, ids are only checked to be non-negative),
+    for a request that asked for at most `max_top_logprobs` alternatives; None if usable."""
+    tokens = [done.first_token, *(token for token, _ in done.top_logprobs)]
+    bad = next((t for t in tokens if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
+    if bad is not None:
+        return f"token id {bad} is outside the vocabulary [0, {vocab_size if vocab_size is not None else 'inf'})"
+    if len(done.top_logprobs) > max_top_logprobs:
+        return f"{len(done.top_logprobs)} top logprobs sent; at most {max_top_logprobs} allowed"
+    values = [done.logprob, *(value for _, value in done.top_logprobs)]
+    bad_value = next((v for v in values if math.isnan(v) or v > _LOGPROB_ROUNDING), None)
+    if bad_value is not None:
+        return f"logprob {bad_value} is not a log-probability (a number <= 0)"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _to_plain(message: Any) -> dict:
@@ -186,12 +218,12 @@ def _from_plain(cls: type, body: dict) -> Any:
         if type_name == "KVLayout":
             value = _from_plain(KVLayout, value)
         elif type_name == "tuple[int, ...]":
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            if not all(_is_int(v) for v in value):
                 raise MalformedMessage(f"{cls.__name__}.{name} must hold integers")
             value = tuple(value)
         elif type_name == "tuple[tuple[int, float], ...]":
-            if not all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int)
-                       and isinstance(p[1], (int, float)) for p in value):
+            if not all(isinstance(p, (list, tuple)) and len(p) == 2 and _is_int(p[0])
+                       and isinstance(p[1], (int, float)) and not isinstance(p[1], bool) for p in value):
                 raise MalformedMessage(f"{cls.__name__}.{name} must hold (id, logprob) pairs")
             value = tuple((int(a), float(b)) for a, b in value)
         elif type_name == "float":

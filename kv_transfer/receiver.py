@@ -7,10 +7,16 @@ with a reason and writes nothing. A transfer is a handle the scheduler polls:
     PENDING --first chunk--> TRANSFERRING --done, all pages present--> SUCCEEDED
        \\______________________________\\--deadline, abort, bad done--> FAILED(reason)
 
-Transports call `accept_pages` / `accept_done` / `accept_abort` from their own threads;
-the decode engine thread calls `issue`, `poll`, `release` and `expire`. One lock guards
-the ticket table; chunk bytes are written outside it, into blocks that only their ticket
-may write (each ticket's blocks are reserved for it by the scheduler).
+Transports call `admit_pages` (a chunk's header, before its payload is read),
+`accept_pages` / `accept_done` / `accept_abort` and `count_rejection` from their own
+threads; the decode engine thread calls `issue`, `poll`, `release` and `expire`. One lock
+guards the ticket table and the rejection counters; chunk bytes are written outside it,
+into blocks that only their ticket may write (each ticket's blocks are reserved for it by
+the scheduler).
+
+Every refusal, here or in a listener, is counted in `rejected` under one of
+`REJECTION_REASONS` (the keys are fixed at construction, so another thread may copy the
+dict at any time).
 """
 
 from __future__ import annotations
@@ -26,8 +32,37 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from pdserve.kv_transfer import layout
-from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferAbort, TransferDone
+from pdserve.kv_transfer.messages import (
+    KVTicket,
+    MessageRejected,
+    PagesHeader,
+    TransferAbort,
+    TransferDone,
+    first_token_problem,
+)
 from pdserve.runtime.kv_pool import KVPool
+from pdserve.runtime.sampling_params import MAX_LOGPROBS
+
+# Why frames or links were refused: the keys of `KVReceiver.rejected`.
+REJECTION_REASONS = (
+    "malformed",  # not a frame or message of the protocol (bad msgpack, kind, field types, stray payload)
+    "oversized",  # a header or payload over the listener's limits
+    "truncated",  # the link ended in the middle of a frame
+    "stalled_frame",  # a frame not completed (or its reply not read) within the listener's op_timeout
+    "idle_timeout",  # a link idle past the listener's idle_timeout, closed
+    "over_connection_limit",  # a link refused because the listener serves max_channels already
+    "unknown_ticket",  # no live ticket with that id: never issued, or released
+    "bad_secret",  # wrong secret or request id for a live ticket
+    "settled_ticket",  # the ticket already succeeded or failed (e.g. a frame replayed after TransferDone)
+    "expired",  # the ticket is past its deadline
+    "out_of_bounds",  # a layer or pages outside the ticket
+    "bad_layout",  # dtype, shape or byte count other than the pool's layout implies
+    "checksum",  # the payload does not match its CRC-32C
+    "incomplete",  # TransferDone before every page of every layer arrived
+    "bad_token",  # TransferDone's first token or logprobs out of range
+    "no_staging_memory",  # no room for a connection's staging memory (shm: /dev/shm is full)
+    "internal_error",  # the receiver failed on a frame (a bug); the frame was refused
+)
 
 
 class TransferState(enum.Enum):
@@ -56,15 +91,30 @@ class _Live:
 
 
 class KVReceiver:
-    def __init__(self, pool: KVPool, default_timeout: float = 30.0) -> None:
+    """`vocab_size`: the decode model's vocabulary; a TransferDone whose token ids are not
+    below it is refused (and its transfer failed). None checks only that ids are >= 0."""
+
+    def __init__(self, pool: KVPool, default_timeout: float = 30.0, vocab_size: int | None = None) -> None:
         self.pool = pool
         self.layout = layout.layout_of(pool)
         self.default_timeout = default_timeout
+        self.vocab_size = vocab_size
         self._lock = threading.Lock()
         self._live: dict[int, _Live] = {}
         self._ids = itertools.count(1)
-        self.num_rejected = 0
+        self.rejected: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)  # reason -> count, under _lock
         self.bytes_received = 0  # accepted chunk payloads, all tickets
+
+    @property
+    def num_rejected(self) -> int:
+        """Every refusal so far, all reasons together."""
+        return sum(self.rejected.values())
+
+    def count_rejection(self, reason: str) -> None:
+        """Count a refusal decided outside the receiver (by a listener). `reason` is one of
+        REJECTION_REASONS; any other is a bug and raises KeyError."""
+        with self._lock:
+            self.rejected[reason] += 1
 
     # ------------------------------------------------------------ engine thread side
 
@@ -121,24 +171,26 @@ class KVReceiver:
 
     # --------------------------------------------------------------- transport side
 
+    def admit_pages(self, header: PagesHeader, nbytes: int) -> None:
+        """Check a chunk's header, announcing `nbytes` of payload, before the payload is
+        read: its ticket is live, the secret right, and layer, pages, shape and size fit
+        the ticket. A listener allocates staging memory for a connection only after one
+        of its chunks passed this. Raises MessageRejected (counted); a wrong chunk under
+        the right secret also fails the transfer, as `accept_pages` would. Writes nothing."""
+        with self._lock:
+            self._admit(header, nbytes)
+
     def accept_pages(self, header: PagesHeader, payload: bytes | bytearray | memoryview) -> None:
         """Validate and write one chunk. Raises MessageRejected (nothing written)."""
         with self._lock:
-            live = self._check_ticket(header.ticket_id, header.secret, header.request_id)
-            try:
-                self._check_chunk(live.ticket, header, payload)
-            except MessageRejected as exc:
-                # The sender holds the secret, so it is ours and broken: the transfer
-                # cannot complete, and failing it now lets decode recover at once.
-                self._fail(live, str(exc))
-                raise
+            live = self._admit(header, len(payload))
             live.writers += 1
             live.state = TransferState.TRANSFERRING
         try:
             if layout.checksum(payload) != header.checksum:
                 with self._lock:
                     self._fail(live, "checksum mismatch: a chunk was corrupted in transit")
-                raise self._reject("checksum mismatch: the chunk was corrupted in transit")
+                    raise self._reject("checksum", "checksum mismatch: the chunk was corrupted in transit")
             pages = layout.from_bytes(payload, self.layout, header.num_pages)
             blocks = live.ticket.block_ids[header.page_start:header.page_start + header.num_pages]
             layout.write_pages(self.pool, header.layer, blocks, pages)
@@ -156,12 +208,17 @@ class KVReceiver:
         also raised for a foreign message."""
         with self._lock:
             live = self._check_ticket(done.ticket_id, done.secret, done.request_id)
+            problem = first_token_problem(done, self.vocab_size, MAX_LOGPROBS)
+            if problem is not None:
+                reason = f"unusable first token: {problem}"
+                self._fail(live, reason)
+                raise self._reject("bad_token", reason)
             expected = set(range(len(live.ticket.block_ids)))
             missing = [i for i, got in enumerate(live.pages_received) if got != expected]
             if missing or live.writers:
                 reason = f"transfer declared done with layers {missing[:4]} incomplete"
                 self._fail(live, reason)
-                raise self._reject(reason)
+                raise self._reject("incomplete", reason)
             live.state, live.done = TransferState.SUCCEEDED, done
 
     def accept_abort(self, abort: TransferAbort) -> None:
@@ -177,38 +234,51 @@ class KVReceiver:
                 self._fail(live, reason)
 
     # ---------------------------------------------------------------------- checks
+    # All called under _lock.
+
+    def _admit(self, header: PagesHeader, nbytes: int) -> _Live:
+        live = self._check_ticket(header.ticket_id, header.secret, header.request_id)
+        try:
+            self._check_chunk(live.ticket, header, nbytes)
+        except MessageRejected as exc:
+            # The sender holds the secret, so it is ours and broken: the transfer
+            # cannot complete, and failing it now lets decode recover at once.
+            self._fail(live, str(exc))
+            raise
+        return live
 
     def _check_ticket(self, ticket_id: int, secret: bytes, request_id: str) -> _Live:
         live = self._live.get(ticket_id)
         if live is None:
-            raise self._reject(f"no live ticket {ticket_id}")
+            raise self._reject("unknown_ticket", f"no live ticket {ticket_id}")
         if not hmac.compare_digest(live.ticket.secret, secret) or live.ticket.request_id != request_id:
-            raise self._reject(f"wrong secret or request id for ticket {ticket_id}")
+            raise self._reject("bad_secret", f"wrong secret or request id for ticket {ticket_id}")
         if live.state in (TransferState.SUCCEEDED, TransferState.FAILED):
-            raise self._reject(f"ticket {ticket_id} is already {live.state.value}")
+            raise self._reject("settled_ticket", f"ticket {ticket_id} is already {live.state.value}")
         if time.time() > live.ticket.deadline:
             self._fail(live, f"deadline exceeded after {live.bytes_received} bytes")
-            raise self._reject(f"ticket {ticket_id} is past its deadline")
+            raise self._reject("expired", f"ticket {ticket_id} is past its deadline")
         return live
 
-    def _check_chunk(self, ticket: KVTicket, header: PagesHeader, payload) -> None:
-        if header.dtype != self.layout.dtype:
-            raise self._reject(f"dtype {header.dtype} != pool dtype {self.layout.dtype}")
+    def _check_chunk(self, ticket: KVTicket, header: PagesHeader, nbytes: int) -> None:
         if not 0 <= header.layer < self.layout.num_layers:
-            raise self._reject(f"layer {header.layer} out of range [0, {self.layout.num_layers})")
+            raise self._reject("out_of_bounds", f"layer {header.layer} out of range [0, {self.layout.num_layers})")
         if header.num_pages <= 0 or header.page_start < 0 or \
                 header.page_start + header.num_pages > len(ticket.block_ids):
-            raise self._reject(f"pages [{header.page_start}, {header.page_start + header.num_pages}) "
+            raise self._reject("out_of_bounds", f"pages [{header.page_start}, {header.page_start + header.num_pages}) "
                                f"outside the ticket's {len(ticket.block_ids)} pages")
+        if header.dtype != self.layout.dtype:
+            raise self._reject("bad_layout", f"dtype {header.dtype} != pool dtype {self.layout.dtype}")
         if tuple(header.shape) != layout.chunk_shape(self.layout, header.num_pages):
-            raise self._reject(f"shape {tuple(header.shape)} != "
+            raise self._reject("bad_layout", f"shape {tuple(header.shape)} != "
                                f"{layout.chunk_shape(self.layout, header.num_pages)}")
         expected = layout.chunk_nbytes(self.layout, header.num_pages)
-        if header.nbytes != expected or len(payload) != expected:
-            raise self._reject(f"payload of {len(payload)} bytes (header {header.nbytes}); expected {expected}")
+        if header.nbytes != expected or nbytes != expected:
+            raise self._reject("bad_layout", f"payload of {nbytes} bytes (header {header.nbytes}); "
+                               f"expected {expected}")
 
-    def _reject(self, reason: str) -> MessageRejected:
-        self.num_rejected += 1
+    def _reject(self, reason_class: str, reason: str) -> MessageRejected:
+        self.rejected[reason_class] += 1
         return MessageRejected(reason)
 
     @staticmethod

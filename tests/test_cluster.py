@@ -148,7 +148,7 @@ def test_overload_gets_fast_429_and_accepted_requests_complete(disagg):
     async def burst():
         async with httpx.AsyncClient(timeout=300) as client:
             return await asyncio.gather(*(client.post(f"{disagg.http_url}/v1/completions", json=body,
-                                                      headers=headers) for _ in range(90)))
+                                                      headers=headers) for _ in range(120)))  # 3x --max-in-flight
 
     responses = asyncio.run(burst())
     statuses = [r.status_code for r in responses]

@@ -62,7 +62,10 @@ def test_every_pair_is_linked_and_used_after_a_concurrent_start(server):
                                          temperature=0)
         assert done.usage.completion_tokens == 2
     assert set(_remote_routes(server.metrics())) == {"decode-0", "decode-1"}
-    assert server.metrics()["pdserve_controller_errors_total"] == 0
+    metrics = server.metrics()
+    assert metrics["pdserve_controller_errors_total"] == 0
+    rejected = [k for k in metrics if k.startswith("pdserve_kv_rejected_frames_total{")]
+    assert len(rejected) >= 2 * 10 and all(metrics[k] == 0 for k in rejected), "counted per reason, none yet"
 
 
 async def _stream(server: ServeProcess, prompt: list[int]) -> tuple[int, list[str]]:

@@ -9,30 +9,48 @@ sender killed mid-transfer, a decode worker killed under a sender.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import multiprocessing
 import os
 import queue
 import signal
+import socket
+import threading
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
+import msgpack
 import pytest
 import torch
+import torch.distributed as dist
 
 from pdserve.kv_transfer import layout, messages
+from pdserve.kv_transfer.decode_side import RemoteRequests
 from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferAbort, TransferDone
+from pdserve.kv_transfer.pusher import KVPusher, SendState
 from pdserve.kv_transfer.receiver import KVReceiver, TransferState
 from pdserve.kv_transfer.transports import (
     PeerInfo,
     TransportError,
     choose_transport,
     connect,
+    grpc_transport,
     listen,
     probe,
+    shm,
+    torch_dist,
 )
-from pdserve.kv_transfer.transports.base import serve_frame
+from pdserve.kv_transfer.transports.base import MAX_HEADER_BYTES, REPLY_HEAD_BYTES, serve_frame
+from pdserve.kv_transfer.transports.stream import FRAME, HELLO, recv_exact
+from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
 from pdserve.runtime.kv_pool import KVPool
+from pdserve.runtime.request import Request
+from pdserve.runtime.sampling_params import SamplingParams
+from pdserve.runtime.scheduler import BatchScheduler
 
 KINDS = ["grpc", "tcp", "gloo", "shm"]
 CTX = multiprocessing.get_context("spawn")
@@ -111,7 +129,7 @@ def _decode_main(kind: str, options: dict, commands, results) -> None:
         free.extend(tickets.pop(ticket_id).block_ids)
 
     handlers = {"issue": issue, "poll": poll, "pages": pages, "release": release,
-                "expire": lambda: receiver.expire()}
+                "expire": lambda: receiver.expire(), "rejected": lambda: dict(receiver.rejected)}
     listener = listen(kind, receiver, **options)
     results.put(("ok", listener.address))
     while True:
@@ -435,7 +453,354 @@ def test_serve_frame_refuses_garbage_without_raising():
     assert "ping" in serve_frame(receiver, b"", b"x")
     assert "malformed" in serve_frame(receiver, b"\xc1not msgpack", b"")
     assert "malformed" in serve_frame(receiver, messages.encode(receiver.layout), b"")  # not a frame kind
+    for kind in ([], {}, 7, None):  # a kind that is no string, hashable or not
+        assert "malformed" in serve_frame(receiver, msgpack.packb({"kind": kind}), b"")
     ticket = receiver.issue("r", [0], 0, 4)
     assert "no payload" in serve_frame(receiver, messages.encode(_done(ticket)), b"xx")
-    assert receiver.num_rejected == 0  # none of these reached the ticket checks
+    assert "over the" in serve_frame(receiver, b"\x80" * (MAX_HEADER_BYTES + 1), b"")
+    # none of these reached the ticket checks; every one is counted
+    assert _nonzero(receiver) == {"malformed": 8, "oversized": 1}
+    assert receiver.num_rejected == 9
     assert receiver.poll(ticket.ticket_id).state is TransferState.PENDING
+
+
+def _nonzero(receiver: KVReceiver) -> dict[str, int]:
+    return {reason: count for reason, count in receiver.rejected.items() if count}
+
+
+# ------------------------------------------- limits and hostile peers (listeners in this process)
+
+
+@contextlib.contextmanager
+def _local(kind: str, vocab_size: int | None = None, **options):
+    """A listener of `kind` in this process over a fresh pool; yields (listener, receiver)."""
+    receiver = KVReceiver(_pool(), vocab_size=vocab_size)
+    with listen(kind, receiver, **{**LISTENER_OPTIONS, **options}) as listener:
+        yield listener, receiver
+
+
+def _eventually(predicate, what: str, limit: float = CALL_S) -> None:
+    """Wait (bounded) until `predicate()` holds; fail saying `what` never happened."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen within {limit} s"
+        time.sleep(0.02)
+
+
+def _local_pages(receiver: KVReceiver, ticket: KVTicket) -> bytes:
+    return receiver.pool.kv[:, :, list(ticket.block_ids)].contiguous().numpy().tobytes()
+
+
+def _transfer_locally(channel, receiver: KVReceiver, source: KVPool, request_id: str,
+                      src_blocks: list[int]) -> KVTicket:
+    """A whole transfer over `channel` into the top blocks of `receiver`'s pool (tests keep
+    their other tickets in the low ones); checks it succeeded with exactly the source's bytes."""
+    blocks = [receiver.pool.num_blocks - 1 - i for i in range(len(src_blocks))]
+    ticket = receiver.issue(request_id, blocks, 0, 4 * len(blocks))
+    _send_all(channel, source, ticket, src_blocks, first_token=3)
+    assert receiver.poll(ticket.ticket_id).state is TransferState.SUCCEEDED
+    assert _local_pages(receiver, ticket) == _expected_bytes(source, src_blocks)
+    return ticket
+
+
+def _shm_regions_mapped() -> int:
+    """Shared-memory segments this process maps (the shm listener's staging regions)."""
+    with open("/proc/self/maps") as maps:
+        return sum("/psm_" in line for line in maps)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "shm", "gloo"])
+def test_a_link_gets_staging_memory_only_once_a_chunk_header_passes_the_ticket_checks(kind, source):
+    region = 4 << 20
+    with _local(kind, max_chunk_bytes=region) as (listener, receiver):
+        ticket = receiver.issue("staged", [0, 1], 0, 8)
+        mapped_before = _shm_regions_mapped() if kind == "shm" else 0
+        tracemalloc.start()
+        try:
+            channels = [connect(listener.address, timeout=CALL_S) for _ in range(3)]
+            for chan in channels:
+                chan.ping()
+                with pytest.raises(MessageRejected, match="secret"):
+                    chan.send_pages(*_chunk(source, ticket, 0, 0, [1, 2], secret=b"\0" * 16))
+                with pytest.raises(MessageRejected, match="no live ticket"):
+                    chan.send_pages(*_chunk(source, ticket, 0, 0, [1, 2], ticket_id=ticket.ticket_id + 99))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # Three links, six refused chunks: not one staging buffer, region or tensor.
+        assert listener.staging_bytes == 0
+        if kind == "tcp":
+            assert peak < region  # a buffer per link on connect would be 3 regions' worth
+        if kind == "shm":
+            assert _shm_regions_mapped() == mapped_before
+        assert _nonzero(receiver) == {"bad_secret": 3, "unknown_ticket": 3}
+        # A chunk with the right secret earns its link staging, and the transfer completes.
+        chan = channels[0]
+        _send_all(chan, source, ticket, [1, 2], first_token=3)
+        assert receiver.poll(ticket.ticket_id).state is TransferState.SUCCEEDED
+        assert _local_pages(receiver, ticket) == _expected_bytes(source, [1, 2])
+        chunk_bytes = layout.chunk_nbytes(receiver.layout, 2)
+        assert listener.staging_bytes == (region if kind == "shm" else chunk_bytes)
+        for chan in channels:
+            chan.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "shm", "grpc"])
+def test_idle_links_are_closed_and_the_channel_reconnects_by_itself(kind, source):
+    with _local(kind, idle_timeout=0.5) as (listener, receiver):
+        chan = connect(listener.address, timeout=CALL_S)
+        assert chan.idle_timeout == 0.5
+        ticket = receiver.issue("idle", [0], 0, 4)
+        chan.send_pages(*_chunk(source, ticket, 0, 0, [4]))
+        _eventually(lambda: receiver.rejected["idle_timeout"] == 1, "the idle link's close")
+        _eventually(lambda: listener.num_links == 0, "the idle link's thread ending")
+        # The rest of the transfer goes over a fresh link, without an error.
+        chan.send_pages(*_chunk(source, ticket, 1, 0, [4]))
+        chan.send_done(_done(ticket, first_token=8))
+        assert chan.reconnects == 1
+        assert receiver.poll(ticket.ticket_id) == (TransferState.SUCCEEDED, _done(ticket, 8), "")
+        assert _local_pages(receiver, ticket) == _expected_bytes(source, [4])
+        assert receiver.num_rejected == 1
+        chan.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "shm", "grpc"])
+def test_a_pushers_kept_channel_survives_idle_closes(kind, source):
+    """The prefill side keeps one channel per decode worker across requests: a link the
+    listener closed while no request needed it costs the next request nothing."""
+    with _local(kind, idle_timeout=0.5) as (listener, receiver):
+        pusher = KVPusher(source, lambda address: connect(address, timeout=CALL_S))
+        try:
+            for turn in range(2):
+                ticket = receiver.issue(f"turn-{turn}", [turn], 0, 4)
+                pusher.start(ticket, listener.address)
+                for layer in range(source.kv.shape[0]):
+                    pusher.push(ticket.ticket_id, layer, 0, [5 + turn])
+                pusher.finish(ticket.ticket_id, _done(ticket, first_token=turn))
+                _eventually(lambda t=ticket: pusher.poll(t.ticket_id)[0] is not SendState.SENDING, "the send")
+                assert pusher.poll(ticket.ticket_id) == (SendState.SENT, "")
+                assert _local_pages(receiver, ticket) == _expected_bytes(source, [5 + turn])
+                if turn == 0:
+                    _eventually(lambda: receiver.rejected["idle_timeout"] == 1, "the idle link's close")
+        finally:
+            pusher.close()
+
+
+def test_a_gloo_channel_keeps_its_pair_alive_with_pings(source):
+    with _local("gloo", idle_timeout=0.5) as (listener, receiver):
+        chan = connect(listener.address, timeout=CALL_S)
+        pinged = chan.last_used
+        _eventually(lambda: chan.last_used > pinged + 1.0, "keep-alive pings over two idle timeouts")
+        _transfer_locally(chan, receiver, source, "kept-alive", [6])
+        assert receiver.num_rejected == 0  # never idled out
+        chan.close()
+
+
+def _raw_connect(address: str) -> socket.socket:
+    """A plain socket to a tcp or shm listener."""
+    kind, _, target = address.partition("://")
+    if kind == "tcp":
+        host, _, port = target.rpartition(":")
+        return socket.create_connection((host, int(port)), timeout=CALL_S)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(CALL_S)
+    sock.connect(shm._socket_address(target))
+    return sock
+
+
+def _raw_stream_link(address: str) -> socket.socket:
+    """A plain socket to a tcp or shm listener, its hello read."""
+    sock = _raw_connect(address)
+    assert HELLO.unpack(recv_exact(sock, HELLO.size))[0] == 0
+    return sock
+
+
+def _trickle(sock: socket.socket, data: bytes, interval: float) -> None:
+    """Send `data` a byte at a time, `interval` apart, until it is sent or the peer hangs up."""
+    try:
+        for i in range(len(data)):
+            sock.sendall(data[i:i + 1])
+            time.sleep(interval)
+    except OSError:  # hung up on
+        pass
+
+
+@pytest.mark.parametrize("kind", ["tcp", "shm"])
+@pytest.mark.parametrize("sent", ["half-a-frame-head", "header-but-no-payload", "frame-a-byte-at-a-time"])
+def test_a_frame_that_stalls_midway_drops_its_link(kind, sent, source):
+    """A frame must be whole within op_timeout of its first byte, however its bytes trickle."""
+    with _local(kind, op_timeout=0.5) as (listener, receiver):
+        ticket = receiver.issue("stall", [0], 0, 4)
+        header, payload = _chunk(source, ticket, 0, 0, [1])
+        frame = FRAME.pack(len(messages.encode(header)), len(payload)) + messages.encode(header)
+        sock = _raw_stream_link(listener.address)
+        if sent == "frame-a-byte-at-a-time":  # each byte well within op_timeout of the last
+            _trickle(sock, frame, interval=0.1)
+        else:
+            sock.sendall(frame[:6] if sent == "half-a-frame-head" else frame)
+            if sent == "header-but-no-payload" and kind == "shm":
+                sock.recv(REPLY_HEAD_BYTES)  # the region's "proceed"; the sender never confirms
+        try:
+            assert sock.recv(1) == b""  # the listener hung up
+        except ConnectionResetError:  # ... with bytes of ours unread
+            pass
+        sock.close()
+        assert _nonzero(receiver) == {"stalled_frame": 1}
+        with connect(listener.address, timeout=CALL_S) as chan:
+            _transfer_locally(chan, receiver, source, "after-stall", [2])
+
+
+def test_a_gloo_pair_whose_payload_never_comes_is_dropped(source):
+    with _local("gloo", op_timeout=0.5) as (listener, receiver):
+        ticket = receiver.issue("stall", [0], 0, 4)
+        header, payload = _chunk(source, ticket, 0, 0, [1])
+        chan = connect(listener.address, timeout=CALL_S)
+        chan._stop.set()  # no keep-alive pings: this test drives the pair by hand
+        encoded = messages.encode(header)
+        head = torch.zeros(torch_dist.HEAD_BYTES, dtype=torch.uint8)
+        torch_dist._fill(head, torch_dist._LENGTHS.pack(len(encoded), payload.nbytes) + encoded)
+        torch_dist._run(chan._group.send, head, 0, CALL_S, "send a head")
+        reply = torch.empty(torch_dist.REPLY_BYTES, dtype=torch.uint8)
+        torch_dist._run(chan._group.recv, reply, 0, CALL_S, "take the go-ahead")
+        assert torch_dist.decode_reply(bytes(reply.numpy())).proceed  # ... and the payload never comes
+        _eventually(lambda: listener.num_links == 0, "the stalled pair's drop")
+        assert _nonzero(receiver) == {"stalled_frame": 1}
+        chan.close()
+        with connect(listener.address, timeout=CALL_S) as fresh:
+            _transfer_locally(fresh, receiver, source, "after-stall", [2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_links_over_max_channels_are_refused_and_counted(kind, source):
+    with _local(kind, max_channels=2) as (listener, receiver):
+        first, second = (connect(listener.address, timeout=CALL_S) for _ in range(2))
+        threads = threading.active_count()
+        for _ in range(3):
+            with pytest.raises(TransportError, match="channel limit"):
+                connect(listener.address, timeout=CALL_S)
+        if kind in ("tcp", "shm"):  # a flood of plain connections is refused without a thread each
+            flood = [_raw_connect(listener.address) for _ in range(20)]
+            for sock in flood:
+                assert HELLO.unpack(recv_exact(sock, HELLO.size))[0] == 1
+                sock.close()
+        if kind == "grpc":  # the server's pool: 2 streams and the spare threads that refuse more
+            assert sum(t.name.startswith("kv-grpc_") for t in threading.enumerate()) <= 2 + grpc_transport._SPARE_THREADS
+        else:
+            assert threading.active_count() <= threads
+        assert receiver.rejected["over_connection_limit"] == (23 if kind in ("tcp", "shm") else 3)
+        assert listener.num_links == 2
+        _transfer_locally(first, receiver, source, "still-served", [3])
+        second.close()
+        _eventually(lambda: listener.num_links == 1, "the closed link's slot freeing")
+        with connect(listener.address, timeout=CALL_S) as third:
+            _transfer_locally(third, receiver, source, "slot-reused", [4])
+        first.close()
+
+
+def test_a_pushed_pair_counter_costs_the_gloo_listener_no_threads(source):
+    """Any client of the listener's TCPStore can add to the pair counter; the listener must
+    not start a thread (or write a verdict) per index it claims."""
+    with _local("gloo", max_channels=2) as (listener, receiver):
+        host, _, port = listener.address.removeprefix("gloo://").rpartition(":")
+        store = dist.TCPStore(host, int(port), None, False, timedelta(seconds=CALL_S), wait_for_workers=False)
+        threads = threading.active_count()
+        store.add(torch_dist._COUNTER, 1_000_000)
+        _eventually(lambda: receiver.rejected["malformed"] == 1, "the listener noticing the jump")
+        assert threading.active_count() <= threads
+        assert listener.num_links == 0
+        with connect(listener.address, timeout=CALL_S) as chan:
+            _transfer_locally(chan, receiver, source, "after-jump", [5])
+
+
+# ------------------------------------------------------------ the first token's range
+
+
+@pytest.mark.parametrize("done, match", [
+    ({"first_token": 50}, "outside the vocabulary"),
+    ({"first_token": -1}, "outside the vocabulary"),
+    ({"top_logprobs": ((7, -0.1), (50, -2.0))}, "outside the vocabulary"),
+    ({"top_logprobs": tuple((i, -1.0) for i in range(21))}, "top logprobs"),
+    ({"logprob": math.nan}, "not a log-probability"),
+    ({"logprob": 3.0}, "not a log-probability"),
+], ids=["past-vocab", "negative", "top-past-vocab", "too-many-tops", "nan", "positive"])
+def test_a_done_with_an_unusable_first_token_fails_its_ticket(done, match, source):
+    receiver = KVReceiver(_pool(), vocab_size=50)
+    ticket = receiver.issue("token", [0], 0, 4)
+    for layer in range(2):
+        receiver.accept_pages(*_chunk(source, ticket, layer, 0, [1]))
+    with pytest.raises(MessageRejected, match=match):
+        receiver.accept_done(dataclasses.replace(_done(ticket, 49), **done))
+    status = receiver.poll(ticket.ticket_id)
+    assert status.state is TransferState.FAILED and "unusable first token" in status.reason
+    assert _nonzero(receiver) == {"bad_token": 1}
+
+
+def test_a_done_with_the_last_token_of_the_vocabulary_succeeds(source):
+    receiver = KVReceiver(_pool(), vocab_size=50)
+    ticket = receiver.issue("token", [0], 0, 4)
+    for layer in range(2):
+        receiver.accept_pages(*_chunk(source, ticket, layer, 0, [1]))
+    done = dataclasses.replace(_done(ticket, 49), logprob=-math.inf, top_logprobs=((49, -0.5), (0, -math.inf)))
+    receiver.accept_done(done)
+    assert receiver.poll(ticket.ticket_id).state is TransferState.SUCCEEDED
+
+
+def _remote_requests(receiver: KVReceiver) -> tuple[RemoteRequests, BatchScheduler]:
+    info = RuntimeInfo(num_blocks=POOL_SHAPE["num_blocks"], block_size=POOL_SHAPE["block_size"], max_model_len=64,
+                       eos_token_ids=frozenset(), bos_token_id=None, device=torch.device("cpu"))
+    scheduler = BatchScheduler(SchedulerConfig(), info, enable_prefix_caching=False)
+    return RemoteRequests(scheduler, receiver), scheduler
+
+
+@pytest.mark.parametrize("logprobs, tops, starts", [
+    (None, (), True), (2, ((1, -0.1), (2, -0.2)), True), (None, ((1, -0.1),), False), (1, ((1, -0.1), (2, -0.2)), False),
+], ids=["none-asked-none-sent", "two-asked-two-sent", "none-asked-one-sent", "one-asked-two-sent"])
+def test_decode_starts_only_from_the_logprobs_its_request_asked_for(logprobs, tops, starts, source):
+    receiver = KVReceiver(_pool(), vocab_size=50)
+    remote, scheduler = _remote_requests(receiver)
+    request = Request("r", list(range(5)), SamplingParams(max_tokens=4, logprobs=logprobs))
+    ticket = remote.add(request)
+    for layer in range(2):
+        receiver.accept_pages(*_chunk(source, ticket, layer, 0, [1, 2]))
+    receiver.accept_done(dataclasses.replace(_done(ticket, 7), top_logprobs=tops))
+    started, failed = remote.poll()
+    assert failed == []  # RECOMPUTE: a refused first token is prefilled here instead
+    if starts:
+        assert [s.request.output_ids for s in started] == [[7]]
+        assert receiver.num_rejected == 0
+    else:
+        assert started == [] and remote.counts["failed_recomputed"] == 1
+        assert "top logprobs" in remote.failure_reasons["r"]
+        assert _nonzero(receiver) == {"bad_token": 1}
+        assert scheduler.waiting[0] is request  # queued for a local prefill
+
+
+# --------------------------------------------------------------------- shared memory
+
+
+def test_the_shm_listener_refuses_to_start_without_room_in_dev_shm(monkeypatch):
+    real = os.statvfs(shm.SHM_DIR)
+    small = os.statvfs_result((real.f_bsize, 4096, 1 << 20, 256, 256, *real[5:]))  # 1 MiB free
+    monkeypatch.setattr(shm.os, "statvfs", lambda path: small)
+    with pytest.raises(TransportError, match=r"has 1\.0 MiB free.*needs 64\.0 MiB.*--shm-size"):
+        listen("shm", KVReceiver(_pool()), max_chunk_bytes=4 << 20, max_channels=16)
+    listen("shm", KVReceiver(_pool()), max_chunk_bytes=64 << 10, max_channels=16).close()  # 1 MiB fits
+
+
+def test_a_replayed_transfer_is_refused_after_its_done(decode, channel, source):
+    ticket = decode.issue("replayed", num_pages=2)
+    rejected = decode.call("rejected")
+    chunks = [_chunk(source, ticket, layer, 0, [12, 13]) for layer in range(2)]
+    for chunk in chunks:
+        channel.send_pages(*chunk)
+    channel.send_done(_done(ticket, first_token=11))
+    replay = [_chunk(_source_pool(), ticket, layer, 0, [3, 4]) for layer in range(2)]  # other bytes
+    for chunk in replay:
+        with pytest.raises(MessageRejected, match="already succeeded"):
+            channel.send_pages(*chunk)
+    with pytest.raises(MessageRejected, match="already succeeded"):
+        channel.send_done(_done(ticket, first_token=11))
+    assert decode.state(ticket.ticket_id) == ("succeeded", "", 11)
+    assert decode.call("pages", ticket.ticket_id) == _expected_bytes(source, [12, 13])
+    assert decode.call("rejected")["settled_ticket"] == rejected["settled_ticket"] + 3
+    decode.call("release", ticket.ticket_id)

@@ -159,6 +159,9 @@ class _InFlight:
             async for ref in stream:
                 item = await ref
                 if isinstance(item, Refused):
+                    if item.engine_dead:  # this worker is done for: replace it, move the request
+                        self.decode_lost = True
+                        self.backend.controller.worker_died(decode, item.message, "engine_died")
                     raise RequestError(ErrorKind[item.kind], item.message, retry_after=item.retry_after)
                 if not isinstance(item, TokenDelta):  # remote mode's first item: the ticket or None
                     self._start_prefill(item)
@@ -212,8 +215,13 @@ class _InFlight:
         except RayActorError as exc:
             result = Refused("UNAVAILABLE", f"prefill worker {prefill.worker_id} died")
             self.backend.controller.worker_died(prefill, f"its process died ({exc.__class__.__name__})")
+        except RayTaskError as exc:  # a bug on the prefill worker: this job fails, D recomputes per policy
+            log.error("prefill worker %s failed request %s: %s", prefill.worker_id, self.request_id, exc)
+            result = Refused("INTERNAL", f"prefill worker {prefill.worker_id} failed this job")
         finally:
             self._release_prefill()
+        if isinstance(result, Refused) and result.engine_dead:
+            self.backend.controller.worker_died(prefill, result.message, "engine_died")
         if isinstance(result, Refused) or not result.ok:
             reason = result.message if isinstance(result, Refused) else result.reason
             self.decode.actor.fail_remote.remote(self.request_id, reason)

@@ -368,9 +368,10 @@ class Controller:
         self._replacing.add(task)
         task.add_done_callback(self._replacing.discard)
 
-    def worker_died(self, handle: WorkerHandle, why: str) -> None:
-        """A caller saw the worker's process die: replace it now, not at the next poll."""
-        self._replace(handle, why, "process_died")
+    def worker_died(self, handle: WorkerHandle, why: str, reason: str = "process_died") -> None:
+        """A caller saw the worker die (its process, or its engine: `reason`, see
+        departure_reason): replace it now, not at the next poll."""
+        self._replace(handle, why, reason)
 
     def departure_reason(self, worker_id: str) -> str:
         """Why a worker left (process_died, unresponsive, engine_died, engine_hung,

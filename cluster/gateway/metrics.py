@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pdserve.cluster.gateway.errors import ErrorKind
@@ -84,6 +84,11 @@ class GatewayMetrics:
         for stage, seconds in stages.items():
             self.ttft_split.labels(stage).observe(max(0.0, seconds))
 
+    def track_in_flight(self, in_flight: Callable[[], int]) -> None:
+        """Export the gateway's requests in flight (admitted, not yet ended), read at scrape time."""
+        Gauge("pdserve_requests_in_flight", "Requests admitted at the gateway and not yet ended",
+              registry=self.registry).set_function(in_flight)
+
     def migrated(self, reason: str) -> None:
         self.migrations.labels(reason).inc()
 
@@ -115,6 +120,8 @@ _WORKER_FIELDS = (
     ("transfer_seconds", "transfer_seconds",
      "Prefill: seconds spent sending KV; decode: seconds remote requests waited for their KV", True),
     ("steps", "num_steps", "Engine steps run", True),
+    ("kv_tickets_live", "kv_tickets_live", "KV tickets a decode worker issued and has not settled", False),
+    ("draft_kv_blocks", "draft_kv_blocks", "KV blocks a decode worker's draft model holds", False),
     ("engine_heartbeat_age_seconds", "engine_heartbeat_age",
      "Seconds since the worker's engine loop last made progress (a worker past its hang timeout is replaced)",
      False),
@@ -153,6 +160,13 @@ class _WorkerCollector:
             for outcome, count in stats.transfer_outcomes.items():
                 outcomes.add_metric([stats.role, stats.worker_id, outcome], float(count))
         yield outcomes
+        rejected = CounterMetricFamily("pdserve_kv_rejected_frames", "KV-plane frames and links a decode worker "
+                                       "refused (garbage, oversized, unknown tickets, idle, over the limit, ...)",
+                                       labels=[*labels, "reason"])
+        for stats in snapshots:
+            for reason, count in sorted((stats.kv_rejected or {}).items()):
+                rejected.add_metric([stats.role, stats.worker_id, reason], float(count))
+        yield rejected
         for index, (name, text) in enumerate((
                 ("proposed", "Drafts that reached position i (0-based)"),
                 ("accepted", "Drafts whose position i was accepted (acceptance rate = accepted / proposed)"))):

@@ -56,11 +56,14 @@ log = logging.getLogger(__name__)
 
 
 class Refused(NamedTuple):
-    """The worker will not take a request. `kind` names an `ErrorKind`."""
+    """The worker will not take a request. `kind` names an `ErrorKind`. `engine_dead`:
+    the worker cannot serve anything any more (its engine thread ended); the request
+    belongs on another worker, and this one is to be replaced."""
 
     kind: str
     message: str
     retry_after: float | None = None
+    engine_dead: bool = False
 
 
 class WorkerInfo(NamedTuple):
@@ -158,7 +161,8 @@ class DecodeWorker(_Worker):
 
         super().__init__(spec, worker_id, placement)
         runner, info = self.loaded.runner, self.loaded.info
-        self.receiver = KVReceiver(runner.pool, default_timeout=spec.transfer_timeout)
+        self.receiver = KVReceiver(runner.pool, default_timeout=spec.transfer_timeout,
+                                   vocab_size=runner.config.vocab_size)
         core = EngineCore(runner, info, spec.scheduler_config, spec.enable_prefix_caching,
                           kv_receiver=self.receiver, on_transfer_failure=OnTransferFailure(spec.on_transfer_failure),
                           transfer_timeout=spec.transfer_timeout, speculative=spec.speculative)
@@ -194,6 +198,11 @@ class DecodeWorker(_Worker):
         """Stream one request (see the module docstring). `remote`: a prefill worker
         computes the prompt; the first item is then the KVTicket (or None: no room, it is
         prefilled here). `resume_at`: a migrated request (EngineCore.add_request)."""
+        health = self.engine.health()
+        if not health.alive:
+            yield Refused("UNAVAILABLE", f"decode worker {self.worker_id} cannot serve: {health.failure}",
+                          engine_dead=True)
+            return
         if self.num_waiting >= self.spec.max_queued_requests:
             yield Refused("OVERLOADED", f"decode worker {self.worker_id} has {self.num_waiting} requests "
                           f"queued (limit {self.spec.max_queued_requests}); retry shortly", 1.0)
@@ -229,8 +238,11 @@ class DecodeWorker(_Worker):
         speculation = {} if spec is None else {
             "spec_proposed_tokens": spec.proposed, "spec_accepted_tokens": spec.accepted,
             "spec_verify_steps": spec.steps, "spec_accepted_at": tuple(zip(spec.proposed_at, spec.accepted_at))}
+        allocator = getattr(spec.proposer, "allocator", None) if spec is not None else None
         self._stats = self._snapshot(
             core.scheduler, num_waiting_for_kv=len(core.scheduler.waiting_for_kv),
+            kv_tickets_live=self.receiver.num_live, kv_rejected=dict(self.receiver.rejected),
+            draft_kv_blocks=allocator.num_used if allocator is not None else 0,
             transfer_bytes=self.receiver.bytes_received,
             transfer_seconds=remote.total_kv_wait_seconds if remote else 0.0,
             transfer_outcomes=dict(remote.counts) if remote else {},
@@ -262,6 +274,10 @@ class PrefillWorker(_Worker):
         probe(address)
 
     async def prefill(self, job: PrefillJob) -> PrefillResult | Refused:
+        health = self.engine.health()
+        if not health.alive:
+            return Refused("UNAVAILABLE", f"prefill worker {self.worker_id} cannot serve: {health.failure}",
+                           engine_dead=True)
         if self.num_waiting >= self.spec.max_queued_requests:
             return Refused("OVERLOADED", f"prefill worker {self.worker_id} has {self.num_waiting} jobs queued")
         try:

@@ -27,6 +27,11 @@ class WorkerStats(NamedTuple):
     spec_accepted_tokens: int = 0
     spec_verify_steps: int = 0  # request-steps that verified a draft
     spec_accepted_at: tuple[tuple[int, int], ...] = ()  # per draft position: (proposed, accepted)
+    # KV held outside the pool's requests: tickets a decode worker issued and has not
+    # settled, blocks a draft model holds (decode workers with one; 0 otherwise)
+    kv_tickets_live: int = 0
+    draft_kv_blocks: int = 0
+    kv_rejected: dict[str, int] | None = None  # decode: KV-plane frames and links refused, by reason
     # the engine thread, read when the stats are asked for (not from the snapshot)
     engine_alive: bool = True
     engine_heartbeat_age: float = 0.0  # seconds since the engine loop last beat

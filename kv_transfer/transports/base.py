@@ -10,6 +10,14 @@ receiver's verdict: None/ok, or MessageRejected(reason) on the sender. Nothing t
 off a link is ever unpickled, and every wait is bounded: a link that fails or stalls
 raises TransportError on the sender, and the decode side's `KVReceiver.expire()` fails
 the tickets it strands.
+
+A listener trusts nothing a peer sends (`ListenerLimits`): it serves at most
+`max_channels` links and refuses more; it closes a link idle for `idle_timeout` (a channel
+idle for half that proves its link with a ping before the next frame and reconnects if the
+listener closed it, so idle closes never fail a transfer); it drops a link whose frame stalls; and it
+gives a link staging memory for payloads only once a chunk header on it passed the
+receiver's ticket and secret checks (`admit_frame`). Every refusal is counted in
+`KVReceiver.rejected`.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import struct
 import threading
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from pdserve.kv_transfer import messages
 from pdserve.kv_transfer.messages import (
@@ -38,19 +48,45 @@ _MODULES = {"grpc": "grpc_transport", "tcp": "tcp", "gloo": "torch_dist", "nccl"
 KINDS = tuple(_MODULES)
 
 DEFAULT_MAX_CHUNK_BYTES = 64 << 20  # a chunk is one layer's pages: tens of MB at most
+DEFAULT_IDLE_TIMEOUT = 180.0  # s; channels revive idle links themselves, so this only frees slots
 MAX_HEADER_BYTES = 64 << 10  # a msgpack header is ~200 bytes; anything near this is garbage
+
+Message = PagesHeader | TransferDone | TransferAbort
 
 
 class TransportError(RuntimeError):
     """The link failed (peer gone, timeout); the transfer cannot continue on it."""
 
 
+@dataclass(frozen=True)
+class ListenerLimits:
+    """What a listener grants any peer, validated once. Every listener kind takes these
+    as options (some kinds add their own)."""
+
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES  # one chunk's payload; also the staging memory per link
+    max_channels: int = 16  # links served at once (one thread each); more are refused
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # s without a frame before a link is closed
+    op_timeout: float = 30.0  # s for one frame, from its first byte to its reply, before the link is dropped
+
+    def __post_init__(self) -> None:
+        for name in ("max_chunk_bytes", "max_channels", "idle_timeout", "op_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise TransportError(f"KV listener option {name} must be a positive number, got {value!r}")
+        if not isinstance(self.max_channels, int) or not isinstance(self.max_chunk_bytes, int):
+            raise TransportError("KV listener options max_channels and max_chunk_bytes must be integers")
+
+
 class KVListener(ABC):
     """Decode side: accepts connections from prefill workers and feeds every message to a
-    KVReceiver, from the listener's own threads. Serves any number of channels at once
-    (up to the `max_channels` option)."""
+    KVReceiver, from the listener's own threads, within its `ListenerLimits`."""
 
     address: str  # what `connect` takes: "grpc://127.0.0.1:PORT", "gloo://...", "shm://NAME"
+
+    @property
+    @abstractmethod
+    def num_links(self) -> int:
+        """Links (channels) served right now; never more than max_channels."""
 
     @abstractmethod
     def close(self) -> None:
@@ -78,6 +114,9 @@ class KVChannel(ABC):
 
     address: str
     max_chunk_bytes: int  # the listener's limit on one chunk's payload, learned on connect
+    # The listener closes the link after this long without a frame; None: never, or the
+    # transport keeps the link busy itself. Learned on connect.
+    idle_timeout: float | None = None
 
     def __init__(self, address: str, timeout: float) -> None:
         self.address = address
@@ -85,6 +124,7 @@ class KVChannel(ABC):
         self._lock = threading.Lock()
         self._broken: str | None = None
         self.last_used = time.monotonic()
+        self.reconnects = 0  # links replaced after the listener closed an idle one
 
     def send_pages(self, header: PagesHeader, payload: memoryview | bytes) -> None:
         nbytes = memoryview(payload).nbytes
@@ -133,6 +173,7 @@ class KVChannel(ABC):
             if self._broken is not None:
                 raise TransportError(f"the KV channel to {self.address} is {self._broken_words()}")
             try:
+                self._revive_if_idle()
                 reason = self._exchange(header, payload)
             except BaseException as exc:  # mid-frame, the link's state is unknown: drop it
                 self._broken = f"broken: {exc!s}" if isinstance(exc, TransportError) else \
@@ -147,6 +188,33 @@ class KVChannel(ABC):
     def _broken_words(self) -> str:
         return self._broken if self._broken == "closed" else f"unusable ({self._broken})"
 
+    def _revive_if_idle(self) -> None:
+        """Before a frame on a link idle for half the listener's idle timeout or more (the
+        listener may have closed it, or be about to): prove the link with a ping, unless
+        the listener visibly closed it already, and open a fresh one if that fails. A ping
+        is harmless to lose or repeat, so idle closes never fail a transfer; a link that
+        fails while in use still raises TransportError. Raises TransportError if no fresh
+        link can be opened."""
+        idle = time.monotonic() - self.last_used
+        if self.idle_timeout is None or idle < self.idle_timeout / 2:
+            return
+        if not self._closed_by_listener():
+            try:
+                if self._exchange(b"", b"") is None:
+                    return
+            except TransportError as exc:
+                logger.debug("idle KV link to %s is gone (%s); reconnecting", self.address, exc)
+        self._teardown()
+        self._open()
+        self.reconnects += 1
+        logger.info("KV channel to %s reconnected after %.1f s idle", self.address, idle)
+
+    @abstractmethod
+    def _open(self) -> None:
+        """Open the link (connect, handshake, learn `max_chunk_bytes`). Called by the
+        constructor, and under the lock after `_teardown` to replace a link the listener
+        closed. Raises TransportError."""
+
     @abstractmethod
     def _exchange(self, header: bytes, payload: memoryview | bytes) -> str | None:
         """Send one frame and wait (at most `timeout`) for its reply: None if accepted,
@@ -154,29 +222,67 @@ class KVChannel(ABC):
 
     @abstractmethod
     def _teardown(self) -> None:
-        """Release the link's resources; called once broken or closed, under the lock."""
+        """Release the link's resources; called once broken or closed, or before a
+        reconnect, under the lock. Safe to call twice."""
+
+    def _closed_by_listener(self) -> bool:
+        """True if the listener has visibly closed the link (a transport that can tell
+        without a round trip says so); False if unknown."""
+        return False
 
 
 # -------------------------------------------------------------------- decode side
 
 
-def serve_frame(receiver: KVReceiver, header: bytes | memoryview, payload: bytes | memoryview) -> str | None:
-    """Apply one frame to `receiver`. Returns None if it was accepted, else why not.
-    Never raises for anything a peer can send."""
+def read_header(receiver: KVReceiver, header: bytes | memoryview, payload_len: int,
+                max_payload: int | None = None) -> Message | None:
+    """Decode a frame's header and check that it fits the frame (a payload only after a
+    chunk header, within `max_payload`). Returns the message, None for a ping. Raises
+    MessageRejected for anything else, counted on `receiver`."""
     if len(header) == 0:
-        return None if len(payload) == 0 else "a ping carries no payload"
+        if payload_len:
+            raise _refuse(receiver, "malformed", "a ping carries no payload")
+        return None
     if len(header) > MAX_HEADER_BYTES:
-        return f"header of {len(header)} bytes is over the {MAX_HEADER_BYTES}-byte limit"
+        raise _refuse(receiver, "oversized", f"header of {len(header)} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+    if max_payload is not None and payload_len > max_payload:
+        raise _refuse(receiver, "oversized", f"payload of {payload_len} bytes is over the {max_payload}-byte limit")
     try:
         message = messages.decode(header)
     except MalformedMessage as exc:
-        return f"malformed message: {exc}"
+        raise _refuse(receiver, "malformed", f"malformed message: {exc}") from None
+    if payload_len and not isinstance(message, PagesHeader):
+        raise _refuse(receiver, "malformed", f"a {message.kind} message carries no payload ({payload_len} bytes sent)")
+    return message
+
+
+def admit_frame(receiver: KVReceiver, header: bytes | memoryview, payload_len: int,
+                max_payload: int) -> Message | None:
+    """`read_header`, then, for a chunk, the receiver's ticket and layout checks: once this
+    returns, the frame's `payload_len` bytes may be read, and staging memory allocated for
+    them. Raises MessageRejected (counted) only."""
+    message = read_header(receiver, header, payload_len, max_payload)
+    if isinstance(message, PagesHeader):
+        try:
+            receiver.admit_pages(message, payload_len)
+        except MessageRejected:
+            raise
+        except Exception as exc:  # a bug here must not take the listener down
+            logger.exception("KV receiver failed on a chunk header")
+            raise _refuse(receiver, "internal_error", f"internal error in the receiver: {type(exc).__name__}: {exc}") \
+                from None
+    return message
+
+
+def apply_frame(receiver: KVReceiver, message: Message | None, payload: bytes | memoryview) -> str | None:
+    """Apply a frame whose header `read_header` or `admit_frame` returned. Returns None if
+    it was accepted, else why not. Never raises for anything a peer can send."""
+    if message is None:
+        return None
     try:
         if isinstance(message, PagesHeader):
             receiver.accept_pages(message, payload)
             return None
-        if len(payload) != 0:
-            return f"a {message.kind} message carries no payload ({len(payload)} bytes sent)"
         if isinstance(message, TransferAbort):
             receiver.accept_abort(message)
             return None
@@ -185,12 +291,29 @@ def serve_frame(receiver: KVReceiver, header: bytes | memoryview, payload: bytes
     except MessageRejected as exc:
         return str(exc)
     except Exception as exc:  # a bug here must not take the listener down
-        logger.exception("KV receiver failed on a %s frame", getattr(message, "kind", "?"))
+        logger.exception("KV receiver failed on a %s frame", message.kind)
+        receiver.count_rejection("internal_error")
         return f"internal error in the receiver: {type(exc).__name__}: {exc}"
 
 
+def serve_frame(receiver: KVReceiver, header: bytes | memoryview, payload: bytes | memoryview,
+                max_payload: int | None = None) -> str | None:
+    """Apply one frame whose payload has already arrived. Returns None if it was accepted,
+    else why not (counted on `receiver`). Never raises for anything a peer can send."""
+    try:
+        message = read_header(receiver, header, len(payload), max_payload)
+    except MessageRejected as exc:
+        return str(exc)
+    return apply_frame(receiver, message, payload)
+
+
+def _refuse(receiver: KVReceiver, reason_class: str, reason: str) -> MessageRejected:
+    receiver.count_rejection(reason_class)
+    return MessageRejected(reason)
+
+
 def _done_verdict(receiver: KVReceiver, ticket_id: int) -> str | None:
-    # accept_done fails an incomplete transfer without raising; the sender must hear it.
+    # The engine may release or fail the ticket right after accept_done; report its state.
     try:
         status = receiver.poll(ticket_id)
     except KeyError:  # released by the engine in between: it has already seen the outcome
@@ -200,24 +323,43 @@ def _done_verdict(receiver: KVReceiver, ticket_id: int) -> str | None:
     return None
 
 
-_REPLY = struct.Struct("<BI")  # status (0 ok, 1 rejected), reason length; then the reason
+class Reply(NamedTuple):
+    """A listener's answer to a frame."""
+
+    reason: str | None  # why the frame was refused; None if accepted (or if `proceed`)
+    proceed: bool = False  # the chunk header was admitted: send its payload now (see encode_proceed)
+
+
+# status (0 accepted, 1 refused, 2 proceed), reason length; then the reason
+_REPLY = struct.Struct("<BI")
+_ACCEPTED, _REFUSED, _PROCEED = 0, 1, 2
 
 
 def encode_reply(reason: str | None, limit: int | None = None) -> bytes:
     """Reply bytes for byte-stream transports; `limit` bounds the total length."""
     if reason is None:
-        return _REPLY.pack(0, 0)
+        return _REPLY.pack(_ACCEPTED, 0)
     text = reason.encode("utf-8", "replace")
     if limit is not None:
         text = text[:limit - _REPLY.size]
-    return _REPLY.pack(1, len(text)) + text
+    return _REPLY.pack(_REFUSED, len(text)) + text
 
 
-def decode_reply(data: bytes) -> str | None:
+def encode_proceed() -> bytes:
+    """The interim reply of a two-step chunk: its header was admitted, the sender may now
+    send the payload (and then waits for the final reply). Transports whose staging memory
+    must exist before a payload is sent (shm, torch.distributed) use it for a link's first
+    chunk."""
+    return _REPLY.pack(_PROCEED, 0)
+
+
+def decode_reply(data: bytes) -> Reply:
     status, length = _REPLY.unpack_from(data)
-    if status not in (0, 1) or _REPLY.size + length > len(data):
+    if status not in (_ACCEPTED, _REFUSED, _PROCEED) or _REPLY.size + length > len(data):
         raise TransportError(f"garbled reply from the KV listener (status {status}, length {length})")
-    return None if status == 0 else data[_REPLY.size:_REPLY.size + length].decode("utf-8", "replace")
+    if status == _REFUSED:
+        return Reply(data[_REPLY.size:_REPLY.size + length].decode("utf-8", "replace"))
+    return Reply(None, proceed=status == _PROCEED)
 
 
 REPLY_HEAD_BYTES = _REPLY.size
@@ -227,8 +369,8 @@ REPLY_HEAD_BYTES = _REPLY.size
 
 
 def listen(kind: str, receiver: KVReceiver, **options) -> KVListener:
-    """Start a listener of `kind` ("grpc", "gloo", "nccl", "shm") feeding `receiver`.
-    Options are per transport (see each module); all accept `max_chunk_bytes`.
+    """Start a listener of `kind` ("grpc", "tcp", "gloo", "nccl", "shm") feeding `receiver`.
+    Options are per transport (see each module); all accept the fields of ListenerLimits.
     Raises TransportError if the transport cannot work here."""
     return _module(kind, kind).listen(kind, receiver, **options)
 

@@ -1,15 +1,26 @@
 """Shared-memory transport for a prefill and a decode worker on one host.
 
-Per connection the listener owns a staging region (`multiprocessing.shared_memory`, one
-chunk's worth) and hands its file descriptor to the sender over the control socket
-(SCM_RIGHTS). The sender copies a chunk's payload into the region and sends only the small
-header over the socket; the receiver validates and writes pages straight from the region,
-so the payload never crosses a socket.
+Per link the listener owns a staging region (`multiprocessing.shared_memory`, one chunk's
+worth) and hands its file descriptor to the sender over the control socket (SCM_RIGHTS).
+The sender copies a chunk's payload into the region and sends only the small header over
+the socket; the receiver validates and writes pages straight from the region, so the
+payload never crosses a socket.
 
 Control socket: AF_UNIX (in the abstract namespace on Linux) with the framing of
-stream.py; the hello carries the region size and, as ancillary data, the region's fd; a
-frame's payload is in the region, not on the socket.
+stream.py. A link has no region until it earns one: its first chunk goes in two steps,
 
+    sender -> listener  frame head and header (the payload length says a payload follows)
+    listener -> sender  refused (final; nothing else comes), or "proceed" with the new
+                        region's fd attached: the header passed the receiver's ticket checks
+    sender -> listener  READY, once the payload is in the region
+    listener -> sender  the frame's reply
+
+and every later chunk in one (payload in the region before its frame is sent).
+
+Memory: at start-up the listener checks that /dev/shm has room for a region per channel
+it may serve, and fails with what is free and what is needed, rather than leave a sender to
+hit SIGBUS on a page that tmpfs cannot back; each region's pages are reserved when it is
+made (posix_fallocate), so a /dev/shm filled by others later refuses that chunk instead.
 No /dev/shm entry outlives a handshake: the listener unlinks the region right after
 creating it, so the memory goes away with the last process that maps it, whoever dies.
 """
@@ -26,20 +37,36 @@ import sys
 import tempfile
 from multiprocessing import shared_memory
 
+from pdserve.kv_transfer.messages import MessageRejected
 from pdserve.kv_transfer.receiver import KVReceiver
-from pdserve.kv_transfer.transports.base import DEFAULT_MAX_CHUNK_BYTES, TransportError
+from pdserve.kv_transfer.transports.base import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CHUNK_BYTES,
+    REPLY_HEAD_BYTES,
+    ListenerLimits,
+    TransportError,
+    admit_frame,
+    apply_frame,
+    encode_proceed,
+    serve_frame,
+)
 from pdserve.kv_transfer.transports.stream import (
     HELLO,
-    PayloadSource,
+    Deadline,
+    LinkDropped,
+    Staging,
     StreamChannel,
     StreamListener,
     as_bytes_view,
+    frame_bytes,
     recv_exact,
 )
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SHM_DIR = "/dev/shm"  # where shm_open's segments live on Linux
+READY = b"\x01"  # sender -> listener: the payload of a two-step chunk is in the region
 
 
 def _socket_address(name: str) -> str:
@@ -50,8 +77,30 @@ def _socket_address(name: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"pdserve-kv-{name}.sock")
 
 
-class _Staging:
-    """The listener's shared region for one connection, already unlinked."""
+def check_room(max_channels: int, region_bytes: int, directory: str = SHM_DIR) -> None:
+    """Raise TransportError unless `directory` (a tmpfs) has room for `max_channels`
+    regions of `region_bytes`. Where it does not exist (macOS keeps segments in the
+    kernel) there is nothing to measure."""
+    if not os.path.isdir(directory):
+        return
+    stats = os.statvfs(directory)
+    free = stats.f_bavail * stats.f_frsize
+    needed = max_channels * region_bytes
+    if free < needed:
+        raise TransportError(
+            f"{directory} has {_mib(free)} free, but the shm KV listener needs {_mib(needed)} "
+            f"({max_channels} channels x {_mib(region_bytes)} staging regions): mount a larger "
+            f"memory-backed {directory} (docker run --shm-size=..., or on Kubernetes an emptyDir "
+            f"with medium: Memory mounted at {directory}), or lower the listener's max_channels or "
+            f"max_chunk_bytes")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
+class _Region:
+    """The listener's shared region for one link, already unlinked, its pages reserved."""
 
     def __init__(self, size: int) -> None:
         self.shm = shared_memory.SharedMemory(create=True, size=size)
@@ -79,28 +128,67 @@ class _Staging:
             logger.warning("shm staging region still referenced at close")
 
 
-class _RegionSource(PayloadSource):
-    """Payloads are already in the connection's staging region when their frame arrives."""
+class _RegionStaging(Staging):
+    """Payloads are in the link's region when their frame arrives; the region is made for
+    the link's first admitted chunk."""
 
-    def __init__(self, staging: _Staging) -> None:
-        self.staging = staging
-        self.capacity = staging.size
+    def __init__(self, receiver: KVReceiver, capacity: int) -> None:
+        self._receiver = receiver
+        self.capacity = capacity
+        self.region: _Region | None = None
 
-    def read(self, conn: socket.socket, nbytes: int) -> memoryview:
-        return self.staging.view(nbytes)
+    @property
+    def allocated(self) -> int:
+        return 0 if self.region is None else self.region.size
 
-    def refuse_oversize(self, nbytes: int) -> str:
-        # The payload is not in the stream, so the link stays in step: just refuse it.
-        return f"payload of {nbytes} bytes is larger than the {self.capacity}-byte staging region"
+    def serve(self, conn: socket.socket, header: bytes, payload_len: int, deadline: Deadline) -> str | None:
+        if payload_len > self.capacity:
+            # The payload is not in the stream, so the link stays in step: just refuse it.
+            self._receiver.count_rejection("oversized")
+            return f"payload of {payload_len} bytes is larger than the {self.capacity}-byte staging region"
+        if payload_len and self.region is None:
+            return self._first_chunk(conn, header, payload_len, deadline)
+        payload = self.region.view(payload_len) if payload_len else b""
+        try:
+            return serve_frame(self._receiver, header, payload, self.capacity)
+        finally:
+            del payload  # the region must have no views left when it is closed
+
+    def _first_chunk(self, conn: socket.socket, header: bytes, payload_len: int, deadline: Deadline) -> str | None:
+        try:
+            message = admit_frame(self._receiver, header, payload_len, self.capacity)
+        except MessageRejected as exc:
+            return str(exc)  # final: the sender sends no payload after a refusal
+        try:
+            region = _Region(self.capacity)
+        except OSError as exc:
+            self._receiver.count_rejection("no_staging_memory")
+            logger.warning("no room for a %d-byte shm staging region: %s", self.capacity, exc)
+            return (f"the decode worker has no room for a {self.capacity}-byte staging region in {SHM_DIR} "
+                    f"({exc}); mount a larger memory-backed {SHM_DIR}")
+        self.region = region
+        deadline.arm(conn)
+        socket.send_fds(conn, [encode_proceed()], [region.fd])
+        if recv_exact(conn, len(READY), deadline) != READY:
+            self._receiver.count_rejection("malformed")
+            raise LinkDropped("the sender did not confirm its payload")
+        payload = region.view(payload_len)
+        try:
+            return apply_frame(self._receiver, message, payload)
+        finally:
+            del payload
 
     def close(self) -> None:
-        self.staging.close()
+        if self.region is not None:
+            self.region.close()
 
 
 class ShmListener(StreamListener):
     def __init__(self, receiver: KVReceiver, name: str | None = None,
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, max_channels: int = 16,
-                 op_timeout: float = 30.0) -> None:
+                 op_timeout: float = 30.0, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+        limits = ListenerLimits(max_chunk_bytes, max_channels, idle_timeout, op_timeout)
+        check_room(max_channels, max_chunk_bytes)
         name = name or secrets.token_hex(8)
         self._path = _socket_address(name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -109,17 +197,13 @@ class ShmListener(StreamListener):
         except OSError as exc:
             sock.close()
             raise TransportError(f"cannot create the shm KV listener {name!r}: {exc}") from exc
-        super().__init__(receiver, sock, f"shm://{name}", max_chunk_bytes, max_channels, op_timeout)
-        logger.info("shm KV listener at %s (staging %d bytes per channel)", self.address, max_chunk_bytes)
+        super().__init__(receiver, sock, f"shm://{name}", limits)
+        logger.info("shm KV listener at %s (staging %d bytes per channel, %d channels)",
+                    self.address, max_chunk_bytes, max_channels)
 
-    def _open(self, conn: socket.socket) -> PayloadSource:
-        staging = _Staging(self._max_chunk_bytes)
-        try:
-            socket.send_fds(conn, [HELLO.pack(0, staging.size)], [staging.fd])
-        except OSError:
-            staging.close()
-            raise
-        return _RegionSource(staging)
+    def _open(self, conn: socket.socket) -> Staging:
+        conn.sendall(self._hello(0))
+        return _RegionStaging(self._receiver, self._limits.max_chunk_bytes)
 
     def _after_close(self) -> None:
         if not self._path.startswith("\0"):
@@ -132,38 +216,61 @@ class ShmListener(StreamListener):
 class ShmChannel(StreamChannel):
     def __init__(self, name: str, timeout: float) -> None:
         super().__init__(f"shm://{name}", timeout)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        self._view: memoryview | None = None
+        self._name = name
+        self._view: memoryview | None = None  # the link's region, once the listener sent it
         self._map: mmap.mmap | None = None
+        self._open()
+
+    def _open(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
         try:
-            self._sock.connect(_socket_address(name))
-            data, fds, _, _ = socket.recv_fds(self._sock, HELLO.size, 1)
-            if len(data) < HELLO.size:
-                data += recv_exact(self._sock, HELLO.size - len(data))
-            status, size = HELLO.unpack(data)
-            if status != 0 or len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                raise TransportError("it is at its channel limit" if status else "no staging region came")
-            try:
-                self._map = mmap.mmap(fds[0], size)
-            finally:
-                os.close(fds[0])
+            sock.connect(_socket_address(self._name))
+            self._greet(sock, recv_exact(sock, HELLO.size), "shm")
         except (OSError, TransportError) as exc:
-            self._sock.close()
+            sock.close()
             raise TransportError(f"cannot open a channel to the shm KV listener {self.address} "
                                  f"on this host: {exc}") from None
-        self._view = memoryview(self._map)
-        self.max_chunk_bytes = size
+        self._sock = sock
 
     def _exchange(self, header: bytes, payload: memoryview | bytes) -> str | None:
         source = as_bytes_view(payload)
-        self._view[:source.nbytes] = source
+        if source.nbytes and self._view is None:
+            return self._first_chunk(header, source)
+        if source.nbytes:
+            self._view[:source.nbytes] = source
         return self._send_frame(header, source.nbytes, inline=None)
 
+    def _first_chunk(self, header: bytes, source: memoryview) -> str | None:
+        """The two steps of a link's first chunk (see the module docstring)."""
+        try:
+            self._sock.sendall(frame_bytes(header, source.nbytes))
+            head, fds, _, _ = socket.recv_fds(self._sock, REPLY_HEAD_BYTES, 1)
+            if not head:
+                raise ConnectionError("the listener closed the link")
+            try:
+                reply = self._read_reply(head)
+                if not reply.proceed:
+                    return reply.reason
+                if len(fds) != 1 or os.fstat(fds[0]).st_size < self.max_chunk_bytes:
+                    raise TransportError(f"the shm KV listener {self.address} sent no usable staging region")
+                self._map = mmap.mmap(fds[0], self.max_chunk_bytes)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            self._view = memoryview(self._map)
+            self._view[:source.nbytes] = source
+            self._sock.sendall(READY)
+            return self._read_reply().reason
+        except TimeoutError:
+            raise TransportError(f"no reply from {self.address} within {self.timeout} s") from None
+        except OSError as exc:
+            raise TransportError(f"the link to {self.address} failed: {exc}") from None
+
     def _teardown(self) -> None:
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         if self._view is not None:
             self._view.release()
             self._view = None

@@ -1,17 +1,30 @@
 """torch.distributed transport: a 2-rank process group per (prefill, decode) pair.
 
 The listener owns a TCPStore, served from a socket bound to its host only. A sender takes
-the next pair index from a counter in that store; then both ends build a 2-rank group
-over PrefixStore("kv/<index>/"), the listener's thread for that pair as rank 0 and the
-sender as rank 1. No init_process_group: pairs are independent of any default group and of
-each other, and come and go on demand.
+the next pair index from a counter in that store and waits for the listener's verdict on
+it under "kv-verdict/<index>": "full" (at max_channels: refused, no thread spent on it), or
+"ok", and then both ends build a 2-rank group over PrefixStore("kv/<index>/"), the
+listener's thread for that pair as rank 0 and the sender as rank 1. No
+init_process_group: pairs are independent of any default group and of each other, and
+come and go on demand.
 
 Frames on a pair, in order (tag 0):
 
-    listener -> sender  info  int64[3]: status (1 ok, 0 at capacity), max_chunk_bytes, idle ms
+    listener -> sender  info  int64[3]: status (1 ok), max_chunk_bytes, idle ms
     sender -> listener  head  uint8[HEAD_BYTES]: header length, payload length, header
+    listener -> sender  reply uint8[REPLY_BYTES]: "proceed", or refused   (a pair's first chunk)
     sender -> listener  payload uint8[payload length]       (chunks only)
     listener -> sender  reply uint8[REPLY_BYTES]: base.encode_reply
+
+A pair has no staging tensor until its first chunk header passes the receiver's ticket
+checks: that chunk goes in two steps (the interim reply), later ones in one.
+
+What a peer writes is never turned into threads or allocations: the pair counter in the
+store is a number any client may set, so the listener answers at most
+max_channels + _BACKLOG new indexes per poll (a bigger jump is skipped whole) and runs at
+most max_channels pair threads (one that no sender joins ends after connect_timeout); frame lengths are checked against HEAD_BYTES and max_chunk_bytes before anything
+is received. (The TCPStore itself accepts any client that reaches its port and stores
+what it is sent; bind the listener to an address only the cluster reaches.)
 
 The backend (`_Gloo`, `_Nccl`) is the only difference between gloo over TCP with CPU
 tensors and NCCL with CUDA tensors; only gloo can be tested on a CPU machine.
@@ -43,8 +56,13 @@ from pdserve.kv_transfer.transports.base import (
     DEFAULT_MAX_CHUNK_BYTES,
     KVChannel,
     KVListener,
+    ListenerLimits,
+    Reply,
     TransportError,
+    admit_frame,
+    apply_frame,
     decode_reply,
+    encode_proceed,
     encode_reply,
     serve_frame,
 )
@@ -55,8 +73,15 @@ HEAD_BYTES = 4096
 REPLY_BYTES = 4096
 _LENGTHS = struct.Struct("<QQ")  # header length, payload length: the head's first bytes
 _COUNTER = "kv/pairs"
+_VERDICT = "kv-verdict/{index}"  # the listener's answer to pair `index`: b"ok" or b"full"
 _TAG = 0
 _POLL_S = 0.02  # how often the listener looks for new pairs
+_BACKLOG = 32  # new pair indexes per poll beyond max_channels that are still answered
+_MIN_KEEPALIVE_S = 0.05  # a channel pings no more often than this, whatever the listener says
+
+
+class LinkTimeout(TransportError):
+    """A wait on a pair ran out of time."""
 
 
 class _Backend(ABC):
@@ -136,8 +161,8 @@ class TorchDistListener(KVListener):
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, max_channels: int = 16,
                  idle_timeout: float = 10.0, op_timeout: float = 30.0, connect_timeout: float = 30.0) -> None:
         self._receiver, self._backend, self._host = receiver, backend, host
-        self._max_chunk_bytes, self._max_channels = max_chunk_bytes, max_channels
-        self._idle_timeout, self._op_timeout, self._connect_timeout = idle_timeout, op_timeout, connect_timeout
+        self._limits = ListenerLimits(max_chunk_bytes, max_channels, idle_timeout, op_timeout)
+        self._connect_timeout = connect_timeout
         try:
             # TCPStore's own server would listen on every interface; hand it our socket.
             sock = socket.create_server((host, port))
@@ -150,11 +175,31 @@ class TorchDistListener(KVListener):
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._pair_threads: set[threading.Thread] = set()
+        self._staging: dict[threading.Thread, int] = {}  # pair thread -> bytes of staging it holds
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"kv-{backend.name}-accept", daemon=True)
         self._acceptor.start()
         _OPEN.add(self)
-        logger.info("%s KV listener at %s (chunks up to %d bytes, idle pairs closed after %.0f s)",
-                    backend.name, self.address, max_chunk_bytes, idle_timeout)
+        logger.info("%s KV listener at %s (chunks up to %d bytes, %d channels, idle pairs closed after %g s)",
+                    backend.name, self.address, max_chunk_bytes, max_channels, idle_timeout)
+
+    @property
+    def num_links(self) -> int:
+        """Pairs served right now."""
+        with self._lock:
+            return sum(thread.is_alive() for thread in self._pair_threads)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Staging memory the served pairs hold now."""
+        with self._lock:
+            return sum(self._staging.values())
+
+    def _note_staging(self, staging: torch.Tensor | None) -> None:
+        with self._lock:
+            if staging is None:
+                self._staging.pop(threading.current_thread(), None)
+            else:
+                self._staging[threading.current_thread()] = staging.numel()
 
     def close(self, join_timeout: float = 1.0) -> None:
         """Stops accepting at once and waits up to `join_timeout` for pair threads to end.
@@ -178,95 +223,181 @@ class TorchDistListener(KVListener):
 
     def _accept_loop(self) -> None:
         next_index = 0
+        window = self._limits.max_channels + _BACKLOG
         while not self._closed.wait(_POLL_S):
             try:
                 count = self._store.add(_COUNTER, 0)
+                if count - next_index > window:
+                    # More new pairs than could ever be served: the counter was pushed by a
+                    # client of the store, not by senders. Skip them all; a sender among
+                    # them gets no verdict and times out.
+                    self._receiver.count_rejection("malformed")
+                    logger.warning("%s KV listener %s: the pair counter jumped by %d; skipping those pairs",
+                                   self._backend.name, self.address, count - next_index)
+                    next_index = count
+                refused = sum(not self._answer(index) for index in range(next_index, count))
             except RuntimeError:
                 logger.exception("%s KV listener %s lost its store", self._backend.name, self.address)
                 return
-            for index in range(next_index, count):
-                with self._lock:
-                    # A thread counts until it has returned: its last act is dropping its group.
-                    self._pair_threads = {t for t in self._pair_threads if t.is_alive()}
-                    full = len(self._pair_threads) >= self._max_channels
-                    thread = threading.Thread(target=self._serve_pair, args=(index, full), daemon=True,
-                                              name=f"kv-{self._backend.name}-pair-{index}")
-                    self._pair_threads.add(thread)
-                thread.start()
+            if refused:
+                logger.warning("%s KV listener %s refused %d pair(s): %d served already (max_channels)",
+                               self._backend.name, self.address, refused, self._limits.max_channels)
             next_index = max(next_index, count)
 
-    def _serve_pair(self, index: int, full: bool) -> None:
+    def _answer(self, index: int) -> bool:
+        """Give pair `index` a thread, or refuse it in the store (counted) when
+        max_channels pairs are served. True if it got a thread."""
+        with self._lock:
+            # A thread counts until it has returned: its last act is dropping its group.
+            self._pair_threads = {t for t in self._pair_threads if t.is_alive()}
+            thread = None
+            if len(self._pair_threads) < self._limits.max_channels:
+                thread = threading.Thread(target=self._serve_pair, args=(index,), daemon=True,
+                                          name=f"kv-{self._backend.name}-pair-{index}")
+                self._pair_threads.add(thread)
+        if thread is None:
+            self._receiver.count_rejection("over_connection_limit")  # counted before the sender can know
+            self._store.set(_VERDICT.format(index=index), b"full")
+            return False
+        self._store.set(_VERDICT.format(index=index), b"ok")
+        thread.start()
+        return True
+
+    def _serve_pair(self, index: int) -> None:
         try:
-            store = dist.TCPStore(self._host, self._port, None, False, timedelta(seconds=self._connect_timeout),
-                                  wait_for_workers=False)
-            group = self._backend.group(dist.PrefixStore(f"kv/{index}/", store), 0,
-                                        self._connect_timeout, self._host)
-            info = torch.tensor([0 if full else 1, self._max_chunk_bytes, int(self._idle_timeout * 1000)],
+            try:
+                store = dist.TCPStore(self._host, self._port, None, False,
+                                      timedelta(seconds=self._connect_timeout), wait_for_workers=False)
+                group = self._backend.group(dist.PrefixStore(f"kv/{index}/", store), 0,
+                                            self._connect_timeout, self._host)
+            except RuntimeError as exc:  # no sender joined in time (or the store went away)
+                raise TransportError(f"no sender joined within {self._connect_timeout} s: {exc}") from None
+            limits = self._limits
+            info = torch.tensor([1, limits.max_chunk_bytes, int(limits.idle_timeout * 1000)],
                                 dtype=torch.int64, device=self._backend.device())
-            held = [_run(group.send, info, 1, self._op_timeout, "send the channel info")]
-            if not full:
-                self._serve_frames(group, held)
+            held = [_run(group.send, info, 1, limits.op_timeout, "send the channel info")]
+            self._serve_frames(group, held)
         except TransportError as exc:
             logger.info("%s KV pair %d on %s closed: %s", self._backend.name, index, self.address, exc)
         except Exception:
             logger.exception("%s KV pair %d on %s failed", self._backend.name, index, self.address)
+        finally:
+            self._note_staging(None)
 
     def _serve_frames(self, group: dist.ProcessGroup, held: list) -> None:
         device = self._backend.device()
         head = torch.empty(HEAD_BYTES, dtype=torch.uint8, device=device)
         reply = torch.empty(REPLY_BYTES, dtype=torch.uint8, device=device)
-        staging = torch.empty(0, dtype=torch.uint8, device=device)
+        staging = None  # the pair's payload memory: none until a chunk header on it is admitted
+        limits, receiver = self._limits, self._receiver
         while True:
-            works = [_run(group.recv, head, 1, self._idle_timeout, "wait for the next frame")]
+            try:
+                works = [_run(group.recv, head, 1, limits.idle_timeout, "wait for the next frame")]
+            except LinkTimeout:
+                receiver.count_rejection("idle_timeout")
+                raise
             if self._closed.is_set():
                 return
             head_bytes = _host_bytes(head)
             header_len, payload_len = _LENGTHS.unpack_from(head_bytes)
-            if header_len > HEAD_BYTES - _LENGTHS.size or payload_len > self._max_chunk_bytes:
+            if header_len > HEAD_BYTES - _LENGTHS.size or payload_len > limits.max_chunk_bytes:
+                receiver.count_rejection("oversized")
                 raise TransportError(f"a frame of {header_len} + {payload_len} bytes is over the limits")
             header = bytes(head_bytes[_LENGTHS.size:_LENGTHS.size + header_len])
-            payload = b""
-            if payload_len:
-                if staging.numel() < payload_len:
-                    staging = torch.empty(payload_len, dtype=torch.uint8, device=device)
-                works.append(_run(group.recv, staging[:payload_len], 1, self._op_timeout, "receive a payload"))
-                payload = _host_bytes(staging[:payload_len])
-            reason = serve_frame(self._receiver, header, payload)
-            del payload
-            _fill(reply, encode_reply(reason, REPLY_BYTES))
-            works.append(_run(group.send, reply, 1, self._op_timeout, "send a reply"))
+            try:
+                if payload_len and staging is None:
+                    reason, staging = self._first_chunk(group, header, payload_len, reply, works)
+                else:
+                    payload = b""
+                    if payload_len:
+                        if staging.numel() < payload_len:  # the pair has passed the ticket checks before
+                            staging = torch.empty(payload_len, dtype=torch.uint8, device=device)
+                            self._note_staging(staging)
+                        works.append(_run(group.recv, staging[:payload_len], 1, limits.op_timeout,
+                                          "receive a payload"))
+                        payload = _host_bytes(staging[:payload_len])
+                    reason = serve_frame(receiver, header, payload, limits.max_chunk_bytes)
+                    del payload
+                _fill(reply, encode_reply(reason, REPLY_BYTES))
+                works.append(_run(group.send, reply, 1, limits.op_timeout, "send a reply"))
+            except LinkTimeout:
+                receiver.count_rejection("stalled_frame")
+                raise
+            except TransportError:
+                receiver.count_rejection("truncated")
+                raise
             held[:] = works  # drops the previous frame's works (see _run)
+
+    def _first_chunk(self, group: dist.ProcessGroup, header: bytes, payload_len: int, reply: torch.Tensor,
+                     works: list) -> tuple[str | None, torch.Tensor | None]:
+        """A pair's first chunk, in two steps: admit its header, then allocate the staging
+        tensor, tell the sender to proceed and take the payload. Returns the reply's
+        reason and the staging (None while the pair has none)."""
+        try:
+            message = admit_frame(self._receiver, header, payload_len, self._limits.max_chunk_bytes)
+        except MessageRejected as exc:
+            return str(exc), None  # final: the sender sends no payload after a refusal
+        staging = torch.empty(payload_len, dtype=torch.uint8, device=self._backend.device())
+        self._note_staging(staging)
+        _fill(reply, encode_proceed())
+        works.append(_run(group.send, reply, 1, self._limits.op_timeout, "send the go-ahead"))
+        works.append(_run(group.recv, staging, 1, self._limits.op_timeout, "receive a payload"))
+        payload = _host_bytes(staging)
+        try:
+            return apply_frame(self._receiver, message, payload), staging
+        finally:
+            del payload
 
 
 class TorchDistChannel(KVChannel):
     def __init__(self, backend: _Backend, host: str, port: int, timeout: float) -> None:
         super().__init__(f"{backend.name}://{host}:{port}", timeout)
         self._backend = backend
+        self._host, self._port = host, port
         self._device = backend.device()
         self._stop = threading.Event()  # ends the keep-alive thread
         self._held: list = []  # the last frame's works (see _run)
+        self._group = self._store = None
+        self._open()
+        self._head = torch.empty(HEAD_BYTES, dtype=torch.uint8, device=self._device)
+        self._reply = torch.empty(REPLY_BYTES, dtype=torch.uint8, device=self._device)
+        self._keeper = threading.Thread(target=self._keep_alive, args=(self._keepalive_interval,), daemon=True,
+                                        name=f"kv-{backend.name}-keepalive")
+        self._keeper.start()
+        _OPEN.add(self)
+
+    def _open(self) -> None:
+        timeout = self.timeout
         try:
-            self._store = dist.TCPStore(host, port, None, False, timedelta(seconds=timeout),
+            self._store = dist.TCPStore(self._host, self._port, None, False, timedelta(seconds=timeout),
                                         wait_for_workers=False)
             index = self._store.add(_COUNTER, 1) - 1
-            self._group = backend.group(dist.PrefixStore(f"kv/{index}/", self._store), 1, timeout,
-                                        _local_address_towards(host, port))
+            verdict_key = _VERDICT.format(index=index)
+            self._store.wait([verdict_key], timedelta(seconds=timeout))
+            verdict = self._store.get(verdict_key)
+        except (RuntimeError, OSError, ValueError) as exc:  # store errors, the verdict's timeout
+            self._group = self._store = None
+            raise TransportError(f"no {self._backend.name} KV listener accepted a channel at {self.address} "
+                                 f"within {timeout} s: {exc}") from None
+        if verdict != b"ok":
+            self._store = None
+            raise TransportError(f"the KV listener at {self.address} is at its channel limit")
+        try:
+            self._group = self._backend.group(dist.PrefixStore(f"kv/{index}/", self._store), 1, timeout,
+                                              _local_address_towards(self._host, self._port))
             info = torch.empty(3, dtype=torch.int64, device=self._device)
             self._held = [_run(self._group.recv, info, 0, timeout, "receive the channel info")]
-        except (RuntimeError, OSError, ValueError) as exc:  # store, rendezvous and gloo errors
+        except (RuntimeError, OSError, ValueError) as exc:  # rendezvous and gloo errors
             self._group = self._store = None
-            raise TransportError(f"no {backend.name} KV listener accepted a channel at {self.address} "
+            raise TransportError(f"no {self._backend.name} KV listener accepted a channel at {self.address} "
                                  f"within {timeout} s: {exc}") from None
         status, self.max_chunk_bytes, idle_ms = info.tolist()
         if status != 1:
             self._group = self._store = None
-            raise TransportError(f"the KV listener at {self.address} is at its channel limit")
-        self._head = torch.empty(HEAD_BYTES, dtype=torch.uint8, device=self._device)
-        self._reply = torch.empty(REPLY_BYTES, dtype=torch.uint8, device=self._device)
-        self._keeper = threading.Thread(target=self._keep_alive, args=(idle_ms / 1000 / 4,), daemon=True,
-                                        name=f"kv-{backend.name}-keepalive")
-        self._keeper.start()
-        _OPEN.add(self)
+            raise TransportError(f"the KV listener at {self.address} refused the channel (status {status})")
+        self._admitted = False  # the listener has no staging for this pair until a chunk is admitted
+        # The keep-alive thread keeps the pair busy: the listener never idles it out.
+        self._keepalive_interval = max(_MIN_KEEPALIVE_S, idle_ms / 1000 / 4)
 
     def _exchange(self, header: bytes, payload: memoryview | bytes) -> str | None:
         if len(header) > HEAD_BYTES - _LENGTHS.size:
@@ -274,6 +405,12 @@ class TorchDistChannel(KVChannel):
         source = memoryview(payload)
         _fill(self._head, _LENGTHS.pack(len(header), source.nbytes) + header)
         works = [_run(self._group.send, self._head, 0, self.timeout, f"send a frame to {self.address}")]
+        if source.nbytes and not self._admitted:
+            interim = self._reply_to(works)
+            if not interim.proceed:
+                self._held = works
+                return interim.reason
+            self._admitted = True
         if source.nbytes:
             data = source.cast("B") if source.format != "B" or source.ndim != 1 else source
             if data.readonly:  # torch.frombuffer wants a writable buffer
@@ -281,8 +418,14 @@ class TorchDistChannel(KVChannel):
             tensor = torch.frombuffer(data, dtype=torch.uint8).to(self._device)
             works.append(_run(self._group.send, tensor, 0, self.timeout, f"send a payload to {self.address}"))
             del tensor, data
-        works.append(_run(self._group.recv, self._reply, 0, self.timeout, f"wait for a reply from {self.address}"))
+        reply = self._reply_to(works)
         self._held = works  # drops the previous frame's works (see _run)
+        if reply.proceed:
+            raise TransportError(f"the KV listener at {self.address} asked for a payload out of turn")
+        return reply.reason
+
+    def _reply_to(self, works: list) -> Reply:
+        works.append(_run(self._group.recv, self._reply, 0, self.timeout, f"wait for a reply from {self.address}"))
         return decode_reply(bytes(_host_bytes(self._reply)))
 
     def close(self) -> None:
@@ -318,9 +461,10 @@ def _run(op, tensor: torch.Tensor, peer: int, timeout: float, what: str):
         work = op([tensor], peer, _TAG)
         completed = work.wait(timedelta(seconds=timeout))
     except RuntimeError as exc:  # gloo: peer closed, timeout; the pair is unusable after either
-        raise TransportError(f"failed to {what}: {exc}") from None
+        error = LinkTimeout if "timed out" in str(exc).lower() else TransportError
+        raise error(f"failed to {what}: {exc}") from None
     if completed is False:
-        raise TransportError(f"failed to {what} within {timeout} s")
+        raise LinkTimeout(f"failed to {what} within {timeout} s")
     return work
 
 
