@@ -56,6 +56,9 @@ class RemoteRequests:
         self._tickets: dict[str, int] = {}  # request id -> ticket id, while WAITING_FOR_KV
         self._issued_at: dict[str, float] = {}  # request id -> when its ticket was issued
         self.total_kv_wait_seconds = 0.0  # ticket issued .. transfer settled, summed
+        # first page received .. transfer settled, summed over transfers that got a page:
+        # the transfer itself (overlapping the prefill's later layers and chunks)
+        self.total_receive_seconds = 0.0
         self.counts: Counter[str] = Counter()
         self.failure_reasons: dict[str, str] = {}  # request id -> last transfer failure
 
@@ -101,8 +104,11 @@ class RemoteRequests:
                 continue
             del self._tickets[request_id]
             self.receiver.release(ticket_id)
-            waited = time.monotonic() - self._issued_at.pop(request_id)
+            now = time.monotonic()
+            waited = now - self._issued_at.pop(request_id)
             self.total_kv_wait_seconds += waited
+            if status.first_page_at is not None:
+                self.total_receive_seconds += now - status.first_page_at
             reason = status.reason
             if status.state is TransferState.SUCCEEDED:
                 reason = self._unusable(request_id, status.done)

@@ -76,6 +76,7 @@ class TransferStatus(NamedTuple):
     state: TransferState
     done: TransferDone | None = None  # set when SUCCEEDED
     reason: str = ""  # set when FAILED
+    first_page_at: float | None = None  # time.monotonic() when its first chunk arrived (None: none yet)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class _Live:
     reason: str = ""
     bytes_received: int = 0
     writers: int = 0  # chunks being written right now (outside the lock)
+    first_page_at: float | None = None  # time.monotonic() of its first chunk
 
 
 class KVReceiver:
@@ -135,7 +137,7 @@ class KVReceiver:
     def poll(self, ticket_id: int) -> TransferStatus:
         with self._lock:
             live = self._live[ticket_id]
-            return TransferStatus(live.state, live.done, live.reason)
+            return TransferStatus(live.state, live.done, live.reason, live.first_page_at)
 
     def expire(self, now: float | None = None) -> list[int]:
         """Fail every unfinished ticket past its deadline; return their ids."""
@@ -186,6 +188,8 @@ class KVReceiver:
             live = self._admit(header, len(payload))
             live.writers += 1
             live.state = TransferState.TRANSFERRING
+            if live.first_page_at is None:
+                live.first_page_at = time.monotonic()
         try:
             if layout.checksum(payload) != header.checksum:
                 with self._lock:

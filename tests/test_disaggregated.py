@@ -131,6 +131,9 @@ def test_transferred_kv_decodes_like_the_colocated_engine(pair, colocated):
     assert pair.decode.remote.counts["succeeded"] == 4
     assert _pool_usage(pair) == (0, 0)
     assert pair.receiver.num_live == 0
+    # The wait for the KV (ticket .. settled) holds the transfer itself (first page .. settled).
+    remote = pair.decode.remote
+    assert 0 < remote.total_receive_seconds <= remote.total_kv_wait_seconds
 
 
 def test_seeded_sampling_continues_as_in_one_process(pair, colocated):

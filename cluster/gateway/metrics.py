@@ -118,7 +118,11 @@ _WORKER_FIELDS = (
     ("prefix_query_tokens", "prefix_query_tokens", "Prompt tokens looked up in the prefix cache", True),
     ("transfer_bytes", "transfer_bytes", "KV bytes sent (prefill) or received (decode)", True),
     ("transfer_seconds", "transfer_seconds",
-     "Prefill: seconds spent sending KV; decode: seconds remote requests waited for their KV", True),
+     "Prefill: seconds spent sending KV; decode: seconds from a transfer's first page received to its settling",
+     True),
+    ("kv_wait_seconds", "kv_wait_seconds",
+     ("Decode: seconds remote requests waited for their KV, ticket issued to transfer settled (prefill queue "
+      "and compute included)"), True),
     ("steps", "num_steps", "Engine steps run", True),
     ("kv_tickets_live", "kv_tickets_live", "KV tickets a decode worker issued and has not settled", False),
     ("draft_kv_blocks", "draft_kv_blocks", "KV blocks a decode worker's draft model holds", False),

@@ -244,7 +244,8 @@ class DecodeWorker(_Worker):
             kv_tickets_live=self.receiver.num_live, kv_rejected=dict(self.receiver.rejected),
             draft_kv_blocks=allocator.num_used if allocator is not None else 0,
             transfer_bytes=self.receiver.bytes_received,
-            transfer_seconds=remote.total_kv_wait_seconds if remote else 0.0,
+            transfer_seconds=remote.total_receive_seconds if remote else 0.0,
+            kv_wait_seconds=remote.total_kv_wait_seconds if remote else 0.0,
             transfer_outcomes=dict(remote.counts) if remote else {},
             num_steps=core.num_steps, step_seconds=core.step_seconds, **speculation)
 

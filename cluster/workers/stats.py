@@ -18,7 +18,7 @@ class WorkerStats(NamedTuple):
     prefix_hit_tokens: int
     prefix_query_tokens: int
     transfer_bytes: int
-    transfer_seconds: float
+    transfer_seconds: float  # prefill: sending KV; decode: a transfer's first page received .. settled
     transfer_outcomes: dict[str, int]
     num_steps: int
     step_seconds: float
@@ -29,6 +29,7 @@ class WorkerStats(NamedTuple):
     spec_accepted_at: tuple[tuple[int, int], ...] = ()  # per draft position: (proposed, accepted)
     # KV held outside the pool's requests: tickets a decode worker issued and has not
     # settled, blocks a draft model holds (decode workers with one; 0 otherwise)
+    kv_wait_seconds: float = 0.0  # decode: remote requests' ticket issued .. transfer settled (queue, compute included)
     kv_tickets_live: int = 0
     draft_kv_blocks: int = 0
     kv_rejected: dict[str, int] | None = None  # decode: KV-plane frames and links refused, by reason
