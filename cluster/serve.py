@@ -127,6 +127,7 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
         if grpc_server is not None:
             await grpc_server.stop(grace=2)
         await controller.shutdown()
+        frontend.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
 

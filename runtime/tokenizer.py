@@ -196,8 +196,16 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- text <-> ids
 
+    @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` pipeline, for reading its description."""
+        return self._backend
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while the Rust code runs (encode holds it): other
+        # threads of the process, an event loop among them, go on meanwhile.
+        [encoding] = self._backend.encode_batch([text], add_special_tokens=add_special_tokens)
+        ids = encoding.ids
         if add_special_tokens and self.add_bos:
             ids = [self._bos_token_id, *ids]
         return ids

@@ -9,7 +9,6 @@ deadline outcomes never depend on how fast the machine is.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import threading
 import time
@@ -17,12 +16,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from gateway_fixtures import CountingPromptTokens, GrpcServers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdserve.cluster.gateway.backend import LocalBackend
 from pdserve.cluster.gateway.frontend import Frontend, ModelCard
-from pdserve.cluster.gateway.grpc_api import GENERATION_SERVICE, HEALTH_SERVICE, start_grpc_server
+from pdserve.cluster.gateway.grpc_api import GENERATION_SERVICE, HEALTH_SERVICE
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import EngineCore
@@ -72,32 +72,6 @@ class SteppedRunner:
         return self._runner.execute(batch)
 
 
-class Gateway:
-    """In-process gateways on one event loop in a background thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-loop", daemon=True)
-        self._thread.start()
-        self._servers = []
-
-    def serve(self, frontend: Frontend, api_key: str | None = None, address: str = "127.0.0.1:0",
-              **options) -> str:
-        server, port = self._run(start_grpc_server(frontend, address, api_key, **options))
-        self._servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    def close(self) -> None:
-        for server in self._servers:
-            self._run(server.stop(None))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
-
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
-
-
 def _frontend(engine: AsyncEngine, loaded, max_in_flight: int = 1024) -> Frontend:
     card = ModelCard("tiny", loaded.info.max_model_len, int(time.time()))
     return Frontend(LocalBackend(engine), loaded.tokenizer, card, loaded.info.eos_token_ids, GatewayMetrics(),
@@ -114,12 +88,14 @@ def cluster(tiny_llama_dir):
     frontend = _frontend(engine, loaded)
     frontends = {"open": frontend, "keyed": frontend, "one_at_a_time": _frontend(engine, loaded, max_in_flight=1),
                  "down": _frontend(stopped, loaded)}
-    gateway = Gateway()
+    gateway = GrpcServers()
     addresses = {name: gateway.serve(f, api_key=API_KEY if name == "keyed" else None) for name, f in frontends.items()}
     yield {"runner": runner, "engine": engine, "frontends": frontends, "tokenizer": loaded.tokenizer,
-           "gateway": gateway, **addresses}
+           "loaded": loaded, "gateway": gateway, **addresses}
     runner.unlimit()
     gateway.close()
+    for frontend in frontends.values():
+        frontend.close()
     engine.shutdown()
 
 
@@ -269,6 +245,28 @@ def test_abort_ends_the_stream_with_abort_and_frees_the_kv(cluster, runner, stub
     assert not stub.Abort(serving_pb2.AbortRequest(request_id="abort-me"), timeout=60).found
 
 
+def test_abort_reaches_a_call_whose_prompt_is_being_tokenized(cluster):
+    hold = threading.Event()
+    frontend = _frontend(cluster["engine"], cluster["loaded"])
+    frontend.prompt_tokens = CountingPromptTokens(cluster["tokenizer"], hold)
+    with grpc.insecure_channel(cluster["gateway"].serve(frontend)) as channel:
+        stub = serving_pb2_grpc.GenerationStub(channel)
+        call = stub.Generate(serving_pb2.GenerateRequest(text="Hello", request_id="early", max_tokens=500),
+                             timeout=60)
+        assert frontend.prompt_tokens.started.wait(timeout=60)
+        with pytest.raises(grpc.RpcError) as taken:  # the id is taken from the start
+            _collect(stub, serving_pb2.GenerateRequest(text="Hi", request_id="early"))
+        assert taken.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "in use" in taken.value.details()
+        assert stub.Abort(serving_pb2.AbortRequest(request_id="early"), timeout=60).found
+        hold.set()
+        [response] = list(call)
+    assert response.finish_reason == "abort" and response.request_id == "early"
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (
+        len(cluster["tokenizer"].encode("Hello", add_special_tokens=True)), 0)
+    assert frontend.num_in_flight == 0 and frontend.num_preparing == 0
+    frontend.close()
+
+
 def test_client_cancel_frees_the_kv(cluster, runner, stub):
     baseline = _pool_in_use(cluster["engine"])
     runner.limit(3)
@@ -327,12 +325,40 @@ def _refusal(stub, request, **kwargs) -> grpc.RpcError:
     ({"token_ids": serving_pb2.TokenIds(ids=[5] * CONTEXT)}, "maximum context length"),
     ({"text": "Hi", "max_tokens": CONTEXT}, "max_tokens"),
     ({"chat": serving_pb2.Chat()}, "at least one message"),
+    ({"chat": serving_pb2.Chat(messages=[serving_pb2.ChatMessage(role="robot", content="Hi")])},
+     "chat.messages[0].role must be one of system, user, assistant"),
     ({"text": "Hi", "timeout_seconds": -1.0}, "timeout_seconds"),
+    ({"text": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"text": "Hi", "max_tokens": 2**32 - 1}, "max_tokens"),
+    ({"text": "Hi", "temperature": float("nan")}, "temperature"),
+    # Over the context by its length alone (the tiny tokenizer's tokens have 13 bytes at most).
+    ({"text": "x" * (13 * CONTEXT)}, "your prompt has at least 1024 tokens"),
 ])
 def test_malformed_requests_are_invalid_argument(stub, request_fields, says):
     error = _refusal(stub, serving_pb2.GenerateRequest(**request_fields))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert says in error.details()
+
+
+@pytest.mark.parametrize(("method", "message_type"), [("Generate", "GenerateRequest"), ("Abort", "AbortRequest")])
+@pytest.mark.parametrize("data", [b"\xff\xff\xff", b"\x1a\x02\xff\xfe"])  # corrupt; a text of bad UTF-8
+def test_bytes_that_do_not_parse_are_invalid_argument(cluster, method, message_type, data):
+    registry = cluster["frontends"]["open"].metrics.registry
+    counted = registry.get_sample_value("pdserve_request_errors_total", {"kind": "invalid_argument"}) or 0
+    with grpc.insecure_channel(cluster["open"]) as channel:
+        path = f"/{GENERATION_SERVICE}/{method}"
+        call = channel.unary_stream(path) if method == "Generate" else channel.unary_unary(path)
+        with pytest.raises(grpc.RpcError) as refused:
+            result = call(data, timeout=60)
+            list(result) if method == "Generate" else result
+    if method == "Abort" and data.startswith(b"\x1a"):  # field 3 is unknown to AbortRequest: skipped
+        assert "request_id is empty" in refused.value.details()
+    else:
+        assert f"not a valid pdserve.serving.v1.{message_type} message" in refused.value.details()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Refused generations count as errors; aborts are not requests.
+    expected = counted + (method == "Generate")
+    assert registry.get_sample_value("pdserve_request_errors_total", {"kind": "invalid_argument"}) == expected
 
 
 def test_unknown_model_is_not_found_and_counted(cluster, stub):
@@ -341,6 +367,14 @@ def test_unknown_model_is_not_found_and_counted(cluster, stub):
     error = _refusal(stub, serving_pb2.GenerateRequest(text="Hi", model="gpt-4"))
     assert error.code() == grpc.StatusCode.NOT_FOUND and "'tiny'" in error.details()
     assert registry.get_sample_value("pdserve_request_errors_total", {"kind": "not_found"}) == counted + 1
+
+
+def test_errors_quote_long_values_briefly(stub):
+    # gRPC sends the message as trailing metadata; one that quoted a 100 KB model name
+    # whole would pass the client's 16 KiB limit, and the client would get no reason.
+    error = _refusal(stub, serving_pb2.GenerateRequest(text="Hi", model="m" * 100_000))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "(100002 characters)" in error.details() and len(error.details()) < 300
 
 
 def test_api_key_guards_generation_but_not_probes(cluster):

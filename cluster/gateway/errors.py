@@ -3,11 +3,18 @@
 Every failure that reaches a client is a `RequestError` of one `ErrorKind`; the HTTP layer
 turns it into an OpenAI error body with the kind's status, the gRPC layer into the kind's
 status code. Nothing else decides status codes.
+
+A message quotes what the client sent through `shown`, and is cut to MAX_MESSAGE_CHARS
+whatever it quotes: gRPC sends it as trailing metadata (percent-encoded beyond ASCII: up
+to 12 bytes a character), and a client refuses trailers over 16 KiB; it would see
+"Stream removed" instead of the error.
 """
 
 from __future__ import annotations
 
 import enum
+
+MAX_MESSAGE_CHARS = 1024
 
 
 class ErrorKind(enum.Enum):
@@ -42,6 +49,8 @@ class RequestError(Exception):
 
     def __init__(self, kind: ErrorKind, message: str, param: str | None = None,
                  retry_after: float | None = None) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS - 20]}... (message cut)"
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -50,6 +59,12 @@ class RequestError(Exception):
 
     def __repr__(self) -> str:
         return f"RequestError({self.kind.name}, {self.message!r})"
+
+
+def shown(value: object, max_chars: int = 60) -> str:
+    """`repr(value)` for an error message, cut to about `max_chars` characters."""
+    text = repr(value)
+    return text if len(text) <= max_chars else f"{text[:max_chars]}... ({len(text)} characters)"
 
 
 def invalid(message: str, param: str | None = None) -> RequestError:

@@ -1,7 +1,8 @@
 """The one request path behind both APIs: validate, tokenize, admit, stream, detokenize.
 
     HTTP / gRPC layer
-      -> Frontend.prepare(prompt or messages, sampling fields, timeout) -> PreparedRequest
+      -> await Frontend.prepare(prompt or messages, sampling fields, timeout) -> PreparedRequest
+                                  (cheap checks on the loop, tokenizing in worker threads)
       -> await Frontend.open(prepared) -> OutputStream   (admission; errors before any output)
       -> async for delta in stream: OutputDelta(text, token ids, logprobs, finish, usage)
 
@@ -14,15 +15,18 @@ stream, which aborts the request on every worker that holds it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, TypeVar
 
 from pdserve.cluster.gateway.backend import Backend
-from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid
+from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid, shown
 from pdserve.cluster.gateway.metrics import GatewayMetrics
+from pdserve.cluster.gateway.prompt_tokens import PromptTokens
 from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SAMPLING_FIELDS, SamplingParams
 from pdserve.runtime.stopping import FinishReason
@@ -34,6 +38,12 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # as the OpenAI completions API and vLLM
 # prompt the default models take (128K tokens of text is ~0.5 MB), far below what would
 # stall the gateway's event loop.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# Threads that tokenize prompts and render chat templates beside the event loop. The Rust
+# tokenizer releases the GIL, so each keeps a core busy without stalling the loop; prompts
+# are bounded by the context before they get here, so a few threads drain any queue.
+DEFAULT_TOKENIZER_THREADS = 2
+
+T = TypeVar("T")
 
 
 class Usage(NamedTuple):
@@ -71,17 +81,61 @@ class ModelCard(NamedTuple):
     created: int  # unix time the gateway started serving it
 
 
+class _Checks(NamedTuple):
+    """The context-length checks of one request, made before tokenizing (on a lower bound
+    of the prompt's tokens) and after (on their exact number)."""
+
+    context: int  # the model's maximum context length
+    names: Mapping[str, str]  # SamplingParams field -> the API's name for it
+    prompt_param: str  # the request field that holds the prompt
+
+    def fits(self, num_prompt_tokens: int, requested: int | None, *, exact: bool) -> None:
+        """Raise INVALID_ARGUMENT unless a prompt of `num_prompt_tokens` tokens (or at
+        least that many, unless `exact`) leaves room for one output token, and for
+        `requested` ones when max_tokens is set."""
+        at_least = "" if exact else "at least "
+        if num_prompt_tokens >= self.context:
+            raise invalid(f"This model's maximum context length is {self.context} tokens. However, your "
+                          f"prompt has {at_least}{num_prompt_tokens} tokens (prompt + at least one output "
+                          "token must fit). Please shorten your prompt.", self.prompt_param)
+        if requested is not None and num_prompt_tokens + requested > self.context:
+            name = self.names.get("max_tokens", "max_tokens")
+            raise invalid(f"This model's maximum context length is {self.context} tokens. However, you "
+                          f"requested {at_least}{num_prompt_tokens + requested} tokens ({at_least}"
+                          f"{num_prompt_tokens} in the prompt, {requested} in the completion). Please "
+                          f"reduce the prompt or {name}.", name)
+
+
+def _sampling_params(fields: dict, names: Mapping[str, str]) -> SamplingParams:
+    """SamplingParams(**fields), its ValueError as INVALID_ARGUMENT naming the field as the
+    client spells it (SamplingParams' messages start with the field's name)."""
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        if field not in SAMPLING_FIELDS:
+            raise invalid(str(exc)) from None
+        name = names.get(field, field)
+        raise invalid(f"{name} {rest}", name) from None
+
+
 class Frontend:
+    """The request path of both APIs over one backend. Lives on one event loop (its
+    counters are touched only there); only tokenizing runs in its worker threads."""
+
     def __init__(self, backend: Backend, tokenizer: Tokenizer, card: ModelCard,
                  eos_token_ids: Collection[int], metrics: GatewayMetrics,
-                 max_in_flight: int = 1024) -> None:
+                 max_in_flight: int = 1024, tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
+        self.prompt_tokens = PromptTokens(tokenizer)
         self.card = card
         self.eos_token_ids = frozenset(eos_token_ids)
         self.metrics = metrics
         self.max_in_flight = max_in_flight
-        self.num_in_flight = 0
+        self.num_in_flight = 0  # requests between open() and the end of their stream
+        self.num_preparing = 0  # requests waiting for or in a tokenizer thread
+        self._tokenizer_threads = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="pdserve-tokenizer")
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
 
@@ -89,59 +143,84 @@ class Frontend:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.card.name:
-            raise RequestError(ErrorKind.NOT_FOUND, f"The model {name!r} does not exist; this server "
+            raise RequestError(ErrorKind.NOT_FOUND, f"The model {shown(name)} does not exist; this server "
                                f"serves {self.card.name!r} (see /v1/models).", "model")
 
-    def prepare(self, *, prompt: str | list[int] | None = None, messages: list[dict] | None = None,
-                sampling: dict, default_max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS,
-                timeout: float | None = None, request_id: str | None = None) -> PreparedRequest:
-        """Tokenize and validate one request; raises RequestError(INVALID_ARGUMENT) saying
-        what is wrong. Exactly one of `prompt` (text or token ids) and `messages` (chat,
-        rendered with the model's template). `sampling` holds SamplingParams fields (None
-        values mean "default"). Without max_tokens the request may use
-        `default_max_tokens`, or the rest of the context if that is None."""
-        prompt_ids = self._tokenize(prompt, messages)
+    async def prepare(self, *, prompt: str | list[int] | None = None, messages: list[dict] | None = None,
+                      sampling: dict, default_max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS,
+                      timeout: float | None = None, request_id: str | None = None,
+                      field_names: Mapping[str, str] | None = None) -> PreparedRequest:
+        """Validate and tokenize one request; raises RequestError(INVALID_ARGUMENT) saying
+        what is wrong, or OVERLOADED past `max_in_flight` requests being prepared or run.
+        Exactly one of `prompt` (text or token ids) and `messages` (chat, rendered with the
+        model's template). `sampling` holds SamplingParams fields (None values mean
+        "default"); `field_names` maps those the API spells differently to its names, for
+        the errors. Without max_tokens the request may use `default_max_tokens`, or the
+        rest of the context if that is None.
+
+        Everything but tokenizing runs first, on the event loop, and costs at most one
+        look at the prompt's length: a prompt whose lower bound on tokens (`PromptTokens`)
+        is over the context is refused untokenized. Tokenizing runs in the frontend's
+        worker threads, so a long prompt never stalls the other requests' streams."""
+        names = dict(field_names or {})
+        checks = _Checks(self.card.max_model_len, names, "messages" if messages is not None else "prompt")
         fields = {k: v for k, v in sampling.items() if v is not None}
         unknown = set(fields).difference(SAMPLING_FIELDS)
         if unknown:
             raise invalid(f"unknown sampling parameters: {', '.join(sorted(unknown))}")
-        room = self.card.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise invalid(f"This model's maximum context length is {self.card.max_model_len} tokens. "
-                          f"However, your prompt has {len(prompt_ids)} tokens (prompt + at least one "
-                          f"output token must fit). Please shorten your prompt.", "messages" if
-                          messages is not None else "prompt")
-        if "max_tokens" in fields:
-            requested = fields["max_tokens"]
-            if isinstance(requested, int) and not isinstance(requested, bool) and requested > room:
-                raise invalid(f"This model's maximum context length is {self.card.max_model_len} tokens. "
-                              f"However, you requested {len(prompt_ids) + requested} tokens "
-                              f"({len(prompt_ids)} in the prompt, {requested} in the completion). "
-                              f"Please reduce the prompt or max_tokens.", "max_tokens")
-        else:
-            fields["max_tokens"] = room if default_max_tokens is None else min(default_max_tokens, room)
+        # Validated now with a stand-in max_tokens when it is unset; the real one needs the prompt.
+        params = _sampling_params({"max_tokens": 1, **fields}, names)
+        requested = fields.get("max_tokens")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not 0 < timeout < float("inf")):
-            raise invalid(f"timeout must be a positive number of seconds, got {timeout!r}", "timeout")
-        try:
-            params = SamplingParams(**fields)
-        except (ValueError, TypeError) as exc:
-            raise invalid(str(exc)) from None
+            raise invalid(f"timeout must be a positive number of seconds, got {shown(timeout)}", "timeout")
+        if (prompt is None) == (messages is None):
+            raise invalid("give exactly one of a prompt and chat messages")
+        if messages is not None and not messages:
+            raise invalid("messages must contain at least one message", "messages")
+        # An accepted prompt has at least one token; token ids are counted exactly.
+        if isinstance(prompt, list):
+            checks.fits(len(prompt), requested, exact=True)
+        else:
+            at_least = self.prompt_tokens.min_tokens(prompt) if isinstance(prompt, str) else 0
+            checks.fits(max(1, at_least), requested, exact=False)
+        prompt_ids = await self._off_loop(self._tokenize, prompt, messages, checks, requested)
+        checks.fits(len(prompt_ids), requested, exact=True)
+        if requested is None:
+            room = self.card.max_model_len - len(prompt_ids)
+            default = room if default_max_tokens is None else min(default_max_tokens, room)
+            params = dataclasses.replace(params, max_tokens=default)
         request_id = request_id or f"{self._prefix}-{next(self._ids)}"
         return PreparedRequest(request_id, prompt_ids, params, timeout)
 
-    def _tokenize(self, prompt: str | list[int] | None, messages: list[dict] | None) -> list[int]:
-        if (prompt is None) == (messages is None):
-            raise invalid("give exactly one of a prompt and chat messages")
+    async def _off_loop(self, work: Callable[..., T], *args: object) -> T:
+        """`work(*args)` in a tokenizer thread; refused with OVERLOADED when the requests
+        being prepared and those in flight already reach `max_in_flight`, which bounds the
+        work queued for the threads. (A cancelled caller stops counting at once, though a
+        thread may still finish its work: at most `tokenizer_threads` such jobs run.)"""
+        if self.num_in_flight + self.num_preparing >= self.max_in_flight:
+            raise RequestError(ErrorKind.OVERLOADED, f"the server is at its limit of {self.max_in_flight} "
+                               "requests in flight; retry shortly", retry_after=1)
+        self.num_preparing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizer_threads, work, *args)
+        finally:
+            self.num_preparing -= 1
+
+    def _tokenize(self, prompt: str | list[int] | None, messages: list[dict] | None, checks: _Checks,
+                  requested: int | None) -> list[int]:
+        """The prompt's token ids. Runs in a tokenizer thread; touches no mutable state."""
         if messages is not None:
-            if not messages:
-                raise invalid("messages must contain at least one message", "messages")
             try:
-                ids = self.tokenizer.encode_chat(messages)
+                text = self.prompt_tokens.render_chat(messages)
             except Exception as exc:  # noqa: BLE001 - a template may raise anything on odd input
                 raise invalid(f"the chat template cannot render these messages: {exc}", "messages") from None
+            # The bound holds for the rendered text, the exact input of the tokenizer (a
+            # template may add text, and may also leave some of the messages out).
+            checks.fits(max(1, self.prompt_tokens.min_tokens(text)), requested, exact=False)
+            ids = self.prompt_tokens.encode(text, add_special_tokens=False)
         elif isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            ids = self.prompt_tokens.encode(prompt, add_special_tokens=True)
         else:
             vocab = self.tokenizer.vocab_size
             bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
@@ -149,12 +228,17 @@ class Frontend:
                 raise invalid(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]!r}", "prompt")
             ids = list(prompt)
         if not ids:
-            raise invalid("the prompt is empty", "messages" if messages is not None else "prompt")
+            raise invalid("the prompt is empty", checks.prompt_param)
         return ids
 
     def token_text(self, token_id: int) -> str:
         """The text of one token, as OpenAI logprobs report it."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def close(self) -> None:
+        """Stop the tokenizer threads (work already queued is dropped). Call it once the
+        servers in front of this frontend have stopped."""
+        self._tokenizer_threads.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- streaming
 

@@ -5,7 +5,8 @@ standard `grpc.health.v1.Health` service and server reflection, on one grpc.aio 
     Abort(request_id) -> the open Generate call with that id ends with finish_reason "abort"
 
 Requests take the same path as HTTP ones (`frontend.Frontend`): the same validation, and
-every `RequestError` becomes the status code its `ErrorKind` names. However a Generate call
+every `RequestError` becomes the status code its `ErrorKind` names; bytes that do not
+parse as the request message are INVALID_ARGUMENT as well. However a Generate call
 ends (finished, failed, aborted, cancelled by its client, past its deadline), its
 `OutputStream` is closed, which aborts the request on the workers and frees its KV.
 """
@@ -16,13 +17,16 @@ import asyncio
 import hmac
 import math
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+from typing import NamedTuple, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid
+from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid, shown
 from pdserve.cluster.gateway.frontend import (
     DEFAULT_MAX_REQUEST_BYTES,
     Frontend,
@@ -34,7 +38,8 @@ from pdserve.cluster.gateway.frontend import (
 from pdserve.proto import serving_pb2, serving_pb2_grpc
 from pdserve.runtime.sampling_params import REPEATED_SAMPLING_FIELDS, SCALAR_SAMPLING_FIELDS
 
-GENERATION_SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+GENERATION = serving_pb2.DESCRIPTOR.services_by_name["Generation"]
+GENERATION_SERVICE = GENERATION.full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 T = TypeVar("T")
@@ -52,7 +57,7 @@ async def start_grpc_server(frontend: Frontend, address: str = "127.0.0.1:0", ap
     # No SO_REUSEPORT: a second gateway on a taken port must fail, not share its traffic.
     server = grpc.aio.server(options=(("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", max_message_bytes)))
-    serving_pb2_grpc.add_GenerationServicer_to_server(GenerationService(frontend, api_key), server)
+    _add_servicer(server, GENERATION, GenerationService(frontend, api_key))
     health_pb2_grpc.add_HealthServicer_to_server(HealthService(frontend.backend.ready), server)
     reflection.enable_server_reflection((GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     try:
@@ -64,6 +69,43 @@ async def start_grpc_server(frontend: Frontend, address: str = "127.0.0.1:0", ap
     return server, port
 
 
+class MalformedRequest(NamedTuple):
+    """What a method receives in place of a request message whose bytes do not parse."""
+
+    message_type: str
+    reason: str
+
+    def error(self) -> RequestError:
+        return invalid(f"the request is not a valid {self.message_type} message ({self.reason}); build "
+                       "it from proto/serving.proto")
+
+
+def _lenient_parser(message_class: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(message_class.DESCRIPTOR.full_name, str(exc).rpartition(": ")[2])
+    return parse
+
+
+def _add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
+    """What the generated add_*Servicer_to_server does, except that a request that does not
+    parse reaches its method as a MalformedRequest, to be refused with INVALID_ARGUMENT
+    (gRPC answers a deserializer's exception with UNKNOWN, which tells the client nothing)."""
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming:
+            raise ValueError(f"{method.full_name}: client-streaming methods are not served")
+        make_handler = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                        else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make_handler(
+            getattr(servicer, method.name), request_deserializer=_lenient_parser(GetMessageClass(method.input_type)),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class _Aborted:
     """Marks a wait that an Abort call interrupted."""
 
@@ -72,11 +114,11 @@ _ABORTED = _Aborted()
 
 
 class _OpenCall:
-    """One running Generate call, as the Abort method sees it."""
+    """One Generate call past its preparation."""
 
-    def __init__(self, request: PreparedRequest) -> None:
+    def __init__(self, request: PreparedRequest, aborted: asyncio.Event) -> None:
         self.request = request
-        self.aborted = asyncio.Event()
+        self.aborted = aborted  # set by Abort
         # Set the moment Frontend.open returns, so no path can leave it unclosed.
         self.stream: OutputStream | None = None
         # The totals of the last delta sent; the abort message repeats them.
@@ -85,45 +127,51 @@ class _OpenCall:
 
 class GenerationService(serving_pb2_grpc.GenerationServicer):
     """`pdserve.serving.v1.Generation` over one Frontend. Lives on one event loop: the
-    table of open calls is touched only by its handlers."""
+    table of running calls is touched only by its handlers."""
 
     def __init__(self, frontend: Frontend, api_key: str | None = None) -> None:
         self._frontend = frontend
         self._expected_auth = None if api_key is None else f"Bearer {api_key}".encode()
-        self._open: dict[str, _OpenCall] = {}  # request id -> its running Generate call
+        # Request id -> the abort switch of its running Generate call. A client's own id is
+        # in from before its prompt is tokenized, so that Abort finds the call meanwhile.
+        self._running: dict[str, asyncio.Event] = {}
 
-    async def Generate(self, request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+    async def Generate(self, request: serving_pb2.GenerateRequest | MalformedRequest,
+                       context: grpc.aio.ServicerContext) -> None:
         await self._authorize(context)
+        aborted = asyncio.Event()
+        request_id = None  # this call's key in self._running, once it has one
         try:
-            prepared = self._prepare(request, context)
-        except RequestError as exc:
-            # Refusals before admission; the Frontend counts those from open() onwards.
-            self._frontend.metrics.error(exc.kind)
-            await _abort(context, exc)
-        call = _OpenCall(prepared)
-        self._open[prepared.request_id] = call
-        aborted = asyncio.ensure_future(call.aborted.wait())
-        try:
-            await self._stream(call, aborted, context)
-        except RequestError as exc:
-            await _abort(context, exc)
+            try:
+                if isinstance(request, MalformedRequest):
+                    raise request.error()
+                request_id = self._claim_client_id(request, aborted)
+                prepared = await self._prepare(request, context)
+            except RequestError as exc:
+                # Refusals before admission; the Frontend counts those from open() onwards.
+                self._frontend.metrics.error(exc.kind)
+                await _abort(context, exc)
+            if request_id is None:  # the frontend named it
+                request_id = prepared.request_id
+                self._running[request_id] = aborted
+            await self._serve(_OpenCall(prepared, aborted), context)
         finally:
             # Runs on every exit, client cancellation and deadline included.
-            aborted.cancel()
-            del self._open[prepared.request_id]
-            if call.stream is not None:
-                await call.stream.aclose()
+            if request_id is not None:
+                del self._running[request_id]
 
-    async def Abort(self, request: serving_pb2.AbortRequest,
+    async def Abort(self, request: serving_pb2.AbortRequest | MalformedRequest,
                     context: grpc.aio.ServicerContext) -> serving_pb2.AbortResponse:
         await self._authorize(context)
+        if isinstance(request, MalformedRequest):
+            await _abort(context, request.error())
         if not request.request_id:
             await _abort(context, invalid("request_id is empty; give the id of the Generate call to abort",
                                           "request_id"))
-        call = self._open.get(request.request_id)
-        if call is not None:
-            call.aborted.set()
-        return serving_pb2.AbortResponse(found=call is not None)
+        aborted = self._running.get(request.request_id)
+        if aborted is not None:
+            aborted.set()
+        return serving_pb2.AbortResponse(found=aborted is not None)
 
     # ---------------------------------------------------------------- Generate's parts
 
@@ -137,13 +185,22 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
             await _abort(context, RequestError(ErrorKind.UNAUTHENTICATED, "missing or wrong API key; send "
                                                "the metadata `authorization: Bearer <your key>`"))
 
-    def _prepare(self, request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> PreparedRequest:
+    def _claim_client_id(self, request: serving_pb2.GenerateRequest, aborted: asyncio.Event) -> str | None:
+        """Enter the client's request id, if it chose one, in the table of running calls;
+        raises INVALID_ARGUMENT when a running call has it."""
+        if not request.HasField("request_id"):
+            return None
+        if request.request_id in self._running:
+            raise invalid(f"request_id {shown(request.request_id)} is in use by a running request; choose "
+                          "another or leave it unset", "request_id")
+        self._running[request.request_id] = aborted
+        return request.request_id
+
+    async def _prepare(self, request: serving_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> PreparedRequest:
         """Validate and tokenize; raises RequestError saying what is wrong."""
         self._frontend.check_model(request.model if request.HasField("model") else None)
         request_id = request.request_id if request.HasField("request_id") else None
-        if request_id is not None and request_id in self._open:
-            raise invalid(f"request_id {request_id!r} is in use by a running request; choose another "
-                          "or leave it unset", "request_id")
         # GenerateRequest names its sampling fields as SamplingParams does; scalars are proto3
         # `optional`, so an unset field means "the default".
         sampling = {name: getattr(request, name) if request.HasField(name) else None
@@ -153,13 +210,25 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
         if source is None:
             raise invalid("the request has no input; set one of text, token_ids or chat", "input")
         if source == "chat":
-            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            messages = [_chat_message(i, m) for i, m in enumerate(request.chat.messages)]
             # A chat reply may run to the end of the context unless max_tokens says otherwise.
-            return self._frontend.prepare(messages=messages, sampling=sampling, default_max_tokens=None,
-                                          timeout=_timeout(request, context), request_id=request_id)
+            return await self._frontend.prepare(messages=messages, sampling=sampling, default_max_tokens=None,
+                                                timeout=_timeout(request, context), request_id=request_id)
         prompt = request.text if source == "text" else list(request.token_ids.ids)
-        return self._frontend.prepare(prompt=prompt, sampling=sampling, timeout=_timeout(request, context),
-                                      request_id=request_id)
+        return await self._frontend.prepare(prompt=prompt, sampling=sampling,
+                                            timeout=_timeout(request, context), request_id=request_id)
+
+    async def _serve(self, call: _OpenCall, context: grpc.aio.ServicerContext) -> None:
+        """Stream the call's responses; however it ends, close its OutputStream."""
+        aborted = asyncio.ensure_future(call.aborted.wait())
+        try:
+            await self._stream(call, aborted, context)
+        except RequestError as exc:
+            await _abort(context, exc)
+        finally:
+            aborted.cancel()
+            if call.stream is not None:
+                await call.stream.aclose()
 
     async def _stream(self, call: _OpenCall, aborted: asyncio.Future, context: grpc.aio.ServicerContext) -> None:
         """Write one response per delta until the request finishes or is aborted."""
@@ -190,6 +259,16 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
         if delta.finish_reason is not None:
             response.usage.CopyFrom(_usage(delta.usage))
         return response
+
+
+CHAT_ROLES = ("system", "user", "assistant")  # as the HTTP API's chat messages
+
+
+def _chat_message(index: int, message: serving_pb2.ChatMessage) -> dict[str, str]:
+    if message.role not in CHAT_ROLES:
+        raise invalid(f"chat.messages[{index}].role must be one of {', '.join(CHAT_ROLES)}; got "
+                      f"{shown(message.role)}", "chat")
+    return {"role": message.role, "content": message.content}
 
 
 def _timeout(request: serving_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> float | None:
@@ -256,8 +335,8 @@ class HealthService(health_pb2_grpc.HealthServicer):
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
         status = self._status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no health status for service {request.service!r}; "
-                                f"ask for '' (the server) or {GENERATION_SERVICE!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no health status for service "
+                                f"{shown(request.service)}; ask for '' (the server) or {GENERATION_SERVICE!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:

@@ -243,7 +243,7 @@ class ShmChannel(StreamChannel):
 
     def _first_chunk(self, header: bytes, source: memoryview) -> str | None:
         """The two steps of a link's first chunk (see the module docstring)."""
-        try:
+        with self._link_errors():
             self._sock.sendall(frame_bytes(header, source.nbytes))
             head, fds, _, _ = socket.recv_fds(self._sock, REPLY_HEAD_BYTES, 1)
             if not head:
@@ -262,10 +262,6 @@ class ShmChannel(StreamChannel):
             self._view[:source.nbytes] = source
             self._sock.sendall(READY)
             return self._read_reply().reason
-        except TimeoutError:
-            raise TransportError(f"no reply from {self.address} within {self.timeout} s") from None
-        except OSError as exc:
-            raise TransportError(f"the link to {self.address} failed: {exc}") from None
 
     def _teardown(self) -> None:
         if self._sock is not None:

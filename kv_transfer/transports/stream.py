@@ -21,6 +21,7 @@ _POLL_S, so `close()` returns promptly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -246,11 +247,17 @@ class StreamChannel(KVChannel):
         self.idle_timeout = idle_ms / 1000 if idle_ms else None
 
     def _send_frame(self, header: bytes, payload_len: int, inline: memoryview | None) -> str | None:
-        try:
+        with self._link_errors():
             self._sock.sendall(frame_bytes(header, payload_len))
             if inline is not None and payload_len:
                 self._sock.sendall(inline)
             return self._read_reply().reason
+
+    @contextlib.contextmanager
+    def _link_errors(self):
+        """Socket failures inside the block become TransportError (the link is broken)."""
+        try:
+            yield
         except TimeoutError:
             raise TransportError(f"no reply from {self.address} within {self.timeout} s") from None
         except OSError as exc:

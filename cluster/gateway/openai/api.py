@@ -90,8 +90,9 @@ def create_app(frontend: Frontend, *, api_key: str | None = None,
         with counting_refusals(frontend.metrics):
             frontend.check_model(body.model)
             body.check_supported()
-            prepared = frontend.prepare(prompt=body.prompt_input(), sampling=body.sampling(),
-                                        timeout=body.timeout, request_id=bodies.head["id"])
+            prepared = await frontend.prepare(prompt=body.prompt_input(), sampling=body.sampling(),
+                                              timeout=body.timeout, request_id=bodies.head["id"],
+                                              field_names=body.field_names())
         return await _serve(request, frontend, prepared, bodies, bool(body.stream), body.include_usage)
 
     @app.post("/v1/chat/completions", response_model=None,
@@ -102,9 +103,9 @@ def create_app(frontend: Frontend, *, api_key: str | None = None,
         with counting_refusals(frontend.metrics):
             frontend.check_model(body.model)
             body.check_supported()
-            prepared = frontend.prepare(messages=body.template_messages(), sampling=body.sampling(),
-                                        default_max_tokens=None, timeout=body.timeout,
-                                        request_id=bodies.head["id"])
+            prepared = await frontend.prepare(messages=body.template_messages(), sampling=body.sampling(),
+                                              default_max_tokens=None, timeout=body.timeout,
+                                              request_id=bodies.head["id"], field_names=body.field_names())
         return await _serve(request, frontend, prepared, bodies, bool(body.stream), body.include_usage)
 
     def model_object() -> ModelObject:

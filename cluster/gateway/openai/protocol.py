@@ -95,6 +95,11 @@ class _GenerationRequest(_Body):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def field_names(self) -> dict[str, str]:
+        """This body's names for the SamplingParams fields it spells differently, so that
+        errors name the field the client sent."""
+        return {}
+
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
         """The SamplingParams fields of this body, by their names; max_tokens and logprobs
         are spelled differently per endpoint, so the caller gives them."""
@@ -184,6 +189,10 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.as_template_input() for m in self.messages]
+
+    def field_names(self) -> dict[str, str]:
+        return {"max_tokens": "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens",
+                "logprobs": "top_logprobs"}
 
     def sampling(self) -> dict[str, Any]:
         """The `Frontend.prepare` sampling fields of this request."""
