@@ -35,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -326,8 +326,8 @@ def plot(path: str, runs: list[Run]) -> None:
         if times:
             edges = np.arange(0, times[-1] + 2, 1.0)
             rate, _ = np.histogram(times, edges)
-            ax.plot(edges[:-1], rate, color="black", lw=1, label="tokens/s")
-        ax.set_ylabel("tokens/s")
+            ax.plot(edges[:-1], rate, color="black", lw=1, label="text chunks/s")
+        ax.set_ylabel("streamed text chunks/s (~ tokens/s)")
         twin = ax.twinx()
         for role, color in (("prefill", "tab:blue"), ("decode", "tab:orange")):
             twin.step([t - run.started for t, _ in run.samples], [c[role] for _, c in run.samples],
@@ -342,6 +342,13 @@ def plot(path: str, runs: list[Run]) -> None:
     axes[-1, 0].set_xlabel("seconds since the load started")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def stream_json(s: StreamRecord, t0: float) -> dict:
+    """One stream for --result-json: its outcome and timing, not its text or every token."""
+    return {"client": s.client, "index": s.index, "started_s": s.started - t0, "ended_s": s.ended - t0,
+            "chunks": len(s.token_times), "completion_tokens": s.completion_tokens, "error": s.error,
+            "longest_wait_s": s.longest_wait}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.result_json:
         Path(args.result_json).write_text(json.dumps(
             {"args": vars(args), "summaries": summaries,
-             "runs": [{"label": r.label, "streams": [asdict(s) for s in r.streams],
+             "runs": [{"label": r.label, "streams": [stream_json(s, r.started) for s in r.streams],
                        "samples": [(t - r.started, c) for t, c in r.samples]} for r in runs]}, indent=1))
     if args.plot:
         plot(args.plot, runs)
