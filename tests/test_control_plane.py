@@ -487,3 +487,46 @@ def test_prompts_that_find_no_prefill_worker_reach_the_autoscaler_once():
     controller._autoscale()
     assert autoscaler.unmet == [100, 0]
     assert 'pdserve_routes_total{decode_worker="decode-0",prefill="local"} 2.0' in metrics.render().decode()
+
+
+class _CachingWorker:
+    """A worker's stats/cache_snapshot over a real CacheEventLog."""
+
+    def __init__(self, log: CacheEventLog) -> None:
+        self.log = log
+        self.snapshots = 0
+        self.stats = _Method(self._stats)
+        self.cache_snapshot = _Method(self._cache_snapshot)
+
+    async def _stats(self, acked):
+        stats = WorkerStats("decode", "decode-0", 0, 0, 0, 0, 0.0, 0, 0, 0, 0.0, {}, 0, 0.0)
+        return stats, self.log.since(acked)
+
+    async def _cache_snapshot(self):
+        self.snapshots += 1
+        return self.log.snapshot()
+
+
+def test_the_controller_reloads_a_worker_index_after_lost_events():
+    from pdserve.cluster.control.controller import WorkerHandle
+
+    _, _, events = _cache_with_history(11, rounds=60)
+    log = CacheEventLog(max_pending=4)
+    worker = _CachingWorker(log)
+    controller = _controller(0, 1)
+    info = WorkerInfo("decode-0", "decode", PeerInfo.local("cpu"), BLOCK, 1, (0,), 1)
+    handle = WorkerHandle("decode-0", "decode", worker, info, None, ready=True)
+    controller.workers["decode-0"] = handle
+    metrics = GatewayMetrics(control_status=controller.status)
+
+    async def polls():
+        log.record(events[:3])
+        await controller._poll(handle)  # in order: applied, no snapshot
+        assert worker.snapshots == 0 and controller.index.seq("decode-0") == 3
+        log.record(events[3:])  # more than 4 unacknowledged: the worker drops the oldest
+        await controller._poll(handle)
+
+    asyncio.run(polls())
+    assert worker.snapshots == 1
+    assert controller.index.pages("decode-0") == _pages_of(events)
+    assert "pdserve_prefix_index_resyncs_total 1.0" in metrics.render().decode()

@@ -8,6 +8,7 @@ long generations: the run stays within a bounded number of engine steps.
 
 from __future__ import annotations
 
+import httpx
 import hypothesis
 import pytest
 import schemathesis
@@ -20,17 +21,32 @@ API_KEY = "sk-fuzz"
 EXAMPLES_PER_OPERATION = 60
 
 
+def _greedy_tokens(url: str) -> list[int]:
+    body = {"prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0, "logprobs": 1, "ignore_eos": True}
+    response = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["logprobs"]["tokens"]
+
+
 @pytest.fixture(scope="module")
-def api_schema(tiny_llama_dir):
+def served(tiny_llama_dir):
+    """The gateway under fuzz, its URL, and a greedy answer taken before any fuzzing."""
     gateway = LocalGateway.start(tiny_llama_dir, max_model_len=64)
     with serve_asgi(create_app(gateway.frontend, api_key=API_KEY)) as url:
-        schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-        schema.config.update(headers={"Authorization": f"Bearer {API_KEY}"}, request_timeout=60)
-        # Schema-valid requests may still be refused: the context length is the model's,
-        # and options such as n=2 are declared only to be refused by name.
-        schema.config.checks.update(excluded_check_names=["positive_data_acceptance"])
-        yield schema
+        yield gateway, url, _greedy_tokens(url)
     gateway.close()
+
+
+@pytest.fixture(scope="module")
+def api_schema(served):
+    _, url, _ = served
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    schema.config.update(headers={"Authorization": f"Bearer {API_KEY}"}, request_timeout=60)
+    # Schema-valid requests may still be refused: the context length is the model's,
+    # and options such as n=2 are declared only to be refused by name.
+    schema.config.checks.update(excluded_check_names=["positive_data_acceptance"])
+    return schema
 
 
 OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
@@ -73,3 +89,10 @@ def test_valid_requests(api_schema, method, path):
 @pytest.mark.parametrize(("method", "path"), WITH_BODY)
 def test_invalid_requests(api_schema, method, path):
     _fuzz(api_schema, method, path, GenerationMode.NEGATIVE)
+
+
+def test_after_the_fuzzing_the_gateway_answers_as_before_and_holds_nothing(served, api_schema):
+    gateway, url, before = served
+    assert _greedy_tokens(url) == before
+    assert gateway.wait_for_kv_blocks_in_use(0) == 0
+    assert gateway.frontend.num_in_flight == 0
