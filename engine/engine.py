@@ -29,7 +29,7 @@ from pdserve.runtime.model_runner import ModelRunner
 from pdserve.runtime.request import Request, TokenDelta, resumed_arrival
 from pdserve.runtime.sampler import Sampler, make_generator
 from pdserve.runtime.sampling_params import SamplingParams
-from pdserve.runtime.scheduler import BatchScheduler, build_forward_batch
+from pdserve.runtime.scheduler import BatchScheduler, RequestRejected, build_forward_batch
 from pdserve.runtime.stopping import FinishReason, check_stop_token
 
 
@@ -48,7 +48,7 @@ class EngineCore:
         self.runner = runner
         self.info = info
         self.scheduler = BatchScheduler(config or SchedulerConfig(), info, enable_prefix_caching)
-        self.sampler = Sampler()
+        self.sampler = Sampler(info.eos_token_ids)
         self.num_steps = 0  # forward passes run
         self.step_seconds = 0.0  # ... and the time they took, sampling included
         self.speculator = (Speculator(speculative, make_proposer(speculative, runner, info))
@@ -88,6 +88,10 @@ class EngineCore:
                      resume_at: int | None) -> Request:
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        try:
+            params.check_vocab(self.runner.config.vocab_size)
+        except ValueError as exc:
+            raise RequestRejected(str(exc)) from None
         resumed = {} if resume_at is None else {"arrival": resumed_arrival(), "output_offset": resume_at}
         return Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.runner.device),
                        **resumed)
@@ -133,7 +137,7 @@ class EngineCore:
             else:
                 logits_plain = logits
             out = self.sampler(logits_plain, [r.params for r in plain_requests],
-                               [r.generator_for_next_token() for r in plain_requests])
+                               [r.generator_for_next_token() for r in plain_requests], plain_requests)
             # One host copy per step, not one per row.
             token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
             for row, request in enumerate(plain_requests):
@@ -146,6 +150,8 @@ class EngineCore:
                 # The scheduler may have cut the draft short; q is cut with it.
                 draft = drafts[request.request_id]
                 probs = draft.probs[:len(chunk.draft)] if draft.probs is not None else None
+                # Only requests whose controls do not depend on the draft position are
+                # speculated (`Speculator.propose`): verify needs no history.
                 verified = verify(logits[rows[i]:rows[i + 1]], Draft(chunk.draft, probs), request.params,
                                   request.generator_for_next_token())
                 outputs.append(self._emit_verified(request, chunk.draft, verified))
@@ -172,7 +178,8 @@ class EngineCore:
                           reason, request.num_prompt_tokens, request.num_cached_tokens)
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
-        reason = check_stop_token(token, request.num_output_tokens, request.params, self.info.eos_token_ids)
+        reason = check_stop_token(token, request.num_output_tokens, request.params, self.info.eos_token_ids,
+                                  request.output_offset)
         if reason is None and request.num_tokens >= self.info.max_model_len:
             reason = FinishReason.LENGTH
         return reason

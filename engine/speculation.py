@@ -11,7 +11,12 @@ large enough to be compute-bound, or when drafts are mostly rejected. So:
   - per request, k adapts to its recent acceptance: after a step that accepted everything
     k grows by one (up to `num_tokens`), after one that accepted nothing it halves; a
     request whose k reached 0 rests for `rest_steps` steps, then tries k = 1 again;
-  - a request whose params say `speculate=False` never gets a draft.
+  - a request whose params say `speculate=False` never gets a draft, nor does one whose
+    logits controls depend on the draft position (`_position_dependent`): penalties read
+    the tokens before each position, and min_tokens masks EOS at some positions only.
+    Verification has no per-position history, so such a request decodes one token a step
+    (its output is the same either way). logit_bias is the same at every position:
+    `verify` applies it, and a bias-only request is speculated.
 
 Counters (`proposed`, `accepted`, `accepted_at[i]`: drafts whose position i was
 accepted, `steps`) feed the worker's metrics; acceptance rate per position is
@@ -53,6 +58,13 @@ def make_proposer(config: SpeculativeConfig, target: ModelRunner | None = None, 
     return DraftModelProposer.from_checkpoint(config.draft_model, target, info, tokenizer)
 
 
+def _position_dependent(request: Request) -> bool:
+    """Whether the request's logits controls could differ between draft positions: it has
+    a penalty, or has not reached min_tokens yet (past it, the mask is gone for good)."""
+    params = request.params
+    return params.has_penalties or request.output_offset + request.num_output_tokens < params.min_tokens
+
+
 @dataclass
 class _RequestState:
     k: int
@@ -82,7 +94,7 @@ class Speculator:
             return {}
         chosen, ks = [], []
         for request in decoding:
-            if not request.params.speculate:
+            if not request.params.speculate or _position_dependent(request):
                 continue
             state = self._states.setdefault(request.request_id, _RequestState(self.config.num_tokens))
             if state.k == 0:

@@ -25,6 +25,10 @@ the Sampler would draw it, whatever q is:
 because P(reject) = 1 - sum(min(p, q)) = sum(max(0, p - q)). A good q only makes
 acceptance likelier. All randomness comes from the request's generator (or the default RNG
 when it has none), so a seeded request is reproducible.
+
+Of the logits controls only `logit_bias` can reach here (the Speculator does not draft for
+requests whose controls depend on the position): it is added to every row before the
+greedy argmax and before p is built, as the Sampler adds it. Logprobs stay raw.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 
 from pdserve.engine.proposers import Draft
 from pdserve.kernels.greedy import argmax_logsumexp
-from pdserve.runtime.sampler import apply_filters, exponential_race
+from pdserve.runtime.sampler import apply_filters, apply_logit_bias, exponential_race
 from pdserve.runtime.sampling_params import SamplingParams
 
 
@@ -66,6 +70,8 @@ def verify(
 
     Pure except for randomness: sampled requests advance `generator` (which must live on
     logits' device) or, when it is None, the default RNG; greedy requests draw nothing.
+    The request must have no penalty (ValueError) and must have reached its min_tokens
+    (only the caller knows its position; nothing is masked here).
     With an empty draft this is one plain Sampler step, generator use included.
     """
     k = draft.num_tokens
@@ -75,13 +81,19 @@ def verify(
     if draft.probs is not None and tuple(draft.probs.shape) != (k, logits.shape[1]):
         raise ValueError(f"draft probs must be [k, V] = [{k}, {logits.shape[1]}], "
                          f"got shape {tuple(draft.probs.shape)}")
+    if params.has_penalties:
+        raise ValueError("verify applies only logit_bias of the logits controls; requests with penalties "
+                         "are not speculated (see Speculator.propose)")
     logits = logits.float()
     # The Sampler's greedy tokens and logprob normalisers, from the same kernel.
     greedy, normaliser = argmax_logsumexp(logits)
+    biased = apply_logit_bias(logits, [params] * (k + 1))
+    if biased is not logits and params.is_greedy:
+        greedy = argmax_logsumexp(biased)[0]
     if params.is_greedy:
         num_accepted, next_token = _verify_greedy(greedy, draft)
     else:
-        num_accepted, next_token = _verify_sampled(logits, draft, params, generator)
+        num_accepted, next_token = _verify_sampled(biased, draft, params, generator)
     token_ids = draft.token_ids[:num_accepted] + (next_token,)
     logprobs, top_logprobs = _logprobs(logits, normaliser, token_ids, params.logprobs)
     return Verified(token_ids, num_accepted, logprobs, top_logprobs)

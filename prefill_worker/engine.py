@@ -35,7 +35,7 @@ class PrefillEngine:
         self.info = info
         self.pusher = pusher
         self.scheduler = BatchScheduler(config or SchedulerConfig(), info, enable_prefix_caching)
-        self.sampler = Sampler()
+        self.sampler = Sampler(info.eos_token_ids)
         self.jobs = PrefillJobs(pusher, info.block_size)
         self.num_steps = 0  # forward passes run
         self.step_seconds = 0.0  # ... and the time they took
@@ -53,6 +53,7 @@ class PrefillEngine:
                              f"{layout_of(self.runner.pool)}: the workers serve different models")
         if ticket.num_prompt_tokens != len(job.prompt_ids):
             raise ValueError(f"ticket is for {ticket.num_prompt_tokens} prompt tokens, job has {len(job.prompt_ids)}")
+        job.params.check_vocab(self.runner.config.vocab_size)
         resumed = {} if job.resume_at is None else {"arrival": resumed_arrival(), "output_offset": job.resume_at}
         request = Request(ticket.request_id, list(job.prompt_ids), job.params,
                           make_generator(job.params.seed, self.runner.device), **resumed)
@@ -86,7 +87,10 @@ class PrefillEngine:
         self.scheduler.update(chunks)
         sampling = [c.request for c in chunks if c.samples]
         if sampling:
-            out = self.sampler(logits, [r.params for r in sampling], [r.generator_for_next_token() for r in sampling])
+            # The first token sees the same logits controls as on a decode worker: the
+            # prompt, and as output only the tokens a resumed request carries.
+            out = self.sampler(logits, [r.params for r in sampling], [r.generator_for_next_token() for r in sampling],
+                               sampling)
             token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
             for row, request in enumerate(sampling):
                 top = out.top_for(row, request.params.logprobs)

@@ -2,7 +2,14 @@
 
 Per row, in this order:
 
-1. Greedy rows (`params.is_greedy`) take the argmax of the raw logits; ties go to the
+0. Logits controls (`apply_logits_controls`), only for rows whose params ask for one:
+   repetition penalty, then frequency and presence penalties, then logit_bias, then the
+   min_tokens mask (EOS and stop ids at -inf). They read the row's tokens so far (a
+   `TokenHistory`). The bias comes after the penalties so that it stays exactly additive
+   (+100 forces a token, -100 bans it, whatever the penalties did); vLLM adds it before
+   them, which differs only for tokens that carry both a bias and a repetition penalty.
+   A batch where no row uses a control skips this step entirely.
+1. Greedy rows (`params.is_greedy`) take the argmax of those logits; ties go to the
    lowest token id (`torch.argmax` returns the first maximum), so they are deterministic.
 2. Other rows divide the logits by their temperature, then filter:
    top-k -> top-p -> min-p, the order of vLLM's v0 sampler. (vLLM v1 applies min-p before
@@ -20,13 +27,15 @@ largest (possibly more than k tokens); top-p keeps every token whose probability
 the smallest probability of the minimal prefix.
 
 Returned logprobs are those of the model's raw distribution (log_softmax of the unmodified
-logits), as vLLM returns by default.
+logits: before the controls, temperature and filters), as vLLM returns by default. So a
+token forced by logit_bias may report a low logprob, and a token masked by min_tokens
+still has its raw logprob among the top alternatives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Collection, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -144,20 +153,159 @@ def apply_filters(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     return out
 
 
+class TokenHistory(Protocol):
+    """What the logits controls read of one row's sequence; a `Request` is one.
+
+    The last `output_offset` tokens of `prompt_ids` are output a migrated request carried
+    from elsewhere: penalties on output (frequency, presence) and min_tokens count them as
+    output, together with `output_ids`.
+    """
+
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    output_offset: int
+
+
+def _output_tokens(history: TokenHistory) -> list[int]:
+    carried = len(history.prompt_ids) - history.output_offset
+    return list(history.prompt_ids[carried:]) + list(history.output_ids)
+
+
+def _prompt_tokens(history: TokenHistory) -> Sequence[int]:
+    return history.prompt_ids[:len(history.prompt_ids) - history.output_offset]
+
+
+def _token_counts(sequences: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[R, vocab] float32: how often each token occurs in each sequence.
+
+    One scatter_add over the sequences right-padded with id `vocab`, a spare column that
+    is dropped (ids beyond the vocabulary land there too).
+    """
+    width = max((len(seq) for seq in sequences), default=0)
+    padded = [list(seq) + [vocab] * (width - len(seq)) for seq in sequences]
+    ids = torch.tensor(padded, dtype=torch.int64, device=device).reshape(len(sequences), width)
+    ids.clamp_(min=0, max=vocab)
+    counts = torch.zeros(len(sequences), vocab + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
+    return counts[:, :vocab]
+
+
+def _require_histories(histories: Sequence[TokenHistory] | None, what: str) -> Sequence[TokenHistory]:
+    if histories is None:
+        raise ValueError(f"{what} read each row's tokens so far; pass histories (one TokenHistory "
+                         "per row, e.g. the Request)")
+    return histories
+
+
+def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
+                    histories: Sequence[TokenHistory] | None) -> torch.Tensor:
+    """Repetition penalty (over prompt and output), then frequency and presence penalties
+    (over output), on the rows whose params set one. Pure; returns `logits` itself when no
+    row has a penalty. Other rows are copied bit for bit."""
+    rows = [i for i, p in enumerate(params) if p.has_penalties]
+    if not rows:
+        return logits
+    histories = _require_histories(histories, "penalties")
+    vocab, device = logits.shape[1], logits.device
+    row_params = [params[i] for i in rows]
+    row_index = torch.tensor(rows, device=device)
+    counts = _token_counts([_output_tokens(histories[i]) for i in rows], vocab, device)
+    x = logits[row_index]
+    if any(p.repetition_penalty != 1 for p in row_params):
+        # Rows without a repetition penalty count no prompt: r = 1 leaves them as they are.
+        prompts = [_prompt_tokens(histories[i]) if p.repetition_penalty != 1 else ()
+                   for i, p in zip(rows, row_params)]
+        seen = (_token_counts(prompts, vocab, device) > 0) | (counts > 0)
+        r = _row_tensor([float(p.repetition_penalty) for p in row_params], logits, logits.dtype).unsqueeze(1)
+        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+    frequency = _row_tensor([float(p.frequency_penalty) for p in row_params], logits, logits.dtype)
+    presence = _row_tensor([float(p.presence_penalty) for p in row_params], logits, logits.dtype)
+    x = x - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0).to(x.dtype)
+    out = logits.clone()
+    out[row_index] = x
+    return out
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Add each row's `logit_bias` to its logits. Pure; returns `logits` itself when no
+    row has a bias. Raises ValueError for a token id outside the logits' vocabulary."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    vocab = logits.shape[1]
+    row_ids = [i for i in rows for _ in params[i].logit_bias]
+    token_ids = [token for i in rows for token, _ in params[i].logit_bias]
+    biases = [bias for i in rows for _, bias in params[i].logit_bias]
+    if max(token_ids) >= vocab:
+        raise ValueError(f"logit_bias names token {max(token_ids)} but the vocabulary has {vocab} tokens")
+    out = logits.clone()
+    out.index_put_((_row_tensor(row_ids, logits, torch.int64), _row_tensor(token_ids, logits, torch.int64)),
+                   _row_tensor(biases, logits, logits.dtype), accumulate=True)
+    return out
+
+
+def apply_min_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
+                     histories: Sequence[TokenHistory] | None, eos_token_ids: Collection[int]) -> torch.Tensor:
+    """Set EOS (unless `ignore_eos`) and the stop token ids to -inf in rows that have not
+    yet reached `min_tokens` output tokens. Pure; returns `logits` itself when no row is
+    masked. Ids outside the logits' vocabulary cannot be sampled anyway and are skipped."""
+    rows = [i for i, p in enumerate(params) if p.min_tokens > 0]
+    if not rows:
+        return logits
+    histories = _require_histories(histories, "min_tokens")
+    vocab = logits.shape[1]
+    row_ids, token_ids = [], []
+    for i in rows:
+        p, history = params[i], histories[i]
+        if history.output_offset + len(history.output_ids) >= p.min_tokens:
+            continue
+        stops = set(p.stop_token_ids) if p.ignore_eos else set(p.stop_token_ids) | set(eos_token_ids)
+        masked = sorted(t for t in stops if t < vocab)
+        row_ids += [i] * len(masked)
+        token_ids += masked
+    if not token_ids:
+        return logits
+    out = logits.clone()
+    out[_row_tensor(row_ids, logits, torch.int64), _row_tensor(token_ids, logits, torch.int64)] = float("-inf")
+    return out
+
+
+def apply_logits_controls(logits: torch.Tensor, params: Sequence[SamplingParams],
+                          histories: Sequence[TokenHistory] | None = None,
+                          eos_token_ids: Collection[int] = ()) -> torch.Tensor:
+    """Step 0 of the module docstring: penalties, then logit_bias, then the min_tokens
+    mask. Pure; returns `logits` itself (no copy, no work beyond one look at each row's
+    params) when no row uses a control. `histories` may be None when no row has a
+    penalty or min_tokens."""
+    if not any(p.has_logits_controls for p in params):
+        return logits
+    out = apply_penalties(logits, params, histories)
+    out = apply_logit_bias(out, params)
+    return apply_min_tokens(out, params, histories, eos_token_ids)
+
+
 class Sampler:
-    """Picks one token per row of a logits batch; stateless, safe to share."""
+    """Picks one token per row of a logits batch; stateless, safe to share.
+
+    `eos_token_ids`: the model's end-of-sequence ids, which min_tokens masks.
+    """
+
+    def __init__(self, eos_token_ids: Collection[int] = ()) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids)
 
     def __call__(
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        histories: Sequence[TokenHistory] | None = None,
     ) -> SamplerOutput:
         """Sample row i under params[i], drawing randomness only from generators[i].
 
         logits: [B, V] float32, not modified. A generator must live on logits' device.
-        Advances each given generator by one draw of V values (random rows only), and
-        the default RNG if some random row has no generator.
+        histories[i]: row i's tokens so far (its Request); needed only when some row has a
+        penalty or min_tokens. Advances each given generator by one draw of V values
+        (random rows only), and the default RNG if some random row has no generator.
         """
         if len(generators) != len(params):
             raise ValueError(
@@ -167,10 +315,16 @@ class Sampler:
         logits = logits.float()
         # log_softmax(logits) == logits - logsumexp, computed only where it is read.
         token_ids, normaliser = argmax_logsumexp(logits)
+        controlled = apply_logits_controls(logits, params, histories, self.eos_token_ids)
+        if controlled is not logits:
+            greedy_rows = [i for i, p in enumerate(params) if p.is_greedy and p.has_logits_controls]
+            if greedy_rows:
+                rows = torch.tensor(greedy_rows, device=logits.device)
+                token_ids[rows] = argmax_logsumexp(controlled[rows])[0]
 
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
-            probs = torch.softmax(apply_filters(logits, params), dim=-1)
+            probs = torch.softmax(apply_filters(controlled, params), dim=-1)
             sampled = exponential_race(probs, random_rows, generators)
             token_ids[random_rows] = sampled
 

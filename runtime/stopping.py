@@ -31,18 +31,25 @@ def check_stop_token(
     num_output_tokens: int,
     params: SamplingParams,
     eos_token_ids: Collection[int],
+    output_offset: int = 0,
 ) -> FinishReason | None:
     """Whether the sequence ends with `token_id`, just appended as output token number
-    `num_output_tokens` (counting it). None means keep generating.
+    `num_output_tokens` (counting it) of this worker's. None means keep generating.
 
-    EOS (unless `params.ignore_eos`) and `params.stop_token_ids` give STOP; the stop token
-    counts as an output token but the caller leaves it out of the text. Otherwise
-    reaching `params.max_tokens` gives LENGTH. STOP wins when both apply.
+    EOS (unless `params.ignore_eos`) and `params.stop_token_ids` give STOP once
+    `params.min_tokens` output tokens came before this one, counting the `output_offset`
+    tokens a migrated request generated before it started here. The sampler's min_tokens
+    mask draws the same line (as vLLM's does): the earliest stop token is output token
+    number min_tokens + 1. The stop token counts as an output token but the caller leaves
+    it out of the text. Otherwise reaching `params.max_tokens` (this worker's count: a
+    migration lowers max_tokens by what was carried) gives LENGTH. STOP wins when both
+    apply.
     """
-    if not params.ignore_eos and token_id in eos_token_ids:
-        return FinishReason.STOP
-    if token_id in params.stop_token_ids:
-        return FinishReason.STOP
+    if output_offset + num_output_tokens - 1 >= params.min_tokens:
+        if not params.ignore_eos and token_id in eos_token_ids:
+            return FinishReason.STOP
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
     if num_output_tokens >= params.max_tokens:
         return FinishReason.LENGTH
     return None

@@ -85,6 +85,11 @@ _VALID = {
     "stop": st.lists(st.text(min_size=1, max_size=5), max_size=3),
     "stop_token_ids": st.lists(st.integers(0, 319), max_size=5),
     "logprobs": st.integers(0, 20),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "min_tokens": st.integers(0, 4),
+    "logit_bias": st.dictionaries(st.integers(0, 319), st.floats(-100, 100), max_size=3),
     "timeout_seconds": st.floats(1, 60),
 }
 
@@ -92,6 +97,9 @@ _VALID = {
 def _field_values(field: FieldDescriptor, valid: bool) -> st.SearchStrategy:
     if valid and field.name in _VALID:
         return _VALID[field.name]
+    if _is_map(field):  # key -> value pairs, from the entry message's two fields
+        key, value = (_field_values(field.message_type.fields_by_name[n], valid) for n in ("key", "value"))
+        return st.dictionaries(key, value, max_size=4)
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         element = messages(field.message_type, valid)
     elif field.type in _SCALARS:
@@ -108,6 +116,10 @@ def _field_values(field: FieldDescriptor, valid: bool) -> st.SearchStrategy:
     return st.one_of(st.lists(element, max_size=4), enormous)
 
 
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+
+
 def messages(descriptor: Descriptor, valid: bool = False) -> st.SearchStrategy[Message]:
     """Messages of `descriptor`'s type with any subset of its fields set (several members
     of a oneof included: the last one set wins, as on the wire); with `valid`, set to
@@ -119,7 +131,9 @@ def messages(descriptor: Descriptor, valid: bool = False) -> st.SearchStrategy[M
         message = message_class()
         for name, value in values.items():
             field = descriptor.fields_by_name[name]
-            if field.is_repeated:
+            if _is_map(field):
+                getattr(message, name).update(value)
+            elif field.is_repeated:
                 getattr(message, name).extend(value)
             elif field.type == FieldDescriptor.TYPE_MESSAGE:
                 getattr(message, name).CopyFrom(value)

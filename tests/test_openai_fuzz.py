@@ -49,7 +49,8 @@ def api_schema(served):
     return schema
 
 
-OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+OPERATIONS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
+              ("POST", "/detokenize"), ("GET", "/v1/models"),
               ("GET", "/v1/models/{model}"), ("GET", "/health"), ("GET", "/metrics")]
 WITH_BODY = [op for op in OPERATIONS if op[0] == "POST"]
 

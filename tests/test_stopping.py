@@ -32,6 +32,23 @@ def test_check_stop_token(token, n, kwargs, expected):
     assert check_stop_token(token, n, SamplingParams(**kwargs), EOS) == expected
 
 
+@pytest.mark.parametrize(
+    "token, n, offset, kwargs, expected",
+    [
+        (2, 3, 0, {"min_tokens": 3}, None),  # eos after 2 tokens of at least 3: keep going
+        (9, 3, 0, {"min_tokens": 3, "stop_token_ids": [9]}, None),
+        (2, 4, 0, {"min_tokens": 3}, FinishReason.STOP),  # 3 tokens came before it
+        (9, 4, 0, {"min_tokens": 3, "stop_token_ids": [9]}, FinishReason.STOP),
+        (2, 1, 0, {"min_tokens": 0}, FinishReason.STOP),
+        (2, 3, 1, {"min_tokens": 3}, FinishReason.STOP),  # 1 carried + 2 here came before it
+        (2, 2, 1, {"min_tokens": 3}, None),
+        (2, 2, 0, {"min_tokens": 5, "max_tokens": 2}, FinishReason.LENGTH),  # min above max
+    ],
+)
+def test_min_tokens_holds_back_eos_and_stop_ids(token, n, offset, kwargs, expected):
+    assert check_stop_token(token, n, SamplingParams(**kwargs), EOS, output_offset=offset) == expected
+
+
 def test_finish_reason_values_are_api_strings():
     assert [r.value for r in FinishReason] == ["stop", "length", "abort", "error", "prefilled"]
     assert FinishReason.STOP == "stop"

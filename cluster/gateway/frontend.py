@@ -231,6 +231,28 @@ class Frontend:
             raise invalid("the prompt is empty", checks.prompt_param)
         return ids
 
+    async def tokenize(self, *, prompt: str | None = None, messages: list[dict] | None = None,
+                       add_special_tokens: bool = True) -> list[int]:
+        """The token ids of a text, or of a conversation rendered with the chat template
+        (and a generation prompt), as generation would see them; in a tokenizer thread."""
+        def encode() -> list[int]:
+            if messages is None:
+                return self.prompt_tokens.encode(prompt, add_special_tokens=add_special_tokens)
+            try:
+                text = self.prompt_tokens.render_chat(messages)
+            except Exception as exc:  # noqa: BLE001 - a template may raise anything on odd input
+                raise invalid(f"the chat template cannot render these messages: {exc}", "messages") from None
+            return self.prompt_tokens.encode(text, add_special_tokens=False)
+
+        return await self._off_loop(encode)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise invalid(f"token ids must be in [0, {vocab}); got {bad[:5]!r}", "tokens")
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
     def token_text(self, token_id: int) -> str:
         """The text of one token, as OpenAI logprobs report it."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -206,6 +206,7 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
         sampling = {name: getattr(request, name) if request.HasField(name) else None
                     for name in SCALAR_SAMPLING_FIELDS}
         sampling.update({name: tuple(getattr(request, name)) or None for name in REPEATED_SAMPLING_FIELDS})
+        sampling["logit_bias"] = tuple(sorted(request.logit_bias.items())) or None  # a map: its pairs
         source = request.WhichOneof("input")
         if source is None:
             raise invalid("the request has no input; set one of text, token_ids or chat", "input")

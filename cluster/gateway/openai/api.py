@@ -2,6 +2,7 @@
 
     POST /v1/completions, /v1/chat/completions   one JSON body, or with stream=true SSE chunks
     GET  /v1/models, /v1/models/{model}
+    POST /tokenize, /detokenize                  token ids of a text or conversation, and back (as vLLM)
     GET  /health                                 200 while the backend can serve, else 503
     GET  /metrics                                Prometheus text of `frontend.metrics`
 
@@ -48,13 +49,20 @@ from pdserve.cluster.gateway.openai.errors import (
     install_error_handlers,
 )
 from pdserve.cluster.gateway.openai.limits import BodySizeLimitMiddleware
-from pdserve.cluster.gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.cluster.gateway.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from pdserve.cluster.gateway.openai.responses import (
     ChatCompletionResponse,
     CompletionResponse,
+    DetokenizeResponse,
     ErrorResponse,
     ModelList,
     ModelObject,
+    TokenizeResponse,
 )
 from pdserve.cluster.gateway.streaming import (
     SSE_DONE,
@@ -120,6 +128,21 @@ def create_app(frontend: Frontend, *, api_key: str | None = None,
     async def retrieve_model(model: str) -> ModelObject:
         frontend.check_model(model)
         return model_object()
+
+    @app.post("/tokenize", responses=_error_responses(400, 404))
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        with counting_refusals(frontend.metrics):
+            frontend.check_model(body.model)
+            prompt, messages = body.input()
+            tokens = await frontend.tokenize(prompt=prompt, messages=messages,
+                                             add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=frontend.card.max_model_len, tokens=tokens)
+
+    @app.post("/detokenize", responses=_error_responses(400, 404))
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        with counting_refusals(frontend.metrics):
+            frontend.check_model(body.model)
+            return DetokenizeResponse(prompt=frontend.detokenize(body.tokens))
 
     @app.get("/health", responses=_error_responses(503))
     async def health() -> dict[str, str]:

@@ -16,10 +16,12 @@ from pdserve.cluster.gateway.errors import ErrorKind, RequestError
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.cluster.gateway.openai.errors import error_response
 
+_PROTECTED = frozenset({"/tokenize", "/detokenize"})  # beside /v1/*: they run the tokenizer
+
 
 class ApiKeyMiddleware:
-    """Refuses /v1/* requests without `Authorization: Bearer <api_key>` (401), before
-    their body is read; every other path stays open."""
+    """Refuses /v1/*, /tokenize and /detokenize requests without `Authorization: Bearer
+    <api_key>` (401), before their body is read; /health, /metrics and the schema stay open."""
 
     def __init__(self, app: ASGIApp, api_key: str, metrics: GatewayMetrics) -> None:
         self.app = app
@@ -28,7 +30,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/") or path in _PROTECTED):
             problem = self._problem(Headers(scope=scope).get("authorization"))
             if problem is not None:
                 self._metrics.error(ErrorKind.UNAUTHENTICATED)

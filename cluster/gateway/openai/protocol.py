@@ -7,8 +7,9 @@ template) happen later, in `Frontend.prepare`. Options that would change the out
 are not implemented are declared anyway, so that a request using them gets a 400 naming
 the option (`check_supported`) instead of being served as if it had not asked.
 
-Extensions beyond OpenAI, named as vLLM names them: `top_k`, `min_p`, `stop_token_ids`,
-`ignore_eos`, `include_stop_str_in_output`, `return_token_ids`, `speculate`, and `timeout` (seconds).
+Extensions beyond OpenAI, named as vLLM names them: `top_k`, `min_p`, `repetition_penalty`,
+`min_tokens`, `stop_token_ids`, `ignore_eos`, `include_stop_str_in_output`, `return_token_ids`,
+`speculate`, and `timeout` (seconds).
 
 The response models are in `responses`; `bodies` builds them.
 """
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.cluster.gateway.errors import invalid
 from pdserve.runtime.sampling_params import (
+    MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
@@ -35,6 +37,7 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS
 TokenId = Annotated[int, Field(ge=0)]
 T = TypeVar("T")
 NonEmptyList = Annotated[list[T], Field(min_length=1)]
+Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
 
 
 class _Body(BaseModel):
@@ -65,9 +68,16 @@ class _GenerationRequest(_Body):
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
-    presence_penalty: float | None = Field(0.0, allow_inf_nan=False, description="Only 0 is supported.")
-    frequency_penalty: float | None = Field(0.0, allow_inf_nan=False, description="Only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported; omit it.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False, description=(
+        "Subtracted from the logit of every token already in the output."))
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False, description=(
+        "Subtracted from a token's logit once per time it is already in the output."))
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "Divides positive (multiplies negative) logits of tokens in the prompt or output; 1 disables it."))
+    logit_bias: dict[str, Bias] | None = Field(None, max_length=MAX_LOGIT_BIAS, description=(
+        "Token id (as a string) -> a bias in [-100, 100] added to its logit."))
+    min_tokens: int | None = Field(None, ge=0, description="End-of-sequence and stop token ids cannot end "
+                                   "the output before this many tokens.")
     user: str | None = Field(None, description="Accepted and ignored.")
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
         "Seconds the request may take; past it the request is aborted (408 before the "
@@ -82,12 +92,6 @@ class _GenerationRequest(_Body):
         if self.n not in (None, 1):
             raise invalid(f"n={self.n} is not supported: this server returns one choice per request. "
                           "Send n=1 (or omit it) and repeat the request for more choices.", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise invalid(f"{name} is not supported (got {getattr(self, name)!r}); omit it or send 0.",
-                              name)
-        if self.logit_bias:
-            raise invalid("logit_bias is not supported; omit it.", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true.", "stream_options")
 
@@ -103,8 +107,20 @@ class _GenerationRequest(_Body):
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
         """The SamplingParams fields of this body, by their names; max_tokens and logprobs
         are spelled differently per endpoint, so the caller gives them."""
-        derived = {"max_tokens": max_tokens, "logprobs": logprobs}
+        derived = {"max_tokens": max_tokens, "logprobs": logprobs, "logit_bias": self._logit_bias()}
         return {name: derived[name] if name in derived else getattr(self, name) for name in SAMPLING_FIELDS}
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...] | None:
+        """`logit_bias` with its keys as token ids (OpenAI sends them as strings)."""
+        if not self.logit_bias:
+            return None
+        pairs = []
+        for key, bias in self.logit_bias.items():
+            if not key.isascii() or not key.isdigit():
+                raise invalid(f"logit_bias keys must be token ids (non-negative integers as strings); "
+                              f"got {key[:40]!r}", "logit_bias")
+            pairs.append((int(key), bias))
+        return tuple(sorted(pairs))
 
 
 class CompletionRequest(_GenerationRequest):
@@ -198,3 +214,26 @@ class ChatCompletionRequest(_GenerationRequest):
         """The `Frontend.prepare` sampling fields of this request."""
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+
+class TokenizeRequest(_Body):
+    """`POST /tokenize`, as vLLM has it: a text, or chat messages rendered with the model's
+    template and a generation prompt."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(True, description="Add the model's BOS to a text prompt, as generation does.")
+
+    def input(self) -> tuple[str | None, list[dict[str, str]] | None]:
+        if (self.prompt is None) == (self.messages is None):
+            raise invalid("give exactly one of prompt and messages", "prompt")
+        messages = None if self.messages is None else [m.as_template_input() for m in self.messages]
+        return self.prompt, messages
+
+
+class DetokenizeRequest(_Body):
+    """`POST /detokenize`, as vLLM has it."""
+
+    model: str | None = None
+    tokens: list[TokenId]
