@@ -316,10 +316,14 @@ class OutputStream:
         self._done = True
         if self._counted and not self._recorded and self._first_token_at is not None:
             self._record_finish(FinishReason.ABORT, time.monotonic())  # the client left early
-        if self._counted:
-            self._counted = False
-            self._frontend.num_in_flight -= 1
-        await self._token_deltas.aclose()
+        try:
+            await self._token_deltas.aclose()  # hands the abort to the backend
+        finally:
+            # Counted in flight until the backend has the abort: nothing in flight means
+            # nothing left for the gateway to tell the workers.
+            if self._counted:
+                self._counted = False
+                self._frontend.num_in_flight -= 1
 
     async def _next_or_close(self) -> OutputDelta:
         try:
