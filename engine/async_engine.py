@@ -27,6 +27,7 @@ from pdserve.runtime.engine_thread import EngineThread
 from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
+from pdserve.runtime.structured_output import compile_grammar
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class AsyncEngine(EngineThread):
         if not self.is_alive:
             raise RuntimeError("the engine has been shut down")
         request_id = request_id or f"req-{next(self._ids)}"
+        await compile_grammar(self.core.grammars, params)
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self.post(_Add(request_id, list(prompt_ids), params, sink, remote, resume_at))
         finished = False

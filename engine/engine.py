@@ -14,6 +14,7 @@ it in a loop.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 import torch
@@ -31,6 +32,9 @@ from pdserve.runtime.sampler import Sampler, make_generator
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.scheduler import BatchScheduler, RequestRejected, build_forward_batch
 from pdserve.runtime.stopping import FinishReason, check_stop_token
+from pdserve.runtime.structured_output import GrammarCompiler, start_grammar
+
+log = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -44,8 +48,10 @@ class EngineCore:
         on_transfer_failure: OnTransferFailure = OnTransferFailure.RECOMPUTE,
         transfer_timeout: float = 30.0,
         speculative: SpeculativeConfig | None = None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.runner = runner
+        self.grammars = grammars  # None: requests with structured output are refused
         self.info = info
         self.scheduler = BatchScheduler(config or SchedulerConfig(), info, enable_prefix_caching)
         self.sampler = Sampler(info.eos_token_ids)
@@ -93,8 +99,12 @@ class EngineCore:
         except ValueError as exc:
             raise RequestRejected(str(exc)) from None
         resumed = {} if resume_at is None else {"arrival": resumed_arrival(), "output_offset": resume_at}
+        try:
+            grammar = start_grammar(self.grammars, params, prompt_ids, resume_at)
+        except ValueError as exc:
+            raise RequestRejected(str(exc)) from None
         return Request(request_id, list(prompt_ids), params, make_generator(params.seed, self.runner.device),
-                       **resumed)
+                       grammar=grammar, **resumed)
 
     def finish_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> TokenDelta | None:
         """End a request now (abort, or a stop string found by the caller); its blocks are
@@ -137,7 +147,8 @@ class EngineCore:
             else:
                 logits_plain = logits
             out = self.sampler(logits_plain, [r.params for r in plain_requests],
-                               [r.generator_for_next_token() for r in plain_requests], plain_requests)
+                               [r.generator_for_next_token() for r in plain_requests], plain_requests,
+                               [r.grammar for r in plain_requests])
             # One host copy per step, not one per row.
             token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
             for row, request in enumerate(plain_requests):
@@ -147,13 +158,19 @@ class EngineCore:
         for i, chunk in enumerate(sampling):
             if chunk.draft:
                 request = chunk.request
-                # The scheduler may have cut the draft short; q is cut with it.
+                # The scheduler may have cut the draft short, and the grammar cuts it at its
+                # first forbidden token; q is cut with it. The KV of the tokens cut is
+                # computed but never committed.
                 draft = drafts[request.request_id]
-                probs = draft.probs[:len(chunk.draft)] if draft.probs is not None else None
+                kept, masks = chunk.draft, None
+                if request.grammar is not None:
+                    kept = kept[:request.grammar.validate_prefix(kept)]
+                    masks = request.grammar.masks_along(kept, logits.shape[1])
+                probs = draft.probs[:len(kept)] if draft.probs is not None else None
                 # Only requests whose controls do not depend on the draft position are
                 # speculated (`Speculator.propose`): verify needs no history.
-                verified = verify(logits[rows[i]:rows[i + 1]], Draft(chunk.draft, probs), request.params,
-                                  request.generator_for_next_token())
+                verified = verify(logits[rows[i]:rows[i] + len(kept) + 1], Draft(kept, probs), request.params,
+                                  request.generator_for_next_token(), masks)
                 outputs.append(self._emit_verified(request, chunk.draft, verified))
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started
@@ -166,7 +183,7 @@ class EngineCore:
         for token in verified.token_ids:
             request.output_ids.append(token)
             kept += 1
-            reason = self._stop_reason(request, token)
+            reason = self._advance(request, token)
             if reason is not None:
                 break
         self.scheduler.commit_draft(request, min(verified.num_accepted, kept - 1))
@@ -177,7 +194,16 @@ class EngineCore:
         return TokenDelta(request.request_id, verified.token_ids[:kept], verified.logprobs[:kept], tops,
                           reason, request.num_prompt_tokens, request.num_cached_tokens)
 
-    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+    def _advance(self, request: Request, token: int) -> FinishReason | None:
+        """`token` was just appended to the request's output: move its grammar past it, and
+        say why the request ends here (None: it goes on)."""
+        if request.grammar is not None:
+            if not request.grammar.accept(token):
+                log.error("request %s: token %d is not allowed by its grammar: %s", request.request_id, token,
+                          request.grammar.error)
+                return FinishReason.ERROR
+            if request.grammar.is_terminated:
+                return FinishReason.STOP
         reason = check_stop_token(token, request.num_output_tokens, request.params, self.info.eos_token_ids,
                                   request.output_offset)
         if reason is None and request.num_tokens >= self.info.max_model_len:
@@ -198,9 +224,10 @@ class EngineCore:
         """The delta for the token just appended to `request`; finishes it if that token
         ends it."""
         token = request.output_ids[-1]
-        reason = self._stop_reason(request, token)
+        reason = self._advance(request, token)
         if reason is not None:
             self.finish_request(request.request_id, reason)
         return TokenDelta(request.request_id, (token,), (logprob,), (top,) if top else None, reason,
                           request.num_prompt_tokens, request.num_cached_tokens)
+
 

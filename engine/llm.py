@@ -24,6 +24,7 @@ from pdserve.runtime.loader import load_model
 from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
+from pdserve.runtime.structured_output import GrammarCompiler
 from pdserve.runtime.text_stream import TextStream
 from pdserve.runtime.tokenizer import Tokenizer
 from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
@@ -61,7 +62,10 @@ class LLM:
                                     max_num_batched_tokens=max_num_batched_tokens,
                                     max_prefill_chunk=min(max_prefill_chunk, max_num_batched_tokens))
         self._loaded = load_model(model, cache=cache, max_model_len=max_model_len)
-        self.engine = EngineCore(self._loaded.runner, self._loaded.info, scheduler, enable_prefix_caching)
+        grammars = GrammarCompiler(self._loaded.tokenizer, self._loaded.runner.config.vocab_size,
+                                   self._loaded.info.eos_token_ids)
+        self.engine = EngineCore(self._loaded.runner, self._loaded.info, scheduler, enable_prefix_caching,
+                                 grammars=grammars)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:

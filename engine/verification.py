@@ -28,7 +28,10 @@ when it has none), so a seeded request is reproducible.
 
 Of the logits controls only `logit_bias` can reach here (the Speculator does not draft for
 requests whose controls depend on the position): it is added to every row before the
-greedy argmax and before p is built, as the Sampler adds it. Logprobs stay raw.
+greedy argmax and before p is built, as the Sampler adds it. A request with a grammar
+(structured output) passes `masks`, row i's allowed tokens after draft[:i] (the caller cut
+the draft at its first token the grammar forbids): they are applied last, as the Sampler
+applies them, so every emitted token is allowed. Logprobs stay raw.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pdserve.engine.proposers import Draft
 from pdserve.kernels.greedy import argmax_logsumexp
 from pdserve.runtime.sampler import apply_filters, apply_logit_bias, exponential_race
 from pdserve.runtime.sampling_params import SamplingParams
+from pdserve.runtime.structured_output import apply_bitmask
 
 
 class Verified(NamedTuple):
@@ -63,7 +67,8 @@ class Verified(NamedTuple):
 
 
 def verify(
-    logits: torch.Tensor, draft: Draft, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, draft: Draft, params: SamplingParams, generator: torch.Generator | None,
+    masks: torch.Tensor | None = None,
 ) -> Verified:
     """Accept or reject `draft` against the target's `logits` ([k + 1, V], rows as in the
     module docstring) and pick the token that follows the accepted prefix.
@@ -73,6 +78,7 @@ def verify(
     The request must have no penalty (ValueError) and must have reached its min_tokens
     (only the caller knows its position; nothing is masked here).
     With an empty draft this is one plain Sampler step, generator use included.
+    masks: [k + 1, ceil(V / 32)] int32 grammar bitmasks (`GrammarMatcher.masks_along`), or None.
     """
     k = draft.num_tokens
     if logits.dim() != 2 or logits.shape[0] != k + 1:
@@ -88,6 +94,8 @@ def verify(
     # The Sampler's greedy tokens and logprob normalisers, from the same kernel.
     greedy, normaliser = argmax_logsumexp(logits)
     biased = apply_logit_bias(logits, [params] * (k + 1))
+    if masks is not None:
+        biased = apply_bitmask(biased, masks)
     if biased is not logits and params.is_greedy:
         greedy = argmax_logsumexp(biased)[0]
     if params.is_greedy:

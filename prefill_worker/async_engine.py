@@ -20,6 +20,7 @@ from typing import NamedTuple
 from pdserve.kv_transfer.messages import PrefillJob, PrefillResult
 from pdserve.prefill_worker.engine import PrefillEngine
 from pdserve.runtime.engine_thread import EngineThread
+from pdserve.runtime.structured_output import compile_grammar
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class AsyncPrefillEngine(EngineThread):
         Raises ValueError if the job can never run here. Cancelling the await aborts it."""
         if not self.is_alive:
             raise RuntimeError("the prefill engine has been shut down")
+        await compile_grammar(self.engine.grammars, job.params)
         loop = asyncio.get_running_loop()
         pending = _Pending(job, loop, loop.create_future(), time.monotonic())
         self._posted_tokens += len(job.prompt_ids)

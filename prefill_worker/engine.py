@@ -26,12 +26,15 @@ from pdserve.runtime.request import Request, resumed_arrival
 from pdserve.runtime.sampler import Sampler, make_generator
 from pdserve.runtime.scheduler import BatchScheduler, build_forward_batch
 from pdserve.runtime.stopping import FinishReason
+from pdserve.runtime.structured_output import GrammarCompiler, start_grammar
 
 
 class PrefillEngine:
     def __init__(self, runner: ModelRunner, info: RuntimeInfo, pusher: KVPusher,
-                 config: SchedulerConfig | None = None, enable_prefix_caching: bool = True) -> None:
+                 config: SchedulerConfig | None = None, enable_prefix_caching: bool = True,
+                 grammars: GrammarCompiler | None = None) -> None:
         self.runner = runner
+        self.grammars = grammars  # None: jobs with structured output are refused
         self.info = info
         self.pusher = pusher
         self.scheduler = BatchScheduler(config or SchedulerConfig(), info, enable_prefix_caching)
@@ -55,8 +58,11 @@ class PrefillEngine:
             raise ValueError(f"ticket is for {ticket.num_prompt_tokens} prompt tokens, job has {len(job.prompt_ids)}")
         job.params.check_vocab(self.runner.config.vocab_size)
         resumed = {} if job.resume_at is None else {"arrival": resumed_arrival(), "output_offset": job.resume_at}
+        # The first token is sampled under the request's grammar; the decode worker builds
+        # its own matcher and advances it by that token.
+        grammar = start_grammar(self.grammars, job.params, job.prompt_ids, job.resume_at)
         request = Request(ticket.request_id, list(job.prompt_ids), job.params,
-                          make_generator(job.params.seed, self.runner.device), **resumed)
+                          make_generator(job.params.seed, self.runner.device), grammar=grammar, **resumed)
         self.scheduler.add(request)
         self.jobs.start(job)
 
@@ -90,7 +96,7 @@ class PrefillEngine:
             # The first token sees the same logits controls as on a decode worker: the
             # prompt, and as output only the tokens a resumed request carries.
             out = self.sampler(logits, [r.params for r in sampling], [r.generator_for_next_token() for r in sampling],
-                               sampling)
+                               sampling, [r.grammar for r in sampling])
             token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
             for row, request in enumerate(sampling):
                 top = out.top_for(row, request.params.logprobs)

@@ -20,6 +20,7 @@ import torch
 
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
+from pdserve.runtime.structured_output import GrammarMatcher
 
 _arrival_counter = itertools.count()
 # Resumed requests (migrated from a lost worker) count as older than any new arrival.
@@ -59,6 +60,9 @@ class Request:
     # Output tokens generated before this request started here (a migrated request carries
     # them at the end of its prompt): its own outputs continue from that position.
     output_offset: int = 0
+    # Where the output stands in `params.structured_output`'s grammar: it has consumed
+    # exactly the output tokens (carried ones included). None without structured output.
+    grammar: GrammarMatcher | None = None
 
     @property
     def is_resumed(self) -> bool:

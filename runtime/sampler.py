@@ -8,7 +8,9 @@ Per row, in this order:
    `TokenHistory`). The bias comes after the penalties so that it stays exactly additive
    (+100 forces a token, -100 bans it, whatever the penalties did); vLLM adds it before
    them, which differs only for tokens that carry both a bias and a repetition penalty.
-   A batch where no row uses a control skips this step entirely.
+   A batch where no row uses a control skips this step entirely. Last, rows with a
+   grammar (structured output) get every token it forbids at -inf
+   (`pdserve.runtime.structured_output`), so no control can re-enable one.
 1. Greedy rows (`params.is_greedy`) take the argmax of those logits; ties go to the
    lowest token id (`torch.argmax` returns the first maximum), so they are deterministic.
 2. Other rows divide the logits by their temperature, then filter:
@@ -41,6 +43,7 @@ import torch
 
 from pdserve.kernels.greedy import argmax_logsumexp
 from pdserve.runtime.sampling_params import SamplingParams
+from pdserve.runtime.structured_output import GrammarMatcher, apply_grammar_masks
 
 
 class SamplerOutput(NamedTuple):
@@ -299,12 +302,14 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         histories: Sequence[TokenHistory] | None = None,
+        grammars: Sequence[GrammarMatcher | None] | None = None,
     ) -> SamplerOutput:
         """Sample row i under params[i], drawing randomness only from generators[i].
 
         logits: [B, V] float32, not modified. A generator must live on logits' device.
         histories[i]: row i's tokens so far (its Request); needed only when some row has a
-        penalty or min_tokens. Advances each given generator by one draw of V values
+        penalty or min_tokens. grammars[i]: row i's grammar matcher or None (read, not
+        advanced: the caller accepts the sampled token). Advances each given generator by one draw of V values
         (random rows only), and the default RNG if some random row has no generator.
         """
         if len(generators) != len(params):
@@ -316,8 +321,10 @@ class Sampler:
         # log_softmax(logits) == logits - logsumexp, computed only where it is read.
         token_ids, normaliser = argmax_logsumexp(logits)
         controlled = apply_logits_controls(logits, params, histories, self.eos_token_ids)
+        controlled = apply_grammar_masks(controlled, grammars)
         if controlled is not logits:
-            greedy_rows = [i for i, p in enumerate(params) if p.is_greedy and p.has_logits_controls]
+            greedy_rows = [i for i, p in enumerate(params) if p.is_greedy
+                           and (p.has_logits_controls or (grammars and grammars[i] is not None))]
             if greedy_rows:
                 rows = torch.tensor(greedy_rows, device=logits.device)
                 token_ids[rows] = argmax_logsumexp(controlled[rows])[0]

@@ -14,6 +14,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from pdserve.runtime.structured_output import StructuredOutput
+
 # Upper bound on `logprobs`, as in the OpenAI API: top alternatives cost a top-k per step.
 MAX_LOGPROBS = 20
 # Bounds on the stop conditions, which are checked against every step's output: one request
@@ -80,6 +82,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
+    structured_output: StructuredOutput | None = None
 
     def seed_at(self, position: int) -> int | None:
         """The seed of the draws that pick output token number `position` (0-based), or
@@ -158,6 +161,9 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), got {r!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0 (0 disables it), got {self.min_tokens!r}")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise ValueError(f"structured_output must be a StructuredOutput or None, "
+                             f"got {type(self.structured_output).__name__}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ValueError (naming the field) if `logit_bias` names a token id outside a
@@ -188,11 +194,13 @@ class SamplingParams:
 
 
 # Every field a client may set, by name: the HTTP models, the gRPC request and the CLI take
-# these, and the gateway checks requests against them. Repeated fields hold sequences.
+# these, and the gateway checks requests against them. Repeated fields hold sequences;
+# `structured_output` is a message of its own in each API, so it is in neither list.
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SamplingParams))
 REPEATED_SAMPLING_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(SamplingParams) if str(f.type).startswith("tuple"))
-SCALAR_SAMPLING_FIELDS: tuple[str, ...] = tuple(f for f in SAMPLING_FIELDS if f not in REPEATED_SAMPLING_FIELDS)
+SCALAR_SAMPLING_FIELDS: tuple[str, ...] = tuple(
+    f for f in SAMPLING_FIELDS if f not in REPEATED_SAMPLING_FIELDS and f != "structured_output")
 
 
 def _as_tuple(value: object, kind: type) -> tuple:

@@ -36,6 +36,7 @@ from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.engine import EngineCore
 from pdserve.runtime.config import CacheConfig
 from pdserve.runtime.loader import LoadedModel, load_model
+from pdserve.runtime.structured_output import GrammarCompiler
 
 SERVER_START_TIMEOUT = 30.0  # seconds; generous, the machine is shared
 
@@ -59,7 +60,8 @@ class LocalGateway:
         """`max_model_len` below the model's own makes the frontend advertise and enforce a
         shorter context (the engine keeps the model's)."""
         loaded = load_model(str(model_dir), cache=CacheConfig(block_size=block_size, num_blocks=num_blocks))
-        engine = AsyncEngine(EngineCore(loaded.runner, loaded.info))
+        grammars = GrammarCompiler(loaded.tokenizer, loaded.runner.config.vocab_size, loaded.info.eos_token_ids)
+        engine = AsyncEngine(EngineCore(loaded.runner, loaded.info, grammars=grammars))
         frontend = make_frontend(loaded, LocalBackend(engine, max_waiting=max_waiting), model_name,
                                  max_in_flight=max_in_flight, max_model_len=max_model_len)
         return cls(loaded, engine, frontend, model_name)

@@ -21,6 +21,7 @@ from pdserve.runtime.config import CacheConfig, SchedulerConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
+from pdserve.runtime.structured_output import GrammarCompiler
 
 BLOCK = 4
 
@@ -49,10 +50,14 @@ class LoopbackChannel:
         pass
 
 
+def _grammars(loaded) -> GrammarCompiler:
+    return GrammarCompiler(loaded.tokenizer, loaded.runner.config.vocab_size, loaded.info.eos_token_ids)
+
+
 class Pair:
     """A prefill engine and a decode engine with their own pools, linked in memory."""
 
-    def __init__(self, path, tamper=None, on_failure=OnTransferFailure.RECOMPUTE, timeout=30.0):
+    def __init__(self, path, tamper=None, on_failure=OnTransferFailure.RECOMPUTE, timeout=30.0, grammars=False):
         cache = CacheConfig(block_size=BLOCK, num_blocks=256)
         config = SchedulerConfig(max_num_batched_tokens=32, max_prefill_chunk=8)
         self.p_model = load_model(str(path), cache=cache)
@@ -60,10 +65,13 @@ class Pair:
         self.receiver = KVReceiver(self.d_model.runner.pool)
         self.channel = LoopbackChannel(self.receiver, tamper)
         self.pusher = KVPusher(self.p_model.runner.pool, lambda address: self.channel)
-        self.prefill = PrefillEngine(self.p_model.runner, self.p_model.info, self.pusher, config)
+        # grammars: each engine compiles structured outputs for its own copy of the model.
+        p_grammars, d_grammars = (_grammars(self.p_model), _grammars(self.d_model)) if grammars else (None, None)
+        self.prefill = PrefillEngine(self.p_model.runner, self.p_model.info, self.pusher, config,
+                                     grammars=p_grammars)
         self.decode = EngineCore(self.d_model.runner, self.d_model.info, config,
                                  kv_receiver=self.receiver, on_transfer_failure=on_failure,
-                                 transfer_timeout=timeout)
+                                 transfer_timeout=timeout, grammars=d_grammars)
 
     def run(self, request_id, prompt, params, max_steps=500):
         ticket = self.decode.add_remote_request(request_id, prompt, params)

@@ -119,6 +119,16 @@ def _sampling_params(fields: dict, names: Mapping[str, str]) -> SamplingParams:
         raise invalid(f"{name} {rest}", name) from None
 
 
+def _check_structured_output(params: SamplingParams, names: Mapping[str, str]) -> None:
+    """Raise INVALID_ARGUMENT naming what the request's grammar gets wrong or what its schema
+    uses that is not supported (the workers compile it the same way)."""
+    try:
+        params.structured_output.check()
+    except ValueError as exc:
+        name = names.get("structured_output", "structured_output")
+        raise invalid(f"{name}: {exc}", name) from None
+
+
 class Frontend:
     """The request path of both APIs over one backend. Lives on one event loop (its
     counters are touched only there); only tokenizing runs in its worker threads."""
@@ -185,6 +195,9 @@ class Frontend:
             at_least = self.prompt_tokens.min_tokens(prompt) if isinstance(prompt, str) else 0
             checks.fits(max(1, at_least), requested, exact=False)
         prompt_ids = await self._off_loop(self._tokenize, prompt, messages, checks, requested)
+        if params.structured_output is not None:
+            # Parsing a schema or grammar is the client's input too: checked off the loop.
+            await self._off_loop(_check_structured_output, params, names)
         checks.fits(len(prompt_ids), requested, exact=True)
         if requested is None:
             room = self.card.max_model_len - len(prompt_ids)

@@ -37,6 +37,7 @@ from pdserve.cluster.gateway.frontend import (
 )
 from pdserve.proto import serving_pb2, serving_pb2_grpc
 from pdserve.runtime.sampling_params import REPEATED_SAMPLING_FIELDS, SCALAR_SAMPLING_FIELDS
+from pdserve.runtime.structured_output import StructuredOutput
 
 GENERATION = serving_pb2.DESCRIPTOR.services_by_name["Generation"]
 GENERATION_SERVICE = GENERATION.full_name
@@ -207,6 +208,7 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
                     for name in SCALAR_SAMPLING_FIELDS}
         sampling.update({name: tuple(getattr(request, name)) or None for name in REPEATED_SAMPLING_FIELDS})
         sampling["logit_bias"] = tuple(sorted(request.logit_bias.items())) or None  # a map: its pairs
+        sampling["structured_output"] = _structured_output(request)
         source = request.WhichOneof("input")
         if source is None:
             raise invalid("the request has no input; set one of text, token_ids or chat", "input")
@@ -310,6 +312,30 @@ def _abort_response(call: _OpenCall) -> serving_pb2.GenerateResponse:
 def _usage(usage: Usage) -> serving_pb2.Usage:
     return serving_pb2.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                              cached_tokens=usage.cached_tokens)
+
+
+def _structured_output(request: serving_pb2.GenerateRequest) -> StructuredOutput | None:
+    """The request's StructuredOutput message as the engine's, or None when unset; raises
+    INVALID_ARGUMENT naming the field when it cannot be one."""
+    if not request.HasField("structured_output"):
+        return None
+    message = request.structured_output
+    kind = message.WhichOneof("kind")
+    try:
+        if kind is None:
+            raise ValueError("set one of json_object, json_schema, regex, choice or grammar")
+        if kind == "json_object":
+            if not message.json_object:
+                raise ValueError("json_object must be true when set")
+            return StructuredOutput.json_object()
+        if kind == "json_schema":
+            return StructuredOutput.json_schema(message.json_schema, strict=not message.HasField("strict")
+                                                or message.strict)
+        if kind == "choice":
+            return StructuredOutput.choice(list(message.choice.options))
+        return StructuredOutput(kind, getattr(message, kind))
+    except ValueError as exc:
+        raise invalid(f"structured_output: {exc}", "structured_output") from None
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: RequestError) -> NoReturn:

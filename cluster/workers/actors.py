@@ -93,6 +93,11 @@ class _Worker:
         self.worker_id = worker_id
         self.loaded: LoadedModel = load_model(spec.model, cache=self._cache_config(spec),
                                               max_model_len=spec.max_model_len, device_config=spec.device_config)
+        from pdserve.runtime.structured_output import GrammarCompiler
+
+        # Structured outputs: grammars compiled for this model's tokenizer and vocabulary.
+        self.grammars = GrammarCompiler(self.loaded.tokenizer, self.loaded.runner.config.vocab_size,
+                                        self.loaded.info.eos_token_ids)
         self._events = CacheEventLog()
         self._fault = planned_fault(worker_id)
         self._stats: WorkerStats | None = None
@@ -165,7 +170,8 @@ class DecodeWorker(_Worker):
                                    vocab_size=runner.config.vocab_size)
         core = EngineCore(runner, info, spec.scheduler_config, spec.enable_prefix_caching,
                           kv_receiver=self.receiver, on_transfer_failure=OnTransferFailure(spec.on_transfer_failure),
-                          transfer_timeout=spec.transfer_timeout, speculative=spec.speculative)
+                          transfer_timeout=spec.transfer_timeout, speculative=spec.speculative,
+                          grammars=self.grammars)
         self._listeners: dict[str, KVListener] = {}
         self._publish(core)
         self.engine = AsyncEngine(core, on_iteration=self._publish, threads=self.placement.threads)
@@ -262,7 +268,8 @@ class PrefillWorker(_Worker):
         super().__init__(spec, worker_id, placement)
         runner, info = self.loaded.runner, self.loaded.info
         self.pusher = KVPusher(runner.pool, lambda address: connect(address, timeout=10.0))
-        engine = PrefillEngine(runner, info, self.pusher, spec.scheduler_config, spec.enable_prefix_caching)
+        engine = PrefillEngine(runner, info, self.pusher, spec.scheduler_config, spec.enable_prefix_caching,
+                               grammars=self.grammars)
         self._publish(engine)
         self.engine = AsyncPrefillEngine(engine, on_iteration=self._publish, threads=self.placement.threads)
 

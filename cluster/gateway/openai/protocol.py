@@ -9,7 +9,12 @@ the option (`check_supported`) instead of being served as if it had not asked.
 
 Extensions beyond OpenAI, named as vLLM names them: `top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `stop_token_ids`, `ignore_eos`, `include_stop_str_in_output`, `return_token_ids`,
-`speculate`, and `timeout` (seconds).
+`speculate`, `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`, and `timeout`
+(seconds).
+
+Structured outputs: `response_format` (json_object, or json_schema with `strict`) or one
+`guided_*` field becomes the request's `StructuredOutput`; its grammar is checked (and
+unsupported schema keywords named) in `Frontend.prepare`.
 
 The response models are in `responses`; `bodies` builds them.
 """
@@ -28,6 +33,7 @@ from pdserve.runtime.sampling_params import (
     MAX_STOP_STRINGS,
     SAMPLING_FIELDS,
 )
+from pdserve.runtime.structured_output import StructuredOutput
 
 # The seeds torch.Generator.manual_seed accepts.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -47,6 +53,21 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = Field(False, description="Send a last chunk with empty choices and the usage.")
+
+
+class JsonSchemaFormat(_Body):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="Names the schema (OpenAI requires it).")
+    description: str | None = None
+    # `schema` shadows a BaseModel attribute: the field is `schema_` on the model.
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON schema; omitted "
+                                           "means any JSON object.")
+    strict: bool | None = Field(None, description="true (the default here): unsupported schema keywords are "
+                                "a 400; false: they are ignored and the rest is still enforced.")
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _GenerationRequest(_Body):
@@ -85,6 +106,13 @@ class _GenerationRequest(_Body):
     return_token_ids: bool = Field(False, description="Also return the generated token ids.")
     speculate: bool = Field(True, description="Allow speculative decoding when the server runs it; "
                             "the output distribution is the same either way.")
+    response_format: ResponseFormat | None = Field(None, description="json_object: the output is a JSON "
+                                                   "object; json_schema: it matches the schema.")
+    guided_json: dict[str, Any] | str | None = Field(None, description="A JSON schema the output matches.")
+    guided_regex: str | None = Field(None, description="A regular expression the whole output matches.")
+    guided_choice: NonEmptyList[NonEmptyStr] | None = Field(None, description="The output is one of these.")
+    guided_grammar: str | None = Field(None, description="A grammar (Lark, or GBNF as llama.cpp writes it) "
+                                       "the output matches.")
 
     def check_supported(self) -> None:
         """Raise RequestError(INVALID_ARGUMENT) naming the first option this server does
@@ -94,6 +122,44 @@ class _GenerationRequest(_Body):
                           "Send n=1 (or omit it) and repeat the request for more choices.", "n")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true.", "stream_options")
+        asked = self._structured_fields()
+        if len(asked) > 1:
+            raise invalid(f"{' and '.join(asked)} each constrain the output; send only one of them.", asked[1])
+
+    def _structured_fields(self) -> list[str]:
+        asked = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            asked.insert(0, "response_format")
+        return asked
+
+    def structured_output(self) -> StructuredOutput | None:
+        """What the output must match, or None; raises RequestError naming the field when
+        it cannot be one."""
+        asked = self._structured_fields()
+        if not asked:
+            return None
+        field = asked[0]
+        try:
+            if field == "response_format":
+                json_schema = self.response_format.json_schema
+                if self.response_format.type == "json_object":
+                    return StructuredOutput.json_object()
+                if json_schema is None:
+                    raise ValueError("response_format of type json_schema needs its json_schema "
+                                     "({\"name\": ..., \"schema\": {...}})")
+                if json_schema.schema_ is None:
+                    return StructuredOutput.json_object()
+                return StructuredOutput.json_schema(json_schema.schema_, strict=json_schema.strict is not False)
+            if field == "guided_json":
+                return StructuredOutput.json_schema(self.guided_json)
+            if field == "guided_regex":
+                return StructuredOutput.regex(self.guided_regex)
+            if field == "guided_choice":
+                return StructuredOutput.choice(self.guided_choice)
+            return StructuredOutput.grammar(self.guided_grammar)
+        except ValueError as exc:
+            raise invalid(f"{field}: {exc}", field) from None
 
     @property
     def include_usage(self) -> bool:
@@ -102,12 +168,14 @@ class _GenerationRequest(_Body):
     def field_names(self) -> dict[str, str]:
         """This body's names for the SamplingParams fields it spells differently, so that
         errors name the field the client sent."""
-        return {}
+        asked = self._structured_fields()
+        return {"structured_output": asked[0]} if asked else {}
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
         """The SamplingParams fields of this body, by their names; max_tokens and logprobs
         are spelled differently per endpoint, so the caller gives them."""
-        derived = {"max_tokens": max_tokens, "logprobs": logprobs, "logit_bias": self._logit_bias()}
+        derived = {"max_tokens": max_tokens, "logprobs": logprobs, "logit_bias": self._logit_bias(),
+                   "structured_output": self.structured_output()}
         return {name: derived[name] if name in derived else getattr(self, name) for name in SAMPLING_FIELDS}
 
     def _logit_bias(self) -> tuple[tuple[int, float], ...] | None:
@@ -176,11 +244,6 @@ class ChatMessage(_Body):
         return message
 
 
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Takes precedence over max_tokens.")
@@ -189,7 +252,6 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported; omit it.")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' is supported.")
     parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
-    response_format: ResponseFormat | None = Field(None, description="Only type 'text' is supported.")
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -197,9 +259,6 @@ class ChatCompletionRequest(_GenerationRequest):
             raise invalid("tools are not supported by this server; omit tools and tool_choice.", "tools")
         if self.tool_choice not in (None, "none"):
             raise invalid("tool_choice is not supported by this server; omit it.", "tool_choice")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise invalid(f"response_format {self.response_format.type!r} is not supported; only 'text' is.",
-                          "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs needs logprobs=true.", "top_logprobs")
 
@@ -207,7 +266,8 @@ class ChatCompletionRequest(_GenerationRequest):
         return [m.as_template_input() for m in self.messages]
 
     def field_names(self) -> dict[str, str]:
-        return {"max_tokens": "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens",
+        return {**super().field_names(),
+                "max_tokens": "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens",
                 "logprobs": "top_logprobs"}
 
     def sampling(self) -> dict[str, Any]:
