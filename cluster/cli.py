@@ -132,6 +132,10 @@ def _add_serve_parser(sub) -> None:
                        help="force the KV transport (default: shm on one host, nccl between GPUs, else grpc)")
     serve.add_argument("--transfer-timeout", type=float, default=30.0)
     serve.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
+    serve.add_argument("--tool-call-parser", choices=["hermes", "llama3"], default=None,
+                       help="the format the model writes tool calls in (default: the one its chat template "
+                            "uses; hermes when the template has no tool support, and pdserve then "
+                            "describes the tools to the model itself)")
     serve.add_argument("--max-migrations", type=_non_negative_int, default=3,
                        help="times a request may move to another decode worker when its own is lost "
                             "(0: its stream ends with an error instead)")
@@ -277,7 +281,7 @@ def _serve(args: argparse.Namespace) -> int:
             spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
             host=args.host, port=args.port, grpc_port=args.grpc_port, api_key=api_key,
             served_model_name=args.served_model_name, max_in_flight=args.max_in_flight,
-            max_migrations=args.max_migrations,
+            max_migrations=args.max_migrations, tool_call_parser=args.tool_call_parser,
             max_body_bytes=args.max_body_bytes,
             local_prefill_tokens=args.local_prefill_tokens, spill_backlog_tokens=args.spill_backlog_tokens,
             scaling=scaling)

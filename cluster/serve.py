@@ -49,6 +49,7 @@ class GatewayConfig:
     local_prefill_tokens: int = 32  # uncached prompt tokens at most which decode prefills itself
     spill_backlog_tokens: int = 1024  # prefill backlog from which prompts may spill to decode (Router)
     cpus_per_worker: float = 1.0
+    tool_call_parser: str | None = None  # the tool-call format; None: the one the chat template writes
     scaling: ScalingPolicy | None = None  # autoscale worker counts within its bounds
 
 
@@ -92,7 +93,7 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
     frontend = Frontend(ClusterBackend(controller, router, metrics, max_migrations=config.max_migrations),
                         checkpoint.tokenizer,
                         ModelCard(name, max_model_len, int(time.time())), checkpoint.eos_token_ids, metrics,
-                        max_in_flight=config.max_in_flight)
+                        max_in_flight=config.max_in_flight, tool_call_parser=config.tool_call_parser)
     metrics.track_in_flight(lambda: frontend.num_in_flight)
     http = _HttpServer(uvicorn.Config(create_app(frontend, api_key=config.api_key,
                                                    max_body_bytes=config.max_body_bytes), host=config.host,

@@ -10,7 +10,8 @@ publish snapshots (stats, prefix-cache events) for other threads.
 A remote request (`generate_remote`: a prefill worker computes its prompt) first yields
 its KV ticket, then its deltas. While only such requests wait for their KV, the thread polls their transfers
 every `KV_POLL_SECONDS` instead of spinning, leaving the GIL to the listener threads
-that write the KV.
+that write the KV. A group's follower (`generate(..., follows=leader id)`) streams like any
+request; the core holds it until its leader's prompt KV is here (EngineCore.add_request).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class _Add(NamedTuple):
     sink: _Sink
     remote: bool  # a prefill worker computes the prompt: the first item put on the sink is its ticket
     resume_at: int | None  # see EngineCore.add_request
+    follows: str | None  # the group's leader (local requests only; see EngineCore.add_request)
 
 
 class _FailRemote(NamedTuple):
@@ -75,17 +77,18 @@ class AsyncEngine(EngineThread):
     @property
     def num_waiting(self) -> int:
         """Requests submitted but not yet running (an estimate: read from another thread)."""
-        return self.num_queued_commands + len(self.core.scheduler.waiting)
+        return self.num_queued_commands + len(self.core.scheduler.waiting) + self.core.num_held_followers
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-        resume_at: int | None = None,
+        resume_at: int | None = None, follows: str | None = None,
     ) -> AsyncIterator[TokenDelta]:
         """Stream the request's token deltas; the last one carries its finish reason.
         Raises RequestRejected (ValueError) if the engine cannot take it. Leaving the
         iteration early (break, cancellation, disconnect) aborts the request.
-        `resume_at`: a migrated request (see EngineCore.add_request)."""
-        async for item in self._stream(prompt_ids, params, request_id, False, resume_at):
+        `resume_at`: a migrated request; `follows`: the id of its group's leader, sent
+        before it with the same prompt (see EngineCore.add_request for both)."""
+        async for item in self._stream(prompt_ids, params, request_id, False, resume_at, follows):
             yield item
 
     async def generate_remote(
@@ -95,7 +98,7 @@ class AsyncEngine(EngineThread):
         """Like `generate` for a request whose prompt a prefill worker computes. The
         first item is the KVTicket to hand to that worker, or None when the pool cannot
         hold the request now: it is then prefilled here. Token deltas follow."""
-        async for item in self._stream(prompt_ids, params, request_id, True, resume_at):
+        async for item in self._stream(prompt_ids, params, request_id, True, resume_at, None):
             yield item
 
     def fail_remote(self, request_id: str, reason: str) -> None:
@@ -103,13 +106,13 @@ class AsyncEngine(EngineThread):
         the job): recompute or fail it now, per the engine's policy."""
         self.post(_FailRemote(request_id, reason))
 
-    async def _stream(self, prompt_ids, params, request_id, remote, resume_at):
+    async def _stream(self, prompt_ids, params, request_id, remote, resume_at, follows):
         if not self.is_alive:
             raise RuntimeError("the engine has been shut down")
         request_id = request_id or f"req-{next(self._ids)}"
         await compile_grammar(self.core.grammars, params)
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        self.post(_Add(request_id, list(prompt_ids), params, sink, remote, resume_at))
+        self.post(_Add(request_id, list(prompt_ids), params, sink, remote, resume_at, follows))
         finished = False
         try:
             while not finished:
@@ -172,7 +175,8 @@ class AsyncEngine(EngineThread):
                                           command.resume_at)
                 command.sink.put(ticket)
             else:
-                self.core.add_request(command.request_id, command.prompt_ids, command.params, command.resume_at)
+                self.core.add_request(command.request_id, command.prompt_ids, command.params, command.resume_at,
+                                      command.follows)
             self._sinks[command.request_id] = command.sink
         except ValueError as exc:
             command.sink.put(exc)

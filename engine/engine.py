@@ -9,6 +9,15 @@ requests, whose prompt a prefill worker computes (`add_remote_request`); the dec
 of the hop (`pdserve.kv_transfer.decode_side`) settles their transfers at the start of each
 step. The core is single-threaded; `AsyncEngine` drives it from a thread and `LLM` drives
 it in a loop.
+
+Parallel sampling (n sequences of one prompt): the group's first request (the leader)
+arrives as usual, the others with `follows=` its id. While the leader waits for its
+prompt's KV from a prefill worker, a follower is held here, outside the scheduler; once
+the leader's KV is here (it started decoding, fell back to local prefill, ended, or was
+never known) the follower is queued, so it finds the prompt's full pages in the prefix
+cache (or, while the leader still computes them, waits for them: the scheduler never lets
+a waiting request recompute a prefix a running one is computing). The prompt's KV is
+computed and transferred once; each follower computes only its last, partial page.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -27,7 +37,7 @@ from pdserve.kv_transfer.messages import KVTicket
 from pdserve.kv_transfer.receiver import KVReceiver
 from pdserve.runtime.config import RuntimeInfo, SchedulerConfig, SpeculativeConfig
 from pdserve.runtime.model_runner import ModelRunner
-from pdserve.runtime.request import Request, TokenDelta, resumed_arrival
+from pdserve.runtime.request import Request, RequestState, TokenDelta, resumed_arrival
 from pdserve.runtime.sampler import Sampler, make_generator
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.scheduler import BatchScheduler, RequestRejected, build_forward_batch
@@ -35,6 +45,13 @@ from pdserve.runtime.stopping import FinishReason, check_stop_token
 from pdserve.runtime.structured_output import GrammarCompiler, start_grammar
 
 log = logging.getLogger(__name__)
+
+
+class HeldFollower(NamedTuple):
+    """A follower waiting, outside the scheduler, for its leader's prompt KV."""
+
+    request: Request
+    leader_id: str
 
 
 class EngineCore:
@@ -60,6 +77,9 @@ class EngineCore:
         self.speculator = (Speculator(speculative, make_proposer(speculative, runner, info))
                            if speculative is not None else None)
         self.remote = None
+        # follower id -> the follower, while its leader waits for KV (insertion order:
+        # a follower is released no later than one added after it)
+        self._held: dict[str, HeldFollower] = {}
         if kv_receiver is not None:
             self.remote = RemoteRequests(self.scheduler, kv_receiver, on_transfer_failure, transfer_timeout)
 
@@ -80,19 +100,43 @@ class EngineCore:
         return self.remote.add(self._new_request(request_id, prompt_ids, params, resume_at))
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    resume_at: int | None = None) -> Request:
+                    resume_at: int | None = None, follows: str | None = None) -> Request:
         """Queue a request for local prefill and decode. Raises RequestRejected (a
         ValueError saying why) if it can never run here. `resume_at`: the request
         continues one that was running elsewhere (a migration) whose first `resume_at`
         output tokens end `prompt_ids`; it queues ahead of new arrivals and its seeded
-        draws continue from that output position."""
+        draws continue from that output position. `follows`: the id of a request added
+        before this one with the same prompt (its group's leader); while the leader waits
+        for its prompt's KV, this request is held (see the module docstring), then queued."""
         request = self._new_request(request_id, prompt_ids, params, resume_at)
-        self.scheduler.add(request)
+        if follows is not None and self._kv_pending(follows):
+            self.scheduler.validate(request)  # refused now, as a queued request would be
+            self._held[request_id] = HeldFollower(request, follows)
+        else:
+            self.scheduler.add(request)
         return request
+
+    @property
+    def num_held_followers(self) -> int:
+        """Followers waiting for their leader's prompt KV (not in the scheduler yet)."""
+        return len(self._held)
+
+    def _kv_pending(self, request_id: str) -> bool:
+        """Whether the request's prompt KV is still to come: it waits for a prefill
+        worker's transfer, or is a follower held until its own leader's KV is here."""
+        return request_id in self.scheduler.waiting_for_kv or request_id in self._held
+
+    def _release_followers(self) -> None:
+        """Queue every held follower whose leader's prompt KV is here now, or never will be
+        (the leader ended). In insertion order, so a follower of a follower follows at once."""
+        for request_id, held in list(self._held.items()):
+            if not self._kv_pending(held.leader_id):
+                del self._held[request_id]
+                self.scheduler.add(held.request)
 
     def _new_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                      resume_at: int | None) -> Request:
-        if request_id in self.scheduler.requests:
+        if request_id in self.scheduler.requests or request_id in self._held:
             raise ValueError(f"request id {request_id!r} is already in use")
         try:
             params.check_vocab(self.runner.config.vocab_size)
@@ -111,7 +155,12 @@ class EngineCore:
         free when this returns. Returns its final delta, or None if it had already ended."""
         if self.remote is not None:
             self.remote.abort(request_id)
-        request = self.scheduler.finish(request_id, reason)
+        held = self._held.pop(request_id, None)
+        if held is not None:  # it holds no blocks yet: nothing to free
+            request = held.request
+            request.state, request.finish_reason = RequestState.FINISHED, reason
+        else:
+            request = self.scheduler.finish(request_id, reason)
         if request is None:
             return None
         if self.speculator is not None:
@@ -121,12 +170,13 @@ class EngineCore:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work or bool(self.scheduler.waiting_for_kv)
+        return self.scheduler.has_work or bool(self.scheduler.waiting_for_kv) or bool(self._held)
 
     def step(self) -> list[TokenDelta]:
         """Run one forward over the scheduled work; return one delta per request that
         produced tokens (and finished ones with their reason)."""
         outputs = self._settle_remote()
+        self._release_followers()  # after the transfers settled: this step may admit them
         drafts: dict[str, Draft] = {}
         if self.speculator is not None:
             drafts = self.speculator.propose([r for r in self.scheduler.running if not r.is_prefilling])

@@ -127,7 +127,7 @@ class BatchScheduler:
 
     def add(self, request: Request) -> None:
         """Queue a request for local prefill. Raises RequestRejected if it can never run."""
-        self._validate(request)
+        self.validate(request)
         self.requests[request.request_id] = request
         if request.is_resumed:
             self._requeue(request)  # it keeps its place ahead of new arrivals
@@ -168,7 +168,7 @@ class BatchScheduler:
         for positions [request.num_computed_tokens, num_prompt_tokens) must be written
         into those blocks before `start_remote`. False (nothing held) when the blocks
         are not free."""
-        self._validate(request)
+        self.validate(request)
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self._attach_prefix(request)
@@ -394,7 +394,8 @@ class BatchScheduler:
         self.allocator.free(request.block_table)
         request.block_table = []
 
-    def _validate(self, request: Request) -> None:
+    def validate(self, request: Request) -> None:
+        """Raise RequestRejected if `request` can never run here; changes nothing."""
         n, limit = request.num_prompt_tokens, self.info.max_model_len
         if n == 0:
             raise RequestRejected(f"request {request.request_id}: the prompt is empty")

@@ -9,6 +9,7 @@ split a UTF-8 character.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,11 @@ class Tokenizer:
     def all_special_ids(self) -> list[int]:
         return list(self._all_special_ids)
 
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders tool definitions itself (its text uses `tools`)."""
+        return bool(self.chat_template) and _TOOLS_VARIABLE.search(self.chat_template) is not None
+
     def token_text(self, token_id: int | None) -> str | None:
         """The vocabulary entry of one id (special tokens read as written, e.g. "<|im_end|>")."""
         return None if token_id is None else self._backend.id_to_token(token_id)
@@ -213,24 +219,33 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render `messages` with the model's template exactly as transformers does."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None) -> str:
+        """Render `messages` with the model's template exactly as transformers does.
+
+        `tools` (OpenAI function tools) reaches the template as the variable `tools`; when it
+        is None the variable is left undefined, so `tools is defined` reads as in transformers."""
         if not self.chat_template:
             raise TokenizerError(
                 "this model has no chat template; send a plain completion prompt instead of "
                 "chat messages, or use a checkpoint whose tokenizer declares chat_template"
             )
         template = _compile_template(self.chat_template)
+        context: dict[str, Any] = {}
+        if tools is not None:
+            context["tools"] = tools
         return template.render(
             messages=[dict(m) for m in messages],
             add_generation_prompt=add_generation_prompt,
             bos_token=self.token_text(self._bos_token_id) or "",
             eos_token=self.token_text(self._eos_token_id) or "",
+            **context,
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    tools: list[dict] | None = None) -> list[int]:
         """Template, then encode; the template writes any BOS itself, so none is added again."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools=tools))
 
 
 def _raise_exception(message: str) -> None:
@@ -245,6 +260,8 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
 
 
 _TEMPLATE_CACHE: dict[str, jinja2.Template] = {}
+# A template that renders tool definitions reads the variable `tools` (transformers' name).
+_TOOLS_VARIABLE = re.compile(r"\btools\b")
 
 
 def _compile_template(source: str) -> jinja2.Template:

@@ -288,19 +288,15 @@ def test_invalid_values_are_400s_naming_the_parameter(client):
         client.completions.create(model="tiny", prompt="Hi", temperature=-1)
     assert caught.value.body["param"] == "temperature" and "temperature" in caught.value.message
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="tiny", messages=CHAT, n=2)
-    assert caught.value.body["param"] == "n" and "n=2 is not supported" in caught.value.message
+        client.chat.completions.create(model="tiny", messages=CHAT, n=0)
+    assert caught.value.body["param"] == "n" and "n" in caught.value.message
     with pytest.raises(openai.BadRequestError, match="batch prompts are not supported"):
         client.completions.create(model="tiny", prompt=["one", "two"])
 
 
 @pytest.mark.parametrize(("path", "field", "value"), [
-    ("/v1/completions", "n", 3),
-    ("/v1/completions", "best_of", 2),
     ("/v1/completions", "echo", True),
     ("/v1/completions", "suffix", "tail"),
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "required"),
 ])
 def test_options_that_would_change_the_output_are_refused(base_url, path, field, value):
     body = {"model": "tiny", "max_tokens": 2, field: value}

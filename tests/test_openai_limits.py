@@ -168,7 +168,7 @@ def test_a_prompt_over_the_context_by_its_token_count_is_refused_after_tokenizin
     ("/v1/completions", {"logprobs": -1}, "logprobs"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": MAX_LOGPROBS + 1}, "top_logprobs"),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # needs logprobs=true
-    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"n": 17}, "n"),
     ("/v1/completions", {"n": 0}, "n"),
     ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"max_tokens": 10**30}, "max_tokens"),

@@ -16,6 +16,15 @@ the original prompt. A greedy or seeded request continues exactly as it would ha
 `max_migrations` moves (or with none allowed) the request ends with UNAVAILABLE. The
 controller hears of every death at once. Leaving the stream early aborts the request on
 D and P, which frees its KV on both.
+
+Groups (`generate_group`: n sequences of one prompt) compute and ship the prompt's KV
+once. Sequence 0, the leader, is routed as any request; once it is placed in its decode
+worker's engine (its ticket came back, or at once when D prefills it), the followers go
+to that same worker with `remote=False, follows=<leader id>`: D holds them until the
+leader's KV is there and then serves their prompt from its prefix cache, computing only
+the last partial page of each. A follower whose leader failed or left before it was
+placed, or was never started (a caller consuming a follower's stream first), is routed
+on its own; a follower whose decode worker is lost migrates like any request.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ray.exceptions import RayActorError, RayTaskError
 
@@ -55,8 +64,55 @@ class ClusterBackend:
     def ready(self) -> bool:
         return bool(self.controller.members("decode"))
 
-    async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[TokenDelta]:
+    def generate(self, request_id: str, prompt_ids: list[int],
+                 params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        async def first_route() -> _InFlight:
+            return self._route(request_id, prompt_ids, params, None)
+
+        return self._serve(request_id, prompt_ids, params, first_route)
+
+    def generate_group(self, request_ids: list[str], prompt_ids: list[int],
+                       params: list[SamplingParams]) -> list[AsyncIterator[TokenDelta]]:
+        """One stream per sequence, each as `generate` would stream it; the prompt's KV is
+        computed and transferred once (module docstring). Start stream 0 first (or all
+        together) for the others to share it."""
+        if not request_ids or len(request_ids) != len(params):
+            raise ValueError(f"a group needs one SamplingParams per request id: {len(request_ids)} ids, "
+                             f"{len(params)} params")
+        placement = _Placement(request_ids[0])
+
+        async def lead() -> _InFlight:
+            placement.started = True
+            try:
+                return self._route(request_ids[0], prompt_ids, params[0], None, placement=placement)
+            except BaseException:
+                placement.settle(None)
+                raise
+
+        def follow(request_id: str, sequence_params: SamplingParams) -> Callable[[], Awaitable[_InFlight]]:
+            return lambda: self._follow(placement, request_id, prompt_ids, sequence_params)
+
+        streams = [self._serve(request_ids[0], prompt_ids, params[0], lead)]
+        streams += [self._serve(request_id, prompt_ids, p, follow(request_id, p))
+                    for request_id, p in zip(request_ids[1:], params[1:])]
+        return streams
+
+    async def _follow(self, placement: _Placement, request_id: str, prompt_ids: list[int],
+                      params: SamplingParams) -> _InFlight:
+        """A follower's first route: its leader's decode worker, or its own route when the
+        leader has none to offer (see `_Placement.wait`) or that worker takes no new requests."""
+        decode = await placement.wait()
+        if decode is None or decode not in self.controller.members("decode"):
+            log.info("request %s: its group's leader %s is on no decode worker it can join; routing it on its own",
+                     request_id, placement.leader_id)
+            return self._route(request_id, prompt_ids, params, None)
+        self.metrics.routed(decode.worker_id, "group")  # D prefills only its last partial page
+        return _InFlight(self, request_id, prompt_ids, params, decode, None, None, follows=placement.leader_id)
+
+    async def _serve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     first_route: Callable[[], Awaitable[_InFlight]]) -> AsyncIterator[TokenDelta]:
+        """Stream the request from its first route (`first_route()`), then, each time its
+        decode worker is lost, from a new route that carries the tokens sent so far."""
         sent: list[int] = []  # output token ids yielded so far, over every attempt
         lost_at: float | None = None  # when the last decode worker was lost under it
         for attempt in itertools.count():
@@ -64,7 +120,7 @@ class ClusterBackend:
             # late ticket, a prefill job still running) can settle or abort this one.
             attempt_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"
             if attempt == 0:
-                request = self._route(attempt_id, prompt_ids, params, None)
+                request = await first_route()
             else:
                 await self._wait_for_a_decode_worker(request_id)
                 remaining = dataclasses.replace(params, max_tokens=params.max_tokens - len(sent))
@@ -103,7 +159,7 @@ class ClusterBackend:
             await asyncio.sleep(0.1)
 
     def _route(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-               resume_at: int | None) -> _InFlight:
+               resume_at: int | None, placement: _Placement | None = None) -> _InFlight:
         links = self.controller.links
         decode_workers = self.controller.members("decode")
         prefill_workers = [p for p in self.controller.members("prefill") if links.has_up(p.worker_id)]
@@ -120,7 +176,38 @@ class ClusterBackend:
             # The pair's link is down (logged, retried, in pdserve_kv_links): prefill on D, counted.
             prefill, path = None, "unlinked"
         self.metrics.routed(decode.worker_id, path)
-        return _InFlight(self, request_id, prompt_ids, params, decode, prefill, resume_at)
+        return _InFlight(self, request_id, prompt_ids, params, decode, prefill, resume_at, placement=placement)
+
+
+class _Placement:
+    """Where a group's leader went, for its followers to join it. Settled once: with the
+    leader's decode worker as soon as the leader is in that worker's engine, or with None
+    when the leader failed or left before that."""
+
+    def __init__(self, leader_id: str) -> None:
+        self.leader_id = leader_id
+        self.started = False  # the leader's stream began: a settlement is coming
+        self.decode: WorkerHandle | None = None
+        self._settled = asyncio.Event()
+
+    def settle(self, decode: WorkerHandle | None) -> None:
+        if not self._settled.is_set():
+            self.decode = decode
+            self._settled.set()
+
+    async def wait(self) -> WorkerHandle | None:
+        """The leader's decode worker; None when the leader failed before it was placed,
+        or has not started (nothing may ever start it: a follower never waits on it then)."""
+        if not self.started:
+            return None
+        await self._settled.wait()
+        return self.decode
+
+
+def _tail_tokens(num_prompt_tokens: int, block_size: int) -> int:
+    """The prompt tokens a follower computes: those after the last full page that leaves
+    at least one token to compute (the full pages come from its leader)."""
+    return num_prompt_tokens - (num_prompt_tokens - 1) // block_size * block_size
 
 
 class _InFlight:
@@ -128,12 +215,14 @@ class _InFlight:
 
     def __init__(self, backend: ClusterBackend, request_id: str, prompt_ids: list[int],
                  params: SamplingParams, decode: WorkerHandle, prefill: WorkerHandle | None,
-                 resume_at: int | None) -> None:
+                 resume_at: int | None, follows: str | None = None, placement: _Placement | None = None) -> None:
         self.backend = backend
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
         self.resume_at = resume_at  # a migrated request's carried output tokens (None: a new one)
+        self.follows = follows  # its group's leader, already on `decode` (None: not a follower)
+        self.placement = placement  # a group leader's: settled once the leader is placed on `decode`
         self.decode = decode
         self.prefill = prefill
         self.prefill_task: asyncio.Task | None = None
@@ -151,10 +240,15 @@ class _InFlight:
             prefill.in_flight_tokens += len(self.prompt_ids)
         else:  # prefilled on the decode worker: its backlog until the first token
             self.local_prefill_tokens = len(self.prompt_ids)
+            if self.follows is not None:
+                self.local_prefill_tokens = _tail_tokens(len(self.prompt_ids), decode.info.block_size)
             decode.in_flight_tokens += self.local_prefill_tokens
         finished = False
+        follows = () if self.follows is None else (self.follows,)
         stream = decode.actor.generate.remote(self.request_id, self.prompt_ids, self.params, prefill is not None,
-                                              self.resume_at)
+                                              self.resume_at, *follows)
+        if prefill is None:
+            self._placed()  # D prefills it: in D's queue before any request sent after this call
         try:
             async for ref in stream:
                 item = await ref
@@ -164,6 +258,7 @@ class _InFlight:
                         self.backend.controller.worker_died(decode, item.message, "engine_died")
                     raise RequestError(ErrorKind[item.kind], item.message, retry_after=item.retry_after)
                 if not isinstance(item, TokenDelta):  # remote mode's first item: the ticket or None
+                    self._placed()
                     self._start_prefill(item)
                     continue
                 if self.first_token_at is None and item.token_ids:
@@ -182,6 +277,8 @@ class _InFlight:
             raise RequestError(ErrorKind.INTERNAL, f"decode worker {decode.worker_id} failed this request; "
                                "retry it") from exc
         finally:
+            if self.placement is not None:
+                self.placement.settle(None)  # failed or left before it was placed: no-op otherwise
             decode.in_flight -= 1
             self._release_local_prefill()
             if self.prefill_task is None:
@@ -190,6 +287,11 @@ class _InFlight:
                 decode.actor.abort.remote(self.request_id)
             if not finished and self.prefill_task is not None and not self.prefill_task.done():
                 self.prefill_task.cancel()  # a finished request's prefill reply is due; let it land
+
+    def _placed(self) -> None:
+        """The request is in its decode worker's engine: its group's followers may join it."""
+        if self.placement is not None:
+            self.placement.settle(self.decode)
 
     def _start_prefill(self, ticket: KVTicket | None) -> None:
         prefill = self.prefill

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import itertools
 import time
 import uuid
@@ -27,6 +28,7 @@ from pdserve.cluster.gateway.backend import Backend
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid, shown
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.cluster.gateway.prompt_tokens import PromptTokens
+from pdserve.cluster.gateway.tools import family_for
 from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SAMPLING_FIELDS, SamplingParams
 from pdserve.runtime.stopping import FinishReason
@@ -135,9 +137,13 @@ class Frontend:
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer, card: ModelCard,
                  eos_token_ids: Collection[int], metrics: GatewayMetrics,
-                 max_in_flight: int = 1024, tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS) -> None:
+                 max_in_flight: int = 1024, tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS,
+                 tool_call_parser: str | None = None) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
+        # The format tool calls are described to the model in and parsed from its output:
+        # `tool_call_parser` when given, else what the chat template writes.
+        self.tool_family = family_for(tokenizer.chat_template, tool_call_parser)
         self.prompt_tokens = PromptTokens(tokenizer)
         self.card = card
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -157,13 +163,13 @@ class Frontend:
                                f"serves {self.card.name!r} (see /v1/models).", "model")
 
     async def prepare(self, *, prompt: str | list[int] | None = None, messages: list[dict] | None = None,
-                      sampling: dict, default_max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS,
+                      tools: list[dict] | None = None, sampling: dict, default_max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS,
                       timeout: float | None = None, request_id: str | None = None,
                       field_names: Mapping[str, str] | None = None) -> PreparedRequest:
         """Validate and tokenize one request; raises RequestError(INVALID_ARGUMENT) saying
         what is wrong, or OVERLOADED past `max_in_flight` requests being prepared or run.
         Exactly one of `prompt` (text or token ids) and `messages` (chat, rendered with the
-        model's template). `sampling` holds SamplingParams fields (None values mean
+        model's template, with `tools` in its context). `sampling` holds SamplingParams fields (None values mean
         "default"); `field_names` maps those the API spells differently to its names, for
         the errors. Without max_tokens the request may use `default_max_tokens`, or the
         rest of the context if that is None.
@@ -194,7 +200,7 @@ class Frontend:
         else:
             at_least = self.prompt_tokens.min_tokens(prompt) if isinstance(prompt, str) else 0
             checks.fits(max(1, at_least), requested, exact=False)
-        prompt_ids = await self._off_loop(self._tokenize, prompt, messages, checks, requested)
+        prompt_ids = await self._off_loop(self._tokenize, prompt, messages, tools, checks, requested)
         if params.structured_output is not None:
             # Parsing a schema or grammar is the client's input too: checked off the loop.
             await self._off_loop(_check_structured_output, params, names)
@@ -220,12 +226,12 @@ class Frontend:
         finally:
             self.num_preparing -= 1
 
-    def _tokenize(self, prompt: str | list[int] | None, messages: list[dict] | None, checks: _Checks,
-                  requested: int | None) -> list[int]:
+    def _tokenize(self, prompt: str | list[int] | None, messages: list[dict] | None, tools: list[dict] | None,
+                  checks: _Checks, requested: int | None) -> list[int]:
         """The prompt's token ids. Runs in a tokenizer thread; touches no mutable state."""
         if messages is not None:
             try:
-                text = self.prompt_tokens.render_chat(messages)
+                text = self.prompt_tokens.render_chat(messages, tools)
             except Exception as exc:  # noqa: BLE001 - a template may raise anything on odd input
                 raise invalid(f"the chat template cannot render these messages: {exc}", "messages") from None
             # The bound holds for the rendered text, the exact input of the tokenizer (a
@@ -289,14 +295,48 @@ class Frontend:
         await stream.prefetch()
         return stream
 
+    async def open_group(self, request: PreparedRequest, n: int) -> list[OutputStream]:
+        """`open` for n sequences of one prompt (OpenAI's `n`, completions' `best_of`): the
+        backend computes the prompt's KV once and the sequences share it
+        (`Backend.generate_group`). Sequence i is request `<id>-<i>` on the workers; a
+        seeded request gives each sequence its own seed stream (sequence 0 keeps the
+        request's seed, so it is the n = 1 output). Each sequence counts against
+        `max_in_flight`. Raises RequestError as `open` does, after closing every sequence."""
+        if self.num_in_flight + n > self.max_in_flight:
+            self.metrics.error(ErrorKind.OVERLOADED)
+            raise RequestError(ErrorKind.OVERLOADED, f"the server is at its limit of {self.max_in_flight} "
+                               f"requests in flight ({n} sequences asked); retry shortly", retry_after=1)
+        ids = [f"{request.request_id}-{i}" for i in range(n)]
+        params = [sequence_params(request.params, i) for i in range(n)]
+        deltas = self.backend.generate_group(ids, request.prompt_ids, params)
+        streams = [OutputStream(self, request._replace(request_id=i, params=p), d)
+                   for i, p, d in zip(ids, params, deltas)]
+        try:
+            await asyncio.gather(*(stream.prefetch() for stream in streams))
+        except BaseException:
+            await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
+            raise
+        return streams
+
+
+def sequence_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The params of sequence `index` of an n > 1 request: its own seed stream when seeded
+    (a pure function of the seed and the index), the request's own for sequence 0."""
+    if index == 0 or params.seed is None:
+        return params
+    digest = hashlib.blake2b(f"{params.seed}:{index}".encode(), digest_size=8).digest()
+    return dataclasses.replace(params, seed=int.from_bytes(digest, "little") >> 1)
+
 
 class OutputStream:
     """One request's deltas. Iterate it to the end, or `aclose()` it to abort."""
 
-    def __init__(self, frontend: Frontend, request: PreparedRequest) -> None:
+    def __init__(self, frontend: Frontend, request: PreparedRequest,
+                 token_deltas: AsyncIterator[TokenDelta] | None = None) -> None:
         self.request = request
         self._frontend = frontend
-        self._token_deltas: AsyncIterator[TokenDelta] = frontend.backend.generate(
+        # The backend's stream of this request (given: one sequence of a group).
+        self._token_deltas: AsyncIterator[TokenDelta] = token_deltas or frontend.backend.generate(
             request.request_id, request.prompt_ids, request.params)
         self._text = TextStream(frontend.tokenizer, request.params, frontend.eos_token_ids)
         self._started = time.monotonic()

@@ -54,7 +54,8 @@ class GatewayMetrics:
         self.output_tokens = Counter("pdserve_output_tokens", "Output tokens streamed", registry=r)
         self.routes = Counter("pdserve_routes", "Routing decisions, by decode worker and prefill path "
                               "(remote: a prefill worker; local: the decode worker prefills; unlinked: "
-                              "the decode worker prefills because the chosen pair's KV link is down)",
+                              "the decode worker prefills because the chosen pair's KV link is down; group: a sequence "
+                              "of an n > 1 request, sent to its leader's decode worker to share its prompt KV)",
                               ["decode_worker", "prefill"], registry=r)
         self.migrations = Counter("pdserve_request_migrations", "Requests moved to another decode worker after "
                                   "theirs was lost, by why it was lost", ["reason"], registry=r)
@@ -100,7 +101,7 @@ class GatewayMetrics:
         self.scaling.labels(decision.role, decision.direction).inc()
 
     def routed(self, decode_worker: str, path: str) -> None:
-        """`path`: remote, local or unlinked (see the metric's help)."""
+        """`path`: remote, local, unlinked or group (see the metric's help)."""
         self.routes.labels(decode_worker, path).inc()
 
     def render(self) -> bytes:

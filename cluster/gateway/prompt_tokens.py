@@ -66,10 +66,11 @@ class PromptTokens:
         Rust code runs). Slow for long texts: call it from a worker thread."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The prompt text of a conversation (the chat template's output), which
-        `encode(..., add_special_tokens=False)` tokenizes. Raises what the template raises."""
-        return self.tokenizer.apply_chat_template(messages)
+        `encode(..., add_special_tokens=False)` tokenizes. `tools` goes to the template as
+        its `tools` variable (left undefined when None). Raises what the template raises."""
+        return self.tokenizer.apply_chat_template(messages, tools=tools)
 
     def min_tokens(self, text: str) -> int:
         """A number of tokens that no encoding of `text` goes below; 0 for a tokenizer

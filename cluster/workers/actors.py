@@ -199,11 +199,17 @@ class DecodeWorker(_Worker):
             log.info("KV listener %s", self._listeners[kind].address)
         return self._listeners[kind].address
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       remote: bool, resume_at: int | None = None) -> AsyncIterator[Refused | TokenDelta | object]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, remote: bool,
+                       resume_at: int | None = None,
+                       follows: str | None = None) -> AsyncIterator[Refused | TokenDelta | object]:
         """Stream one request (see the module docstring). `remote`: a prefill worker
         computes the prompt; the first item is then the KVTicket (or None: no room, it is
-        prefilled here). `resume_at`: a migrated request (EngineCore.add_request)."""
+        prefilled here). `resume_at`: a migrated request; `follows`: the leader of its
+        group, sent here before it with the same prompt, whose prompt KV it shares (a
+        follower is always prefilled here, so never `remote`; see EngineCore.add_request)."""
+        if remote and follows is not None:
+            raise ValueError(f"request {request_id}: a follower of {follows} shares its leader's KV; "
+                             "it cannot have a prefill worker of its own")
         health = self.engine.health()
         if not health.alive:
             yield Refused("UNAVAILABLE", f"decode worker {self.worker_id} cannot serve: {health.failure}",
@@ -216,7 +222,7 @@ class DecodeWorker(_Worker):
         if remote:
             stream = self.engine.generate_remote(prompt_ids, params, request_id, resume_at)
         else:
-            stream = self.engine.generate(prompt_ids, params, request_id, resume_at)
+            stream = self.engine.generate(prompt_ids, params, request_id, resume_at, follows)
         try:
             async for item in stream:
                 yield item
@@ -254,6 +260,8 @@ class DecodeWorker(_Worker):
             kv_wait_seconds=remote.total_kv_wait_seconds if remote else 0.0,
             transfer_outcomes=dict(remote.counts) if remote else {},
             num_steps=core.num_steps, step_seconds=core.step_seconds, **speculation)
+        # Followers of an n > 1 request held until their leader's KV arrives are waiting too.
+        self._stats = self._stats._replace(num_waiting=self._stats.num_waiting + core.num_held_followers)
 
 
 class PrefillWorker(_Worker):

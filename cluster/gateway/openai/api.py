@@ -14,18 +14,16 @@ Invariant: whatever ends a request (its end, an error, its timeout, the client g
 while it waits, generates or streams) closes its `OutputStream`, which aborts it on the
 workers and frees its KV.
 
-This module owns the routes, the path of one generation through the frontend, and the
-OpenAPI description of the responses. The bodies are in `protocol` (requests),
-`responses` and `bodies`; errors in `errors`; the API key in
+This module owns the routes and the OpenAPI description of the responses. One
+generation's path (one choice or n, a body or a stream) is in `generation`; the bodies are
+in `protocol` and `messages` (requests), `responses` and `bodies`; tool calls in `..tools`; errors in `errors`; the API key in
 `auth`; SSE and disconnect handling in `..streaming`.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -34,20 +32,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
-from pdserve.cluster.gateway.frontend import (
-    DEFAULT_MAX_REQUEST_BYTES,
-    Frontend,
-    OutputStream,
-    PreparedRequest,
-)
+from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend
 from pdserve.cluster.gateway.openai.auth import ApiKeyMiddleware
-from pdserve.cluster.gateway.openai.bodies import ChatBodies, CompletionBodies, merge_deltas
-from pdserve.cluster.gateway.openai.errors import (
-    INTERNAL_MESSAGE,
-    counting_refusals,
-    error_body,
-    install_error_handlers,
-)
+from pdserve.cluster.gateway.openai.bodies import ChatBodies, CompletionBodies
+from pdserve.cluster.gateway.openai.errors import counting_refusals, install_error_handlers
+from pdserve.cluster.gateway.openai.generation import ChoicePlan, serve
 from pdserve.cluster.gateway.openai.limits import BodySizeLimitMiddleware
 from pdserve.cluster.gateway.openai.protocol import (
     ChatCompletionRequest,
@@ -64,18 +53,7 @@ from pdserve.cluster.gateway.openai.responses import (
     ModelObject,
     TokenizeResponse,
 )
-from pdserve.cluster.gateway.streaming import (
-    SSE_DONE,
-    EventStreamResponse,
-    json_response,
-    sse_event,
-    until_disconnected,
-)
 from pdserve.version import __version__
-
-log = logging.getLogger(__name__)
-
-_CLIENT_CLOSED_REQUEST = 499  # a status nobody reads: the client has gone (nginx's convention)
 
 
 def create_app(frontend: Frontend, *, api_key: str | None = None,
@@ -93,28 +71,33 @@ def create_app(frontend: Frontend, *, api_key: str | None = None,
 
     @app.post("/v1/completions", response_model=None, responses=_generation_responses(CompletionResponse))
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
-        bodies = _new_bodies(CompletionBodies, "cmpl", frontend, logprobs=body.logprobs is not None,
-                             token_ids=body.return_token_ids)
+        bodies_for = _bodies_for(CompletionBodies, "cmpl", frontend, logprobs=body.logprobs is not None,
+                                 token_ids=body.return_token_ids)
         with counting_refusals(frontend.metrics):
             frontend.check_model(body.model)
             body.check_supported()
             prepared = await frontend.prepare(prompt=body.prompt_input(), sampling=body.sampling(),
-                                              timeout=body.timeout, request_id=bodies.head["id"],
+                                              timeout=body.timeout, request_id=bodies_for.response_id,
                                               field_names=body.field_names())
-        return await _serve(request, frontend, prepared, bodies, bool(body.stream), body.include_usage)
+            plan = ChoicePlan(bodies_for, bool(body.stream), body.include_usage, body.num_sequences, body.num_choices)
+            return await serve(request, frontend, prepared, plan)
 
     @app.post("/v1/chat/completions", response_model=None,
               responses=_generation_responses(ChatCompletionResponse))
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-        bodies = _new_bodies(ChatBodies, "chatcmpl", frontend, logprobs=bool(body.logprobs),
-                             token_ids=body.return_token_ids)
+        family = frontend.tool_family
+        bodies_for = _bodies_for(ChatBodies, "chatcmpl", frontend, logprobs=bool(body.logprobs),
+                                 token_ids=body.return_token_ids, tool_family=family if body.offers_tools else None,
+                                 forced_tools=body.forces_tool_calls)
         with counting_refusals(frontend.metrics):
             frontend.check_model(body.model)
             body.check_supported()
-            prepared = await frontend.prepare(messages=body.template_messages(), sampling=body.sampling(),
+            messages, tools = body.template_input(family, frontend.tokenizer.supports_tools)
+            prepared = await frontend.prepare(messages=messages, tools=tools, sampling=body.sampling(family),
                                               default_max_tokens=None, timeout=body.timeout,
-                                              request_id=bodies.head["id"], field_names=body.field_names())
-        return await _serve(request, frontend, prepared, bodies, bool(body.stream), body.include_usage)
+                                              request_id=bodies_for.response_id, field_names=body.field_names())
+            plan = ChoicePlan(bodies_for, bool(body.stream), body.include_usage, body.num_sequences, body.num_choices)
+            return await serve(request, frontend, prepared, plan)
 
     def model_object() -> ModelObject:
         card = frontend.card
@@ -165,57 +148,22 @@ def create_app(frontend: Frontend, *, api_key: str | None = None,
 Bodies = TypeVar("Bodies", CompletionBodies, ChatBodies)
 
 
-def _new_bodies(cls: type[Bodies], id_prefix: str, frontend: Frontend, *, logprobs: bool,
-                token_ids: bool) -> Bodies:
-    """The body builder of a new response; its id is also the request's id on the workers."""
-    return cls(f"{id_prefix}-{uuid.uuid4().hex}", frontend.card.name, int(time.time()), frontend.token_text,
-               logprobs=logprobs, token_ids=token_ids)
+class _BodiesFor:
+    """Body builders of one response, one per choice index, all under the response's id
+    (also the request's id on the workers). `options`: the builders' keyword arguments
+    (logprobs, token_ids, tool calls)."""
+
+    def __init__(self, cls: type[Bodies], id_prefix: str, frontend: Frontend, **options: Any) -> None:
+        self.response_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        self._make = lambda index: cls(self.response_id, frontend.card.name, self._created, frontend.token_text,
+                                       index=index, **options)
+        self._created = int(time.time())
+
+    def __call__(self, index: int) -> Bodies:
+        return self._make(index)
 
 
-async def _serve(request: Request, frontend: Frontend, prepared: PreparedRequest,
-                 bodies: CompletionBodies | ChatBodies, stream: bool, include_usage: bool) -> Response:
-    """Admit the prepared request and answer it. Every refusal (overload, no worker,
-    timeout before the first output) raises RequestError here, before a response starts."""
-    if stream:
-        output = await until_disconnected(request.receive, frontend.open(prepared))
-        if output is None:
-            return Response(status_code=_CLIENT_CLOSED_REQUEST)
-        return EventStreamResponse(_events(output, bodies, include_usage), output.aclose)
-    answer = await until_disconnected(request.receive, _collect(frontend, prepared, bodies))
-    if answer is None:
-        return Response(status_code=_CLIENT_CLOSED_REQUEST)
-    return json_response(answer)
-
-
-async def _collect(frontend: Frontend, prepared: PreparedRequest,
-                   bodies: CompletionBodies | ChatBodies) -> BaseModel:
-    output = await frontend.open(prepared)
-    try:
-        deltas = [delta async for delta in output]
-    finally:
-        await output.aclose()
-    return bodies.response(merge_deltas(deltas), prepared.prompt_ids)
-
-
-async def _events(output: OutputStream, bodies: CompletionBodies | ChatBodies,
-                  include_usage: bool) -> AsyncGenerator[bytes, None]:
-    """The SSE events of one stream, ending with [DONE], after an error event if it failed."""
-    try:
-        usage = None
-        async for delta in output:
-            usage = delta.usage
-            if bodies.wants_chunk(delta):
-                yield sse_event(bodies.chunk(delta))
-        if include_usage and usage is not None:
-            yield sse_event(bodies.usage_chunk(usage))
-    except RequestError as exc:
-        yield sse_event(error_body(exc.kind.openai_type, exc.message, exc.param))
-    except Exception:
-        log.exception("request %s failed while streaming", output.request.request_id)
-        yield sse_event(error_body(ErrorKind.INTERNAL.openai_type, INTERNAL_MESSAGE))
-    finally:
-        await output.aclose()
-    yield SSE_DONE
+_bodies_for = _BodiesFor
 
 
 # ------------------------------------------------------------------------ OpenAPI

@@ -25,9 +25,21 @@ from pdserve.cluster.gateway.openai.responses import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    FunctionCallDelta,
+    FunctionCallOut,
     TokenLogprob,
+    ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
     UsageInfo,
+)
+from pdserve.cluster.gateway.tools import (
+    ArgumentsDelta,
+    ContentDelta,
+    ToolCallStart,
+    ToolCallStream,
+    ToolEvent,
+    parse_tool_calls,
 )
 
 
@@ -49,8 +61,9 @@ class _Bodies(ABC):
     once, in order (subclasses carry state from chunk to chunk)."""
 
     def __init__(self, response_id: str, model: str, created: int, token_text: Callable[[int], str],
-                 *, logprobs: bool, token_ids: bool) -> None:
+                 *, logprobs: bool, token_ids: bool, index: int = 0) -> None:
         self.head = {"id": response_id, "model": model, "created": created}
+        self.index = index  # the choice this builder writes (n > 1: one builder per choice)
         self._token_text = token_text
         self._logprobs = logprobs
         self._token_ids = token_ids
@@ -61,8 +74,8 @@ class _Bodies(ABC):
                     or (delta.token_ids and (self._logprobs or self._token_ids)))
 
     @abstractmethod
-    def chunk(self, delta: OutputDelta) -> BaseModel:
-        """The stream chunk of one delta."""
+    def chunk(self, delta: OutputDelta) -> BaseModel | None:
+        """The stream chunk of one delta, or None when it has nothing to tell."""
 
     @abstractmethod
     def usage_chunk(self, usage: Usage) -> BaseModel:
@@ -85,7 +98,9 @@ class CompletionBodies(_Bodies):
     # decoding (OpenAI's `text_offset`; exact except inside multi-token characters).
     _text_offset = 0
 
-    def chunk(self, delta: OutputDelta) -> CompletionResponse:
+    def chunk(self, delta: OutputDelta) -> CompletionResponse | None:
+        if not self.wants_chunk(delta):
+            return None
         return CompletionResponse(**self.head, choices=[self._choice(delta)])
 
     def usage_chunk(self, usage: Usage) -> CompletionResponse:
@@ -96,7 +111,7 @@ class CompletionBodies(_Bodies):
                                   prompt_token_ids=self._token_ids_of(prompt_ids))
 
     def _choice(self, delta: OutputDelta) -> CompletionChoice:
-        return CompletionChoice(text=delta.text, logprobs=self._logprobs_of(delta),
+        return CompletionChoice(index=self.index, text=delta.text, logprobs=self._logprobs_of(delta),
                                 finish_reason=delta.finish_reason,
                                 token_ids=self._token_ids_of(delta.token_ids))
 
@@ -119,22 +134,56 @@ class CompletionBodies(_Bodies):
 
 
 class ChatBodies(_Bodies):
-    _role_sent = False  # the first chunk sent carries the role
+    """Chat bodies. With `tool_family` (the request offers tools), the output is read for
+    tool calls in that format: parsed whole for a response, and through a ToolCallStream
+    for a stream (`forced_tools`: a grammar guarantees the calls are well formed, so their
+    arguments stream in pieces). A reply that made calls finishes with "tool_calls"."""
 
-    def chunk(self, delta: OutputDelta) -> ChatCompletionChunk:
+    _role_sent = False  # the first chunk sent carries the role
+    _called = False  # the stream has sent a tool call
+
+    def __init__(self, *args: Any, tool_family: str | None = None, forced_tools: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tool_family = tool_family
+        self._tool_stream = ToolCallStream(tool_family, forced=forced_tools) if tool_family else None
+
+    def chunk(self, delta: OutputDelta) -> ChatCompletionChunk | None:
+        content, calls = delta.text or None, None
+        if self._tool_stream is not None:
+            events = self._tool_stream.feed(delta.text)
+            if delta.finish_reason is not None:
+                events += self._tool_stream.finish()
+            content, calls = _content_and_call_deltas(events)
+            self._called = self._called or bool(calls)
+        wanted = content or calls or delta.finish_reason or (delta.token_ids and (self._logprobs or self._token_ids))
+        if not wanted:
+            return None
         role = None if self._role_sent else "assistant"
         self._role_sent = True
-        choice = ChatChunkChoice(delta=ChatDelta(role=role, content=delta.text or None),
-                                 logprobs=self._logprobs_of(delta), finish_reason=delta.finish_reason,
+        choice = ChatChunkChoice(index=self.index, delta=ChatDelta(role=role, content=content, tool_calls=calls),
+                                 logprobs=self._logprobs_of(delta), finish_reason=self._finish(delta.finish_reason,
+                                                                                               self._called),
                                  token_ids=self._token_ids_of(delta.token_ids))
         return ChatCompletionChunk(**self.head, choices=[choice])
+
+    @staticmethod
+    def _finish(reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if reason == "stop" and called else reason
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.head, choices=[], usage=UsageInfo.of(usage))
 
     def response(self, delta: OutputDelta, prompt_ids: list[int]) -> ChatCompletionResponse:
-        choice = ChatChoice(message=AssistantMessage(content=delta.text), logprobs=self._logprobs_of(delta),
-                            finish_reason=delta.finish_reason, token_ids=self._token_ids_of(delta.token_ids))
+        content, calls = delta.text, []
+        if self._tool_family is not None:
+            content, calls = parse_tool_calls(self._tool_family, delta.text)
+        message = AssistantMessage(content=content, tool_calls=[
+            ToolCallOut(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+            for call in calls] or None)
+        choice = ChatChoice(index=self.index, message=message, logprobs=self._logprobs_of(delta),
+                            finish_reason=self._finish(delta.finish_reason, bool(calls)),
+                            token_ids=self._token_ids_of(delta.token_ids))
         return ChatCompletionResponse(**self.head, choices=[choice], usage=UsageInfo.of(delta.usage),
                                       prompt_token_ids=self._token_ids_of(prompt_ids))
 
@@ -145,3 +194,29 @@ class ChatBodies(_Bodies):
             TokenLogprob(**self._entry(token_id, logprob),
                          top_logprobs=[TopLogprob(**self._entry(t, lp)) for t, lp in top])
             for token_id, logprob, top in zip(delta.token_ids, delta.logprobs, _top_logprobs(delta))])
+
+
+def _content_and_call_deltas(events: list[ToolEvent]) -> tuple[str | None, list[ToolCallDelta] | None]:
+    """A chunk's content and tool-call deltas from a ToolCallStream's events; a call's
+    start and the arguments right after it travel as one delta."""
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta)) or None
+    calls: list[ToolCallDelta] = []
+    for event in events:
+        if isinstance(event, ToolCallStart):
+            calls.append(ToolCallDelta(index=event.index, id=event.id, type="function",
+                                       function=FunctionCallDelta(name=event.name, arguments="")))
+        elif isinstance(event, ArgumentsDelta):
+            if calls and calls[-1].index == event.index:
+                calls[-1].function.arguments += event.text
+            else:
+                calls.append(ToolCallDelta(index=event.index, function=FunctionCallDelta(arguments=event.text)))
+    return content, calls or None
+
+
+def merge_responses(responses: list[Any], usages: list[Usage]) -> Any:
+    """One response of n choices from the n single-choice responses of an n > 1 request
+    (in choice order): their choices, and usage counting the prompt once and every
+    sequence's completion tokens."""
+    usage = Usage(usages[0].prompt_tokens, sum(u.completion_tokens for u in usages), usages[0].cached_tokens)
+    return responses[0].model_copy(update={"choices": [c for r in responses for c in r.choices],
+                                           "usage": UsageInfo.of(usage)})

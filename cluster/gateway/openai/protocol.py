@@ -23,9 +23,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from pdserve.cluster.gateway.errors import invalid
+from pdserve.cluster.gateway.openai.messages import ChatMessage, NamedToolChoice, ToolDefinition, _Body
+from pdserve.cluster.gateway.tools import check_tools, forced_tool_grammar, template_messages
 from pdserve.runtime.sampling_params import (
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
@@ -38,17 +40,14 @@ from pdserve.runtime.structured_output import StructuredOutput
 # The seeds torch.Generator.manual_seed accepts.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
+MAX_CHOICES = 16  # n and best_of: each choice is a sequence in flight
+MAX_TOOLS = 128  # tools per request: each is described in the prompt
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
 T = TypeVar("T")
 NonEmptyList = Annotated[list[T], Field(min_length=1)]
 Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
-
-
-class _Body(BaseModel):
-    # Strict: "16" is not an integer and 1 is not a boolean, as in OpenAI's API.
-    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Body):
@@ -78,7 +77,8 @@ class _GenerationRequest(_Body):
     # OpenAI documents most fields as nullable; null means the default.
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(1, description="Number of choices; only 1 is supported.")
+    n: int | None = Field(1, ge=1, le=MAX_CHOICES, description="Number of choices; they share the prompt's "
+                          "KV, and each draws from its own seed stream.")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="0 means greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
@@ -117,9 +117,6 @@ class _GenerationRequest(_Body):
     def check_supported(self) -> None:
         """Raise RequestError(INVALID_ARGUMENT) naming the first option this server does
         not implement."""
-        if self.n not in (None, 1):
-            raise invalid(f"n={self.n} is not supported: this server returns one choice per request. "
-                          "Send n=1 (or omit it) and repeat the request for more choices.", "n")
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true.", "stream_options")
         asked = self._structured_fields()
@@ -162,6 +159,15 @@ class _GenerationRequest(_Body):
             raise invalid(f"{field}: {exc}", field) from None
 
     @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences to generate: `num_choices`, or more for completions' best_of."""
+        return self.num_choices
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -198,17 +204,25 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="Return this many most likely alternatives per token.")
     echo: bool | None = Field(False, description="Only false is supported.")
-    best_of: int | None = Field(None, description="Only 1 is supported.")
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description=(
+        "Generate this many sequences and return the n with the highest mean token logprob; not with stream."))
     suffix: str | None = Field(None, description="Not supported; omit it.")
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.best_of not in (None, 1):
-            raise invalid(f"best_of={self.best_of} is not supported; omit it or send 1.", "best_of")
+        if self.best_of is not None and self.best_of < self.num_choices:
+            raise invalid(f"best_of ({self.best_of}) must be at least n ({self.num_choices}).", "best_of")
+        if self.stream and self.num_sequences > self.num_choices:
+            raise invalid("best_of cannot be used with stream: the best choices are known only at the end.",
+                          "best_of")
         if self.echo:
             raise invalid("echo=true is not supported; omit it.", "echo")
         if self.suffix:
             raise invalid("suffix is not supported: this server does not insert text; omit it.", "suffix")
+
+    @property
+    def num_sequences(self) -> int:
+        return max(self.best_of or 1, self.num_choices)
 
     def prompt_input(self) -> str | list[int]:
         """The one prompt, as text or token ids."""
@@ -225,55 +239,76 @@ class CompletionRequest(_GenerationRequest):
         return self._sampling(self.max_tokens, self.logprobs)
 
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    def as_template_input(self) -> dict[str, str]:
-        """The message as chat templates read it; text parts are joined by newlines."""
-        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-        message = {"role": self.role, "content": content}
-        if self.name is not None:
-            message["name"] = self.name
-        return message
-
-
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Takes precedence over max_tokens.")
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Needs logprobs=true.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported; omit it.")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' is supported.")
-    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS, description=(
+        "Functions the model may call; described to it through its chat template."))
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(None, description=(
+        "auto (the default with tools): the model decides; none: no calls; required or a named function: "
+        "the output is that many calls, enforced by a grammar."))
+    parallel_tool_calls: bool | None = Field(None, description="Allow several calls in one reply [true].")
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise invalid("tools are not supported by this server; omit tools and tool_choice.", "tools")
-        if self.tool_choice not in (None, "none"):
-            raise invalid("tool_choice is not supported by this server; omit it.", "tool_choice")
+        try:
+            check_tools(self._tools(), self._tool_choice())
+        except ValueError as exc:
+            raise invalid(str(exc), "tool_choice" if "tool_choice" in str(exc) else "tools") from None
+        if self.forces_tool_calls and self._structured_fields():
+            raise invalid(f"tool_choice {self._tool_choice()!r} and {self._structured_fields()[0]} each constrain "
+                          "the output; send only one of them.", "tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("top_logprobs needs logprobs=true.", "top_logprobs")
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return [m.as_template_input() for m in self.messages]
+    def _tools(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True, by_alias=True) for t in self.tools] if self.tools else None
+
+    def _tool_choice(self) -> str | dict | None:
+        choice = self.tool_choice
+        return choice.model_dump(by_alias=True) if isinstance(choice, NamedToolChoice) else choice
+
+    @property
+    def offers_tools(self) -> bool:
+        """The model is told about the tools and its output is read for calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forces_tool_calls(self) -> bool:
+        return self.offers_tools and self.tool_choice not in (None, "auto")
+
+    def template_input(self, tool_family: str, template_supports_tools: bool) -> tuple[list[dict], list[dict] | None]:
+        """(messages, tools) to render the prompt with: the family's format for the tools,
+        the history's calls and results where the template has no tool support."""
+        messages = [m.as_template_input() for m in self.messages]
+        if not self.offers_tools and not any(m.role == "tool" or m.tool_calls for m in self.messages):
+            return messages, None
+        return template_messages(messages, self._tools() if self.offers_tools else None, tool_family,
+                                 template_supports_tools)
 
     def field_names(self) -> dict[str, str]:
-        return {**super().field_names(),
-                "max_tokens": "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens",
-                "logprobs": "top_logprobs"}
+        names = {**super().field_names(),
+                 "max_tokens": "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens",
+                 "logprobs": "top_logprobs"}
+        if self.forces_tool_calls:
+            names["structured_output"] = "tool_choice"
+        return names
 
-    def sampling(self) -> dict[str, Any]:
-        """The `Frontend.prepare` sampling fields of this request."""
+    def sampling(self, tool_family: str = "hermes") -> dict[str, Any]:
+        """The `Frontend.prepare` sampling fields of this request; a required or named tool
+        choice is a grammar in `tool_family`'s call format."""
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        fields = self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        if self.forces_tool_calls:
+            try:
+                grammar = forced_tool_grammar(tool_family, self._tools(), self._tool_choice(),
+                                              self.parallel_tool_calls is not False)
+            except ValueError as exc:
+                raise invalid(str(exc), "tool_choice") from None
+            fields["structured_output"] = StructuredOutput.grammar(grammar)
+        return fields
 
 
 class TokenizeRequest(_Body):

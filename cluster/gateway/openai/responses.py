@@ -80,9 +80,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the reply is only tool calls
+    tool_calls: list[ToolCallOut] | None = Field(**_OMIT_IF_NONE)
 
 
 class ChatChoice(BaseModel):
@@ -103,9 +115,25 @@ class ChatCompletionResponse(BaseModel):
     prompt_token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(**_OMIT_IF_NONE)  # in the call's first delta only
+    arguments: str  # the next piece of the arguments' JSON text
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of one tool call in a stream, as OpenAI's client accumulates it: the first
+    delta of call `index` carries its id, type and name; later ones more arguments."""
+
+    index: int
+    id: str | None = Field(**_OMIT_IF_NONE)
+    type: Literal["function"] | None = Field(**_OMIT_IF_NONE)
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(**_OMIT_IF_NONE)
     content: str | None = Field(**_OMIT_IF_NONE)
+    tool_calls: list[ToolCallDelta] | None = Field(**_OMIT_IF_NONE)
 
 
 class ChatChunkChoice(BaseModel):
