@@ -73,3 +73,93 @@ def test_greedy_structured_outputs_equal_across_deployments(disaggregated, coloc
     for i, schema in enumerate(schemas):
         assert _schema_request(_client(disaggregated), schema, 2 * i) == _schema_request(
             _client(colocated), schema, 2 * i)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 30},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
+                   "properties": {"zone": {"type": "string", "maxLength": 20}}}}}
+TOOLS = [WEATHER, TIME]
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+def _streamed_tool_calls(chunks) -> tuple[list[tuple[str, str]], list[str]]:
+    """(name, arguments) per call as the OpenAI client accumulates deltas, and the finishes."""
+    calls: dict[int, list[str]] = {}
+    finishes = []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            for piece in choice.delta.tool_calls or []:
+                call = calls.setdefault(piece.index, ["", ""])
+                call[0] += piece.function.name or ""
+                call[1] += piece.function.arguments or ""
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+    return [tuple(calls[i]) for i in sorted(calls)], finishes
+
+
+@pytest.mark.parametrize("deployment", ["disaggregated", "colocated"])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
+                         ids=["required", "named"])
+def test_forced_tool_calls_validate_streamed_and_not(request, deployment, choice):
+    client = _client(request.getfixturevalue(deployment))
+    kwargs = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": choice, "max_tokens": 120,
+              "temperature": 0}
+    reply = client.chat.completions.create(**kwargs)
+    calls = [(c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls]
+    assert reply.choices[0].finish_reason == "tool_calls" and calls
+    for name, arguments in calls:
+        assert name in (PARAMETERS if choice == "required" else {"get_time"})
+        jsonschema.validate(json.loads(arguments), PARAMETERS[name])
+    streamed, finishes = _streamed_tool_calls(client.chat.completions.create(stream=True, **kwargs))
+    assert streamed == calls and finishes == ["tool_calls"]
+
+
+@pytest.mark.parametrize("deployment", ["disaggregated", "colocated"])
+def test_a_tool_result_in_the_history_gets_a_text_answer(request, deployment):
+    client = _client(request.getfixturevalue(deployment))
+    first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=80, temperature=0,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = first.choices[0].message.tool_calls[0]
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
+    reply = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=40,
+                                           temperature=0, tool_choice="none")
+    assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+    assert reply.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("deployment", ["disaggregated", "colocated"])
+def test_four_streamed_choices_share_one_prompt(request, deployment):
+    server = request.getfixturevalue(deployment)
+    client = _client(server)
+    kwargs = {"model": MODEL, "max_tokens": 24, "temperature": 0,
+              "messages": [{"role": "user", "content": "Name three rivers in Europe."}]}
+    single = client.chat.completions.create(**kwargs).choices[0].message.content
+    before = _routes(server)
+    texts: dict[int, str] = {}
+    for chunk in client.chat.completions.create(stream=True, n=4, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert texts == {i: single for i in range(4)}
+    routed = {path: n - before.get(path, 0) for path, n in _routes(server).items()}
+    # One sequence takes the usual path (prefilled remotely when disaggregated); the
+    # other three join it on its decode worker and share its prompt's pages.
+    assert routed.get("group") == 3
+    assert routed.get("remote" if deployment == "disaggregated" else "local") == 1
+
+
+def _routes(server: ServeProcess) -> dict[str, float]:
+    """pdserve_routes_total by prefill path, summed over decode workers."""
+    routes: dict[str, float] = {}
+    for name, value in server.metrics().items():
+        if name.startswith("pdserve_routes_total{"):
+            path = name.split('prefill="')[1].split('"')[0]
+            routes[path] = routes.get(path, 0) + value
+    return routes
