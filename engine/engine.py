@@ -18,11 +18,15 @@ never known) the follower is queued, so it finds the prompt's full pages in the 
 cache (or, while the leader still computes them, waits for them: the scheduler never lets
 a waiting request recompute a prefix a running one is computing). The prompt's KV is
 computed and transferred once; each follower computes only its last, partial page.
+
+Prompt logprobs: a request that asks for them computes its whole prompt (cached pages have
+no logits), every chunk returning the logits of all its tokens; `StepLogits` says which
+rows are whose, and each chunk's prompt logprobs go into the request until its first
+token's delta carries them. A remote request's come in the prefill worker's TransferDone.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from typing import NamedTuple
@@ -40,7 +44,13 @@ from pdserve.runtime.model_runner import ModelRunner
 from pdserve.runtime.request import Request, RequestState, TokenDelta, resumed_arrival
 from pdserve.runtime.sampler import Sampler, make_generator
 from pdserve.runtime.sampling_params import SamplingParams
-from pdserve.runtime.scheduler import BatchScheduler, RequestRejected, build_forward_batch
+from pdserve.runtime.scheduler import (
+    BatchScheduler,
+    RequestRejected,
+    ScheduledChunk,
+    StepLogits,
+    build_forward_batch,
+)
 from pdserve.runtime.stopping import FinishReason, check_stop_token
 from pdserve.runtime.structured_output import GrammarCompiler, start_grammar
 
@@ -94,7 +104,8 @@ class EngineCore:
                            resume_at: int | None = None) -> KVTicket | None:
         """Take a remote request (a prefill worker computes its prompt): reserve its
         blocks and return the ticket to hand to that worker, or None when there is no
-        room now. `resume_at`: see `add_request`."""
+        room now or its prompt logprobs are too many to ship (`RemoteRequests.add`).
+        `resume_at`: see `add_request`."""
         if self.remote is None:
             raise RuntimeError("this engine has no KV receiver; create it with kv_receiver=")
         return self.remote.add(self._new_request(request_id, prompt_ids, params, resume_at))
@@ -185,46 +196,52 @@ class EngineCore:
             return outputs
         started = time.perf_counter()
         batch = build_forward_batch(chunks, self.info.block_size, self.runner.device)
-        logits = self.runner.execute(batch)
+        logits = StepLogits(chunks, self.runner.execute(batch))
         self.scheduler.update(chunks)
+        for chunk in chunks:
+            if chunk.request.wants_prompt_logprobs:
+                chunk.request.record_prompt_logprobs(chunk.start, logits.prompt_logprobs(chunk))
         sampling = [c for c in chunks if c.samples]
-        rows = list(itertools.accumulate((1 + len(c.draft) for c in sampling), initial=0))  # logits rows
-        plain = [i for i, c in enumerate(sampling) if not c.draft]
+        plain = [c for c in sampling if not c.draft]
         if plain:
-            plain_requests = [sampling[i].request for i in plain]
-            if len(plain) < len(sampling):  # some rows verify drafts: take the others' rows
-                logits_plain = logits[torch.tensor([rows[i] for i in plain], device=logits.device)]
-            else:
-                logits_plain = logits
-            out = self.sampler(logits_plain, [r.params for r in plain_requests],
-                               [r.generator_for_next_token() for r in plain_requests], plain_requests,
-                               [r.grammar for r in plain_requests])
-            # One host copy per step, not one per row.
-            token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
-            for row, request in enumerate(plain_requests):
-                request.output_ids.append(token_ids[row])
-                top = out.top_for(row, request.params.logprobs)
-                outputs.append(self._emit(request, logprobs[row], top))
-        for i, chunk in enumerate(sampling):
+            outputs += self._sample(plain, logits.sampled(plain))
+        for chunk in sampling:
             if chunk.draft:
-                request = chunk.request
-                # The scheduler may have cut the draft short, and the grammar cuts it at its
-                # first forbidden token; q is cut with it. The KV of the tokens cut is
-                # computed but never committed.
-                draft = drafts[request.request_id]
-                kept, masks = chunk.draft, None
-                if request.grammar is not None:
-                    kept = kept[:request.grammar.validate_prefix(kept)]
-                    masks = request.grammar.masks_along(kept, logits.shape[1])
-                probs = draft.probs[:len(kept)] if draft.probs is not None else None
-                # Only requests whose controls do not depend on the draft position are
-                # speculated (`Speculator.propose`): verify needs no history.
-                verified = verify(logits[rows[i]:rows[i] + len(kept) + 1], Draft(kept, probs), request.params,
-                                  request.generator_for_next_token(), masks)
-                outputs.append(self._emit_verified(request, chunk.draft, verified))
+                outputs.append(self._verify(chunk, drafts[chunk.request.request_id], logits.verified(chunk)))
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started
         return outputs
+
+    def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[TokenDelta]:
+        """Sample one token for each chunk (row i of `logits` is chunk i's) and emit it."""
+        requests = [c.request for c in chunks]
+        out = self.sampler(logits, [r.params for r in requests], [r.generator_for_next_token() for r in requests],
+                           requests, [r.grammar for r in requests])
+        # One host copy per step, not one per row.
+        token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
+        deltas = []
+        for row, request in enumerate(requests):
+            request.output_ids.append(token_ids[row])
+            deltas.append(self._emit(request, logprobs[row], out.top_for(row, request.params.logprobs)))
+        return deltas
+
+    def _verify(self, chunk: ScheduledChunk, draft: Draft, logits: torch.Tensor) -> TokenDelta:
+        """Verify the chunk's draft against `logits` (after its last committed token and
+        each draft token) and emit the tokens kept."""
+        request = chunk.request
+        # The scheduler may have cut the draft short, and the grammar cuts it at its first
+        # forbidden token; q is cut with it. The KV of the tokens cut is computed but never
+        # committed.
+        kept, masks = chunk.draft, None
+        if request.grammar is not None:
+            kept = kept[:request.grammar.validate_prefix(kept)]
+            masks = request.grammar.masks_along(kept, logits.shape[1])
+        probs = draft.probs[:len(kept)] if draft.probs is not None else None
+        # Only requests whose controls do not depend on the draft position are speculated
+        # (`Speculator.propose`): verify needs no history.
+        verified = verify(logits[:len(kept) + 1], Draft(kept, probs), request.params,
+                          request.generator_for_next_token(), masks)
+        return self._emit_verified(request, chunk.draft, verified)
 
     def _emit_verified(self, request: Request, draft: tuple[int, ...], verified: Verified) -> TokenDelta:
         """Append a verified run of tokens, stopping at the first that ends the request;
@@ -272,12 +289,16 @@ class EngineCore:
 
     def _emit(self, request: Request, logprob: float, top) -> TokenDelta:
         """The delta for the token just appended to `request`; finishes it if that token
-        ends it."""
+        ends it. The first token's delta carries the prompt logprobs asked for."""
         token = request.output_ids[-1]
         reason = self._advance(request, token)
         if reason is not None:
             self.finish_request(request.request_id, reason)
+        prompt_logprobs = None
+        if request.num_output_tokens == 1 and request.asked_prompt_logprobs:
+            # Handed over once: the request need not hold them while it decodes.
+            prompt_logprobs, request.prompt_logprobs = tuple(request.prompt_logprobs), []
         return TokenDelta(request.request_id, (token,), (logprob,), (top,) if top else None, reason,
-                          request.num_prompt_tokens, request.num_cached_tokens)
+                          request.num_prompt_tokens, request.num_cached_tokens, prompt_logprobs=prompt_logprobs)
 
 

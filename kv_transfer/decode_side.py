@@ -1,11 +1,13 @@
 """The decode side of the hop: remote requests, whose prompt KV a prefill worker computes.
 
     add      -> scheduler.reserve_remote (decode first: blocks before any prefill work)
-                -> receiver.issue -> KVTicket for the prefill worker
+                -> receiver.issue -> KVTicket for the prefill worker; a request whose
+                prompt logprobs could not ride a TransferDone is left to local prefill
     poll     -> each step: expire tickets past their deadline; a SUCCEEDED transfer starts
                 decoding with the first token the prefill worker sampled
-                (scheduler.start_remote) once that token and its logprobs are in range
-                for the model and the request; a FAILED one, or one whose first token is
+                (scheduler.start_remote) once that token, its logprobs and the prompt
+                logprobs are in range for the model and the request (the prompt logprobs
+                go to the request); a FAILED one, or one whose first token is
                 unusable, is prefilled here (policy RECOMPUTE, the default:
                 scheduler.fall_back_to_local) or ends with ERROR
     fail     -> the prefill side gave up: the transfer fails now, settled at the next poll
@@ -23,7 +25,13 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, NamedTuple
 
-from pdserve.kv_transfer.messages import KVTicket, TransferDone, first_token_problem
+from pdserve.kv_transfer.messages import (
+    MAX_DONE_BYTES,
+    KVTicket,
+    TransferDone,
+    done_bytes_bound,
+    first_token_problem,
+)
 from pdserve.kv_transfer.receiver import KVReceiver, TransferState
 from pdserve.runtime.request import Request, TokenDelta
 from pdserve.runtime.stopping import FinishReason
@@ -64,7 +72,11 @@ class RemoteRequests:
 
     def add(self, request: Request) -> KVTicket | None:
         """Reserve blocks and issue a ticket, or None when the pool cannot hold the
-        request now (nothing is held then; the caller may retry or prefill locally)."""
+        request now, or when its prompt logprobs would make the TransferDone larger than a
+        transport may carry (nothing is held then; the caller may retry or prefill locally)."""
+        if not _done_fits_the_hop(request):
+            self.counts["prompt_logprobs_too_large"] += 1
+            return None
         if not self.scheduler.reserve_remote(request):
             self.counts["no_room"] += 1
             return None
@@ -114,6 +126,7 @@ class RemoteRequests:
                 reason = self._unusable(request_id, status.done)
                 if reason is None:
                     request = self.scheduler.start_remote(request_id, status.done.first_token)
+                    request.record_prompt_logprobs(0, status.done.prompt_logprobs)
                     started.append(Started(request, status.done, waited))
                     self.counts["succeeded"] += 1
                     continue
@@ -125,11 +138,15 @@ class RemoteRequests:
 
     def _unusable(self, request_id: str, done: TransferDone) -> str | None:
         """Why the engine must not start from `done` (a token id outside the vocabulary,
-        more top logprobs than the request asked for, a logprob that is not one); None if
+        more top logprobs than the request asked for, a logprob that is not one, prompt
+        logprobs it did not ask for or not one per prompt token after the first); None if
         it may. The receiver has checked the vocabulary already when it knows it; this
         check also knows the request."""
-        params = self.scheduler.waiting_for_kv[request_id].params
-        problem = first_token_problem(done, self.receiver.vocab_size, params.logprobs or 0)
+        request = self.scheduler.waiting_for_kv[request_id]
+        params = request.params
+        num_prompt_logprobs = request.num_prompt_tokens - 1 if request.wants_prompt_logprobs else 0
+        problem = first_token_problem(done, self.receiver.vocab_size, params.logprobs or 0,
+                                      num_prompt_logprobs, params.prompt_logprobs or 0)
         if problem is None:
             return None
         self.receiver.count_rejection("bad_token")
@@ -144,3 +161,12 @@ class RemoteRequests:
         self.counts["failed"] += 1
         return TokenDelta(request_id, (), (), None, FinishReason.ERROR, request.num_prompt_tokens,
                           request.num_cached_tokens)
+
+
+def _done_fits_the_hop(request: Request) -> bool:
+    """Whether every transport carries the request's TransferDone, with the prompt logprobs
+    it wants (`MAX_DONE_BYTES`)."""
+    if not request.wants_prompt_logprobs:
+        return True
+    bound = done_bytes_bound(request.request_id, request.num_prompt_tokens - 1, request.params.prompt_logprobs)
+    return bound <= MAX_DONE_BYTES

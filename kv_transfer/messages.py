@@ -5,7 +5,8 @@ cross the KV link.
     PrefillResult   prefill -> gateway   the job settled: KV accepted by decode, or why not
     KVTicket        decode -> prefill    where to write: destination blocks, secret, deadline
     PagesHeader     prefill -> decode    one layer's pages, then `nbytes` raw bytes
-    TransferDone    prefill -> decode    every page sent; the first sampled token
+    TransferDone    prefill -> decode    every page sent; the first sampled token (and the
+                                         prompt logprobs, when the request asked for them)
     TransferAbort   either way           give up on a ticket, with a reason
     MessageRejected (raised on the sender) the receiver refused a message, and why
 
@@ -15,6 +16,10 @@ checks every field's type and rejects anything else with `MalformedMessage`; the
 a TransferDone (its token ids and logprobs) are checked against the model and the request
 by `first_token_problem`. PrefillJob and PrefillResult travel between Ray processes, not
 over the KV link.
+
+Every transport carries a message of up to `MAX_DONE_BYTES`; the decode side prefills a
+prompt itself when its prompt logprobs could make the TransferDone larger
+(`done_bytes_bound`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 
-from pdserve.runtime.sampling_params import SamplingParams
+from pdserve.runtime.request import PromptLogprob
+from pdserve.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class MalformedMessage(ValueError):
@@ -99,6 +105,8 @@ class TransferDone:
     first_token: int
     logprob: float
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    # Prompt tokens 1 .. P - 1's logprobs when the request asked for them, else empty.
+    prompt_logprobs: tuple[PromptLogprob, ...] = ()
 
     kind: ClassVar[str] = "done"
 
@@ -144,7 +152,11 @@ for _cls in (KVLayout, KVTicket, *_CLASSES.values()):
 
 _TYPES = {"str": (str,), "int": (int,), "bytes": (bytes,), "float": (float, int),
           "tuple[int, ...]": (list, tuple), "tuple[tuple[int, float], ...]": (list, tuple),
-          "KVLayout": (dict,)}
+          "tuple[PromptLogprob, ...]": (list, tuple), "KVLayout": (dict,)}
+
+# The smallest frame head of any transport (torch.distributed's: 4 KiB less its two lengths)
+# bounds every message but a chunk's pages, which travel as payload.
+MAX_DONE_BYTES = 4000
 
 
 def encode(message: Any) -> bytes:
@@ -173,21 +185,48 @@ def decode(data: bytes | memoryview, expected: type | None = None) -> Any:
     return _from_plain(cls, body)
 
 
+def done_bytes_bound(request_id: str, num_prompt_logprobs: int, prompt_top: int) -> int:
+    """The most bytes a TransferDone of this request encodes to when it carries
+    `num_prompt_logprobs` prompt logprobs of `prompt_top` alternatives each: every number
+    at its widest msgpack form, the first token with MAX_LOGPROBS alternatives."""
+    widest_id, widest_float = 2**32 - 1, -1e300  # token ids and ranks are < 2**32
+    fixed = TransferDone(request_id, 2**64 - 1, bytes(16), widest_id, widest_float,
+                         ((widest_id, widest_float),) * MAX_LOGPROBS)
+    entry = PromptLogprob(widest_float, widest_id, ((widest_id, widest_float),) * prompt_top)
+    array_header = 5  # msgpack's array32 header: the widest
+    return len(encode(fixed)) + array_header + num_prompt_logprobs * len(msgpack.packb(entry))
+
+
 # A log-probability is <= 0; logits - logsumexp may round a hair above it.
 _LOGPROB_ROUNDING = 1e-3
 
 
-def first_token_problem(done: TransferDone, vocab_size: int | None, max_top_logprobs: int) -> str | None:
+def first_token_problem(done: TransferDone, vocab_size: int | None, max_top_logprobs: int,
+                        num_prompt_logprobs: int = 0, max_prompt_top: int = 0) -> str | None:
     """Why `done`'s sampled token and logprobs cannot be used by a decode engine whose
     vocabulary has `vocab_size` ids (None: unknown, ids are only checked to be non-negative),
-    for a request that asked for at most `max_top_logprobs` alternatives; None if usable."""
-    tokens = [done.first_token, *(token for token, _ in done.top_logprobs)]
+    for a request that asked for at most `max_top_logprobs` alternatives, and for
+    `num_prompt_logprobs` prompt logprobs (0: none) of at most `max_prompt_top`
+    alternatives each; None if usable."""
+    if len(done.prompt_logprobs) != num_prompt_logprobs:
+        return (f"{len(done.prompt_logprobs)} prompt logprobs sent; expected {num_prompt_logprobs} "
+                "(one per prompt token after the first, when the request asked for them)")
+    tops = [done.top_logprobs, *(entry.top for entry in done.prompt_logprobs)]
+    tokens = [done.first_token, *(token for top in tops for token, _ in top)]
     bad = next((t for t in tokens if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
     if bad is not None:
         return f"token id {bad} is outside the vocabulary [0, {vocab_size if vocab_size is not None else 'inf'})"
     if len(done.top_logprobs) > max_top_logprobs:
         return f"{len(done.top_logprobs)} top logprobs sent; at most {max_top_logprobs} allowed"
-    values = [done.logprob, *(value for _, value in done.top_logprobs)]
+    widest = max((len(entry.top) for entry in done.prompt_logprobs), default=0)
+    if widest > max_prompt_top:
+        return f"{widest} alternatives sent for a prompt token; at most {max_prompt_top} allowed"
+    bad_rank = next((e.rank for e in done.prompt_logprobs
+                     if e.rank < 1 or (vocab_size is not None and e.rank > vocab_size)), None)
+    if bad_rank is not None:
+        return f"prompt token rank {bad_rank} is outside [1, {vocab_size if vocab_size is not None else 'inf'}]"
+    values = [done.logprob, *(e.logprob for e in done.prompt_logprobs),
+              *(value for top in tops for _, value in top)]
     bad_value = next((v for v in values if math.isnan(v) or v > _LOGPROB_ROUNDING), None)
     if bad_value is not None:
         return f"logprob {bad_value} is not a log-probability (a number <= 0)"
@@ -222,11 +261,27 @@ def _from_plain(cls: type, body: dict) -> Any:
                 raise MalformedMessage(f"{cls.__name__}.{name} must hold integers")
             value = tuple(value)
         elif type_name == "tuple[tuple[int, float], ...]":
-            if not all(isinstance(p, (list, tuple)) and len(p) == 2 and _is_int(p[0])
-                       and isinstance(p[1], (int, float)) and not isinstance(p[1], bool) for p in value):
+            if not _is_pairs(value):
                 raise MalformedMessage(f"{cls.__name__}.{name} must hold (id, logprob) pairs")
             value = tuple((int(a), float(b)) for a, b in value)
+        elif type_name == "tuple[PromptLogprob, ...]":
+            value = tuple(_prompt_logprob(cls.__name__, name, entry) for entry in value)
         elif type_name == "float":
             value = float(value)
         values[name] = value
     return cls(**values)
+
+
+def _is_pairs(value: object) -> bool:
+    """Whether `value` is a list of (int, number) pairs, as msgpack decodes them."""
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and _is_int(p[0])
+        and isinstance(p[1], (int, float)) and not isinstance(p[1], bool) for p in value)
+
+
+def _prompt_logprob(message: str, name: str, entry: object) -> PromptLogprob:
+    """A decoded [logprob, rank, [[id, logprob], ...]] as a PromptLogprob."""
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], (int, float))
+            and not isinstance(entry[0], bool) and _is_int(entry[1]) and _is_pairs(entry[2])):
+        raise MalformedMessage(f"{message}.{name} must hold [logprob, rank, [[id, logprob], ...]] entries")
+    return PromptLogprob(float(entry[0]), entry[1], tuple((int(a), float(b)) for a, b in entry[2]))

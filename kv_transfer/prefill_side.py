@@ -6,6 +6,7 @@ The prefill engine only reports progress; this module decides what to send:
     computed(request_id, table, n)   prompt tokens [0, n) are computed -> the pages to send
     push_layer(layer, sends)         those pages are ready at `layer` (during the forward)
     prefilled(request_id, token...)  the prompt is done: TransferDone with the first token
+                                     (and the prompt logprobs, when asked for)
     settle()                         transfers the decode worker accepted or that failed
 
 Page cursor. The destination holds the ticket's pages [first_page, ...). After a chunk
@@ -27,6 +28,7 @@ from typing import NamedTuple
 
 from pdserve.kv_transfer.messages import PrefillJob, TransferDone
 from pdserve.kv_transfer.pusher import KVPusher, SendState
+from pdserve.runtime.request import PromptLogprob
 
 
 class PageSend(NamedTuple):
@@ -88,12 +90,15 @@ class PrefillJobs:
             self.pusher.push(send.ticket_id, layer, send.page_start, send.block_ids)
 
     def prefilled(self, request_id: str, first_token: int, logprob: float,
-                  top_logprobs: tuple[tuple[int, float], ...]) -> None:
+                  top_logprobs: tuple[tuple[int, float], ...],
+                  prompt_logprobs: tuple[PromptLogprob, ...] = ()) -> None:
         """The prompt is complete and its first token sampled: every page was pushed;
-        tell the decode worker, and wait for its verdict."""
+        tell the decode worker, and wait for its verdict. `prompt_logprobs`: one per prompt
+        token after the first when the request asked for them, else empty."""
         ticket = self._computing.pop(request_id).job.ticket
         self.pusher.finish(ticket.ticket_id, TransferDone(
-            ticket.request_id, ticket.ticket_id, ticket.secret, first_token, logprob, top_logprobs))
+            ticket.request_id, ticket.ticket_id, ticket.secret, first_token, logprob, top_logprobs,
+            prompt_logprobs))
         self._sending[request_id] = ticket.ticket_id
 
     def abort(self, request_id: str, reason: str) -> bool:

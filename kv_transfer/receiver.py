@@ -59,7 +59,7 @@ REJECTION_REASONS = (
     "bad_layout",  # dtype, shape or byte count other than the pool's layout implies
     "checksum",  # the payload does not match its CRC-32C
     "incomplete",  # TransferDone before every page of every layer arrived
-    "bad_token",  # TransferDone's first token or logprobs out of range
+    "bad_token",  # TransferDone's first token, logprobs or prompt logprobs out of range
     "no_staging_memory",  # no room for a connection's staging memory (shm: /dev/shm is full)
     "internal_error",  # the receiver failed on a frame (a bug); the frame was refused
 )
@@ -212,7 +212,10 @@ class KVReceiver:
         also raised for a foreign message."""
         with self._lock:
             live = self._check_ticket(done.ticket_id, done.secret, done.request_id)
-            problem = first_token_problem(done, self.vocab_size, MAX_LOGPROBS)
+            # Whether the request asked for prompt logprobs is the decode side's to check:
+            # here, none, or one per prompt token after the first.
+            num_prompt_logprobs = live.ticket.num_prompt_tokens - 1 if done.prompt_logprobs else 0
+            problem = first_token_problem(done, self.vocab_size, MAX_LOGPROBS, num_prompt_logprobs, MAX_LOGPROBS)
             if problem is not None:
                 reason = f"unusable first token: {problem}"
                 self._fail(live, reason)

@@ -3,9 +3,10 @@
 One step: the shared batch scheduler picks prompt chunks under the token budget (its own
 radix cache skips prefixes this worker computed before); the forward pass runs, and as
 each layer finishes, the pages that layer completed are pushed while the later layers
-compute. A job whose prompt is complete samples its first token and ends with
-FinishReason.PREFILLED; its blocks go back at once (its pages stay in the radix cache for
-later prompts).
+compute. A job that asked for prompt logprobs reads them off every chunk's logits (and
+reuses no cached prefix). A job whose prompt is complete samples its first token and ends
+with FinishReason.PREFILLED; its blocks go back at once (its pages stay in the radix cache
+for later prompts).
 
 What is sent, and when a job's transfer settles, is the hop's business
 (`pdserve.kv_transfer.prefill_side`): the engine only says which prompt tokens are
@@ -24,7 +25,7 @@ from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
 from pdserve.runtime.model_runner import ModelRunner
 from pdserve.runtime.request import Request, resumed_arrival
 from pdserve.runtime.sampler import Sampler, make_generator
-from pdserve.runtime.scheduler import BatchScheduler, build_forward_batch
+from pdserve.runtime.scheduler import BatchScheduler, StepLogits, build_forward_batch
 from pdserve.runtime.stopping import FinishReason
 from pdserve.runtime.structured_output import GrammarCompiler, start_grammar
 
@@ -89,18 +90,24 @@ class PrefillEngine:
         def on_layer_done(layer: int) -> None:
             self.jobs.push_layer(layer, sends)
 
-        logits = self.runner.execute(batch, on_layer_done)
+        logits = StepLogits(chunks, self.runner.execute(batch, on_layer_done))
         self.scheduler.update(chunks)
-        sampling = [c.request for c in chunks if c.samples]
+        for chunk in chunks:
+            if chunk.request.wants_prompt_logprobs:
+                chunk.request.record_prompt_logprobs(chunk.start, logits.prompt_logprobs(chunk))
+        sampling = [c for c in chunks if c.samples]
         if sampling:
+            requests = [c.request for c in sampling]
             # The first token sees the same logits controls as on a decode worker: the
             # prompt, and as output only the tokens a resumed request carries.
-            out = self.sampler(logits, [r.params for r in sampling], [r.generator_for_next_token() for r in sampling],
-                               sampling, [r.grammar for r in sampling])
+            out = self.sampler(logits.sampled(sampling), [r.params for r in requests],
+                               [r.generator_for_next_token() for r in requests], requests,
+                               [r.grammar for r in requests])
             token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
-            for row, request in enumerate(sampling):
+            for row, request in enumerate(requests):
                 top = out.top_for(row, request.params.logprobs)
-                self.jobs.prefilled(request.request_id, token_ids[row], logprobs[row], top)
+                prompt_logprobs = tuple(request.prompt_logprobs) if request.asked_prompt_logprobs else ()
+                self.jobs.prefilled(request.request_id, token_ids[row], logprobs[row], top, prompt_logprobs)
                 self.scheduler.finish(request.request_id, FinishReason.PREFILLED)
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/proto/serving.proto\x12\x12pdserve.serving.v1\"\xac\x08\n\x0fGenerateRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x17\n\nrequest_id\x18\x02 \x01(\tH\x02\x88\x01\x01\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x31\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x1c.pdserve.serving.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x18.pdserve.serving.v1.ChatH\x00\x12\x17\n\nmax_tokens\x18\n \x01(\rH\x03\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\r \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\r\x12\x17\n\nignore_eos\x18\x12 \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\n\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x14 \x01(\x08H\x0b\x88\x01\x01\x12\x16\n\tspeculate\x18\x16 \x01(\x08H\x0c\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x17 \x01(\x02H\r\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x18 \x01(\x02H\x0e\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x19 \x01(\x02H\x0f\x88\x01\x01\x12\x46\n\nlogit_bias\x18\x1a \x03(\x0b\x32\x32.pdserve.serving.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x1b \x01(\rH\x10\x88\x01\x01\x12?\n\x11structured_output\x18\x1c \x01(\x0b\x32$.pdserve.serving.v1.StructuredOutput\x12\x1c\n\x0ftimeout_seconds\x18\x15 \x01(\x01H\x11\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05inputB\x08\n\x06_modelB\r\n\x0b_request_idB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x1d\n\x1b_include_stop_str_in_outputB\x0c\n\n_speculateB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x12\n\x10_timeout_seconds\"\xbb\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12-\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1b.pdserve.serving.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x13\n\x06strict\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x06\n\x04kindB\t\n\x07_strict\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"9\n\x04\x43hat\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.pdserve.serving.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x35\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1f.pdserve.serving.v1.TopLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12(\n\x05usage\x18\x07 \x01(\x0b\x32\x19.pdserve.serving.v1.Usage\"E\n\x0bTopLogprobs\x12\x36\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32 .pdserve.serving.v1.TokenLogprob\"E\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x12\n\ntoken_text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xb3\x01\n\nGeneration\x12W\n\x08Generate\x12#.pdserve.serving.v1.GenerateRequest\x1a$.pdserve.serving.v1.GenerateResponse0\x01\x12L\n\x05\x41\x62ort\x12 .pdserve.serving.v1.AbortRequest\x1a!.pdserve.serving.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/proto/serving.proto\x12\x12pdserve.serving.v1\"\xde\x08\n\x0fGenerateRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x17\n\nrequest_id\x18\x02 \x01(\tH\x02\x88\x01\x01\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x31\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x1c.pdserve.serving.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x18.pdserve.serving.v1.ChatH\x00\x12\x17\n\nmax_tokens\x18\n \x01(\rH\x03\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\r \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\r\x12\x17\n\nignore_eos\x18\x12 \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\n\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x14 \x01(\x08H\x0b\x88\x01\x01\x12\x16\n\tspeculate\x18\x16 \x01(\x08H\x0c\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x17 \x01(\x02H\r\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x18 \x01(\x02H\x0e\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x19 \x01(\x02H\x0f\x88\x01\x01\x12\x46\n\nlogit_bias\x18\x1a \x03(\x0b\x32\x32.pdserve.serving.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x1b \x01(\rH\x10\x88\x01\x01\x12?\n\x11structured_output\x18\x1c \x01(\x0b\x32$.pdserve.serving.v1.StructuredOutput\x12\x1c\n\x0fprompt_logprobs\x18\x1d \x01(\rH\x11\x88\x01\x01\x12\x1c\n\x0ftimeout_seconds\x18\x15 \x01(\x01H\x12\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05inputB\x08\n\x06_modelB\r\n\x0b_request_idB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x1d\n\x1b_include_stop_str_in_outputB\x0c\n\n_speculateB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobsB\x12\n\x10_timeout_seconds\"\xbb\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12-\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1b.pdserve.serving.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x13\n\x06strict\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x06\n\x04kindB\t\n\x07_strict\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"9\n\x04\x43hat\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.pdserve.serving.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x92\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x35\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1f.pdserve.serving.v1.TopLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12(\n\x05usage\x18\x07 \x01(\x0b\x32\x19.pdserve.serving.v1.Usage\x12?\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32&.pdserve.serving.v1.PromptTokenLogprob\"\x91\x01\n\x12PromptTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x12\n\ntoken_text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x36\n\x0c\x61lternatives\x18\x05 \x03(\x0b\x32 .pdserve.serving.v1.TokenLogprob\"E\n\x0bTopLogprobs\x12\x36\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32 .pdserve.serving.v1.TokenLogprob\"E\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x12\n\ntoken_text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xb3\x01\n\nGeneration\x12W\n\x08Generate\x12#.pdserve.serving.v1.GenerateRequest\x1a$.pdserve.serving.v1.GenerateResponse0\x01\x12L\n\x05\x41\x62ort\x12 .pdserve.serving.v1.AbortRequest\x1a!.pdserve.serving.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=52
-  _globals['_GENERATEREQUEST']._serialized_end=1120
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=794
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=842
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=1123
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1310
-  _globals['_CHOICES']._serialized_start=1312
-  _globals['_CHOICES']._serialized_end=1338
-  _globals['_TOKENIDS']._serialized_start=1340
-  _globals['_TOKENIDS']._serialized_end=1363
-  _globals['_CHAT']._serialized_start=1365
-  _globals['_CHAT']._serialized_end=1422
-  _globals['_CHATMESSAGE']._serialized_start=1424
-  _globals['_CHATMESSAGE']._serialized_end=1468
-  _globals['_GENERATERESPONSE']._serialized_start=1471
-  _globals['_GENERATERESPONSE']._serialized_end=1680
-  _globals['_TOPLOGPROBS']._serialized_start=1682
-  _globals['_TOPLOGPROBS']._serialized_end=1751
-  _globals['_TOKENLOGPROB']._serialized_start=1753
-  _globals['_TOKENLOGPROB']._serialized_end=1822
-  _globals['_USAGE']._serialized_start=1824
-  _globals['_USAGE']._serialized_end=1904
-  _globals['_ABORTREQUEST']._serialized_start=1906
-  _globals['_ABORTREQUEST']._serialized_end=1940
-  _globals['_ABORTRESPONSE']._serialized_start=1942
-  _globals['_ABORTRESPONSE']._serialized_end=1972
-  _globals['_GENERATION']._serialized_start=1975
-  _globals['_GENERATION']._serialized_end=2154
+  _globals['_GENERATEREQUEST']._serialized_end=1170
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=824
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=872
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1173
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1360
+  _globals['_CHOICES']._serialized_start=1362
+  _globals['_CHOICES']._serialized_end=1388
+  _globals['_TOKENIDS']._serialized_start=1390
+  _globals['_TOKENIDS']._serialized_end=1413
+  _globals['_CHAT']._serialized_start=1415
+  _globals['_CHAT']._serialized_end=1472
+  _globals['_CHATMESSAGE']._serialized_start=1474
+  _globals['_CHATMESSAGE']._serialized_end=1518
+  _globals['_GENERATERESPONSE']._serialized_start=1521
+  _globals['_GENERATERESPONSE']._serialized_end=1795
+  _globals['_PROMPTTOKENLOGPROB']._serialized_start=1798
+  _globals['_PROMPTTOKENLOGPROB']._serialized_end=1943
+  _globals['_TOPLOGPROBS']._serialized_start=1945
+  _globals['_TOPLOGPROBS']._serialized_end=2014
+  _globals['_TOKENLOGPROB']._serialized_start=2016
+  _globals['_TOKENLOGPROB']._serialized_end=2085
+  _globals['_USAGE']._serialized_start=2087
+  _globals['_USAGE']._serialized_end=2167
+  _globals['_ABORTREQUEST']._serialized_start=2169
+  _globals['_ABORTREQUEST']._serialized_end=2203
+  _globals['_ABORTRESPONSE']._serialized_start=2205
+  _globals['_ABORTRESPONSE']._serialized_end=2235
+  _globals['_GENERATION']._serialized_start=2238
+  _globals['_GENERATION']._serialized_end=2417
 # @@protoc_insertion_point(module_scope)

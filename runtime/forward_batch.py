@@ -20,9 +20,10 @@ class SeqChunk(NamedTuple):
     token_ids: Sequence[int]  # new tokens to compute this step
     start_pos: int  # tokens of this sequence already in the KV cache
     block_table: Sequence[int]
-    sample: bool  # whether the logits after the last new token are needed
-    # With `sample`: logits of the last `num_logits` new tokens are returned, in order
-    # (more than one when speculative draft tokens are verified in this step).
+    returns_logits: bool  # whether any of this sequence's logits are returned
+    # With `returns_logits`: the logits after each of the last `num_logits` new tokens, in
+    # order. 1 to sample the next token; more to verify speculative draft tokens or to read
+    # prompt logprobs. Why a row is wanted is the caller's business.
     num_logits: int = 1
 
 
@@ -32,7 +33,7 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64 flat cache slots
     block_tables: torch.Tensor  # [B, max_pages] int64, padded with 0 (never read)
-    sample_indices: torch.Tensor  # [S] int64 rows of T whose logits are returned
+    sample_indices: torch.Tensor  # [S] int64 rows of T whose logits are returned, sequence by sequence
     query_lens: tuple[int, ...]  # host copies; sum == T
     seq_lens: tuple[int, ...]  # context length of each sequence after this step
 
@@ -67,7 +68,7 @@ class ForwardBatch:
             for pos in range(chunk.start_pos, end):
                 positions.append(pos)
                 slots.append(chunk.block_table[pos // block_size] * block_size + pos % block_size)
-            if chunk.sample:
+            if chunk.returns_logits:
                 if not 1 <= chunk.num_logits <= n:
                     raise ValueError(f"sequence {i}: num_logits {chunk.num_logits} outside [1, {n}]")
                 sample_indices.extend(range(len(input_ids) - chunk.num_logits, len(input_ids)))

@@ -7,12 +7,21 @@
 There is no prefill or decode phase, only how far `num_computed_tokens` lags behind
 `num_tokens`: a prompt being prefilled lags by many, a decoding sequence by one, and a
 preempted sequence (recomputed from scratch) by all of its tokens.
+
+Prompt logprobs (`SamplingParams.prompt_logprobs`) are read off the prompt's logits as it is
+computed, chunk by chunk, into `Request.prompt_logprobs`, and travel on the request's first
+`TokenDelta`. The logits after prompt token i score token i + 1:
+
+    prompt tokens          p0      p1      ...   p(P-2)      p(P-1)
+    their logits score     p1      p2      ...   p(P-1)      the first output token
+    prompt_logprobs        [0]     [1]     ...   [P-2]       (sampled instead)
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -31,6 +40,15 @@ def resumed_arrival() -> int:
     """An arrival for a request continued from another worker: ahead of every new one,
     behind requests resumed before it."""
     return next(_resumed_counter)
+
+
+class PromptLogprob(NamedTuple):
+    """One prompt token's log-probability given the tokens before it, under the model's raw
+    distribution (log_softmax of the unmodified logits, as sampled tokens' logprobs)."""
+
+    logprob: float
+    rank: int  # 1 + the number of tokens more likely than it there
+    top: tuple[tuple[int, float], ...]  # the k most likely (token id, logprob) there, best first
 
 
 class RequestState(enum.Enum):
@@ -63,10 +81,34 @@ class Request:
     # Where the output stands in `params.structured_output`'s grammar: it has consumed
     # exactly the output tokens (carried ones included). None without structured output.
     grammar: GrammarMatcher | None = None
+    # Entry j - 1 belongs to prompt token j (see the module docstring); filled while the
+    # prompt is computed here (`record_prompt_logprobs`) or from the prefill worker's message.
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
 
     @property
     def is_resumed(self) -> bool:
         return self.arrival < 0
+
+    @property
+    def asked_prompt_logprobs(self) -> bool:
+        """Its first delta carries prompt logprobs: the client asked for them, and this request
+        starts the client's output (a migrated request that carries output tokens continues a
+        stream whose first delta had them already)."""
+        return self.params.prompt_logprobs is not None and self.output_offset == 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """The prompt's logits must be read as it is computed: asked for, and the first delta,
+        which carries them, is still to come. Such a prompt reuses no cached prefix (a cached
+        page has no logits)."""
+        return self.asked_prompt_logprobs and not self.output_ids
+
+    def record_prompt_logprobs(self, start: int, entries: Sequence[PromptLogprob]) -> None:
+        """`entries` belong to prompt tokens start + 1, start + 2, ...: the logits of positions
+        [start, start + len(entries)). Entries recorded before for those tokens or later
+        ones (a prompt recomputed after preemption) are replaced, never duplicated."""
+        del self.prompt_logprobs[start:]
+        self.prompt_logprobs.extend(entries)
 
     def generator_for_next_token(self) -> torch.Generator | None:
         """The request's generator, seeded for the output position it samples next
@@ -119,3 +161,6 @@ class TokenDelta(NamedTuple):
     # On the first delta of a remote request: seconds from reserving its
     # blocks to having all its KV (prefill queue + compute + transfer, seen from decode).
     kv_wait_seconds: float | None = None
+    # On the first delta of a request that asked for them: prompt tokens 1 .. P - 1's
+    # logprobs (the first prompt token has none: nothing precedes it). None otherwise.
+    prompt_logprobs: tuple[PromptLogprob, ...] | None = None

@@ -44,7 +44,7 @@ class SamplingParams:
     """How to pick each next token of one request and when to stop.
 
     Disabled values: `top_k` 0 or -1, `top_p` 1.0, `min_p` 0.0, `seed` None (the default
-    RNG), `logprobs` None, `presence_penalty` and `frequency_penalty` 0.0,
+    RNG), `logprobs` None, `prompt_logprobs` None, `presence_penalty` and `frequency_penalty` 0.0,
     `repetition_penalty` 1.0, `logit_bias` (), `min_tokens` 0. `stop` and `stop_token_ids`
     accept a single value or any iterable and are stored as tuples.
 
@@ -63,6 +63,10 @@ class SamplingParams:
         `max_tokens` means the request ends by length.
     "Output" counts everything generated for the request, including output carried into
     a migrated request's prompt.
+
+    `prompt_logprobs` k (vLLM's): the first output delta also carries, for every prompt token
+    after the first, its logprob given the tokens before it and the k most likely tokens
+    there. Such a prompt is computed in full: it reuses no cached prefix.
     """
 
     max_tokens: int = 16
@@ -75,6 +79,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     speculate: bool = True  # False opts this request out of speculative decoding
     presence_penalty: float = 0.0
@@ -122,13 +127,10 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
         if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
-        if self.logprobs is not None and (
-            not _is_int(self.logprobs) or not (0 <= self.logprobs <= MAX_LOGPROBS)
-        ):
-            raise ValueError(
-                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
-                f"got {self.logprobs!r}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not (0 <= value <= MAX_LOGPROBS)):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         object.__setattr__(self, "stop_token_ids", tuple(dict.fromkeys(self.stop_token_ids)))
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")

@@ -23,7 +23,8 @@ One step, in order:
      `max_prefill_tokens_while_decoding`.
   2. If nobody was preempted, waiting requests are admitted first come, first served
      while sequences, tokens and blocks allow; a request reuses the longest cached
-     prefix of its tokens and computes only the rest.
+     prefix of its tokens and computes only the rest (a request that wants prompt
+     logprobs computes its whole prompt: cached pages have no logits).
 Blocks are allocated on demand for the tokens scheduled. When none are free, the prefix
 cache evicts unlocked entries; when that is not enough, the youngest running request is
 preempted: its computed pages go to the prefix cache, its blocks are released, and it
@@ -38,11 +39,13 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+import torch
+
 from pdserve.runtime.block_allocator import BlockAllocator
 from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
 from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
 from pdserve.runtime.radix_cache import DisabledRadixCache, PrefixCache, RadixCache
-from pdserve.runtime.request import Request, RequestState
+from pdserve.runtime.request import PromptLogprob, Request, RequestState
 from pdserve.runtime.stopping import FinishReason
 
 
@@ -68,14 +71,86 @@ class ScheduledChunk(NamedTuple):
     def num_input_tokens(self) -> int:
         return self.num_tokens + len(self.draft)
 
+    @property
+    def num_prompt_logprobs(self) -> int:
+        """Prompt logprobs this chunk's logits give (prompt tokens start + 1 ..., from the
+        logits of positions start ...): the whole chunk's, except the last prompt token's
+        logits, which predict the first output token. 0 unless the request wants them."""
+        if not self.request.wants_prompt_logprobs:
+            return 0
+        return max(0, min(self.start + self.num_tokens, self.request.num_prompt_tokens - 1) - self.start)
+
+    @property
+    def num_logits(self) -> int:
+        """Logits rows the forward returns for the chunk's last input tokens: its prompt
+        logprob rows, then, when it samples, the row of its last committed token and one per
+        draft token. (A chunk with prompt logprobs has no draft, so its rows are all of its
+        tokens.)"""
+        return self.num_prompt_logprobs + (1 + len(self.draft) if self.samples else 0)
+
 
 def build_forward_batch(chunks: list[ScheduledChunk], block_size: int, device) -> ForwardBatch:
-    """The forward batch of a step's chunks, in order. A chunk with a draft returns the
-    logits of its last committed token and of every draft token (1 + k rows)."""
+    """The forward batch of a step's chunks, in order; chunk c returns `c.num_logits` rows
+    (see `StepLogits` for what they are)."""
     return ForwardBatch.build(
         [SeqChunk(c.request.token_ids(c.start, c.start + c.num_tokens) + list(c.draft), c.start,
-                  c.request.block_table, c.samples, 1 + len(c.draft)) for c in chunks],
+                  c.request.block_table, c.num_logits > 0, c.num_logits) for c in chunks],
         block_size, device)
+
+
+class StepLogits:
+    """The logits of one step's forward, by chunk. Chunk c owns `c.num_logits` consecutive
+    rows, chunks in batch order:
+
+        rows of c   | prompt logprobs (m rows) | sampled (1) | draft tokens (k) |
+        positions     start .. start + m - 1     last committed token, then each draft token
+
+    Build it right after the forward, before any token of the step is appended (the row
+    counts are read off the chunks, whose requests the step then changes)."""
+
+    def __init__(self, chunks: Sequence[ScheduledChunk], logits: torch.Tensor) -> None:
+        self.logits = logits
+        # request id -> (first row, prompt logprob rows, all rows)
+        self._rows: dict[str, tuple[int, int, int]] = {}
+        first = 0
+        for chunk in chunks:
+            self._rows[chunk.request.request_id] = (first, chunk.num_prompt_logprobs, chunk.num_logits)
+            first += chunk.num_logits
+        if first != logits.shape[0]:
+            raise ValueError(f"the chunks own {first} logits rows but the forward returned {logits.shape[0]}")
+
+    def sampled(self, chunks: Sequence[ScheduledChunk]) -> torch.Tensor:
+        """[len(chunks), vocab]: the logits after each chunk's last committed token."""
+        rows = []
+        for chunk in chunks:
+            first, _, count = self._rows[chunk.request.request_id]
+            rows.append(first + count - 1 - len(chunk.draft))
+        if rows == list(range(self.logits.shape[0])):
+            return self.logits  # every row is sampled: no copy
+        return self.logits[torch.tensor(rows, device=self.logits.device)]
+
+    def verified(self, chunk: ScheduledChunk) -> torch.Tensor:
+        """[1 + len(chunk.draft), vocab]: the logits after the chunk's last committed token
+        and after each of its draft tokens."""
+        first, _, count = self._rows[chunk.request.request_id]
+        return self.logits[first + count - 1 - len(chunk.draft):first + count]
+
+    def prompt_logprobs(self, chunk: ScheduledChunk) -> list[PromptLogprob]:
+        """The chunk's prompt logprobs: prompt tokens chunk.start + 1 ... under log_softmax
+        of the raw logits before them, with the request's k alternatives; [] when none."""
+        first, m, _ = self._rows[chunk.request.request_id]
+        if m == 0:
+            return []
+        request = chunk.request
+        logprobs = torch.log_softmax(self.logits[first:first + m].float(), dim=-1)
+        targets = torch.tensor(request.prompt_ids[chunk.start + 1:chunk.start + 1 + m], device=logprobs.device)
+        chosen = logprobs.gather(1, targets.unsqueeze(1))
+        ranks = (logprobs > chosen).sum(dim=1) + 1
+        top_values, top_ids = logprobs.topk(request.params.prompt_logprobs, dim=-1)  # k = 0: empty rows
+        # One host copy per tensor, not one per row.
+        return [PromptLogprob(value, rank, tuple(zip(ids, values)))
+                for value, rank, ids, values in zip(chosen.squeeze(1).tolist(), ranks.tolist(),
+                                                    top_ids.tolist(), top_values.tolist())]
 
 
 class _Step:
@@ -171,7 +246,7 @@ class BatchScheduler:
         self.validate(request)
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        self._attach_prefix(request)
+        self._attach_prefix(request, computes_prompt=False)
         if not self._allocate_for(request, request.num_prompt_tokens):
             self._detach(request)
             return False
@@ -330,8 +405,8 @@ class BatchScheduler:
     def _prefix_in_flight(self, request: Request) -> bool:
         """Whether a running request is still computing a page-aligned prefix that
         `request` shares beyond what it found cached."""
-        if not self.enable_prefix_caching:
-            return False
+        if not self.enable_prefix_caching or request.wants_prompt_logprobs:
+            return False  # nothing to wait for, or it reuses nothing anyway
         cached = request.num_computed_tokens
         bs = self.block_size
         for other in self.running:
@@ -345,12 +420,14 @@ class BatchScheduler:
                 return True
         return False
 
-    def _attach_prefix(self, request: Request) -> None:
+    def _attach_prefix(self, request: Request, computes_prompt: bool = True) -> None:
         """Reuse the longest cached prefix; at least one token is left to compute so the
-        request gets logits to sample from."""
+        request gets logits to sample from. A request whose prompt logprobs this worker
+        computes (`computes_prompt`) reuses nothing: cached pages come without logits."""
         if request.block_table:
             return
-        match = self.prefix_cache.match_prefix(request.token_ids(0, request.num_tokens - 1))
+        reusable = 0 if computes_prompt and request.wants_prompt_logprobs else request.num_tokens - 1
+        match = self.prefix_cache.match_prefix(request.token_ids(0, reusable))
         self.prefix_cache.lock(match.handle)
         self.allocator.incref(match.block_ids)
         request.prefix_handle = match.handle

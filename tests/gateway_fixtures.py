@@ -24,7 +24,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import openai
 import uvicorn
 
 from pdserve.cluster.gateway.backend import Backend, LocalBackend
@@ -182,3 +184,24 @@ class GrpcServers:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+class ServedGateway(NamedTuple):
+    gateway: LocalGateway
+    base_url: str  # "http://127.0.0.1:PORT"
+    client: openai.OpenAI  # the official client on base_url/v1, no retries
+
+
+@contextlib.contextmanager
+def served_gateway(model_dir: str | Path, **options) -> Iterator[ServedGateway]:
+    """`LocalGateway.start(model_dir, **options)` behind the HTTP API (no API key), with an
+    OpenAI client; everything is stopped on exit."""
+    from pdserve.cluster.gateway.openai.api import create_app
+
+    gateway = LocalGateway.start(model_dir, **options)
+    try:
+        with serve_asgi(create_app(gateway.frontend)) as url:
+            yield ServedGateway(gateway, url, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                                            timeout=120))
+    finally:
+        gateway.close()

@@ -7,31 +7,31 @@ usage counts the prompt once."""
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
-from gateway_fixtures import LocalGateway, serve_asgi
-
-from pdserve.cluster.gateway.openai.api import create_app
+from gateway_fixtures import served_gateway
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]  # 3 full pages of 4 and a partial one
 
 
 @pytest.fixture(scope="module")
-def gateway(tiny_llama_dir):
-    gateway = LocalGateway.start(tiny_llama_dir)
-    yield gateway
-    gateway.close()
+def served(tiny_llama_dir):
+    with served_gateway(tiny_llama_dir) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
-def base_url(gateway):
-    with serve_asgi(create_app(gateway.frontend)) as url:
-        yield url
+def gateway(served):
+    return served.gateway
 
 
 @pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+def base_url(served):
+    return served.base_url
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return served.client
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,10 @@ import re
 import grpc
 import httpx
 import jsonschema
-import openai
 import pydantic
 import pytest
-from gateway_fixtures import GrpcServers, LocalGateway, serve_asgi
+from gateway_fixtures import GrpcServers, served_gateway
 
-from pdserve.cluster.gateway.openai.api import create_app
 from pdserve.proto import serving_pb2
 
 MODEL = "smollm2"
@@ -29,21 +27,24 @@ ASK = [{"role": "user", "content": "Describe a person as JSON: name, age and fav
 
 
 @pytest.fixture(scope="module")
-def gateway(smollm2_gguf_path):
-    gateway = LocalGateway.start("smollm2-135m-instruct", model_name=MODEL, block_size=16, num_blocks=512)
-    yield gateway
-    gateway.close()
+def served(smollm2_gguf_path):
+    with served_gateway("smollm2-135m-instruct", model_name=MODEL, block_size=16, num_blocks=512) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
-def base_url(gateway):
-    with serve_asgi(create_app(gateway.frontend)) as url:
-        yield url
+def gateway(served):
+    return served.gateway
 
 
 @pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+def base_url(served):
+    return served.base_url
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return served.client
 
 
 @pytest.fixture(scope="module")

@@ -10,44 +10,32 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
-from gateway_fixtures import LocalGateway, serve_asgi
-
-from pdserve.cluster.gateway.openai.api import create_app
+from gateway_fixtures import served_gateway
+from tool_cases import ASK, PARAMETERS, TOOLS, streamed_tool_calls
 
 MODEL = "smollm2"
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city.",
-    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
-                   "properties": {"city": {"type": "string", "maxLength": 30},
-                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "The local time in a time zone.",
-    "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
-                   "properties": {"zone": {"type": "string", "maxLength": 20},
-                                  "24h": {"type": "boolean"}}}}}
-TOOLS = [WEATHER, TIME]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 
 
 @pytest.fixture(scope="module")
-def gateway(smollm2_gguf_path):
-    gateway = LocalGateway.start("smollm2-135m-instruct", model_name=MODEL, block_size=16, num_blocks=512)
-    yield gateway
-    gateway.close()
+def served(smollm2_gguf_path):
+    with served_gateway("smollm2-135m-instruct", model_name=MODEL, block_size=16, num_blocks=512) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
-def base_url(gateway):
-    with serve_asgi(create_app(gateway.frontend)) as url:
-        yield url
+def gateway(served):
+    return served.gateway
 
 
 @pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+def base_url(served):
+    return served.base_url
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return served.client
 
 
 def _check_calls(calls, names) -> None:
@@ -55,27 +43,7 @@ def _check_calls(calls, names) -> None:
     for call in calls:
         assert call.type == "function" and call.id.startswith("call_")
         assert call.function.name in names
-        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-
-
-def _streamed_calls(chunks) -> tuple[list[dict], list[str | None], str]:
-    """The calls as the OpenAI client accumulates stream deltas (by index), every finish
-    reason seen, and the content."""
-    calls: dict[int, dict] = {}
-    finishes, content = [], ""
-    for chunk in chunks:
-        choice = chunk.choices[0]
-        content += choice.delta.content or ""
-        for piece in choice.delta.tool_calls or []:
-            call = calls.setdefault(piece.index, {"id": None, "name": None, "arguments": "", "pieces": 0})
-            if piece.id is not None:
-                assert call["id"] is None, "a call's id comes once"
-                call["id"], call["name"] = piece.id, piece.function.name
-            call["arguments"] += piece.function.arguments or ""
-            call["pieces"] += 1
-        if choice.finish_reason is not None:
-            finishes.append(choice.finish_reason)
-    return [calls[i] for i in sorted(calls)], finishes, content
+        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
@@ -84,7 +52,7 @@ def test_forced_tool_calls_parse_and_validate(client, choice):
     reply = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice,
                                            max_tokens=120, temperature=0)
     message = reply.choices[0].message
-    names = {"get_time"} if isinstance(choice, dict) else set(SCHEMAS)
+    names = {"get_time"} if isinstance(choice, dict) else set(PARAMETERS)
     _check_calls(message.tool_calls, names)
     assert reply.choices[0].finish_reason == "tool_calls"
     if isinstance(choice, dict):
@@ -97,12 +65,13 @@ def test_streamed_tool_calls_match_the_whole_reply(client, choice):
     kwargs = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": choice, "max_tokens": 120,
               "temperature": 0, "parallel_tool_calls": False}
     whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
-    calls, finishes, content = _streamed_calls(client.chat.completions.create(stream=True, **kwargs))
-    assert finishes == ["tool_calls"] and not content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    calls, finishes = streamed_tool_calls(chunks)
+    assert finishes == ["tool_calls"] and not any(c.choices[0].delta.content for c in chunks if c.choices)
     assert [(c["name"], c["arguments"]) for c in calls] == [(c.function.name, c.function.arguments) for c in whole]
     assert len(calls) == 1
     assert calls[0]["pieces"] > 1, "the arguments arrive in pieces as they are generated"
-    jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS[calls[0]["name"]])
+    jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMETERS[calls[0]["name"]])
 
 
 def test_a_conversation_with_a_tool_result_continues_in_text(client, gateway):
@@ -133,7 +102,7 @@ def test_auto_and_none_leave_plain_replies_as_content(client):
                                                tools=TOOLS, tool_choice=choice, max_tokens=24, temperature=0)
         message = reply.choices[0].message
         if message.tool_calls:  # auto lets the model call; what it calls must still parse
-            _check_calls(message.tool_calls, set(SCHEMAS))
+            _check_calls(message.tool_calls, set(PARAMETERS))
         else:
             assert message.content is not None and reply.choices[0].finish_reason in ("stop", "length")
 

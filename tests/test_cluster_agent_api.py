@@ -13,6 +13,7 @@ import openai
 import pytest
 from json_schema_cases import varied_schemas
 from serve_process import API_KEY, ServeProcess
+from tool_cases import ASK, PARAMETERS, TOOLS, streamed_tool_calls
 
 MODEL = "smollm2-135m-instruct"
 CONCURRENCY = 8
@@ -75,35 +76,6 @@ def test_greedy_structured_outputs_equal_across_deployments(disaggregated, coloc
             _client(colocated), schema, 2 * i)
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city.",
-    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
-                   "properties": {"city": {"type": "string", "maxLength": 30},
-                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "The local time in a time zone.",
-    "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
-                   "properties": {"zone": {"type": "string", "maxLength": 20}}}}}
-TOOLS = [WEATHER, TIME]
-PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
-
-
-def _streamed_tool_calls(chunks) -> tuple[list[tuple[str, str]], list[str]]:
-    """(name, arguments) per call as the OpenAI client accumulates deltas, and the finishes."""
-    calls: dict[int, list[str]] = {}
-    finishes = []
-    for chunk in chunks:
-        for choice in chunk.choices:
-            for piece in choice.delta.tool_calls or []:
-                call = calls.setdefault(piece.index, ["", ""])
-                call[0] += piece.function.name or ""
-                call[1] += piece.function.arguments or ""
-            if choice.finish_reason:
-                finishes.append(choice.finish_reason)
-    return [tuple(calls[i]) for i in sorted(calls)], finishes
-
-
 @pytest.mark.parametrize("deployment", ["disaggregated", "colocated"])
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
                          ids=["required", "named"])
@@ -117,8 +89,8 @@ def test_forced_tool_calls_validate_streamed_and_not(request, deployment, choice
     for name, arguments in calls:
         assert name in (PARAMETERS if choice == "required" else {"get_time"})
         jsonschema.validate(json.loads(arguments), PARAMETERS[name])
-    streamed, finishes = _streamed_tool_calls(client.chat.completions.create(stream=True, **kwargs))
-    assert streamed == calls and finishes == ["tool_calls"]
+    streamed, finishes = streamed_tool_calls(client.chat.completions.create(stream=True, **kwargs))
+    assert [(c["name"], c["arguments"]) for c in streamed] == calls and finishes == ["tool_calls"]
 
 
 @pytest.mark.parametrize("deployment", ["disaggregated", "colocated"])
@@ -132,7 +104,6 @@ def test_a_tool_result_in_the_history_gets_a_text_answer(request, deployment):
     reply = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=40,
                                            temperature=0, tool_choice="none")
     assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
-    assert reply.usage.prompt_tokens > first.usage.prompt_tokens
 
 
 @pytest.mark.parametrize("deployment", ["disaggregated", "colocated"])

@@ -295,7 +295,6 @@ def test_invalid_values_are_400s_naming_the_parameter(client):
 
 
 @pytest.mark.parametrize(("path", "field", "value"), [
-    ("/v1/completions", "echo", True),
     ("/v1/completions", "suffix", "tail"),
 ])
 def test_options_that_would_change_the_output_are_refused(base_url, path, field, value):

@@ -4,7 +4,8 @@
       -> await Frontend.prepare(prompt or messages, sampling fields, timeout) -> PreparedRequest
                                   (cheap checks on the loop, tokenizing in worker threads)
       -> await Frontend.open(prepared) -> OutputStream   (admission; errors before any output)
-      -> async for delta in stream: OutputDelta(text, token ids, logprobs, finish, usage)
+      -> async for delta in stream: OutputDelta(text, token ids, logprobs, finish, usage,
+                                                the prompt on the first)
 
 The backend (`backend.Backend`) streams token ids; this module turns them into text with
 `TextStream` (incremental detokenization and stop strings), so the APIs only format.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import itertools
 import time
@@ -29,7 +31,7 @@ from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid, sho
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.cluster.gateway.prompt_tokens import PromptTokens
 from pdserve.cluster.gateway.tools import family_for
-from pdserve.runtime.request import TokenDelta
+from pdserve.runtime.request import PromptLogprob, TokenDelta
 from pdserve.runtime.sampling_params import SAMPLING_FIELDS, SamplingParams
 from pdserve.runtime.stopping import FinishReason
 from pdserve.runtime.text_stream import TextStream
@@ -58,9 +60,27 @@ class Usage(NamedTuple):
         return self.prompt_tokens + self.completion_tokens
 
 
+class PromptOutput:
+    """The request's prompt as its first delta reports it: the token ids, their logprobs
+    when the request asked for them (`SamplingParams.prompt_logprobs`: entry j - 1 is token
+    j's; the first token has none), and its text, decoded the first time it is read (only an
+    echo reads it)."""
+
+    def __init__(self, tokenizer: Tokenizer, token_ids: list[int],
+                 logprobs: tuple[PromptLogprob, ...] | None) -> None:
+        self.token_ids = token_ids
+        self.logprobs = logprobs
+        self._tokenizer = tokenizer
+
+    @functools.cached_property
+    def text(self) -> str:
+        return self._tokenizer.decode(self.token_ids, skip_special_tokens=False)
+
+
 class OutputDelta(NamedTuple):
     """New output of one request. `text` is final (never retracted); the last delta has a
-    finish reason ("stop", "length" or "abort"). `usage` holds the totals so far."""
+    finish reason ("stop", "length" or "abort"). `usage` holds the totals so far. The
+    first delta also reports the prompt (`prompt`; None on the others)."""
 
     text: str
     token_ids: tuple[int, ...]
@@ -68,6 +88,7 @@ class OutputDelta(NamedTuple):
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None
     finish_reason: str | None
     usage: Usage
+    prompt: PromptOutput | None = None
 
 
 class PreparedRequest(NamedTuple):
@@ -347,6 +368,7 @@ class OutputStream:
         self._done = False
         self._counted = False
         self._recorded = False  # its finish went into the metrics
+        self._prompt_reported = False  # a delta carried the prompt
 
     async def prefetch(self) -> None:
         self._frontend.num_in_flight += 1
@@ -402,9 +424,13 @@ class OutputStream:
         text, num_new, finish = self._text.take(token_delta.token_ids, token_delta.finish_reason)
         self._num_tokens += num_new
         usage = Usage(token_delta.num_prompt_tokens, self._num_tokens, token_delta.num_cached_tokens)
+        prompt = None
+        if not self._prompt_reported:  # the first delta: the engine's first carries the prompt logprobs
+            self._prompt_reported = True
+            prompt = PromptOutput(self._frontend.tokenizer, self.request.prompt_ids, token_delta.prompt_logprobs)
         delta = OutputDelta(text, token_delta.token_ids[:num_new], token_delta.logprobs[:num_new],
                             token_delta.top_logprobs[:num_new] if token_delta.top_logprobs else None,
-                            finish.value if finish is not None else None, usage)
+                            finish.value if finish is not None else None, usage, prompt)
         if finish is not None:
             self._record_finish(finish, now)
             await self.aclose()  # a stop string: the workers still hold the request

@@ -33,6 +33,7 @@ from pdserve.cluster.gateway.frontend import (
     OutputDelta,
     OutputStream,
     PreparedRequest,
+    PromptOutput,
     Usage,
 )
 from pdserve.proto import serving_pb2, serving_pb2_grpc
@@ -261,7 +262,17 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
                 for token, lp in alternatives)
         if delta.finish_reason is not None:
             response.usage.CopyFrom(_usage(delta.usage))
+        if delta.prompt is not None and delta.prompt.logprobs is not None:
+            response.prompt_logprobs.extend(self._prompt_logprobs(delta.prompt))
         return response
+
+    def _prompt_logprobs(self, prompt: PromptOutput) -> list[serving_pb2.PromptTokenLogprob]:
+        token_text = self._frontend.token_text
+        return [serving_pb2.PromptTokenLogprob(
+            token_id=token, token_text=token_text(token), logprob=entry.logprob, rank=entry.rank,
+            alternatives=[serving_pb2.TokenLogprob(token_id=t, token_text=token_text(t), logprob=lp)
+                          for t, lp in entry.top])
+            for token, entry in zip(prompt.token_ids[1:], prompt.logprobs)]
 
 
 CHAT_ROLES = ("system", "user", "assistant")  # as the HTTP API's chat messages

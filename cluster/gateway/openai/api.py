@@ -72,7 +72,7 @@ def create_app(frontend: Frontend, *, api_key: str | None = None,
     @app.post("/v1/completions", response_model=None, responses=_generation_responses(CompletionResponse))
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         bodies_for = _bodies_for(CompletionBodies, "cmpl", frontend, logprobs=body.logprobs is not None,
-                                 token_ids=body.return_token_ids)
+                                 token_ids=body.return_token_ids, echo=bool(body.echo))
         with counting_refusals(frontend.metrics):
             frontend.check_model(body.model)
             body.check_supported()

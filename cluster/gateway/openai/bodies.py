@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pdserve.cluster.gateway.frontend import OutputDelta, Usage
+from pdserve.cluster.gateway.frontend import OutputDelta, PromptOutput, Usage
 from pdserve.cluster.gateway.openai.responses import (
     AssistantMessage,
     ChatChoice,
@@ -27,6 +27,8 @@ from pdserve.cluster.gateway.openai.responses import (
     CompletionResponse,
     FunctionCallDelta,
     FunctionCallOut,
+    PromptLogprobs,
+    PromptTokenLogprob,
     TokenLogprob,
     ToolCallDelta,
     ToolCallOut,
@@ -44,11 +46,12 @@ from pdserve.cluster.gateway.tools import (
 
 
 def merge_deltas(deltas: list[OutputDelta]) -> OutputDelta:
-    """One request's deltas as one: texts and tokens concatenated, the last finish and usage."""
+    """One request's deltas as one: texts and tokens concatenated, the last finish and usage,
+    the first's prompt."""
     return OutputDelta("".join(d.text for d in deltas), tuple(t for d in deltas for t in d.token_ids),
                        tuple(lp for d in deltas for lp in d.logprobs),
                        tuple(top for d in deltas for top in _top_logprobs(d)),
-                       deltas[-1].finish_reason, deltas[-1].usage)
+                       deltas[-1].finish_reason, deltas[-1].usage, deltas[0].prompt)
 
 
 def _top_logprobs(delta: OutputDelta) -> tuple[tuple[tuple[int, float], ...], ...]:
@@ -94,43 +97,94 @@ class _Bodies(ABC):
 
 
 class CompletionBodies(_Bodies):
-    # Characters of completion text before the next token, counting each token as its own
+    """Completion bodies. With `echo`, the choice's text and logprobs start with the
+    prompt's (in a stream: in the first chunk). A delta whose prompt has logprobs also
+    gets vLLM's top-level `prompt_logprobs` (`prompt_logprobs_body`)."""
+
+    # Characters of the choice's text before the next token, counting each token as its own
     # decoding (OpenAI's `text_offset`; exact except inside multi-token characters).
     _text_offset = 0
 
+    def __init__(self, *args: Any, echo: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._echo = echo
+
     def chunk(self, delta: OutputDelta) -> CompletionResponse | None:
-        if not self.wants_chunk(delta):
+        reports_prompt = delta.prompt is not None and (self._echo or delta.prompt.logprobs is not None)
+        if not (reports_prompt or self.wants_chunk(delta)):
             return None
-        return CompletionResponse(**self.head, choices=[self._choice(delta)])
+        return CompletionResponse(**self.head, choices=[self._choice(delta)],
+                                  prompt_logprobs=prompt_logprobs_body(delta.prompt, self._token_text))
 
     def usage_chunk(self, usage: Usage) -> CompletionResponse:
         return CompletionResponse(**self.head, choices=[], usage=UsageInfo.of(usage))
 
     def response(self, delta: OutputDelta, prompt_ids: list[int]) -> CompletionResponse:
         return CompletionResponse(**self.head, choices=[self._choice(delta)], usage=UsageInfo.of(delta.usage),
-                                  prompt_token_ids=self._token_ids_of(prompt_ids))
+                                  prompt_token_ids=self._token_ids_of(prompt_ids),
+                                  prompt_logprobs=prompt_logprobs_body(delta.prompt, self._token_text))
 
     def _choice(self, delta: OutputDelta) -> CompletionChoice:
-        return CompletionChoice(index=self.index, text=delta.text, logprobs=self._logprobs_of(delta),
-                                finish_reason=delta.finish_reason,
+        echoed = delta.prompt if self._echo else None  # goes before the delta's text
+        return CompletionChoice(index=self.index, text=delta.text if echoed is None else echoed.text + delta.text,
+                                logprobs=self._logprobs_of(delta, echoed), finish_reason=delta.finish_reason,
                                 token_ids=self._token_ids_of(delta.token_ids))
 
-    def _logprobs_of(self, delta: OutputDelta) -> CompletionLogprobs | None:
+    def _logprobs_of(self, delta: OutputDelta, echoed: PromptOutput | None) -> CompletionLogprobs | None:
         if not self._logprobs:
             return None
-        tokens, tops, offsets = [], [], []
+        lists = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        if echoed is not None:
+            entries = echoed.logprobs or ()
+            for j, token_id in enumerate(echoed.token_ids):
+                if 0 < j <= len(entries):
+                    self._append(lists, token_id, entries[j - 1].logprob, entries[j - 1].top)
+                else:  # the first token: nothing precedes it
+                    self._append(lists, token_id, None, None)
+            self._text_offset = len(echoed.text)  # the completion starts after the prompt's text
         for token_id, logprob, top in zip(delta.token_ids, delta.logprobs, _top_logprobs(delta)):
-            text = self._token_text(token_id)
-            alternatives: dict[str, float] = {}
-            for alternative, alternative_logprob in top:  # best first: a text keeps its best
-                alternatives.setdefault(self._token_text(alternative), alternative_logprob)
-            alternatives.setdefault(text, logprob)  # OpenAI always lists the sampled token
-            tokens.append(text)
-            tops.append(alternatives)
-            offsets.append(self._text_offset)
-            self._text_offset += len(text)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=list(delta.logprobs), top_logprobs=tops,
-                                  text_offset=offsets)
+            self._append(lists, token_id, logprob, top)
+        return lists
+
+    def _append(self, lists: CompletionLogprobs, token_id: int, logprob: float | None,
+                top: tuple[tuple[int, float], ...] | None) -> None:
+        text = self._token_text(token_id)
+        lists.tokens.append(text)
+        lists.token_logprobs.append(logprob)
+        lists.top_logprobs.append(None if logprob is None else self._alternatives(text, logprob, top))
+        lists.text_offset.append(self._text_offset)
+        self._text_offset += len(text)
+
+    def _alternatives(self, text: str, logprob: float, top: tuple[tuple[int, float], ...]) -> dict[str, float]:
+        """A token's most likely alternatives by text, best first (a text keeps its best),
+        and the token itself, which OpenAI always lists."""
+        alternatives: dict[str, float] = {}
+        for alternative, alternative_logprob in top:
+            alternatives.setdefault(self._token_text(alternative), alternative_logprob)
+        alternatives.setdefault(text, logprob)
+        return alternatives
+
+
+def prompt_logprobs_body(prompt: PromptOutput | None, token_text: Callable[[int], str]) -> PromptLogprobs | None:
+    """vLLM's `prompt_logprobs` of a delta's prompt: null for the first token, then per
+    token its own logprob and rank and those of the most likely tokens at its position, by
+    token id; None when the delta has no prompt logprobs."""
+    if prompt is None or prompt.logprobs is None:
+        return None
+    texts: dict[int, str] = {}  # a prompt repeats tokens: decode each once
+
+    def entry(token_id: int, logprob: float, rank: int) -> PromptTokenLogprob:
+        if token_id not in texts:
+            texts[token_id] = token_text(token_id)
+        return PromptTokenLogprob(logprob=logprob, rank=rank, decoded_token=texts[token_id])
+
+    body: PromptLogprobs = [None]
+    for token_id, logprobs in zip(prompt.token_ids[1:], prompt.logprobs):
+        ranked = {str(token_id): entry(token_id, logprobs.logprob, logprobs.rank)}
+        for rank, (alternative, logprob) in enumerate(logprobs.top, 1):
+            ranked.setdefault(str(alternative), entry(alternative, logprob, rank))
+        body.append(ranked)
+    return body
 
 
 class ChatBodies(_Bodies):
@@ -185,7 +239,8 @@ class ChatBodies(_Bodies):
                             finish_reason=self._finish(delta.finish_reason, bool(calls)),
                             token_ids=self._token_ids_of(delta.token_ids))
         return ChatCompletionResponse(**self.head, choices=[choice], usage=UsageInfo.of(delta.usage),
-                                      prompt_token_ids=self._token_ids_of(prompt_ids))
+                                      prompt_token_ids=self._token_ids_of(prompt_ids),
+                                      prompt_logprobs=prompt_logprobs_body(delta.prompt, self._token_text))
 
     def _logprobs_of(self, delta: OutputDelta) -> ChatLogprobs | None:
         if not self._logprobs:

@@ -9,8 +9,8 @@ the option (`check_supported`) instead of being served as if it had not asked.
 
 Extensions beyond OpenAI, named as vLLM names them: `top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `stop_token_ids`, `ignore_eos`, `include_stop_str_in_output`, `return_token_ids`,
-`speculate`, `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`, and `timeout`
-(seconds).
+`speculate`, `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`, `prompt_logprobs`,
+and `timeout` (seconds).
 
 Structured outputs: `response_format` (json_object, or json_schema with `strict`) or one
 `guided_*` field becomes the request's `StructuredOutput`; its grammar is checked (and
@@ -99,6 +99,10 @@ class _GenerationRequest(_Body):
         "Token id (as a string) -> a bias in [-100, 100] added to its logit."))
     min_tokens: int | None = Field(None, ge=0, description="End-of-sequence and stop token ids cannot end "
                                    "the output before this many tokens.")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "Also return each prompt token's logprob and this many most likely tokens at its position "
+        "(a top-level `prompt_logprobs` list, null for the first token). The prompt is then computed "
+        "in full, without the prefix cache."))
     user: str | None = Field(None, description="Accepted and ignored.")
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
         "Seconds the request may take; past it the request is aborted (408 before the "
@@ -203,7 +207,9 @@ class CompletionRequest(_GenerationRequest):
         description="Text or token ids; a list of prompts must hold exactly one.")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="Return this many most likely alternatives per token.")
-    echo: bool | None = Field(False, description="Only false is supported.")
+    echo: bool | None = Field(False, description="Return the prompt (detokenized) before the completion; "
+                              "with logprobs, the logprob lists start with the prompt's tokens (the first "
+                              "one's logprob null).")
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description=(
         "Generate this many sequences and return the n with the highest mean token logprob; not with stream."))
     suffix: str | None = Field(None, description="Not supported; omit it.")
@@ -215,8 +221,6 @@ class CompletionRequest(_GenerationRequest):
         if self.stream and self.num_sequences > self.num_choices:
             raise invalid("best_of cannot be used with stream: the best choices are known only at the end.",
                           "best_of")
-        if self.echo:
-            raise invalid("echo=true is not supported; omit it.", "echo")
         if self.suffix:
             raise invalid("suffix is not supported: this server does not insert text; omit it.", "suffix")
 
@@ -235,8 +239,12 @@ class CompletionRequest(_GenerationRequest):
         return prompt[0]
 
     def sampling(self) -> dict[str, Any]:
-        """The `Frontend.prepare` sampling fields of this request."""
-        return self._sampling(self.max_tokens, self.logprobs)
+        """The `Frontend.prepare` sampling fields of this request. An echo with logprobs
+        needs the prompt's logprobs, with as many alternatives as the completion's."""
+        fields = self._sampling(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:
+            fields["prompt_logprobs"] = max(self.prompt_logprobs or 0, self.logprobs)
+        return fields
 
 
 class ChatCompletionRequest(_GenerationRequest):

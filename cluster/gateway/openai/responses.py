@@ -3,8 +3,8 @@ their stream chunks, usage, logprobs, the model list and the error shape.
 
 These models are what `/openapi.json` publishes for the responses; they are built by
 `bodies` (generations) and `errors` (errors), and never parse client input.
-Fields that extend OpenAI's shapes (`token_ids`, `prompt_token_ids`) are left out of a body
-when unset.
+Fields that extend OpenAI's shapes (`token_ids`, `prompt_token_ids`, `prompt_logprobs`) are
+left out of a body when unset.
 """
 
 from __future__ import annotations
@@ -38,12 +38,27 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     """OpenAI's legacy shape: per token its text, logprob, the most likely alternatives
-    (plus the sampled token) by text, and its character offset in the completion."""
+    (plus the token itself) by text, and its character offset in the choice's text. With
+    echo the lists start with the prompt's tokens, the first of which has no logprob and no
+    alternatives (null)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptTokenLogprob(BaseModel):
+    """vLLM's shape of one token's logprob at a prompt position."""
+
+    logprob: float
+    rank: int  # 1 + the number of tokens more likely at that position
+    decoded_token: str
+
+
+# vLLM's `prompt_logprobs`: per prompt token, null for the first, then token id (as a string)
+# -> its logprob, for the prompt token and the most likely tokens at its position.
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -64,6 +79,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: UsageInfo | None = Field(**_OMIT_IF_NONE)
     prompt_token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+    prompt_logprobs: PromptLogprobs | None = Field(**_OMIT_IF_NONE)  # in a stream: the first chunk's
 
 
 class TopLogprob(BaseModel):
@@ -113,6 +129,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_token_ids: list[int] | None = Field(**_OMIT_IF_NONE)
+    prompt_logprobs: PromptLogprobs | None = Field(**_OMIT_IF_NONE)
 
 
 class FunctionCallDelta(BaseModel):
