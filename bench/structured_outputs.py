@@ -9,13 +9,17 @@
    worker's share of a 2-core machine).
 2. TPOT at concurrency 8: `pdserve serve` (default 1 prefill + 1 decode worker; --server-args
    adds flags, --base-url uses a running server instead) gets the same chats twice, streamed
-   and greedy with the same max_tokens: first unconstrained, then each with response_format
-   json_schema (16 bounded schemas, one per prompt). Nothing else differs; both passes stop
-   at end-of-sequence as the model decides. TPOT per request is (last token - first token) /
-   (tokens - 1), counted over requests with at least 8 tokens; the ratio json_schema /
-   unconstrained of the median TPOT has the target <= 1.15, and every json_schema output
-   must parse and validate (jsonschema). The second pass finds its prompts in the prefix
-   cache (the `cached` column), so compare TTFT with that in mind; TPOT is unaffected.
+   and greedy: unconstrained, then each with response_format json_schema (16 bounded
+   schemas, one per prompt), each chat asking for exactly as many tokens as its JSON reply
+   has (found by an unmeasured json_schema pass first, with --max-tokens; the unconstrained
+   pass sets ignore_eos). So both passes decode the same lengths with the same arrivals,
+   prefills and cached prompts, and differ by the grammar alone (with free lengths the JSON replies
+   are shorter, so prompts arrive more often per decoded token, and their prefills, which
+   share the machine's cores, slow the decode steps: that measured the workload, not the
+   grammar). TPOT per request is (last token - first token) / (tokens - 1), counted over
+   requests with at least 8 tokens; the ratio json_schema / unconstrained of the median TPOT
+   has the target <= 1.15, and every json_schema output must parse and validate
+   (jsonschema).
    `valid` counts outputs that parse as they are and match their schema; `cut` those that
    max_tokens ended (finish_reason "length"), which cannot be valid JSON.
 3. --peer-url: the same two passes against another OpenAI server (vLLM's CPU backend from
@@ -66,6 +70,10 @@ from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL, load_checkpoint
 
 MIN_TPOT_TOKENS = 8  # a request counts for TPOT from this many output tokens
 TPOT_RATIO_TARGET = 1.15  # json_schema / unconstrained, median TPOT
+# The measured passes, after an unmeasured json_schema pass that finds each reply's length
+# (and leaves every prompt in the prefix cache): the unconstrained pass asks each chat for
+# exactly that many tokens (ignore_eos), so both decode the same lengths with the same
+# arrivals and cached prompts; only the grammar differs.
 PASSES = ("unconstrained", "json_schema")
 # Extra body fields per server flavour. return_token_ids: a token whose text is held back
 # (part of a UTF-8 character) still arrives as a chunk, so the last token's time is exact.
@@ -186,9 +194,12 @@ class ChatRecord:
 
 def request_body(prompt: JsonPrompt, constrained: bool, max_tokens: int, model: str | None,
                  extras: dict) -> dict:
-    """The two passes' bodies differ in response_format only."""
+    """The two passes' bodies differ in response_format, and in the unconstrained pass's
+    fixed length (max_tokens: the JSON reply's length, ignore_eos)."""
     body = {"messages": prompt.messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}, **extras}
+    if not constrained:
+        body["ignore_eos"] = True
     if constrained:
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": prompt.schema_name, "schema": prompt.schema, "strict": True}}
@@ -241,18 +252,21 @@ async def stream_chat(client: httpx.AsyncClient, body: dict, record: ChatRecord)
 # ---------------------------------------------------------------- a pass and its statistics
 
 async def run_pass(client: httpx.AsyncClient, model: str | None, prompts: Sequence[JsonPrompt],
-                   constrained: bool, args: argparse.Namespace, extras: dict, label: str) -> list[ChatRecord]:
-    """Every prompt once, at most `args.concurrency` in flight (a closed loop)."""
+                   constrained: bool, args: argparse.Namespace, extras: dict, label: str,
+                   lengths: Sequence[int] | None = None) -> list[ChatRecord]:
+    """Every prompt once, at most `args.concurrency` in flight (a closed loop); prompt i
+    asks for lengths[i] tokens when given (else --max-tokens)."""
     gate = asyncio.Semaphore(args.concurrency)
     progress = Progress(label, len(prompts))
     records = [ChatRecord(p.schema_name) for p in prompts]
 
-    async def one(prompt: JsonPrompt, record: ChatRecord) -> None:
+    async def one(i: int, prompt: JsonPrompt, record: ChatRecord) -> None:
+        max_tokens = lengths[i] if lengths else args.max_tokens
         async with gate:
-            await stream_chat(client, request_body(prompt, constrained, args.max_tokens, model, extras), record)
+            await stream_chat(client, request_body(prompt, constrained, max_tokens, model, extras), record)
         progress.tick()
 
-    await asyncio.gather(*(one(p, r) for p, r in zip(prompts, records)))
+    await asyncio.gather(*(one(i, p, r) for i, (p, r) in enumerate(zip(prompts, records))))
     return records
 
 
@@ -340,14 +354,17 @@ async def warm_up(client: httpx.AsyncClient, model: str | None, base_url: str, e
 
 async def both_passes(base_url: str, api_key: str | None, prompts: Sequence[JsonPrompt],
                       args: argparse.Namespace, extras: dict, label: str) -> dict:
-    """Warm up, then the unconstrained pass, then the json_schema pass over the same prompts;
+    """Warm up; a json_schema pass for each reply's length; then the unconstrained and the
+    json_schema pass over the same prompts and lengths;
     the server's entry of the result (statistics, ratios, every request)."""
     async with make_client(base_url, api_key, args.request_timeout) as client:
         model = await served_model(client)
         await warm_up(client, model, base_url, extras)
         started = time.perf_counter()
+        sized = await run_pass(client, model, prompts, True, args, extras, f"{label} lengths")
+        lengths = [r.tokens or args.max_tokens for r in sized]
         records = {name: await run_pass(client, model, prompts, name == "json_schema", args, extras,
-                                        f"{label} {name}") for name in PASSES}
+                                        f"{label} {name}", lengths) for name in PASSES}
     stats = {name: pass_stats(records[name], prompts) for name in PASSES}
     return {"label": label, "base_url": base_url, "model": model,
             "ratios": tpot_ratios(stats["json_schema"], stats["unconstrained"]),

@@ -173,14 +173,15 @@ def test_tpot_ratio_is_json_schema_over_unconstrained_with_its_target():
     assert unmeasured["tpot_median"] is None and unmeasured["tpot_target_met"] is None
 
 
-def test_the_two_passes_differ_in_response_format_only():
+def test_the_two_passes_differ_in_response_format_and_fixed_length_only():
     prompt = json_schemas.json_prompts(1)[0]
-    plain = bench.request_body(prompt, False, 128, "m", bench.FLAVORS["pdserve"])
-    constrained = bench.request_body(prompt, True, 128, "m", bench.FLAVORS["pdserve"])
+    plain = bench.request_body(prompt, False, 37, "m", bench.FLAVORS["pdserve"])
+    constrained = bench.request_body(prompt, True, 37, "m", bench.FLAVORS["pdserve"])
     assert constrained.pop("response_format") == {"type": "json_schema", "json_schema": {
         "name": "person", "schema": PERSON.schema, "strict": True}}
+    assert plain.pop("ignore_eos") is True  # the unconstrained reply is as long as the JSON one
     assert constrained == plain
-    assert plain["temperature"] == 0.0 and plain["stream"] and "ignore_eos" not in plain
+    assert plain["temperature"] == 0.0 and plain["stream"] and plain["max_tokens"] == 37
     assert "model" not in bench.request_body(prompt, False, 128, None, {})
 
 
