@@ -147,3 +147,24 @@ def smollm2_hf_model(smollm2_gguf_path):
 # ---------------------------------------------------------------------------------------
 # End of tiny-checkpoint fixtures.
 # ---------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------
+# A module that defines `served` (a `gateway_fixtures.ServedGateway`: an in-process gateway
+# behind the HTTP API) gets its parts as these fixtures; modules that build their own
+# gateway define them themselves.
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gateway(served):
+    return served.gateway
+
+
+@pytest.fixture(scope="module")
+def base_url(served):
+    return served.base_url
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return served.client

@@ -19,21 +19,6 @@ def served(tiny_llama_dir):
         yield served
 
 
-@pytest.fixture(scope="module")
-def gateway(served):
-    return served.gateway
-
-
-@pytest.fixture(scope="module")
-def base_url(served):
-    return served.base_url
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return served.client
-
-
 @pytest.fixture(autouse=True)
 def no_request_leaks_kv(gateway):
     yield

@@ -33,21 +33,6 @@ def served(smollm2_gguf_path):
 
 
 @pytest.fixture(scope="module")
-def gateway(served):
-    return served.gateway
-
-
-@pytest.fixture(scope="module")
-def base_url(served):
-    return served.base_url
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return served.client
-
-
-@pytest.fixture(scope="module")
 def grpc_stub(gateway):
     from pdserve.proto import serving_pb2_grpc
 

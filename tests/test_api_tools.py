@@ -23,21 +23,6 @@ def served(smollm2_gguf_path):
         yield served
 
 
-@pytest.fixture(scope="module")
-def gateway(served):
-    return served.gateway
-
-
-@pytest.fixture(scope="module")
-def base_url(served):
-    return served.base_url
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return served.client
-
-
 def _check_calls(calls, names) -> None:
     assert calls
     for call in calls:

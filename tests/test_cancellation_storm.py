@@ -98,5 +98,6 @@ def test_a_thousand_cancelled_streams_leave_nothing_behind(server):
     finished = _sum(metrics, "pdserve_requests_finished_total")
     assert finished <= NUM_STREAMS and metrics.get("pdserve_request_errors_total", 0) == 0
     # And the cluster still answers.
-    done = server.client().completions.create(model=server.model_name, prompt=[61, 62, 63], max_tokens=5)
+    done = server.client().completions.create(model=server.model_name, prompt=[61, 62, 63], max_tokens=5,
+                                              extra_body={"ignore_eos": True})  # sampled: EOS may come early
     assert done.usage.completion_tokens == 5

@@ -42,11 +42,11 @@ def test_a_command_that_raises_fails_only_its_request(loaded):
     core = EngineCore(loaded.runner, loaded.info)
     real_add = core.add_request
 
-    def add_request(request_id, prompt_ids, params, resume_at=None):
+    def add_request(request_id, prompt_ids, params, *args, **kwargs):
         if request_id == "poison":
-            real_add(request_id, prompt_ids, params, resume_at)  # half done: it holds state when it fails
+            real_add(request_id, prompt_ids, params, *args, **kwargs)  # half done: it holds state when it fails
             raise KeyError("a bug in admission")
-        return real_add(request_id, prompt_ids, params, resume_at)
+        return real_add(request_id, prompt_ids, params, *args, **kwargs)
 
     core.add_request = add_request
     engine = AsyncEngine(core)

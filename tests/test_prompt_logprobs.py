@@ -10,15 +10,13 @@ import time
 
 import grpc
 import httpx
-import openai
 import pytest
 import torch
-from gateway_fixtures import GrpcServers, LocalGateway, serve_asgi
+from gateway_fixtures import GrpcServers, served_gateway
 from hf_oracle import hf_logits
 from test_disaggregated import Pair
 from transformers import AutoModelForCausalLM
 
-from pdserve.cluster.gateway.openai.api import create_app
 from pdserve.engine.engine import EngineCore
 from pdserve.kv_transfer import messages
 from pdserve.kv_transfer.messages import (
@@ -290,21 +288,9 @@ PROMPT = "Hello world! How are you today?"
 
 
 @pytest.fixture(scope="module")
-def gateway(tiny_llama_dir):
-    gateway = LocalGateway.start(tiny_llama_dir)
-    yield gateway
-    gateway.close()
-
-
-@pytest.fixture(scope="module")
-def base_url(gateway):
-    with serve_asgi(create_app(gateway.frontend)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+def served(tiny_llama_dir):
+    with served_gateway(tiny_llama_dir) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

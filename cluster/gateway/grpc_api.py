@@ -27,9 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid, shown
-from pdserve.cluster.gateway.frontend import (
-    DEFAULT_MAX_REQUEST_BYTES,
-    Frontend,
+from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend
+from pdserve.cluster.gateway.output_stream import (
     OutputDelta,
     OutputStream,
     PreparedRequest,

@@ -13,7 +13,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pdserve.cluster.gateway.frontend import OutputDelta, PromptOutput, Usage
 from pdserve.cluster.gateway.openai.responses import (
     AssistantMessage,
     ChatChoice,
@@ -35,6 +34,7 @@ from pdserve.cluster.gateway.openai.responses import (
     TopLogprob,
     UsageInfo,
 )
+from pdserve.cluster.gateway.output_stream import OutputDelta, PromptOutput, Usage
 from pdserve.cluster.gateway.tools import (
     ArgumentsDelta,
     ContentDelta,

@@ -25,9 +25,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
-from pdserve.cluster.gateway.frontend import Frontend, OutputDelta, OutputStream, PreparedRequest, Usage
+from pdserve.cluster.gateway.frontend import Frontend
 from pdserve.cluster.gateway.openai.bodies import ChatBodies, CompletionBodies, merge_deltas, merge_responses
 from pdserve.cluster.gateway.openai.errors import INTERNAL_MESSAGE, error_body
+from pdserve.cluster.gateway.output_stream import OutputDelta, OutputStream, PreparedRequest, Usage
 from pdserve.cluster.gateway.streaming import (
     SSE_DONE,
     EventStreamResponse,

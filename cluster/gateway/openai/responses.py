@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from pdserve.cluster.gateway.frontend import Usage
+from pdserve.cluster.gateway.output_stream import Usage
 
 # Extension fields are left out of a body when unset, so plain OpenAI clients see plain bodies.
 _OMIT_IF_NONE: Any = {"default": None, "exclude_if": lambda value: value is None}
