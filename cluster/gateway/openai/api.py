@@ -71,7 +71,7 @@ def create_app(frontend: Frontend, *, api_key: str | None = None,
 
     @app.post("/v1/completions", response_model=None, responses=_generation_responses(CompletionResponse))
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
-        bodies_for = _bodies_for(CompletionBodies, "cmpl", frontend, logprobs=body.logprobs is not None,
+        bodies_for = _BodiesFor(CompletionBodies, "cmpl", frontend, logprobs=body.logprobs is not None,
                                  token_ids=body.return_token_ids, echo=bool(body.echo))
         with counting_refusals(frontend.metrics):
             frontend.check_model(body.model)
@@ -86,7 +86,7 @@ def create_app(frontend: Frontend, *, api_key: str | None = None,
               responses=_generation_responses(ChatCompletionResponse))
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         family = frontend.tool_family
-        bodies_for = _bodies_for(ChatBodies, "chatcmpl", frontend, logprobs=bool(body.logprobs),
+        bodies_for = _BodiesFor(ChatBodies, "chatcmpl", frontend, logprobs=bool(body.logprobs),
                                  token_ids=body.return_token_ids, tool_family=family if body.offers_tools else None,
                                  forced_tools=body.forces_tool_calls)
         with counting_refusals(frontend.metrics):
@@ -151,19 +151,16 @@ Bodies = TypeVar("Bodies", CompletionBodies, ChatBodies)
 class _BodiesFor:
     """Body builders of one response, one per choice index, all under the response's id
     (also the request's id on the workers). `options`: the builders' keyword arguments
-    (logprobs, token_ids, tool calls)."""
+    (logprobs, token_ids, echo, tool calls)."""
 
     def __init__(self, cls: type[Bodies], id_prefix: str, frontend: Frontend, **options: Any) -> None:
         self.response_id = f"{id_prefix}-{uuid.uuid4().hex}"
-        self._make = lambda index: cls(self.response_id, frontend.card.name, self._created, frontend.token_text,
-                                       index=index, **options)
+        self._cls, self._frontend, self._options = cls, frontend, options
         self._created = int(time.time())
 
     def __call__(self, index: int) -> Bodies:
-        return self._make(index)
-
-
-_bodies_for = _BodiesFor
+        return self._cls(self.response_id, self._frontend.card.name, self._created, self._frontend.token_text,
+                         index=index, **self._options)
 
 
 # ------------------------------------------------------------------------ OpenAPI
