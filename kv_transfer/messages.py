@@ -92,7 +92,7 @@ class PagesHeader:
     dtype: str
     shape: tuple[int, ...]  # [2, num_pages, block_size, kv_heads, head_dim]
     nbytes: int
-    checksum: int  # CRC-32C of the payload (layout.checksum)
+    checksum: int  # XXH3-64 of the payload (layout.checksum)
 
     kind: ClassVar[str] = "chunk"  # the wire name, fixed by the protocol
 

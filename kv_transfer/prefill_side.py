@@ -9,21 +9,25 @@ The prefill engine only reports progress; this module decides what to send:
                                      (and the prompt logprobs, when asked for)
     settle()                         transfers the decode worker accepted or that failed
 
-Page cursor. The destination holds the ticket's pages [first_page, ...). After a chunk
-ending at token `end`, pages [next_page, ceil(end / block_size)) are sent, then next_page
-= end // block_size: the page holding `end` is partial and is sent again, complete, with
-the next chunk.
+Page cursor. The destination holds the ticket's pages [first_page, ...). A chunk ending at
+token `end` sends the pages it completed, [next_page, end // block_size); the prompt's last
+chunk also sends its partial last page. A page is sent once, when no later chunk can
+change it, so a transport may read it out of the pool while the next chunk computes.
 
-    tokens   |=========== chunk 1 ===========|==== chunk 2 ====|
-    pages    [  p0  ][  p1  ][  p2  ][  p3 ..   ][  p4  ][  p5 ]
-    sent     ^ chunk 1: p0..p3 (p3 partial)    ^ chunk 2: p3..p5
+    tokens   |=========== chunk 1 ===========|==== chunk 2 (last) ====|
+    pages    [  p0  ][  p1  ][  p2  ][  p3 ..        ][  p4  ][ p5.. ]
+    sent     ^ chunk 1: p0..p2                ^ chunk 2: p3..p5
+
+Held pages. When the ticket's channel reads the pool in place (`KVPusher.holds_pages`), each
+send is `held`: the engine keeps those blocks allocated until the job settles, when
+`JobOutcome.held_blocks` gives them back.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from pdserve.kv_transfer.messages import PrefillJob, TransferDone
@@ -37,18 +41,26 @@ class PageSend(NamedTuple):
     ticket_id: int
     page_start: int  # ticket-relative
     block_ids: list[int]  # this pool's blocks holding them
+    held: bool = False  # the engine must hold these blocks until the job settles
 
 
 class JobOutcome(NamedTuple):
     request_id: str
     ok: bool
     reason: str  # why it failed; "" when ok
+    held_blocks: tuple[int, ...] = ()  # blocks the engine held for the transfer: release them now
 
 
 @dataclass
 class _Job:
     job: PrefillJob
-    next_page: int  # absolute page index of the first page not yet sent in full
+    next_page: int  # absolute page index of the first page not yet sent
+    held_blocks: list[int] = field(default_factory=list)
+
+
+class _Sending(NamedTuple):
+    ticket_id: int
+    held_blocks: tuple[int, ...]
 
 
 class PrefillJobs:
@@ -59,7 +71,7 @@ class PrefillJobs:
         self.pusher = pusher
         self.block_size = block_size
         self._computing: dict[str, _Job] = {}
-        self._sending: dict[str, int] = {}  # computed; request id -> ticket id until settled
+        self._sending: dict[str, _Sending] = {}  # computed (or stopped); until settled
         self.outcome_counts: Counter[str] = Counter()  # settled transfers: "sent" or "failed"
 
     @property
@@ -75,14 +87,21 @@ class PrefillJobs:
 
     def computed(self, request_id: str, block_table: Sequence[int], end: int) -> PageSend | None:
         """Prompt tokens [0, end) of the job are computed (or will be, by the forward about
-        to run): the pages to push for them, or None when no page is due."""
+        to run): the pages to push for them, or None when no page is due. A `held` send's
+        blocks must stay allocated and unchanged until the job settles."""
         job = self._computing[request_id]
         ticket = job.job.ticket
-        first, last = job.next_page, -(-end // self.block_size)  # absolute pages [first, last)
-        job.next_page = max(job.next_page, end // self.block_size)
+        last_chunk = end >= ticket.num_prompt_tokens
+        first = job.next_page
+        last = -(-end // self.block_size) if last_chunk else end // self.block_size  # absolute [first, last)
         if last <= first:
             return None
-        return PageSend(ticket.ticket_id, first - ticket.first_page, list(block_table[first:last]))
+        job.next_page = last
+        blocks = list(block_table[first:last])
+        held = self.pusher.holds_pages(ticket.ticket_id)
+        if held:
+            job.held_blocks.extend(blocks)
+        return PageSend(ticket.ticket_id, first - ticket.first_page, blocks, held)
 
     def push_layer(self, layer: int, sends: Sequence[PageSend]) -> None:
         """Layer `layer` of every send is computed: copy and queue it now."""
@@ -95,22 +114,23 @@ class PrefillJobs:
         """The prompt is complete and its first token sampled: every page was pushed;
         tell the decode worker, and wait for its verdict. `prompt_logprobs`: one per prompt
         token after the first when the request asked for them, else empty."""
-        ticket = self._computing.pop(request_id).job.ticket
+        job = self._computing.pop(request_id)
+        ticket = job.job.ticket
         self.pusher.finish(ticket.ticket_id, TransferDone(
             ticket.request_id, ticket.ticket_id, ticket.secret, first_token, logprob, top_logprobs,
             prompt_logprobs))
-        self._sending[request_id] = ticket.ticket_id
+        self._sending[request_id] = _Sending(ticket.ticket_id, tuple(job.held_blocks))
 
     def abort(self, request_id: str, reason: str) -> bool:
         """Stop the job's transfer and tell the decode worker (best effort). False if the
         job is unknown or already settled."""
         job = self._computing.pop(request_id, None)
         if job is not None:
-            self._sending[request_id] = job.job.ticket.ticket_id
-        ticket_id = self._sending.get(request_id)
-        if ticket_id is None:
+            self._sending[request_id] = _Sending(job.job.ticket.ticket_id, tuple(job.held_blocks))
+        sending = self._sending.get(request_id)
+        if sending is None:
             return False
-        self.pusher.abort(ticket_id, reason)
+        self.pusher.abort(sending.ticket_id, reason)
         return True
 
     def stop_failed(self) -> list[str]:
@@ -119,17 +139,18 @@ class PrefillJobs:
         failed = [r for r, job in self._computing.items()
                   if self.pusher.poll(job.job.ticket.ticket_id)[0] is SendState.FAILED]
         for request_id in failed:
-            self._sending[request_id] = self._computing.pop(request_id).job.ticket.ticket_id
+            job = self._computing.pop(request_id)
+            self._sending[request_id] = _Sending(job.job.ticket.ticket_id, tuple(job.held_blocks))
         return failed
 
     def settled(self) -> list[JobOutcome]:
         """Transfers the decode worker accepted, or that failed, since the last call."""
         outcomes = []
-        for request_id, ticket_id in list(self._sending.items()):
-            state, reason = self.pusher.poll(ticket_id)
+        for request_id, sending in list(self._sending.items()):
+            state, reason = self.pusher.poll(sending.ticket_id)
             if state is not SendState.SENDING:
                 del self._sending[request_id]
-                self.pusher.forget(ticket_id)
-                outcomes.append(JobOutcome(request_id, state is SendState.SENT, reason))
+                self.pusher.forget(sending.ticket_id)
+                outcomes.append(JobOutcome(request_id, state is SendState.SENT, reason, sending.held_blocks))
                 self.outcome_counts["sent" if state is SendState.SENT else "failed"] += 1
         return outcomes

@@ -9,7 +9,9 @@ with a reason and writes nothing. A transfer is a handle the scheduler polls:
 
 Transports call `admit_pages` (a chunk's header, before its payload is read),
 `accept_pages` / `accept_done` / `accept_abort` and `count_rejection` from their own
-threads; the decode engine thread calls `issue`, `poll`, `release` and `expire`. One lock
+threads, or, to move a chunk's bytes straight into the ticket's blocks without staging
+them (nixl pulls them, tcp receives into them), `land_pages` and then the landing's
+`landed` (the checksum is verified over the blocks) or `abandoned`; the decode engine thread calls `issue`, `poll`, `release` and `expire`. One lock
 guards the ticket table and the rejection counters; chunk bytes are written outside it,
 into blocks that only their ticket may write (each ticket's blocks are reserved for it by
 the scheduler).
@@ -30,6 +32,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import torch
 
 from pdserve.kv_transfer import layout
 from pdserve.kv_transfer.messages import (
@@ -57,9 +61,10 @@ REJECTION_REASONS = (
     "expired",  # the ticket is past its deadline
     "out_of_bounds",  # a layer or pages outside the ticket
     "bad_layout",  # dtype, shape or byte count other than the pool's layout implies
-    "checksum",  # the payload does not match its CRC-32C
+    "checksum",  # the payload does not match its checksum (XXH3-64)
     "incomplete",  # TransferDone before every page of every layer arrived
     "bad_token",  # TransferDone's first token, logprobs or prompt logprobs out of range
+    "pull_failed",  # the decode side's read of a chunk from the sender's memory (nixl) failed or timed out
     "no_staging_memory",  # no room for a connection's staging memory (shm: /dev/shm is full)
     "internal_error",  # the receiver failed on a frame (a bug); the frame was refused
 )
@@ -82,6 +87,7 @@ class TransferStatus(NamedTuple):
 @dataclass
 class _Live:
     ticket: KVTicket
+    pool: KVPool  # where its pages go: the receiver's pool, or the probe pool for a probe ticket
     # pages_received[layer] = set of ticket-relative page indices written at that layer
     pages_received: list[set[int]] = field(default_factory=list)
     state: TransferState = TransferState.PENDING
@@ -90,6 +96,53 @@ class _Live:
     bytes_received: int = 0
     writers: int = 0  # chunks being written right now (outside the lock)
     first_page_at: float | None = None  # time.monotonic() of its first chunk
+
+
+class Landing:
+    """One admitted chunk being moved into the pool in place (see `KVReceiver.land_pages`)."""
+
+    def __init__(self, receiver: KVReceiver, live: _Live, header: PagesHeader, blocks: Sequence[int],
+                 runs: list[layout.PoolRun]) -> None:
+        self.receiver, self.live, self.header = receiver, live, header
+        self.block_ids = tuple(blocks)
+        self.runs = runs
+        self._open = True
+
+    @property
+    def pool(self) -> KVPool:
+        """The pool the bytes go to (the receiver's, or its probe pool)."""
+        return self.live.pool
+
+    def views(self) -> list[torch.Tensor]:
+        """The destination runs' memory, in the chunk's byte order."""
+        return [layout.run_view(self.pool, self.header.layer, run) for run in self.runs]
+
+    def landed(self, checksum: int | None = None) -> None:
+        """The bytes are in the runs: verify the checksum, then count the pages received.
+        `checksum`: the landed bytes' checksum as the transport computed it where they lie
+        (e.g. on a GPU, in the header's kind of checksum); None: hash the runs here
+        (`layout.checksum_pages`, host memory). Raises MessageRejected (and fails the
+        ticket) on a mismatch."""
+        self._close()
+        try:
+            got = layout.checksum_pages(self.pool, self.header.layer, self.block_ids) if checksum is None \
+                else checksum
+        except Exception as exc:  # noqa: BLE001 - fail the ticket: release() must not wait for this landing
+            self.receiver._landed(self, f"internal error while verifying a chunk: {type(exc).__name__}: {exc}",
+                                  "internal_error")
+        error = None if got == self.header.checksum else "checksum mismatch: a chunk was corrupted in transit"
+        self.receiver._landed(self, error)
+
+    def abandoned(self, reason: str, reason_class: str = "truncated") -> None:
+        """The bytes did not all arrive (link dropped, pull failed): the runs may hold part
+        of them, so the ticket fails. Raises MessageRejected with `reason`."""
+        self._close()
+        self.receiver._landed(self, reason, reason_class)
+
+    def _close(self) -> None:
+        if not self._open:
+            raise RuntimeError("a landing is closed once")
+        self._open = False
 
 
 class KVReceiver:
@@ -105,6 +158,7 @@ class KVReceiver:
         self._live: dict[int, _Live] = {}
         self._ids = itertools.count(1)
         self.rejected: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)  # reason -> count, under _lock
+        self._probe_pool: KVPool | None = None  # see issue_probe
         self.bytes_received = 0  # accepted chunk payloads, all tickets
 
     @property
@@ -131,7 +185,27 @@ class KVReceiver:
             deadline=time.time() + (timeout if timeout is not None else self.default_timeout),
         )
         with self._lock:
-            self._live[ticket.ticket_id] = _Live(ticket, [set() for _ in range(self.layout.num_layers)])
+            self._live[ticket.ticket_id] = _Live(ticket, self.pool, [set() for _ in range(self.layout.num_layers)])
+        return ticket
+
+    def issue_probe(self, num_pages: int, timeout: float | None = None) -> KVTicket:
+        """A ticket for a timed test transfer at start-up (a link's transport is chosen by
+        measuring one): its pages go to a scratch pool of this layout that this receiver
+        owns (made on first use, dropped when no probe ticket is left), never into blocks
+        the engine may use. Checked like any ticket. `release` it when done."""
+        with self._lock:
+            if self._probe_pool is None or self._probe_pool.num_blocks < num_pages:
+                num_layers, _, _, block_size, kv_heads, head_dim = self.pool.kv.shape
+                self._probe_pool = KVPool(num_layers, num_pages, block_size, kv_heads, head_dim,
+                                          self.pool.dtype, self.pool.kv.device)
+            probe_pool = self._probe_pool
+        ticket = KVTicket(
+            request_id=f"probe-{os.urandom(4).hex()}", ticket_id=next(self._ids), secret=os.urandom(16),
+            block_ids=tuple(range(num_pages)), first_page=0, num_prompt_tokens=num_pages * self.layout.block_size,
+            layout=self.layout, deadline=time.time() + (timeout if timeout is not None else self.default_timeout),
+        )
+        with self._lock:
+            self._live[ticket.ticket_id] = _Live(ticket, probe_pool, [set() for _ in range(self.layout.num_layers)])
         return ticket
 
     def poll(self, ticket_id: int) -> TransferStatus:
@@ -161,6 +235,8 @@ class KVReceiver:
                     return
                 if live.writers == 0:
                     del self._live[ticket_id]
+                    if live.pool is self._probe_pool and not any(x.pool is live.pool for x in self._live.values()):
+                        self._probe_pool = None
                     return
                 if live.state is not TransferState.FAILED:
                     self._fail(live, "released")
@@ -197,11 +273,40 @@ class KVReceiver:
                     raise self._reject("checksum", "checksum mismatch: the chunk was corrupted in transit")
             pages = layout.from_bytes(payload, self.layout, header.num_pages)
             blocks = live.ticket.block_ids[header.page_start:header.page_start + header.num_pages]
-            layout.write_pages(self.pool, header.layer, blocks, pages)
+            layout.write_pages(live.pool, header.layer, blocks, pages)
         finally:
             with self._lock:
                 live.writers -= 1
         with self._lock:
+            live.pages_received[header.layer].update(range(header.page_start, header.page_start + header.num_pages))
+            live.bytes_received += header.nbytes
+            self.bytes_received += header.nbytes
+
+    def land_pages(self, header: PagesHeader) -> Landing:
+        """Admit a chunk whose `header.nbytes` bytes a transport moves straight into this
+        pool: the checks of `accept_pages`, except the checksum, which `Landing.landed`
+        verifies over the blocks once the bytes are there. The landing names the
+        destination (`runs`: the ticket's blocks as the pool's contiguous runs, in the
+        chunk's byte order); until it is closed, by `landed` or `abandoned`, `release`
+        waits for it. Bytes may only go into those runs. Raises MessageRejected (counted)."""
+        with self._lock:
+            live = self._admit(header, header.nbytes)
+            live.writers += 1
+            live.state = TransferState.TRANSFERRING
+            if live.first_page_at is None:
+                live.first_page_at = time.monotonic()
+        blocks = live.ticket.block_ids[header.page_start:header.page_start + header.num_pages]
+        return Landing(self, live, header, blocks, layout.pool_runs(live.pool, blocks))
+
+    def _landed(self, landing: Landing, error: str | None, reason_class: str = "checksum") -> None:
+        """Close a landing: its pages count as received, or (`error`) the ticket fails."""
+        live, header = landing.live, landing.header
+        with self._lock:
+            live.writers -= 1
+            if error is not None:
+                if live.state is not TransferState.FAILED:
+                    self._fail(live, error)
+                raise self._reject(reason_class, error)
             live.pages_received[header.layer].update(range(header.page_start, header.page_start + header.num_pages))
             live.bytes_received += header.nbytes
             self.bytes_received += header.nbytes

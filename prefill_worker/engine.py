@@ -6,7 +6,8 @@ each layer finishes, the pages that layer completed are pushed while the later l
 compute. A job that asked for prompt logprobs reads them off every chunk's logits (and
 reuses no cached prefix). A job whose prompt is complete samples its first token and ends
 with FinishReason.PREFILLED; its blocks go back at once (its pages stay in the radix cache
-for later prompts).
+for later prompts), except those a transport still reads in place (held until the job's
+transfer settles, see `prefill_side`).
 
 What is sent, and when a job's transfer settles, is the hop's business
 (`pdserve.kv_transfer.prefill_side`): the engine only says which prompt tokens are
@@ -68,8 +69,9 @@ class PrefillEngine:
         self.jobs.start(job)
 
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
-        """Stop a job now: its blocks are free when this returns and the decode worker is
-        told (best effort). False if the job is unknown or already done."""
+        """Stop a job now: its blocks are free when this returns (those a transport reads
+        in place, once its transfer settles) and the decode worker is told (best effort).
+        False if the job is unknown or already done."""
         if self.jobs.is_computing(request_id):
             self.scheduler.finish(request_id, FinishReason.ABORT)
         return self.jobs.abort(request_id, reason)
@@ -86,6 +88,9 @@ class PrefillEngine:
         sends = [send for c in chunks
                  if (send := self.jobs.computed(c.request.request_id, c.request.block_table,
                                                 c.start + c.num_tokens)) is not None]
+        for send in sends:
+            if send.held:
+                self.scheduler.hold_blocks(send.block_ids)
 
         def on_layer_done(layer: int) -> None:
             self.jobs.push_layer(layer, sends)
@@ -118,4 +123,7 @@ class PrefillEngine:
         report sent transfers once the decode worker accepted or refused them."""
         for request_id in self.jobs.stop_failed():
             self.scheduler.finish(request_id, FinishReason.ABORT)
-        return self.jobs.settled()
+        outcomes = self.jobs.settled()
+        for outcome in outcomes:
+            self.scheduler.release_blocks(outcome.held_blocks)
+        return outcomes

@@ -221,6 +221,16 @@ class BatchScheduler:
         request.finish_reason = reason
         return request
 
+    def hold_blocks(self, blocks: Sequence[int]) -> None:
+        """Keep allocated blocks from being freed or reused (another holder, e.g. a
+        transport still reading them) until `release_blocks`, whatever happens to the
+        requests and cache entries that hold them too."""
+        self.allocator.incref(blocks)
+
+    def release_blocks(self, blocks: Sequence[int]) -> None:
+        """Drop a `hold_blocks` hold."""
+        self.allocator.free(blocks)
+
     def _unqueue(self, request: Request) -> None:
         if request.state is RequestState.WAITING_FOR_KV:
             del self.waiting_for_kv[request.request_id]

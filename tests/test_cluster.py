@@ -3,8 +3,8 @@ only through its public interfaces - the official `openai` client, gRPC stubs, /
 
 Two clusters on the tiny Llama:
   - 1 prefill + 1 decode worker (disaggregated; every prompt longer than the local-prefill
-    threshold is prefilled by the prefill worker and its KV shipped to the decode worker):
-    outputs, concurrency, disconnects, overload, bad input;
+    threshold is prefilled by the prefill worker and its KV shipped to the decode worker,
+    over the nixl transport, forced): outputs, concurrency, disconnects, overload, bad input;
   - 1 prefill + 2 decode workers with the prefix-aware router: routing and worker loss.
 Greedy references come from the in-process engine (`LLM`) on the same checkpoint.
 """
@@ -40,7 +40,7 @@ def llm(model_dir) -> LLM:
 @pytest.fixture(scope="module")
 def disagg(model_dir):
     server = ServeProcess(model_dir, "--prefill-workers", "1", "--decode-workers", "1",
-                          "--local-prefill-tokens", "4", "--max-in-flight", "40")
+                          "--local-prefill-tokens", "4", "--max-in-flight", "40", "--kv-transport", "nixl")
     yield server
     server.stop_and_check()
 

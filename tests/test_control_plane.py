@@ -25,7 +25,8 @@ from pdserve.cluster.workers.actors import WorkerInfo
 from pdserve.cluster.workers.cache_events import CacheEventLog
 from pdserve.cluster.workers.spec import ROLES, WorkerSpec
 from pdserve.cluster.workers.stats import WorkerStats
-from pdserve.kv_transfer.transports.select import PeerInfo
+from pdserve.kv_transfer.messages import KVLayout, KVTicket
+from pdserve.kv_transfer.transports.select import PeerInfo, candidate_transports
 from pdserve.runtime.block_allocator import BlockAllocator
 from pdserve.runtime.radix_cache import RadixCache, page_hashes
 from pdserve.runtime.request import TokenDelta
@@ -34,6 +35,7 @@ from pdserve.runtime.stopping import FinishReason
 from pdserve.runtime.threads import UnpinnedPlan
 
 BLOCK = 4
+CANDIDATES = candidate_transports(PeerInfo.local("cpu"), PeerInfo.local("cpu"))  # the fake workers share a host
 
 
 # ------------------------------------------------------------------ prefix-cache events
@@ -150,11 +152,13 @@ class _Method:
 
 
 class _FakeActor:
-    """A worker actor's surface: info, listen, probe, stats, cache_snapshot, shutdown."""
+    """A worker actor's surface: info, listen, probe_ticket, release_probe, measure, stats,
+    cache_snapshot, shutdown."""
 
     def __init__(self, world: _World, role: str, worker_id: str) -> None:
         self.world, self.role, self.worker_id = world, role, worker_id
-        for name in ("info", "listen", "probe", "stats", "cache_snapshot", "shutdown"):
+        for name in ("info", "listen", "probe_ticket", "release_probe", "measure", "stats", "cache_snapshot",
+                     "shutdown"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
     async def _info(self):
@@ -164,13 +168,26 @@ class _FakeActor:
     async def _listen(self, kind):
         await asyncio.sleep(self.world.link_delay)
         if self.world.refuse_listen.get(self.worker_id, 0) > 0:
-            self.world.refuse_listen[self.worker_id] -= 1
+            if kind == CANDIDATES[-1]:  # refuse_listen counts link attempts: every kind fails in one
+                self.world.refuse_listen[self.worker_id] -= 1
             raise ConnectionRefusedError(f"{self.worker_id} refused")
-        return f"tcp://127.0.0.1:{1000 + len(self.world.listened)}"
+        return f"{kind}://{self.worker_id}-{len(self.world.listened)}"
 
-    async def _probe(self, address):
+    async def _probe_ticket(self, num_pages):
+        self.world.tickets += 1
+        return KVTicket("probe", self.world.tickets, b"s" * 16, tuple(range(num_pages)), 0, num_pages * BLOCK,
+                        KVLayout(2, BLOCK, 1, 8, "float32"), 1e18)
+
+    async def _release_probe(self, ticket_id):
+        self.world.released.append(ticket_id)
+
+    async def _measure(self, address, ticket):
         await asyncio.sleep(self.world.link_delay)
         self.world.listened.append((self.worker_id, address))
+        seconds = self.world.seconds[address.partition("://")[0]]
+        if isinstance(seconds, Exception):
+            raise seconds
+        return seconds
 
     async def _stats(self, acked):
         raise AssertionError("not polled in these tests")
@@ -187,7 +204,10 @@ class _World:
         self.start_delays = start_delays
         self.link_delay = link_delay
         self.refuse_listen: dict[str, int] = {}
-        self.listened: list = []
+        self.listened: list = []  # (prefill worker, address) per probe transfer
+        self.seconds: dict[str, float | Exception] = dict.fromkeys(CANDIDATES, 0.001)  # a probe's time per kind
+        self.tickets = 0
+        self.released: list[int] = []
         self.actors: dict[str, _FakeActor] = {}
 
     def start_delay(self, worker_id: str) -> float:
@@ -242,7 +262,43 @@ def test_every_pair_is_linked_whatever_the_start_order(fake_ray, start_delays):
     pairs = {(p, d) for p in ("prefill-0", "prefill-1") for d in ("decode-0", "decode-1")}
     assert {pair for pair in pairs if controller.links.address(*pair)} == pairs
     assert controller.links.counts() == {"linking": 0, "up": 4, "down": 0}
-    assert len(world.listened) == 4, "each pair linked once, attempts shared"
+    assert len(world.listened) == 4 * len(CANDIDATES), "each pair linked once (every candidate measured)"
+    assert sorted(world.released) == list(range(1, world.tickets + 1)), "every probe ticket released"
+
+
+@pytest.mark.parametrize("seconds, chosen", [
+    ({"shm": 0.004, "nixl": 0.001}, "nixl"),
+    ({"shm": 0.001, "nixl": 0.004}, "shm"),
+    ({"shm": 0.004, "nixl": RuntimeError("NIXL is not installed")}, "shm"),
+])
+def test_each_pair_takes_the_transport_that_measured_fastest(fake_ray, seconds, chosen):
+    world = _World({})
+    world.seconds.update(seconds)
+    fake_ray(world)
+    controller = _controller(1, 1)
+
+    async def start():
+        await asyncio.gather(controller._add_worker("prefill", strict=True),
+                             controller._add_worker("decode", strict=True))
+
+    asyncio.run(start())
+    assert controller.links.address("prefill-0", "decode-0").startswith(f"{chosen}://")
+
+
+def test_a_forced_transport_is_the_only_one_measured(fake_ray):
+    world = _World({})
+    world.seconds.update({"shm": 0.001, "nixl": 0.004})
+    fake_ray(world)
+    controller = Controller(WorkerSpec(model="unused", kv_transport="nixl"), 1, 1, PrefixIndex(), poll_interval=0.01)
+    controller._cpus = dict.fromkeys(ROLES, UnpinnedPlan(1, 1))
+
+    async def start():
+        await asyncio.gather(controller._add_worker("prefill", strict=True),
+                             controller._add_worker("decode", strict=True))
+
+    asyncio.run(start())
+    assert controller.links.address("prefill-0", "decode-0").startswith("nixl://")
+    assert [address.partition("://")[0] for _, address in world.listened] == ["nixl"]
 
 
 def test_a_failed_link_after_start_up_is_down_visible_and_retried(fake_ray, monkeypatch):

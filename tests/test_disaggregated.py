@@ -1,6 +1,8 @@
-"""Prefill -> decode in one process over an in-memory link: the engines, the ticket
-handshake, layer-wise pushes and the failure policies. (Transports between OS processes
-are covered in test_kv_transports.py and test_disaggregated_processes.py.)"""
+"""Prefill -> decode in one process over an in-memory link (and over nixl, whose channel
+reads the prefill pool in place, so the prefill engine holds pushed pages until the
+transfer settles): the engines, the ticket handshake, layer-wise pushes and the failure
+policies. (Transports between OS processes are covered in test_kv_transports.py and
+test_disaggregated_processes.py.)"""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pdserve.kv_transfer.decode_side import OnTransferFailure
 from pdserve.kv_transfer.messages import PrefillJob
 from pdserve.kv_transfer.pusher import KVPusher
 from pdserve.kv_transfer.receiver import KVReceiver
+from pdserve.kv_transfer.transports import connect, listen
 from pdserve.prefill_worker.engine import PrefillEngine
 from pdserve.runtime.config import CacheConfig, SchedulerConfig
 from pdserve.runtime.loader import load_model
@@ -57,14 +60,23 @@ def _grammars(loaded) -> GrammarCompiler:
 class Pair:
     """A prefill engine and a decode engine with their own pools, linked in memory."""
 
-    def __init__(self, path, tamper=None, on_failure=OnTransferFailure.RECOMPUTE, timeout=30.0, grammars=False):
+    def __init__(self, path, tamper=None, on_failure=OnTransferFailure.RECOMPUTE, timeout=30.0, grammars=False,
+                 transport="loopback"):
         cache = CacheConfig(block_size=BLOCK, num_blocks=256)
         config = SchedulerConfig(max_num_batched_tokens=32, max_prefill_chunk=8)
         self.p_model = load_model(str(path), cache=cache)
         self.d_model = load_model(str(path), cache=cache)
         self.receiver = KVReceiver(self.d_model.runner.pool)
-        self.channel = LoopbackChannel(self.receiver, tamper)
-        self.pusher = KVPusher(self.p_model.runner.pool, lambda address: self.channel)
+        self.transport = transport
+        self.listener = None
+        if transport == "loopback":
+            self.address = "loopback"
+            self.channel = LoopbackChannel(self.receiver, tamper)
+            self.pusher = KVPusher(self.p_model.runner.pool, lambda address: self.channel)
+        else:
+            self.listener = listen(transport, self.receiver)
+            self.address = self.listener.address
+            self.pusher = KVPusher(self.p_model.runner.pool, lambda address: connect(address, timeout=10.0))
         # grammars: each engine compiles structured outputs for its own copy of the model.
         p_grammars, d_grammars = (_grammars(self.p_model), _grammars(self.d_model)) if grammars else (None, None)
         self.prefill = PrefillEngine(self.p_model.runner, self.p_model.info, self.pusher, config,
@@ -76,7 +88,7 @@ class Pair:
     def run(self, request_id, prompt, params, max_steps=500):
         ticket = self.decode.add_remote_request(request_id, prompt, params)
         assert ticket is not None
-        self.prefill.add_job(PrefillJob(ticket, "loopback", prompt, params))
+        self.prefill.add_job(PrefillJob(ticket, self.address, prompt, params))
         tokens, reasons = [], []
         for _ in range(max_steps):
             if self.prefill.has_unfinished:
@@ -91,6 +103,8 @@ class Pair:
 
     def close(self):
         self.pusher.close()
+        if self.listener is not None:
+            self.listener.close()
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +123,9 @@ def colocated(tiny_llama_dir):
     return run
 
 
-@pytest.fixture
-def pair(tiny_llama_dir):
-    pair = Pair(tiny_llama_dir)
+@pytest.fixture(params=["loopback", "nixl"])
+def pair(request, tiny_llama_dir):
+    pair = Pair(tiny_llama_dir, transport=request.param)
     yield pair
     pair.close()
 
@@ -203,7 +217,7 @@ def test_failure_policy_fail_ends_the_request_with_an_error(tiny_llama_dir):
 def test_cancel_mid_transfer_returns_both_pools_to_baseline(pair):
     prompt = _prompt(30, seed=6)  # 4 chunks of 8 on the prefill side
     ticket = pair.decode.add_remote_request("cancel", prompt, GREEDY)
-    pair.prefill.add_job(PrefillJob(ticket, "loopback", prompt, GREEDY))
+    pair.prefill.add_job(PrefillJob(ticket, pair.address, prompt, GREEDY))
     pair.prefill.step()  # first chunk computed and (being) pushed
     assert _pool_usage(pair) != (0, 0)
     pair.decode.finish_request("cancel")
@@ -221,17 +235,23 @@ def test_ticket_for_a_different_model_layout_is_refused(pair):
     ticket = pair.decode.add_remote_request("odd", [5, 6, 7], GREEDY)
     odd = dataclasses.replace(ticket, layout=messages.KVLayout(1, 4, 2, 16, "float32"))
     with pytest.raises(ValueError, match="different models"):
-        pair.prefill.add_job(PrefillJob(odd, "loopback", [5, 6, 7], GREEDY))
+        pair.prefill.add_job(PrefillJob(odd, pair.address, [5, 6, 7], GREEDY))
     pair.decode.finish_request("odd")
 
 
 def test_abort_from_the_prefill_side_frees_its_blocks_and_decode_recomputes(pair, colocated):
     prompt = _prompt(30, seed=8)
     ticket = pair.decode.add_remote_request("p-abort", prompt, GREEDY)
-    pair.prefill.add_job(PrefillJob(ticket, "loopback", prompt, GREEDY))
+    pair.prefill.add_job(PrefillJob(ticket, pair.address, prompt, GREEDY))
     pair.prefill.step()  # one chunk computed and pushed
+    pushed = pair.prefill.scheduler.requests["p-abort"].block_table[:2]  # its 8 tokens' pages
     assert pair.prefill.abort("p-abort", "prefill worker draining")
-    assert _pool_usage(pair)[0] == 0  # prefill side: free at once
+    assert _pool_usage(pair)[0] == 0  # prefill side: free at once (the pushed pages are cached)...
+    allocator = pair.prefill.scheduler.allocator
+    # ... but pages a transport reads in place are also held until the transfer settles
+    held = 1 if pair.pusher.holds_pages(ticket.ticket_id) else 0
+    assert [allocator.ref_count(b) for b in pushed] == [1 + held] * 2
+
     tokens = []
     for _ in range(500):
         pair.prefill.step()
@@ -244,3 +264,4 @@ def test_abort_from_the_prefill_side_frees_its_blocks_and_decode_recomputes(pair
     assert pair.decode.remote.counts["failed_recomputed"] == 1
     assert tokens == colocated(prompt, GREEDY)
     assert _pool_usage(pair) == (0, 0)
+    assert [allocator.ref_count(b) for b in pushed] == [1, 1]  # the cache's only

@@ -18,7 +18,7 @@ import pytest
 from pdserve.runtime.sampling_params import SamplingParams
 
 BLOCK = 4
-TRANSPORTS = ["grpc", "tcp", "gloo", "shm"]
+TRANSPORTS = ["grpc", "tcp", "gloo", "shm", "nixl"]
 GREEDY = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
 

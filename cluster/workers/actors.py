@@ -39,8 +39,8 @@ from pdserve.cluster.workers.cache_events import CacheEventLog, CacheSnapshot, E
 from pdserve.cluster.workers.faults import planned_fault
 from pdserve.cluster.workers.spec import WorkerSpec
 from pdserve.cluster.workers.stats import WorkerStats
-from pdserve.kv_transfer.messages import PrefillJob, PrefillResult
-from pdserve.kv_transfer.transports.select import PeerInfo, probe
+from pdserve.kv_transfer.messages import KVTicket, PrefillJob, PrefillResult
+from pdserve.kv_transfer.transports.select import PeerInfo, measure, probe, probe_source
 from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.threads import CpuPlacement, apply_placement, format_cores, process_cores
@@ -199,6 +199,13 @@ class DecodeWorker(_Worker):
             log.info("KV listener %s", self._listeners[kind].address)
         return self._listeners[kind].address
 
+    def probe_ticket(self, num_pages: int) -> KVTicket:
+        """A ticket for a timed test transfer into a scratch pool (see select.measure)."""
+        return self.receiver.issue_probe(num_pages)
+
+    def release_probe(self, ticket_id: int) -> None:
+        self.receiver.release(ticket_id)
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, remote: bool,
                        resume_at: int | None = None,
                        follows: str | None = None) -> AsyncIterator[Refused | TokenDelta | object]:
@@ -288,6 +295,11 @@ class PrefillWorker(_Worker):
     def probe(self, address: str) -> None:
         """Prove the KV link to a decode worker's listener works (raises TransportError)."""
         probe(address)
+
+    def measure(self, address: str, ticket: KVTicket) -> float:
+        """Seconds a probe transfer to `address` takes (select.measure), sent from a
+        scratch pool on this worker's device. Raises TransportError or MessageRejected."""
+        return measure(address, ticket, probe_source(ticket, self.loaded.runner.pool.kv.device))
 
     async def prefill(self, job: PrefillJob) -> PrefillResult | Refused:
         health = self.engine.health()

@@ -5,7 +5,8 @@
     channel.send_pages(header, payload); channel.send_done(done)
 
 Kinds: grpc (any network), tcp (any network, plain sockets), gloo / nccl (torch.distributed
-pairs), shm (one host).
+pairs), shm (one host), nixl (NIXL/UCX: the decode worker pulls pages out of the prefill
+worker's pool; needs the optional `nixl` package).
 """
 
 from pdserve.kv_transfer.messages import MessageRejected
@@ -16,6 +17,7 @@ from pdserve.kv_transfer.transports.base import (
     TransportError,
     connect,
     listen,
+    reads_pool,
 )
 from pdserve.kv_transfer.transports.select import PeerInfo, choose_transport, probe
 
@@ -30,4 +32,5 @@ __all__ = [
     "connect",
     "listen",
     "probe",
+    "reads_pool",
 ]

@@ -28,10 +28,11 @@ import struct
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
-from pdserve.kv_transfer import messages
+from pdserve.kv_transfer import layout, messages
 from pdserve.kv_transfer.messages import (
     MalformedMessage,
     MessageRejected,
@@ -40,11 +41,13 @@ from pdserve.kv_transfer.messages import (
     TransferDone,
 )
 from pdserve.kv_transfer.receiver import KVReceiver, TransferState
+from pdserve.runtime.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
 
 # kind (= address scheme) -> module in this package implementing `listen` and `connect`
-_MODULES = {"grpc": "grpc_transport", "tcp": "tcp", "gloo": "torch_dist", "nccl": "torch_dist", "shm": "shm"}
+_MODULES = {"grpc": "grpc_transport", "tcp": "tcp", "gloo": "torch_dist", "nccl": "torch_dist", "shm": "shm",
+            "nixl": "nixl"}
 KINDS = tuple(_MODULES)
 
 DEFAULT_MAX_CHUNK_BYTES = 64 << 20  # a chunk is one layer's pages: tens of MB at most
@@ -127,12 +130,19 @@ class KVChannel(ABC):
         self.reconnects = 0  # links replaced after the listener closed an idle one
 
     def send_pages(self, header: PagesHeader, payload: memoryview | bytes) -> None:
-        nbytes = memoryview(payload).nbytes
-        if nbytes > self.max_chunk_bytes:
-            raise MessageRejected(f"chunk of {nbytes} bytes exceeds the {self.max_chunk_bytes}-byte limit of "
-                                f"the link to {self.address}; send fewer pages per chunk or raise the "
-                                f"listener's max_chunk_bytes")
+        self._check_chunk_size(memoryview(payload).nbytes)
         self._request(messages.encode(header), payload)
+
+    # True: `send_pool_pages` moves the pages out of the sender's pool itself, during the
+    # call (no copy first), so the pool must keep those blocks unchanged until it returns.
+    reads_pool: ClassVar[bool] = False
+
+    def send_pool_pages(self, header: PagesHeader, pool: KVPool, block_ids: Sequence[int]) -> None:
+        """Send layer `header.layer` of this pool's `block_ids` as the chunk `header`
+        describes (its checksum is `layout.checksum_pages` of them). This default packs
+        them (`layout.read_pages`) and sends the copy; a transport that `reads_pool` moves
+        them where they lie."""
+        self.send_pages(header, layout.to_bytes(layout.read_pages(pool, header.layer, block_ids)))
 
     def send_done(self, done: TransferDone) -> None:
         """MessageRejected when the receiver failed the transfer (e.g. pages missing)."""
@@ -167,6 +177,12 @@ class KVChannel(ABC):
         return f"{type(self).__name__}({self.address!r})"
 
     # ------------------------------------------------------------ for transports
+
+    def _check_chunk_size(self, nbytes: int) -> None:
+        if nbytes > self.max_chunk_bytes:
+            raise MessageRejected(f"chunk of {nbytes} bytes exceeds the {self.max_chunk_bytes}-byte limit of "
+                                  f"the link to {self.address}; send fewer pages per chunk or raise the "
+                                  f"listener's max_chunk_bytes")
 
     def _request(self, header: bytes, payload: memoryview | bytes) -> None:
         with self._lock:
@@ -369,7 +385,7 @@ REPLY_HEAD_BYTES = _REPLY.size
 
 
 def listen(kind: str, receiver: KVReceiver, **options) -> KVListener:
-    """Start a listener of `kind` ("grpc", "tcp", "gloo", "nccl", "shm") feeding `receiver`.
+    """Start a listener of `kind` ("grpc", "tcp", "gloo", "nccl", "shm", "nixl") feeding `receiver`.
     Options are per transport (see each module); all accept the fields of ListenerLimits.
     Raises TransportError if the transport cannot work here."""
     return _module(kind, kind).listen(kind, receiver, **options)
@@ -383,6 +399,13 @@ def connect(address: str, timeout: float = 10.0) -> KVChannel:
         raise TransportError(f"malformed KV listener address {address!r}; expected kind://target "
                              f"with kind one of {', '.join(KINDS)}")
     return _module(kind, address).connect(kind, target, timeout)
+
+
+def reads_pool(address: str) -> bool:
+    """Whether channels to `address` send pages out of the sender's pool in place
+    (`KVChannel.reads_pool`): the sender must then hold the pages until each send returns."""
+    kind = address.partition("://")[0]
+    return kind in _MODULES and getattr(_module(kind, address), "READS_POOL", False)
 
 
 def _module(kind: str, context: str):

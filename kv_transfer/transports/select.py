@@ -1,24 +1,39 @@
-"""Which transport carries the KV between two workers, and a start-up check that it works.
+"""Which transport carries the KV between two workers: measured at start-up.
 
-    same host                -> "shm"    (one memcpy into shared memory, no socket copies)
-    both CUDA, across hosts  -> "nccl"
-    otherwise                -> "grpc"
+For each (prefill, decode) pair the controller measures every transport that can work
+between them (`candidate_transports`):
 
-`forced` (from the operator's config) overrides the choice, but never silently: a forced
-transport that cannot work between these peers raises TransportError, and `probe` proves
-at start-up that a listener's address answers.
+    same host                -> shm, nixl        (+ nccl when both KV pools are on CUDA)
+    across hosts             -> nixl, tcp, grpc  (+ nccl when both KV pools are on CUDA)
+
+with a short real transfer each (`measure`: PROBE_PAGES pages at every layer into a probe
+ticket, from a scratch pool, through the same checks as any transfer), logs the table
+(`transport_table`), and takes the fastest that passed (`fastest`). `forced` (from the
+operator's config) skips the race, but never silently: a forced transport that cannot
+work between these peers raises TransportError, and so does its failed measurement.
+`choose_transport` is the choice without measuring (the first candidate), and `probe` a
+bare ping.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import statistics
+import time
 from dataclasses import dataclass
 
-from pdserve.kv_transfer.messages import MessageRejected
+import torch
+
+from pdserve.kv_transfer import layout
+from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferDone
 from pdserve.kv_transfer.transports.base import KINDS, TransportError, connect
+from pdserve.runtime.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
+
+PROBE_PAGES = 16  # pages per layer of a probe transfer: a 256-token prompt at 16-token pages
+PROBE_REPEATS = 3  # transfers per measurement; the median counts
 
 
 @dataclass(frozen=True)
@@ -84,3 +99,66 @@ def probe(address: str, timeout: float = 5.0) -> None:
     finally:
         channel.close()
     logger.info("KV transport check passed: %s answers", address)
+
+
+def candidate_transports(local: PeerInfo, remote: PeerInfo, forced: str | None = None) -> list[str]:
+    """The transports to measure between `local` and `remote`, best guess first; just
+    [forced] when the operator chose one (TransportError if it cannot work between them)."""
+    if forced is not None:
+        return [choose_transport(local, remote, forced)]
+    kinds = ["shm", "nixl"] if local.host_id == remote.host_id else ["nixl", "tcp", "grpc"]
+    if local.device_type == "cuda" and remote.device_type == "cuda":
+        kinds.insert(0, "nccl")
+    return kinds
+
+
+def probe_source(ticket: KVTicket, device: str = "cpu") -> KVPool:
+    """A scratch pool (random pages) to send a probe ticket's pages from: never the
+    engine's pool, which its forward passes may be writing."""
+    lay = ticket.layout
+    pool = KVPool(lay.num_layers, len(ticket.block_ids), lay.block_size, lay.num_kv_heads, lay.head_dim,
+                  getattr(torch, lay.dtype), device)
+    pool.kv.normal_()
+    return pool
+
+
+def measure(address: str, ticket: KVTicket, source: KVPool, repeats: int = PROBE_REPEATS,
+            timeout: float = 10.0) -> float:
+    """Median seconds to send a probe ticket's pages at every layer (from `source`'s
+    blocks 0..), as a prefill worker pushes a prompt's KV, then settle it with its done.
+    Raises TransportError or MessageRejected saying what failed."""
+    blocks = list(range(len(ticket.block_ids)))
+    with connect(address, timeout) as channel:
+        channel.ping()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for layer in range(ticket.layout.num_layers):
+                header = PagesHeader(
+                    ticket.request_id, ticket.ticket_id, ticket.secret, layer, 0, len(blocks), ticket.layout.dtype,
+                    layout.chunk_shape(ticket.layout, len(blocks)), layout.chunk_nbytes(ticket.layout, len(blocks)),
+                    layout.checksum_pages(source, layer, blocks))
+                channel.send_pool_pages(header, source, blocks)
+            times.append(time.perf_counter() - started)
+        channel.send_done(TransferDone(ticket.request_id, ticket.ticket_id, ticket.secret, 0, 0.0))
+    return statistics.median(times)
+
+
+def fastest(results: dict[str, float | BaseException]) -> str:
+    """The kind that measured fastest; TransportError naming every failure if none worked."""
+    timed = {kind: seconds for kind, seconds in results.items() if not isinstance(seconds, BaseException)}
+    if not timed:
+        failures = "; ".join(f"{kind}: {error}" for kind, error in results.items())
+        raise TransportError(f"no KV transport works between these workers ({failures})")
+    return min(timed, key=timed.get)
+
+
+def transport_table(results: dict[str, float | BaseException], nbytes: int) -> str:
+    """One line per measured transport: its time and rate for `nbytes`, or why it failed."""
+    lines = []
+    for kind, seconds in results.items():
+        if isinstance(seconds, BaseException):
+            lines.append(f"  {kind:5s} failed: {seconds}")
+        else:
+            lines.append(f"  {kind:5s} {1000 * seconds:8.2f} ms  {nbytes / seconds / 1e9:6.2f} GB/s")
+    return "\n".join(lines)

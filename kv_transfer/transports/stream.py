@@ -63,6 +63,11 @@ class Deadline:
         self.seconds = seconds
         self._at = time.monotonic() + seconds
 
+    @property
+    def at(self) -> float:
+        """time.monotonic() by which the frame must be done."""
+        return self._at
+
     def arm(self, sock: socket.socket) -> None:
         """Bound the next blocking call on `sock` by the time left; TimeoutError if none."""
         left = self._at - time.monotonic()
@@ -237,6 +242,27 @@ class StreamChannel(KVChannel):
     """The sender's side: frames out, replies back, on a connected socket."""
 
     _sock: socket.socket | None = None
+
+    def _connect_tcp(self, target: str, listener_kind: str) -> socket.socket:
+        """A TCP link to the listener at `target` ("host:port"), greeted (`_greet`).
+        Raises TransportError saying why not."""
+        host, _, port = target.rpartition(":")
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=self.timeout)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot open a channel to the {listener_kind} KV listener {self.address}: "
+                                 f"{exc}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._greet(sock, recv_exact(sock, HELLO.size), listener_kind)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot open a channel to the {listener_kind} KV listener {self.address}: "
+                                 f"{exc}") from None
+        except TransportError:
+            sock.close()
+            raise
+        return sock
 
     def _greet(self, sock: socket.socket, hello: bytes, listener_kind: str) -> None:
         """Take the listener's hello: refused (TransportError) or the link's limits."""
