@@ -33,8 +33,10 @@ generate: setup
 	$(BIN)/pdserve generate --chat --prompt "$(PROMPT)"
 
 # pytest exits 5 when it collected no tests: an empty run proves nothing, so it fails.
+# The pytest script, not `python -m pytest`: that would put the repository root on sys.path,
+# where the top-level kernels/ folder shadows the PyPI `kernels` package transformers imports.
 test: setup
-	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	$(BIN)/pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: setup

@@ -12,6 +12,7 @@ chunk's byte order, and `checksum_pages` hashes them as if they had been packed.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -64,7 +65,7 @@ def from_bytes(data: bytes | bytearray | memoryview, layout: KVLayout, num_pages
 
 
 def chunk_nbytes(layout: KVLayout, num_pages: int) -> int:
-    itemsize = torch.empty((), dtype=getattr(torch, layout.dtype)).element_size()
+    itemsize = getattr(torch, layout.dtype).itemsize
     count = 2 * num_pages * layout.block_size * layout.num_kv_heads * layout.head_dim
     return count * itemsize
 
@@ -111,11 +112,33 @@ def page_nbytes(pool: KVPool) -> int:
     return pool.kv[0, 0, 0].numel() * pool.kv.element_size()
 
 
-def checksum_pages(pool: KVPool, layer: int, block_ids: Sequence[int]) -> int:
+def run_addresses(pool: KVPool, layer: int, runs: Sequence[PoolRun]) -> list[tuple[int, int]]:
+    """(address, nbytes) of each run's memory (the pool is one contiguous tensor)."""
+    page_bytes = page_nbytes(pool)
+    base, num_blocks = pool.kv.data_ptr(), pool.num_blocks
+    return [(base + ((layer * 2 + run.kv) * num_blocks + run.block) * page_bytes, run.num_pages * page_bytes)
+            for run in runs]
+
+
+_HOST_PAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> _host_pages(pool)
+
+
+def _host_pages(pool: KVPool) -> np.ndarray:
+    """The pool's memory as bytes, [layers, 2, blocks, page bytes] (a CPU pool; made once
+    per pool, forgotten with it)."""
+    pages = _HOST_PAGES.get(pool)
+    if pages is None:
+        num_layers = pool.kv.shape[0]
+        pages = _HOST_PAGES[pool] = pool.kv.view(torch.uint8).numpy().reshape(num_layers, 2, pool.num_blocks, -1)
+    return pages
+
+
+def checksum_pages(pool: KVPool, layer: int, block_ids: Sequence[int],
+                   runs: Sequence[PoolRun] | None = None) -> int:
     """`checksum` of the chunk `read_pages` would pack, hashed where the pages lie (a CPU
-    pool), without packing them."""
+    pool), without packing them. `runs`: `pool_runs(pool, block_ids)`, if already known."""
     digest = xxhash.xxh3_64()
-    pages = pool.kv[layer].view(torch.uint8).numpy().reshape(2, pool.num_blocks, -1)
-    for run in pool_runs(pool, block_ids):
+    pages = _host_pages(pool)[layer]
+    for run in runs if runs is not None else pool_runs(pool, block_ids):
         digest.update(pages[run.kv, run.block:run.block + run.num_pages])
     return digest.intdigest()

@@ -117,6 +117,10 @@ class Landing:
         """The destination runs' memory, in the chunk's byte order."""
         return [layout.run_view(self.pool, self.header.layer, run) for run in self.runs]
 
+    def addresses(self) -> list[tuple[int, int]]:
+        """The destination runs as (address, nbytes), in the chunk's byte order."""
+        return layout.run_addresses(self.pool, self.header.layer, self.runs)
+
     def landed(self, checksum: int | None = None) -> None:
         """The bytes are in the runs: verify the checksum, then count the pages received.
         `checksum`: the landed bytes' checksum as the transport computed it where they lie
@@ -125,8 +129,8 @@ class Landing:
         ticket) on a mismatch."""
         self._close()
         try:
-            got = layout.checksum_pages(self.pool, self.header.layer, self.block_ids) if checksum is None \
-                else checksum
+            got = layout.checksum_pages(self.pool, self.header.layer, self.block_ids, self.runs) \
+                if checksum is None else checksum
         except Exception as exc:  # noqa: BLE001 - fail the ticket: release() must not wait for this landing
             self.receiver._landed(self, f"internal error while verifying a chunk: {type(exc).__name__}: {exc}",
                                   "internal_error")

@@ -407,8 +407,7 @@ class NixlListener(StreamListener):
                 self.agent.forget(landing.pool.kv)
 
     def _read(self, landing: Landing, source: Source, remote: str, deadline: Deadline) -> str | None:
-        local = [(view.data_ptr(), view.numel() * view.element_size()) for view in landing.views()]
-        local_rows, remote_rows = segments(local, source.runs)
+        local_rows, remote_rows = segments(landing.addresses(), source.runs)
         remote_rows[:, 2] = source.device
         local_rows[:, 2] = self._memory[1]
         nixl = self.agent.nixl
@@ -496,8 +495,9 @@ class NixlChannel(StreamChannel):
             self._stage(payload.data)
             source = _source_of([self._staging[:payload.data.nbytes]])
         elif isinstance(payload, _InPool):
-            source = _source_of([layout.run_view(payload.pool, payload.layer, run)
-                                 for run in layout.pool_runs(payload.pool, payload.block_ids)])
+            mem, device = _memory_of(payload.pool.kv)
+            runs = layout.pool_runs(payload.pool, payload.block_ids)
+            source = Source(mem, device, layout.run_addresses(payload.pool, payload.layer, runs))
         else:  # done, abort, ping: no payload
             return self._send_frame(header, 0, inline=None)
         self._introduce()
