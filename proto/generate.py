@@ -10,7 +10,9 @@ a temporary folder and compares byte for byte.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +24,6 @@ PACKAGE_PATH = Path("pdserve", "proto")  # where the stubs live in the import na
 def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
     """Write `<name>_pb2.py` and `<name>_pb2_grpc.py` for every .proto into `out_dir`;
     return the files written. Raises RuntimeError with protoc's message on failure."""
-    from grpc_tools import protoc  # a test/dev dependency: imported only here
-
     sources = sorted(PROTO_DIR.glob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
         staged, built = Path(tmp, "src"), Path(tmp, "out")
@@ -31,10 +31,12 @@ def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
         built.mkdir()
         for source in sources:
             shutil.copyfile(source, staged / PACKAGE_PATH / source.name)
-        args = ["protoc", f"-I{staged}", f"-I{_well_known_protos()}",
+        # protoc (grpcio-tools, a test/dev dependency) runs in its own process: its bundled
+        # protobuf and abseil crash a process that has loaded NIXL's (measured: SIGSEGV).
+        args = [sys.executable, "-m", "grpc_tools.protoc", f"-I{staged}", f"-I{_well_known_protos()}",
                 f"--python_out={built}", f"--grpc_python_out={built}",
                 *(str(PACKAGE_PATH / s.name) for s in sources)]
-        if protoc.main(args) != 0:
+        if subprocess.run(args, check=False).returncode != 0:
             raise RuntimeError(f"protoc failed on {[s.name for s in sources]}; see its message above")
         written = []
         for stub in sorted((built / PACKAGE_PATH).glob("*.py")):
@@ -45,9 +47,10 @@ def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
 
 
 def _well_known_protos() -> Path:
-    import grpc_tools
-
-    return Path(grpc_tools.__file__).parent / "_proto"
+    spec = importlib.util.find_spec("grpc_tools")  # located, not imported (see generate)
+    if spec is None or spec.origin is None:
+        raise RuntimeError("grpcio-tools is not installed: pip install 'pdserve[test]'")
+    return Path(spec.origin).parent / "_proto"
 
 
 def main(argv: list[str] | None = None) -> int:
