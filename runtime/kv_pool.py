@@ -9,7 +9,6 @@ reads and writes its own views; which blocks belong to whom is the allocator's b
 from __future__ import annotations
 
 import math
-import mmap
 
 import torch
 
@@ -29,11 +28,10 @@ class KVPool:
     ) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
-        if torch.device(device).type == "cpu":
-            self.kv = _zeros_on_huge_pages(shape, dtype)
-        else:
-            self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.zeros(
+            num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+            dtype=dtype, device=device,
+        )
 
     @classmethod
     def for_model(cls, model: ModelConfig, cache: CacheConfig, device: torch.device | str) -> KVPool:
@@ -60,26 +58,6 @@ class KVPool:
     @property
     def dtype(self) -> torch.dtype:
         return self.kv.dtype
-
-
-_HUGE_PAGE = 2 << 20
-
-
-def _zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed CPU tensor in its own anonymous mapping, advised onto transparent huge
-    pages (where the kernel offers them, e.g. `madvise` mode). Fewer, larger pages make
-    the pool cheaper to walk for attention and for a transport reading it from another
-    process: measured on the 2-core VM, cross-process reads (process_vm_readv, which
-    NIXL's UCX uses on one host) went from 3.5 to 4.7 GB/s. The tensor keeps the mapping
-    alive."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.zeros(shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
-    raw = torch.frombuffer(region, dtype=torch.uint8)  # anonymous memory is zero already
-    start = -raw.data_ptr() % _HUGE_PAGE
-    return raw[start:start + nbytes].view(dtype).view(shape)
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
