@@ -193,6 +193,7 @@ class AsyncEngine(EngineThread):
         except Exception:
             # A failed step leaves no request in a known state: fail them all, loudly,
             # and keep serving new ones.
+            self._num_errors += 1
             log.exception("engine step failed; finishing every running request with an error")
             for request_id in list(self._sinks):
                 self._finish(request_id, FinishReason.ERROR)

@@ -21,6 +21,11 @@ change it, so a transport may read it out of the pool while the next chunk compu
 Held pages. When the ticket's channel reads the pool in place (`KVPusher.holds_pages`), each
 send is `held`: the engine keeps those blocks allocated until the job settles, when
 `JobOutcome.held_blocks` gives them back.
+
+Keys. A job is named by its pusher send id (`job_id`), never by its ticket id (unique only
+per decode worker) nor its request id: a migrated request may come back for a second
+prefill while the first one's aborted transfer is still settling. At most one job per
+request id is computing (the scheduler's key).
 """
 
 from __future__ import annotations
@@ -38,13 +43,14 @@ from pdserve.runtime.request import PromptLogprob
 class PageSend(NamedTuple):
     """Pages of one ticket to push at every layer of this step's forward."""
 
-    ticket_id: int
+    job_id: int
     page_start: int  # ticket-relative
     block_ids: list[int]  # this pool's blocks holding them
     held: bool = False  # the engine must hold these blocks until the job settles
 
 
 class JobOutcome(NamedTuple):
+    job_id: int
     request_id: str
     ok: bool
     reason: str  # why it failed; "" when ok
@@ -54,12 +60,13 @@ class JobOutcome(NamedTuple):
 @dataclass
 class _Job:
     job: PrefillJob
+    job_id: int  # its pusher send id
     next_page: int  # absolute page index of the first page not yet sent
     held_blocks: list[int] = field(default_factory=list)
 
 
 class _Sending(NamedTuple):
-    ticket_id: int
+    request_id: str
     held_blocks: tuple[int, ...]
 
 
@@ -70,8 +77,8 @@ class PrefillJobs:
     def __init__(self, pusher: KVPusher, block_size: int) -> None:
         self.pusher = pusher
         self.block_size = block_size
-        self._computing: dict[str, _Job] = {}
-        self._sending: dict[str, _Sending] = {}  # computed (or stopped); until settled
+        self._computing: dict[str, _Job] = {}  # request id -> its job being computed
+        self._sending: dict[int, _Sending] = {}  # job id -> a job computed (or stopped), until settled
         self.outcome_counts: Counter[str] = Counter()  # settled transfers: "sent" or "failed"
 
     @property
@@ -81,9 +88,19 @@ class PrefillJobs:
     def is_computing(self, request_id: str) -> bool:
         return request_id in self._computing
 
-    def start(self, job: PrefillJob) -> None:
-        self.pusher.start(job.ticket, job.address)
-        self._computing[job.ticket.request_id] = _Job(job, job.ticket.first_page)
+    def computing_job(self, request_id: str) -> int | None:
+        """The id of the request's job being computed, if one is."""
+        job = self._computing.get(request_id)
+        return job.job_id if job is not None else None
+
+    def start(self, job: PrefillJob) -> int:
+        """Begin a job; its id. Raises ValueError if a job for its request is computing."""
+        request_id = job.ticket.request_id
+        if request_id in self._computing:
+            raise ValueError(f"a prefill job for request {request_id} is already computing here")
+        job_id = self.pusher.start(job.ticket, job.address)
+        self._computing[request_id] = _Job(job, job_id, job.ticket.first_page)
+        return job_id
 
     def computed(self, request_id: str, block_table: Sequence[int], end: int) -> PageSend | None:
         """Prompt tokens [0, end) of the job are computed (or will be, by the forward about
@@ -98,15 +115,15 @@ class PrefillJobs:
             return None
         job.next_page = last
         blocks = list(block_table[first:last])
-        held = self.pusher.holds_pages(ticket.ticket_id)
+        held = self.pusher.holds_pages(job.job_id)
         if held:
             job.held_blocks.extend(blocks)
-        return PageSend(ticket.ticket_id, first - ticket.first_page, blocks, held)
+        return PageSend(job.job_id, first - ticket.first_page, blocks, held)
 
     def push_layer(self, layer: int, sends: Sequence[PageSend]) -> None:
         """Layer `layer` of every send is computed: copy and queue it now."""
         for send in sends:
-            self.pusher.push(send.ticket_id, layer, send.page_start, send.block_ids)
+            self.pusher.push(send.job_id, layer, send.page_start, send.block_ids)
 
     def prefilled(self, request_id: str, first_token: int, logprob: float,
                   top_logprobs: tuple[tuple[int, float], ...],
@@ -114,43 +131,46 @@ class PrefillJobs:
         """The prompt is complete and its first token sampled: every page was pushed;
         tell the decode worker, and wait for its verdict. `prompt_logprobs`: one per prompt
         token after the first when the request asked for them, else empty."""
-        job = self._computing.pop(request_id)
+        job = self._computing[request_id]
         ticket = job.job.ticket
-        self.pusher.finish(ticket.ticket_id, TransferDone(
+        self.pusher.finish(job.job_id, TransferDone(
             ticket.request_id, ticket.ticket_id, ticket.secret, first_token, logprob, top_logprobs,
             prompt_logprobs))
-        self._sending[request_id] = _Sending(ticket.ticket_id, tuple(job.held_blocks))
+        self._stop_computing(job)
 
     def abort(self, request_id: str, reason: str) -> bool:
-        """Stop the job's transfer and tell the decode worker (best effort). False if the
-        job is unknown or already settled."""
-        job = self._computing.pop(request_id, None)
+        """Stop the request's transfers and tell the decode worker (best effort). False if
+        no job of the request is unsettled."""
+        job = self._computing.get(request_id)
         if job is not None:
-            self._sending[request_id] = _Sending(job.job.ticket.ticket_id, tuple(job.held_blocks))
-        sending = self._sending.get(request_id)
-        if sending is None:
-            return False
-        self.pusher.abort(sending.ticket_id, reason)
-        return True
+            self._stop_computing(job)
+        unsettled = [job_id for job_id, sending in self._sending.items() if sending.request_id == request_id]
+        for job_id in unsettled:
+            self.pusher.abort(job_id, reason)
+        return bool(unsettled)
 
     def stop_failed(self) -> list[str]:
         """Jobs still computing whose transfer failed (decode refused, link down): they
         stop here; the caller ends their requests."""
-        failed = [r for r, job in self._computing.items()
-                  if self.pusher.poll(job.job.ticket.ticket_id)[0] is SendState.FAILED]
-        for request_id in failed:
-            job = self._computing.pop(request_id)
-            self._sending[request_id] = _Sending(job.job.ticket.ticket_id, tuple(job.held_blocks))
-        return failed
+        failed = [job for job in self._computing.values() if self.pusher.poll(job.job_id)[0] is SendState.FAILED]
+        for job in failed:
+            self._stop_computing(job)
+        return [job.job.ticket.request_id for job in failed]
 
     def settled(self) -> list[JobOutcome]:
         """Transfers the decode worker accepted, or that failed, since the last call."""
         outcomes = []
-        for request_id, sending in list(self._sending.items()):
-            state, reason = self.pusher.poll(sending.ticket_id)
+        for job_id, sending in list(self._sending.items()):
+            state, reason = self.pusher.poll(job_id)
             if state is not SendState.SENDING:
-                del self._sending[request_id]
-                self.pusher.forget(sending.ticket_id)
-                outcomes.append(JobOutcome(request_id, state is SendState.SENT, reason, sending.held_blocks))
+                del self._sending[job_id]
+                self.pusher.forget(job_id)
+                outcomes.append(JobOutcome(job_id, sending.request_id, state is SendState.SENT, reason,
+                                           sending.held_blocks))
                 self.outcome_counts["sent" if state is SendState.SENT else "failed"] += 1
         return outcomes
+
+    def _stop_computing(self, job: _Job) -> None:
+        request_id = job.job.ticket.request_id
+        del self._computing[request_id]
+        self._sending[job.job_id] = _Sending(request_id, tuple(job.held_blocks))

@@ -7,21 +7,24 @@ overlaps with sending earlier ones. For a transport that reads the pool itself (
 `reads_pool`), `push` only queues the block ids and the channel moves the pages out of the
 pool; for the others, `push` copies the pages first.
 
-A ticket's state, as the engine polls it:
+Each `start` names a send by an id of this pusher's own (`send_id`): ticket ids are only
+unique per decode worker, and a migrated request may be pushed again before its first
+push settled. A send's state, as the engine polls it:
 
     SENDING --finish sent and accepted--> SENT
        \\--rejected, link failed or aborted--> FAILED(reason)
 
-Invariant the engine relies on: for a ticket that does not `holds_pages`, the thread never
+Invariant the engine relies on: for a send that does not `holds_pages`, the thread never
 reads the pool, so the engine may free or reuse its blocks as soon as `push` has returned.
 For one that does, the engine keeps every block it pushed unchanged and allocated until the
-ticket is SENT or FAILED (the thread settles a ticket only between sends, and skips a
-settled ticket's queued work).
+send is SENT or FAILED (the thread settles a send only between chunks, and skips a settled
+send's queued work).
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import queue
 import threading
@@ -58,7 +61,8 @@ class KVPusher:
         self.pool = pool
         self._connect = connect
         self._channels: dict[str, KVChannel] = {}  # pusher thread only
-        self._tickets: dict[int, _Outgoing] = {}
+        self._sends: dict[int, _Outgoing] = {}  # send id -> its state, under _lock
+        self._send_ids = itertools.count(1)
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.bytes_sent = 0
@@ -66,47 +70,50 @@ class KVPusher:
         self._thread = threading.Thread(target=self._run, name="pdserve-kv-pusher", daemon=True)
         self._thread.start()
 
-    def start(self, ticket: KVTicket, address: str) -> None:
+    def start(self, ticket: KVTicket, address: str) -> int:
+        """Begin sending `ticket`'s pages to the listener at `address`; the send's id."""
+        # In place only from host memory, where the pages' checksum is taken (layout.checksum_pages).
+        in_place = reads_pool(address) and self.pool.kv.device.type == "cpu"
         with self._lock:
-            # In place only from host memory, where the pages' checksum is taken (layout.checksum_pages).
-            in_place = reads_pool(address) and self.pool.kv.device.type == "cpu"
-            self._tickets[ticket.ticket_id] = _Outgoing(ticket, address, reads_pool=in_place)
+            send_id = next(self._send_ids)
+            self._sends[send_id] = _Outgoing(ticket, address, reads_pool=in_place)
+        return send_id
 
-    def holds_pages(self, ticket_id: int) -> bool:
-        """Whether the ticket's pages are read from the pool by the thread: the engine must
-        then keep every block it pushed until the ticket settles."""
+    def holds_pages(self, send_id: int) -> bool:
+        """Whether the send's pages are read from the pool by the thread: the engine must
+        then keep every block it pushed until the send settles."""
         with self._lock:
-            return self._tickets[ticket_id].reads_pool
+            return self._sends[send_id].reads_pool
 
-    def push(self, ticket_id: int, layer: int, page_start: int, block_ids: Sequence[int]) -> None:
+    def push(self, send_id: int, layer: int, page_start: int, block_ids: Sequence[int]) -> None:
         """Send layer `layer` of this pool's `block_ids` as ticket pages [page_start,
-        page_start + len(block_ids)) from the thread: copied now, unless the ticket
+        page_start + len(block_ids)) from the thread: copied now, unless the send
         `holds_pages`."""
-        if self.holds_pages(ticket_id):
+        if self.holds_pages(send_id):
             # Hashed here, while the layer just computed is still in the cache (a 1k-token
             # layer is 1.5 MB for SmolLM2): from memory the hash reads at ~7 GB/s on the VM.
             checksum = layout.checksum_pages(self.pool, layer, block_ids)
-            self._queue.put(("push_pool", ticket_id, layer, page_start, tuple(block_ids), checksum))
+            self._queue.put(("push_pool", send_id, layer, page_start, tuple(block_ids), checksum))
         else:
             pages = layout.read_pages(self.pool, layer, block_ids)
-            self._queue.put(("push", ticket_id, layer, page_start, pages))
+            self._queue.put(("push", send_id, layer, page_start, pages))
 
-    def finish(self, ticket_id: int, done: TransferDone) -> None:
-        self._queue.put(("done", ticket_id, done))
+    def finish(self, send_id: int, done: TransferDone) -> None:
+        self._queue.put(("done", send_id, done))
 
-    def abort(self, ticket_id: int, reason: str) -> None:
-        """Stop sending; tell the receiver (best effort). The ticket becomes FAILED."""
-        self._queue.put(("abort", ticket_id, reason))
+    def abort(self, send_id: int, reason: str) -> None:
+        """Stop sending; tell the receiver (best effort). The send becomes FAILED."""
+        self._queue.put(("abort", send_id, reason))
 
-    def poll(self, ticket_id: int) -> tuple[SendState, str]:
+    def poll(self, send_id: int) -> tuple[SendState, str]:
         with self._lock:
-            outgoing = self._tickets[ticket_id]
+            outgoing = self._sends[send_id]
             return outgoing.state, outgoing.reason
 
-    def forget(self, ticket_id: int) -> None:
-        """Drop a SENT or FAILED ticket's record."""
+    def forget(self, send_id: int) -> None:
+        """Drop a SENT or FAILED send's record."""
         with self._lock:
-            self._tickets.pop(ticket_id, None)
+            self._sends.pop(send_id, None)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -118,9 +125,9 @@ class KVPusher:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            kind, ticket_id, *rest = item
+            kind, send_id, *rest = item
             with self._lock:
-                outgoing = self._tickets.get(ticket_id)
+                outgoing = self._sends.get(send_id)
             if outgoing is None or outgoing.state is not SendState.SENDING:
                 continue  # aborted or failed earlier: drop the rest of its work
             try:

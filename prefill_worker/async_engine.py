@@ -43,9 +43,11 @@ class AsyncPrefillEngine(EngineThread):
     def __init__(self, engine: PrefillEngine, on_iteration: Callable[[PrefillEngine], None] | None = None,
                  threads: int | None = None) -> None:
         self.engine = engine
-        self._pending: dict[str, _Pending] = {}  # engine thread only
-        self._started_at: dict[str, float] = {}  # engine thread only: its first step began
-        self._computed_at: dict[str, float] = {}  # engine thread only: its last step ended
+        # Engine thread only, keyed by job id (`PrefillEngine.add_job`): a request may have
+        # a second job here while its first one's aborted transfer settles.
+        self._pending: dict[int, _Pending] = {}
+        self._started_at: dict[int, float] = {}  # its first step began
+        self._computed_at: dict[int, float] = {}  # its last step ended
         # Prompt tokens of jobs posted / applied so far; each counter has one writer thread.
         self._posted_tokens = 0  # caller's thread
         self._applied_tokens = 0  # engine thread
@@ -89,27 +91,28 @@ class AsyncPrefillEngine(EngineThread):
             return
         self._applied_tokens += len(command.job.prompt_ids)
         try:
-            self.engine.add_job(command.job)
-            self._pending[command.job.ticket.request_id] = command
+            job_id = self.engine.add_job(command.job)
         except ValueError as exc:
             _set(command, exc)
+            return
+        self._pending[job_id] = command
 
     def _command_failed(self, command: _Pending | _Abort, exc: Exception) -> None:
-        """End the command's job with a failed result; the other jobs go on."""
+        """End the command's request with a failed result; the other jobs go on."""
         request_id = command.request_id if isinstance(command, _Abort) else command.job.ticket.request_id
         try:
             self.engine.abort(request_id, f"failed on the prefill worker: {type(exc).__name__}")
         except Exception:  # it may never have been added: nothing more to free
             log.exception("could not abort job %s after its command failed", request_id)
-        if isinstance(command, _Pending) and request_id not in self._pending:
+        if isinstance(command, _Pending):  # it failed before it was added: it has no job id
             _set(command, RuntimeError(f"job {request_id} failed on the prefill worker: {type(exc).__name__}: {exc}"))
-        else:
-            self._resolve(request_id, False, f"the prefill worker failed this job: {type(exc).__name__}: {exc}")
+        for job_id in [j for j, p in self._pending.items() if p.job.ticket.request_id == request_id]:
+            self._resolve(job_id, False, f"the prefill worker failed this job: {type(exc).__name__}: {exc}")
 
     def _close(self, unapplied: list) -> None:
-        for request_id in list(self._pending):
-            self.engine.abort(request_id, "the prefill worker is shutting down")
-            self._resolve(request_id, False, "the prefill worker shut down")
+        for job_id, pending in list(self._pending.items()):
+            self.engine.abort(pending.job.ticket.request_id, "the prefill worker is shutting down")
+            self._resolve(job_id, False, "the prefill worker shut down")
         for command in unapplied:
             if isinstance(command, _Pending):
                 _set(command, RuntimeError("the prefill engine has been shut down"))
@@ -119,28 +122,31 @@ class AsyncPrefillEngine(EngineThread):
         try:
             outcomes = self.engine.step()
         except Exception:
+            self._num_errors += 1
             log.exception("prefill step failed; failing every job in flight")
-            for request_id in list(self._pending):
-                self.engine.abort(request_id, "prefill step failed")
-                self._resolve(request_id, False, "the prefill step failed (see the prefill worker's log)")
+            for job_id, pending in list(self._pending.items()):
+                self.engine.abort(pending.job.ticket.request_id, "prefill step failed")
+                self._resolve(job_id, False, "the prefill step failed (see the prefill worker's log)")
             return
         step_ended = time.monotonic()
-        for request_id in self._pending.keys() - self._computed_at.keys():
-            request = self.engine.scheduler.requests.get(request_id)
-            if request_id not in self._started_at and (request is None or request.num_computed_tokens > 0):
-                self._started_at[request_id] = step_started
+        for job_id in self._pending.keys() - self._computed_at.keys():
+            request_id = self._pending[job_id].job.ticket.request_id
+            computing = self.engine.jobs.computing_job(request_id) == job_id
+            request = self.engine.scheduler.requests.get(request_id) if computing else None
+            if job_id not in self._started_at and (request is None or request.num_computed_tokens > 0):
+                self._started_at[job_id] = step_started
             if request is None:  # its prompt is complete (or it was aborted)
-                self._computed_at[request_id] = step_ended
+                self._computed_at[job_id] = step_ended
         for outcome in outcomes:
-            self._resolve(outcome.request_id, outcome.ok, outcome.reason)
+            self._resolve(outcome.job_id, outcome.ok, outcome.reason)
 
-    def _resolve(self, request_id: str, ok: bool, reason: str) -> None:
-        pending = self._pending.pop(request_id, None)
+    def _resolve(self, job_id: int, ok: bool, reason: str) -> None:
+        pending = self._pending.pop(job_id, None)
         now = time.monotonic()
-        started = self._started_at.pop(request_id, now)
-        computed = self._computed_at.pop(request_id, now)
+        started = self._started_at.pop(job_id, now)
+        computed = self._computed_at.pop(job_id, now)
         if pending is not None:
-            _set(pending, PrefillResult(request_id, ok, reason, started - pending.accepted_at,
+            _set(pending, PrefillResult(pending.job.ticket.request_id, ok, reason, started - pending.accepted_at,
                                         computed - started, now - computed))
 
 

@@ -49,10 +49,13 @@ class PrefillEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work or self.jobs.has_sending
 
-    def add_job(self, job: PrefillJob) -> None:
-        """Queue a job. Raises ValueError if its ticket does not fit this worker's KV
-        layout or the prompt can never run here."""
+    def add_job(self, job: PrefillJob) -> int:
+        """Queue a job; its id (`JobOutcome.job_id`). Raises ValueError if its ticket does
+        not fit this worker's KV layout, the prompt can never run here, or a job of the same
+        request is computing here."""
         ticket = job.ticket
+        if self.jobs.is_computing(ticket.request_id):
+            raise ValueError(f"a prefill job for request {ticket.request_id} is already computing here")
         if ticket.layout != layout_of(self.runner.pool):
             raise ValueError(f"ticket layout {ticket.layout} differs from this prefill worker's "
                              f"{layout_of(self.runner.pool)}: the workers serve different models")
@@ -66,12 +69,12 @@ class PrefillEngine:
         request = Request(ticket.request_id, list(job.prompt_ids), job.params,
                           make_generator(job.params.seed, self.runner.device), grammar=grammar, **resumed)
         self.scheduler.add(request)
-        self.jobs.start(job)
+        return self.jobs.start(job)
 
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
-        """Stop a job now: its blocks are free when this returns (those a transport reads
-        in place, once its transfer settles) and the decode worker is told (best effort).
-        False if the job is unknown or already done."""
+        """Stop the request's job now: its blocks are free when this returns (those a
+        transport reads in place, once its transfer settles) and the decode worker is told
+        (best effort). False if no job of the request is unsettled."""
         if self.jobs.is_computing(request_id):
             self.scheduler.finish(request_id, FinishReason.ABORT)
         return self.jobs.abort(request_id, reason)

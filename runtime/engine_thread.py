@@ -49,7 +49,7 @@ class EngineHealth(NamedTuple):
     alive: bool  # the loop is running (not stopped, not crashed)
     heartbeat_age: float  # seconds since the loop last beat: how long the current step has run, if one runs
     failure: str | None  # why the loop ended, if it ended without a shutdown
-    num_errors: int  # commands and on_iteration calls that raised (each handled, the loop went on)
+    num_errors: int  # steps, commands and on_iteration calls that raised (each handled, the loop went on)
 
 
 

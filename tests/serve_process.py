@@ -64,9 +64,13 @@ class ServeProcess:
         return self.proc.returncode
 
     def stop_and_check(self) -> None:
-        """Ctrl-C: exit code 0 and no process of its tree left behind (local Ray included)."""
+        """No engine step or command failed on any worker (a failure there is logged and
+        served around, so nothing else would show it); then Ctrl-C: exit code 0 and no
+        process of its tree left behind (local Ray included)."""
         if self.proc.poll() is not None:
             return
+        errors = {k: v for k, v in self.metrics().items() if k.startswith("pdserve_worker_engine_errors_total") and v}
+        assert not errors, f"engine steps or commands failed: {errors}"
         children = self.descendants()
         assert self.stop() == 0, "".join(self.lines[-40:])
         _, alive = psutil.wait_procs(children, timeout=30)
@@ -85,23 +89,31 @@ class ServeProcess:
         return values
 
 
-def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+def wait_for(predicate, timeout: float = 60, what: str = "condition", state=None):
+    """Poll `predicate` until it is truthy; on timeout fail naming `what` and, when given,
+    what `state()` says is still in the way."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = predicate()
         if result:
             return result
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"; still: {state()}" if state else ""))
+
+
+BUSY_METRICS = ("pdserve_worker_kv_usage", "pdserve_worker_running_requests",
+                "pdserve_worker_waiting_for_kv_requests", "pdserve_worker_queue_requests")
+
+
+def busy_workers(metrics: dict[str, float]) -> dict[str, float]:
+    """The per-worker gauges that say a worker holds KV or runs something."""
+    return {k: v for k, v in metrics.items() if k.startswith(BUSY_METRICS) and v}
 
 
 def workers_idle(metrics: dict[str, float]) -> bool:
     """Every worker holds no KV for requests and runs nothing: the pool is at baseline."""
-    busy = [k for k, v in metrics.items()
-            if k.startswith(("pdserve_worker_kv_usage", "pdserve_worker_running_requests",
-                             "pdserve_worker_waiting_for_kv_requests", "pdserve_worker_queue_requests")) and v]
     workers = [k for k in metrics if k.startswith("pdserve_worker_kv_usage")]
-    return bool(workers) and not busy
+    return bool(workers) and not busy_workers(metrics)
 
 
 

@@ -14,7 +14,7 @@ import random
 
 import httpx
 import pytest
-from serve_process import API_KEY, ServeProcess, wait_for, workers_idle
+from serve_process import API_KEY, ServeProcess, busy_workers, wait_for, workers_idle
 
 NUM_STREAMS = 1000
 CONCURRENCY = 40
@@ -91,7 +91,14 @@ def test_a_thousand_cancelled_streams_leave_nothing_behind(server):
                  and metrics.get('pdserve_workers{role="decode",state="serving"}') == 2)
         return metrics if clean else None
 
-    metrics = wait_for(settled, timeout=180, what="every pool at baseline, no ticket, nothing in flight")
+    def still() -> dict[str, float]:
+        metrics = server.metrics()
+        return {**busy_workers(metrics), **{k: v for k, v in metrics.items() if v and k.startswith((
+            "pdserve_worker_kv_tickets_live", "pdserve_worker_draft_kv_blocks", "pdserve_requests_in_flight",
+            'pdserve_workers{role="decode"'))}}
+
+    metrics = wait_for(settled, timeout=180, what="every pool at baseline, no ticket, nothing in flight",
+                       state=still)
     assert metrics.get('pdserve_workers_replaced_total', 0) >= 1, "the injected crash happened under the storm"
     aborted = metrics.get('pdserve_requests_finished_total{finish_reason="abort"}', 0)
     assert aborted >= cut_after_tokens, "every stream cut after its first token counts as aborted"

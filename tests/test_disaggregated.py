@@ -242,14 +242,14 @@ def test_ticket_for_a_different_model_layout_is_refused(pair):
 def test_abort_from_the_prefill_side_frees_its_blocks_and_decode_recomputes(pair, colocated):
     prompt = _prompt(30, seed=8)
     ticket = pair.decode.add_remote_request("p-abort", prompt, GREEDY)
-    pair.prefill.add_job(PrefillJob(ticket, pair.address, prompt, GREEDY))
+    job = pair.prefill.add_job(PrefillJob(ticket, pair.address, prompt, GREEDY))
     pair.prefill.step()  # one chunk computed and pushed
     pushed = pair.prefill.scheduler.requests["p-abort"].block_table[:2]  # its 8 tokens' pages
     assert pair.prefill.abort("p-abort", "prefill worker draining")
     assert _pool_usage(pair)[0] == 0  # prefill side: free at once (the pushed pages are cached)...
     allocator = pair.prefill.scheduler.allocator
     # ... but pages a transport reads in place are also held until the transfer settles
-    held = 1 if pair.pusher.holds_pages(ticket.ticket_id) else 0
+    held = 1 if pair.pusher.holds_pages(job) else 0
     assert [allocator.ref_count(b) for b in pushed] == [1 + held] * 2
 
     tokens = []

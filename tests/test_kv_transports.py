@@ -639,12 +639,12 @@ def test_a_pushers_kept_channel_survives_idle_closes(kind, source):
         try:
             for turn in range(2):
                 ticket = receiver.issue(f"turn-{turn}", [turn], 0, 4)
-                pusher.start(ticket, listener.address)
+                send = pusher.start(ticket, listener.address)
                 for layer in range(source.kv.shape[0]):
-                    pusher.push(ticket.ticket_id, layer, 0, [5 + turn])
-                pusher.finish(ticket.ticket_id, _done(ticket, first_token=turn))
-                _eventually(lambda t=ticket: pusher.poll(t.ticket_id)[0] is not SendState.SENDING, "the send")
-                assert pusher.poll(ticket.ticket_id) == (SendState.SENT, "")
+                    pusher.push(send, layer, 0, [5 + turn])
+                pusher.finish(send, _done(ticket, first_token=turn))
+                _eventually(lambda s=send: pusher.poll(s)[0] is not SendState.SENDING, "the send")
+                assert pusher.poll(send) == (SendState.SENT, "")
                 assert _local_pages(receiver, ticket) == _expected_bytes(source, [5 + turn])
                 if turn == 0:
                     _eventually(lambda: receiver.rejected["idle_timeout"] == 1, "the idle link's close")

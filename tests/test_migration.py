@@ -5,8 +5,10 @@ stream goes on without an error, and its tokens equal a fault-free run's: greedy
 seeded sampling alike (seeded only without speculation: a verify step draws differently
 from a plain one, and the new worker's drafts start afresh), usage counting the client's
 prompt. With a self-draft speculating, greedy output is the same and the draft's KV is
-rebuilt on the new worker. Assertions read the public
-API and /metrics, never timings.
+rebuilt on the new worker. The KV goes over shm in one run (pages copied out of the pool)
+and nixl in the other (pages read in place: the prefill worker holds them until the
+transfer settles, also when the decode worker dies). Assertions read the public API and
+/metrics, never timings.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 
 import openai
 import pytest
-from serve_process import API_KEY, BLOCK, ServeProcess, wait_for, workers_idle
+from serve_process import API_KEY, BLOCK, ServeProcess, busy_workers, wait_for, workers_idle
 
 from pdserve import LLM, SamplingParams
 
@@ -25,8 +27,9 @@ MAX_TOKENS = 80
 
 # Without speculation, and with a self-draft whose own KV the new worker rebuilds (greedy
 # output is the same with speculation on; seeded sampling continues from the same seeds).
-SPECULATION = {"plain": (), "draft": ("--speculative", "draft", "--draft-layers", "1",
-                                      "--num-speculative-tokens", "3")}
+SPECULATION = {"plain": ("--kv-transport", "shm"),
+               "draft": ("--kv-transport", "nixl", "--speculative", "draft", "--draft-layers", "1",
+                         "--num-speculative-tokens", "3")}
 
 
 @pytest.fixture(scope="module", params=list(SPECULATION))
@@ -81,4 +84,5 @@ def test_streams_survive_a_crashed_and_a_hung_decode_worker_with_identical_outpu
     assert metrics.get("pdserve_request_errors_total", 0) == 0
     # Both replacements serve and nothing is held anywhere.
     wait_for(lambda: server.metrics().get('pdserve_workers{role="decode",state="serving"}') == 2
-             and workers_idle(server.metrics()), timeout=180, what="two healthy, idle decode workers")
+             and workers_idle(server.metrics()), timeout=180, what="two healthy, idle decode workers",
+             state=lambda: busy_workers(server.metrics()))

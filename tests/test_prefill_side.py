@@ -3,6 +3,8 @@ how its transfer settles. The pusher is a recorder, so the asserts name exact pa
 
 from __future__ import annotations
 
+import pytest
+
 from pdserve.kv_transfer.messages import KVLayout, KVTicket, PrefillJob
 from pdserve.kv_transfer.prefill_side import JobOutcome, PageSend, PrefillJobs
 from pdserve.kv_transfer.pusher import SendState
@@ -12,31 +14,35 @@ BLOCK = 4
 
 
 class RecordingPusher:
+    """Records calls; sends are numbered from 101 in start order (ticket ids play no part)."""
+
     def __init__(self, reads_pool: bool = False) -> None:
         self.calls: list[tuple] = []
         self.states: dict[int, SendState] = {}
         self.reads_pool = reads_pool
 
-    def holds_pages(self, ticket_id):
+    def holds_pages(self, send_id):
         return self.reads_pool
 
     def start(self, ticket, address):
-        self.states[ticket.ticket_id] = SendState.SENDING
+        send_id = 101 + len(self.states)
+        self.states[send_id] = SendState.SENDING
+        return send_id
 
-    def push(self, ticket_id, layer, page_start, block_ids):
-        self.calls.append(("push", ticket_id, layer, page_start, list(block_ids)))
+    def push(self, send_id, layer, page_start, block_ids):
+        self.calls.append(("push", send_id, layer, page_start, list(block_ids)))
 
-    def finish(self, ticket_id, done):
-        self.calls.append(("finish", ticket_id, done.first_token))
+    def finish(self, send_id, done):
+        self.calls.append(("finish", send_id, done.first_token))
 
-    def abort(self, ticket_id, reason):
-        self.calls.append(("abort", ticket_id, reason))
+    def abort(self, send_id, reason):
+        self.calls.append(("abort", send_id, reason))
 
-    def poll(self, ticket_id):
-        return self.states[ticket_id], "refused" if self.states[ticket_id] is SendState.FAILED else ""
+    def poll(self, send_id):
+        return self.states[send_id], "refused" if self.states[send_id] is SendState.FAILED else ""
 
-    def forget(self, ticket_id):
-        self.calls.append(("forget", ticket_id))
+    def forget(self, send_id):
+        self.calls.append(("forget", send_id))
 
 
 def _job(request_id: str, ticket_id: int, first_page: int, num_prompt_tokens: int) -> PrefillJob:
@@ -49,63 +55,94 @@ def _job(request_id: str, ticket_id: int, first_page: int, num_prompt_tokens: in
 def test_each_page_is_pushed_once_when_complete_and_the_last_partial_one_at_the_end():
     # 18 prompt tokens, pages 0..4; the decode worker had page 0 cached: the ticket holds pages 1..4.
     jobs = PrefillJobs(RecordingPusher(), BLOCK)
-    jobs.start(_job("r", 7, first_page=1, num_prompt_tokens=18))
+    job = jobs.start(_job("r", 7, first_page=1, num_prompt_tokens=18))
     table = [10, 11, 12, 13, 14]  # this worker's blocks for pages 0..4
     assert jobs.computed("r", table, 3) is None  # inside page 0, which decode has
-    assert jobs.computed("r", table, 10) == PageSend(7, 0, [11])  # page 1; page 2 is partial: later
+    assert jobs.computed("r", table, 10) == PageSend(job, 0, [11])  # page 1; page 2 is partial: later
     assert jobs.computed("r", table, 11) is None  # page 2 still partial
-    assert jobs.computed("r", table, 16) == PageSend(7, 1, [12, 13])  # pages 2 and 3, now complete
-    assert jobs.computed("r", table, 18) == PageSend(7, 3, [14])  # the prompt's end: its partial page
+    assert jobs.computed("r", table, 16) == PageSend(job, 1, [12, 13])  # pages 2 and 3, now complete
+    assert jobs.computed("r", table, 18) == PageSend(job, 3, [14])  # the prompt's end: its partial page
 
 
 def test_pages_read_in_place_are_held_until_the_transfer_settles():
     pusher = RecordingPusher(reads_pool=True)
     jobs = PrefillJobs(pusher, BLOCK)
-    jobs.start(_job("r", 7, first_page=0, num_prompt_tokens=10))
-    assert jobs.computed("r", [30, 31, 32], 8) == PageSend(7, 0, [30, 31], held=True)
-    assert jobs.computed("r", [30, 31, 32], 10) == PageSend(7, 2, [32], held=True)
+    job = jobs.start(_job("r", 7, first_page=0, num_prompt_tokens=10))
+    assert jobs.computed("r", [30, 31, 32], 8) == PageSend(job, 0, [30, 31], held=True)
+    assert jobs.computed("r", [30, 31, 32], 10) == PageSend(job, 2, [32], held=True)
     jobs.prefilled("r", 5, -0.1, ())
     assert jobs.settled() == []
-    pusher.states[7] = SendState.FAILED
-    assert jobs.settled() == [JobOutcome("r", False, "refused", (30, 31, 32))]
+    pusher.states[job] = SendState.FAILED
+    assert jobs.settled() == [JobOutcome(job, "r", False, "refused", (30, 31, 32))]
 
 
 def test_an_aborted_jobs_held_pages_come_back_when_it_settles():
     pusher = RecordingPusher(reads_pool=True)
     jobs = PrefillJobs(pusher, BLOCK)
-    jobs.start(_job("r", 7, first_page=0, num_prompt_tokens=12))
+    job = jobs.start(_job("r", 7, first_page=0, num_prompt_tokens=12))
     jobs.computed("r", [40, 41, 42], 8)
     assert jobs.abort("r", "cancelled")
-    pusher.states[7] = SendState.FAILED
-    assert jobs.settled() == [JobOutcome("r", False, "refused", (40, 41))]
+    pusher.states[job] = SendState.FAILED
+    assert jobs.settled() == [JobOutcome(job, "r", False, "refused", (40, 41))]
+
+
+def test_jobs_are_told_apart_by_their_own_id_not_their_ticket_or_request():
+    """Two decode workers number their tickets alike, and a migrated request may come back
+    for a second prefill while its first, aborted transfer still settles: each job settles
+    on its own and gives back exactly its own held pages."""
+    pusher = RecordingPusher(reads_pool=True)
+    jobs = PrefillJobs(pusher, BLOCK)
+    first = jobs.start(_job("r", 3, first_page=0, num_prompt_tokens=8))  # to decode-0
+    other = jobs.start(_job("s", 3, first_page=0, num_prompt_tokens=4))  # to decode-1: the same ticket id
+    jobs.computed("r", [50, 51], 8)
+    jobs.computed("s", [60], 4)
+    assert jobs.abort("r", "its decode worker died")
+    again = jobs.start(_job("r", 1, first_page=0, num_prompt_tokens=8))  # "r" migrated: a second job
+    assert len({first, other, again}) == 3
+    jobs.computed("r", [70, 71], 8)
+    jobs.prefilled("r", 9, -0.2, ())
+    jobs.prefilled("s", 8, -0.2, ())
+    pusher.states[first] = SendState.FAILED
+    pusher.states[again] = SendState.SENT
+    assert sorted(jobs.settled()) == [JobOutcome(first, "r", False, "refused", (50, 51)),
+                                      JobOutcome(again, "r", True, "", (70, 71))]
+    pusher.states[other] = SendState.SENT
+    assert jobs.settled() == [JobOutcome(other, "s", True, "", (60,))] and not jobs.has_sending
+
+
+def test_a_second_job_of_a_request_still_computing_is_refused():
+    jobs = PrefillJobs(RecordingPusher(), BLOCK)
+    jobs.start(_job("r", 1, first_page=0, num_prompt_tokens=8))
+    with pytest.raises(ValueError, match="already computing"):
+        jobs.start(_job("r", 2, first_page=0, num_prompt_tokens=8))
 
 
 def test_pages_go_out_at_every_layer_and_the_transfer_settles_once():
     pusher = RecordingPusher()
     jobs = PrefillJobs(pusher, BLOCK)
-    jobs.start(_job("r", 7, first_page=0, num_prompt_tokens=6))
+    job = jobs.start(_job("r", 7, first_page=0, num_prompt_tokens=6))
     sends = [jobs.computed("r", [20, 21], 6)]
     for layer in (0, 1):
         jobs.push_layer(layer, sends)
     jobs.prefilled("r", 42, -0.5, ())
     assert not jobs.is_computing("r") and jobs.has_sending
     assert jobs.settled() == []  # still sending
-    pusher.states[7] = SendState.SENT
-    assert jobs.settled() == [JobOutcome("r", True, "")]
+    pusher.states[job] = SendState.SENT
+    assert jobs.settled() == [JobOutcome(job, "r", True, "")]
     assert jobs.settled() == [] and not jobs.has_sending
-    assert pusher.calls == [("push", 7, 0, 0, [20, 21]), ("push", 7, 1, 0, [20, 21]), ("finish", 7, 42),
-                            ("forget", 7)]
+    assert pusher.calls == [("push", job, 0, 0, [20, 21]), ("push", job, 1, 0, [20, 21]), ("finish", job, 42),
+                            ("forget", job)]
     assert jobs.outcome_counts == {"sent": 1}
 
 
 def test_a_refused_job_stops_computing_and_reports_its_failure():
     pusher = RecordingPusher()
     jobs = PrefillJobs(pusher, BLOCK)
-    jobs.start(_job("a", 1, first_page=0, num_prompt_tokens=8))
-    jobs.start(_job("b", 2, first_page=0, num_prompt_tokens=8))
-    pusher.states[1] = SendState.FAILED
+    a = jobs.start(_job("a", 1, first_page=0, num_prompt_tokens=8))
+    b = jobs.start(_job("b", 2, first_page=0, num_prompt_tokens=8))
+    pusher.states[a] = SendState.FAILED
     assert jobs.stop_failed() == ["a"]  # the caller ends request "a" in its scheduler
-    assert jobs.settled() == [JobOutcome("a", False, "refused")]
+    assert jobs.settled() == [JobOutcome(a, "a", False, "refused")]
     assert jobs.abort("b", "cancelled") and not jobs.abort("b-unknown", "cancelled")
-    assert ("abort", 2, "cancelled") in pusher.calls
+    assert ("abort", b, "cancelled") in pusher.calls
     assert jobs.outcome_counts == {"failed": 1}

@@ -131,7 +131,7 @@ _WORKER_FIELDS = (
      "Seconds since the worker's engine loop last made progress (a worker past its hang timeout is replaced)",
      False),
     ("engine_errors", "engine_errors",
-     "Commands the engine failed (their requests ended with an error; the engine went on)", True),
+     "Engine steps and commands that failed (their requests ended with an error; the engine went on)", True),
     ("step_seconds", "step_seconds", "Seconds spent in engine steps", True),
     ("spec_proposed_tokens", "spec_proposed_tokens", "Speculative draft tokens proposed", True),
     ("spec_accepted_tokens", "spec_accepted_tokens", "Speculative draft tokens accepted", True),

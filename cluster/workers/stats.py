@@ -37,4 +37,4 @@ class WorkerStats(NamedTuple):
     engine_alive: bool = True
     engine_heartbeat_age: float = 0.0  # seconds since the engine loop last beat
     engine_failure: str | None = None  # why the engine thread ended, if it did
-    engine_errors: int = 0  # commands that failed (their requests ended with an error; the loop went on)
+    engine_errors: int = 0  # steps and commands that failed (their requests ended with an error; the loop went on)
