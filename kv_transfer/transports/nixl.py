@@ -69,6 +69,8 @@ from pdserve.kv_transfer.transports.stream import (
     StreamChannel,
     StreamListener,
     as_bytes_view,
+    bind_tcp,
+    open_tcp_link,
     recv_exact,
 )
 from pdserve.runtime.kv_pool import KVPool
@@ -353,18 +355,13 @@ class NixlListener(StreamListener):
         self.agent.register(receiver.pool.kv)
         self._agents_lock = threading.Lock()
         self._agent_links: dict[str, int] = {}  # loaded sender agents -> links using them
-        try:
-            sock = socket.create_server((host, port))
-        except OSError as exc:
-            raise TransportError(f"cannot bind the nixl KV listener to {host}:{port}: {exc}") from exc
-        bound_host, bound_port = sock.getsockname()[:2]
-        super().__init__(receiver, sock, f"nixl://{bound_host}:{bound_port}", limits)
+        sock, address = bind_tcp("nixl", host, port)
+        super().__init__(receiver, sock, address, limits)
         logger.info("nixl KV listener at %s (agent %s, chunks up to %d bytes, %d channels)",
                     self.address, self.agent.name, max_chunk_bytes, max_channels)
 
     def _open(self, conn: socket.socket) -> Staging:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sendall(self._hello(0))
+        open_tcp_link(conn, self._hello(0))
         return _PullStaging(self)
 
     def load_agent(self, metadata: bytes, previous: str | None) -> str:

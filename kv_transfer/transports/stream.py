@@ -308,6 +308,23 @@ class StreamChannel(KVChannel):
         return bool(waiter.poll(0))
 
 
+def bind_tcp(kind: str, host: str, port: int) -> tuple[socket.socket, str]:
+    """A listening TCP socket on host:port (0: any free port) and its address,
+    "kind://host:port". Raises TransportError naming the listener if the bind fails."""
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as exc:
+        raise TransportError(f"cannot bind the {kind} KV listener to {host}:{port}: {exc}") from exc
+    bound_host, bound_port = sock.getsockname()[:2]
+    return sock, f"{kind}://{bound_host}:{bound_port}"
+
+
+def open_tcp_link(conn: socket.socket, hello: bytes) -> None:
+    """An accepted TCP link: frames go out as soon as they are written; greet the sender."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.sendall(hello)
+
+
 def frame_bytes(header: bytes, payload_len: int) -> bytes:
     """A frame's fixed part and header, as the sender writes them."""
     return FRAME.pack(len(header), payload_len) + header

@@ -38,7 +38,6 @@ from pdserve.kv_transfer.transports.base import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CHUNK_BYTES,
     ListenerLimits,
-    TransportError,
     admit_frame,
     apply_frame,
     read_header,
@@ -50,7 +49,9 @@ from pdserve.kv_transfer.transports.stream import (
     StreamChannel,
     StreamListener,
     as_bytes_view,
+    bind_tcp,
     drain,
+    open_tcp_link,
     recv_into_exact,
 )
 from pdserve.runtime.kv_pool import KVPool
@@ -228,20 +229,15 @@ class TcpListener(StreamListener):
                  op_timeout: float = 30.0, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         limits = ListenerLimits(max_chunk_bytes, max_channels, idle_timeout, op_timeout)
         self._staging = _PoolLanding if lands_in_pool(receiver.pool) else _InlineStaging
-        try:
-            sock = socket.create_server((host, port))
-        except OSError as exc:
-            raise TransportError(f"cannot bind the TCP KV listener to {host}:{port}: {exc}") from exc
-        bound_host, bound_port = sock.getsockname()[:2]
-        super().__init__(receiver, sock, f"tcp://{bound_host}:{bound_port}", limits)
+        sock, address = bind_tcp("tcp", host, port)
+        super().__init__(receiver, sock, address, limits)
         logger.info("TCP KV listener at %s (chunks up to %d bytes %s, %d channels, idle links closed after %g s)",
                     self.address, max_chunk_bytes,
                     "into the pool" if self._staging is _PoolLanding else "through a buffer per link",
                     max_channels, idle_timeout)
 
     def _open(self, conn: socket.socket) -> Staging:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.sendall(self._hello(0))
+        open_tcp_link(conn, self._hello(0))
         return self._staging(self._receiver, self._limits.max_chunk_bytes)
 
 
