@@ -92,7 +92,9 @@ class PagesHeader:
     dtype: str
     shape: tuple[int, ...]  # [2, num_pages, block_size, kv_heads, head_dim]
     nbytes: int
-    checksum: int  # XXH3-64 of the payload (layout.checksum)
+    # XXH3-64 of the payload (layout.checksum); over nccl, its device_checksum. A sender
+    # may leave it None for its channel's send_pool_pages to fill in: never sent so.
+    checksum: int
 
     kind: ClassVar[str] = "chunk"  # the wire name, fixed by the protocol
 

@@ -3,9 +3,10 @@
 The prefill engine pushes each layer's pages as soon as the layer is done (`push`, on the
 engine thread), then calls `finish` with the first token, or `abort`. One thread drains the
 queue in order and hands them to the ticket's channel, so the forward pass of later layers
-overlaps with sending earlier ones. For a transport that reads the pool itself (nixl:
-`reads_pool`), `push` only queues the block ids and the channel moves the pages out of the
-pool; for the others, `push` copies the pages first.
+overlaps with sending earlier ones. For a transport that reads the pool itself
+(`reads_pool`: nixl and gloo from host memory, nccl from GPU memory), `push` only queues the
+block ids and the channel moves the pages out of the pool; for the others, `push` copies
+the pages first.
 
 Each `start` names a send by an id of this pusher's own (`send_id`): ticket ids are only
 unique per decode worker, and a migrated request may be pushed again before its first
@@ -31,6 +32,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from pdserve.kv_transfer import layout
 from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferAbort, TransferDone
@@ -72,8 +75,7 @@ class KVPusher:
 
     def start(self, ticket: KVTicket, address: str) -> int:
         """Begin sending `ticket`'s pages to the listener at `address`; the send's id."""
-        # In place only from host memory, where the pages' checksum is taken (layout.checksum_pages).
-        in_place = reads_pool(address) and self.pool.kv.device.type == "cpu"
+        in_place = reads_pool(address, self.pool.kv.device.type)
         with self._lock:
             send_id = next(self._send_ids)
             self._sends[send_id] = _Outgoing(ticket, address, reads_pool=in_place)
@@ -90,10 +92,16 @@ class KVPusher:
         page_start + len(block_ids)) from the thread: copied now, unless the send
         `holds_pages`."""
         if self.holds_pages(send_id):
-            # Hashed here, while the layer just computed is still in the cache (a 1k-token
-            # layer is 1.5 MB for SmolLM2): from memory the hash reads at ~7 GB/s on the VM.
-            checksum = layout.checksum_pages(self.pool, layer, block_ids)
-            self._queue.put(("push_pool", send_id, layer, page_start, tuple(block_ids), checksum))
+            if self.pool.kv.device.type == "cpu":
+                # Hashed here, while the layer just computed is still in the cache (a 1k-token
+                # layer is 1.5 MB for SmolLM2): from memory the hash reads at ~7 GB/s on the VM.
+                checksum, ready = layout.checksum_pages(self.pool, layer, block_ids), None
+            else:
+                # On a GPU the channel hashes the pages where they lie, once the work this
+                # thread queued so far (the layer's compute) is done: `ready` marks that point.
+                checksum, ready = None, torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.pool.kv.device))
+            self._queue.put(("push_pool", send_id, layer, page_start, tuple(block_ids), checksum, ready))
         else:
             pages = layout.read_pages(self.pool, layer, block_ids)
             self._queue.put(("push", send_id, layer, page_start, pages))
@@ -169,7 +177,7 @@ class KVPusher:
         self.bytes_sent += len(payload)
 
     def _send_pool_pages(self, channel: KVChannel, outgoing: _Outgoing, layer: int, page_start: int,
-                         block_ids: tuple[int, ...], checksum: int) -> None:
+                         block_ids: tuple[int, ...], checksum: int | None, ready) -> None:
         ticket = outgoing.ticket
         shape = layout.chunk_shape(ticket.layout, len(block_ids))
         nbytes = layout.chunk_nbytes(ticket.layout, len(block_ids))
@@ -179,6 +187,8 @@ class KVPusher:
             dtype=layout.dtype_name(self.pool.dtype), shape=shape, nbytes=nbytes, checksum=checksum,
         )
         started = time.perf_counter()
+        if ready is not None:  # a CUDA event: the channel's reads queue after it
+            torch.cuda.current_stream(self.pool.kv.device).wait_event(ready)
         channel.send_pool_pages(header, self.pool, block_ids)
         self.send_seconds += time.perf_counter() - started
         outgoing.bytes_sent += nbytes

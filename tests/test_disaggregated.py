@@ -123,7 +123,7 @@ def colocated(tiny_llama_dir):
     return run
 
 
-@pytest.fixture(params=["loopback", "nixl"])
+@pytest.fixture(params=["loopback", "nixl", "gloo"])
 def pair(request, tiny_llama_dir):
     pair = Pair(tiny_llama_dir, transport=request.param)
     yield pair
@@ -265,3 +265,4 @@ def test_abort_from_the_prefill_side_frees_its_blocks_and_decode_recomputes(pair
     assert tokens == colocated(prompt, GREEDY)
     assert _pool_usage(pair) == (0, 0)
     assert [allocator.ref_count(b) for b in pushed] == [1, 1]  # the cache's only
+

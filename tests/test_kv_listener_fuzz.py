@@ -36,6 +36,8 @@ from pdserve.kv_transfer.receiver import REJECTION_REASONS, KVReceiver, Transfer
 from pdserve.kv_transfer.transports import TransportError, connect, grpc_transport, listen, shm, torch_dist
 from pdserve.kv_transfer.transports.base import MAX_HEADER_BYTES, serve_frame
 from pdserve.kv_transfer.transports.stream import FRAME, HELLO, recv_exact
+from pdserve.kv_transfer.transports.torch_dist_backends import run_op
+from pdserve.kv_transfer.transports.torch_dist_pairs import COUNTER as PAIR_COUNTER
 from pdserve.runtime.kv_pool import KVPool
 
 KINDS = ["tcp", "shm", "grpc", "gloo", "nixl"]
@@ -531,10 +533,10 @@ def test_fuzz_gloo_frame_heads(source):
             head = torch.tensor(list(rng.randbytes(torch_dist.HEAD_BYTES)), dtype=torch.uint8)
             if i % 2:  # within the limits: a header of random bytes, no payload
                 head[:16] = torch.tensor(list(struct.pack("<QQ", rng.randint(1, 200), 0)), dtype=torch.uint8)
-            torch_dist._run(channel._group.send, head, 0, CALL_S, "send a head")
+            run_op(channel._group.send, head, 0, CALL_S, "send a head")
             try:
                 reply = torch.empty(torch_dist.REPLY_BYTES, dtype=torch.uint8)
-                torch_dist._run(channel._group.recv, reply, 0, CALL_S, "read the reply")
+                run_op(channel._group.recv, reply, 0, CALL_S, "read the reply")
                 assert i % 2 and t.receiver.rejected["malformed"] > 0
             except TransportError:  # the listener dropped the pair
                 assert not i % 2
@@ -543,7 +545,7 @@ def test_fuzz_gloo_frame_heads(source):
         counter_store = dist.TCPStore(*_host_port(t.address), None, False, timedelta(seconds=CALL_S),
                                       wait_for_workers=False)
         malformed = t.receiver.rejected["malformed"]
-        counter_store.add(torch_dist._COUNTER, rng.randint(10**4, 10**9))  # a pushed pair counter
+        counter_store.add(PAIR_COUNTER, rng.randint(10**4, 10**9))  # a pushed pair counter
         deadline = time.monotonic() + CALL_S
         while t.receiver.rejected["malformed"] == malformed:  # skipped whole, once seen
             assert time.monotonic() < deadline, "the listener did not notice the pushed counter"

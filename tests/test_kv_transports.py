@@ -54,6 +54,10 @@ from pdserve.kv_transfer.transports.select import (
     transport_table,
 )
 from pdserve.kv_transfer.transports.stream import FRAME, HELLO, recv_exact
+from pdserve.kv_transfer.transports.torch_dist_backends import run_op
+from pdserve.kv_transfer.transports.torch_dist_frames import LENGTHS as HEAD_LENGTHS
+from pdserve.kv_transfer.transports.torch_dist_frames import fill as fill_head
+from pdserve.kv_transfer.transports.torch_dist_pairs import COUNTER as PAIR_COUNTER
 from pdserve.runtime.config import RuntimeInfo, SchedulerConfig
 from pdserve.runtime.kv_pool import KVPool
 from pdserve.runtime.request import Request
@@ -724,10 +728,10 @@ def test_a_gloo_pair_whose_payload_never_comes_is_dropped(source):
         chan._stop.set()  # no keep-alive pings: this test drives the pair by hand
         encoded = messages.encode(header)
         head = torch.zeros(torch_dist.HEAD_BYTES, dtype=torch.uint8)
-        torch_dist._fill(head, torch_dist._LENGTHS.pack(len(encoded), payload.nbytes) + encoded)
-        torch_dist._run(chan._group.send, head, 0, CALL_S, "send a head")
+        fill_head(head, HEAD_LENGTHS.pack(len(encoded), payload.nbytes) + encoded)
+        run_op(chan._group.send, head, 0, CALL_S, "send a head")
         reply = torch.empty(torch_dist.REPLY_BYTES, dtype=torch.uint8)
-        torch_dist._run(chan._group.recv, reply, 0, CALL_S, "take the go-ahead")
+        run_op(chan._group.recv, reply, 0, CALL_S, "take the go-ahead")
         assert torch_dist.decode_reply(bytes(reply.numpy())).proceed  # ... and the payload never comes
         _eventually(lambda: listener.num_links == 0, "the stalled pair's drop")
         assert _nonzero(receiver) == {"stalled_frame": 1}
@@ -770,7 +774,7 @@ def test_a_pushed_pair_counter_costs_the_gloo_listener_no_threads(source):
         host, _, port = listener.address.removeprefix("gloo://").rpartition(":")
         store = dist.TCPStore(host, int(port), None, False, timedelta(seconds=CALL_S), wait_for_workers=False)
         threads = threading.active_count()
-        store.add(torch_dist._COUNTER, 1_000_000)
+        store.add(PAIR_COUNTER, 1_000_000)
         _eventually(lambda: receiver.rejected["malformed"] == 1, "the listener noticing the jump")
         assert threading.active_count() <= threads
         assert listener.num_links == 0

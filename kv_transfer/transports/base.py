@@ -22,6 +22,7 @@ receiver's ticket and secret checks (`admit_frame`). Every refusal is counted in
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import struct
@@ -139,10 +140,13 @@ class KVChannel(ABC):
 
     def send_pool_pages(self, header: PagesHeader, pool: KVPool, block_ids: Sequence[int]) -> None:
         """Send layer `header.layer` of this pool's `block_ids` as the chunk `header`
-        describes (its checksum is `layout.checksum_pages` of them). This default packs
-        them (`layout.read_pages`) and sends the copy; a transport that `reads_pool` moves
-        them where they lie."""
-        self.send_pages(header, layout.to_bytes(layout.read_pages(pool, header.layer, block_ids)))
+        describes (its checksum is `layout.checksum_pages` of them, or None: the channel
+        takes it). This default packs them (`layout.read_pages`) and sends the copy; a
+        transport that `reads_pool` moves them where they lie."""
+        payload = layout.to_bytes(layout.read_pages(pool, header.layer, block_ids))
+        if header.checksum is None:
+            header = dataclasses.replace(header, checksum=layout.checksum(payload))
+        self.send_pages(header, payload)
 
     def send_done(self, done: TransferDone) -> None:
         """MessageRejected when the receiver failed the transfer (e.g. pages missing)."""
@@ -401,11 +405,18 @@ def connect(address: str, timeout: float = 10.0) -> KVChannel:
     return _module(kind, address).connect(kind, target, timeout)
 
 
-def reads_pool(address: str) -> bool:
-    """Whether channels to `address` send pages out of the sender's pool in place
-    (`KVChannel.reads_pool`): the sender must then hold the pages until each send returns."""
+def reads_pool(address: str, device_type: str = "cpu") -> bool:
+    """Whether channels to `address` send the pages of a pool on `device_type` ("cpu",
+    "cuda") out of the pool in place (`KVChannel.reads_pool`): the sender must then hold
+    the pages until each send returns. A transport module says so by `reads_pool_on(kind,
+    device_type)`, or by `READS_POOL` for host memory only."""
     kind = address.partition("://")[0]
-    return kind in _MODULES and getattr(_module(kind, address), "READS_POOL", False)
+    if kind not in _MODULES:
+        return False
+    module = _module(kind, address)
+    if hasattr(module, "reads_pool_on"):
+        return module.reads_pool_on(kind, device_type)
+    return getattr(module, "READS_POOL", False) and device_type == "cpu"
 
 
 def _module(kind: str, context: str):
