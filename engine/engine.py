@@ -84,6 +84,8 @@ class EngineCore:
         self.sampler = Sampler(info.eos_token_ids)
         self.num_steps = 0  # forward passes run
         self.step_seconds = 0.0  # ... and the time they took, sampling included
+        self.prompt_tokens_computed = 0  # ... the tokens of their prefill chunks (local prefills, recomputes)
+        self.batch_requests_stepped = 0  # ... and the requests in them, summed over steps
         self.speculator = (Speculator(speculative, make_proposer(speculative, runner, info))
                            if speculative is not None else None)
         self.remote = None
@@ -195,6 +197,9 @@ class EngineCore:
         if not chunks:
             return outputs
         started = time.perf_counter()
+        # A chunk that starts inside the prompt is (part of) a prefill, or a recompute after
+        # preemption; decode rows and speculative verifies start past it.
+        prefill_tokens = sum(c.num_tokens for c in chunks if c.start < c.request.num_prompt_tokens)
         batch = build_forward_batch(chunks, self.info.block_size, self.runner.device)
         logits = StepLogits(chunks, self.runner.execute(batch))
         self.scheduler.update(chunks)
@@ -210,6 +215,8 @@ class EngineCore:
                 outputs.append(self._verify(chunk, drafts[chunk.request.request_id], logits.verified(chunk)))
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started
+        self.prompt_tokens_computed += prefill_tokens
+        self.batch_requests_stepped += len(chunks)
         return outputs
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[TokenDelta]:

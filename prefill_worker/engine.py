@@ -44,6 +44,8 @@ class PrefillEngine:
         self.jobs = PrefillJobs(pusher, info.block_size)
         self.num_steps = 0  # forward passes run
         self.step_seconds = 0.0  # ... and the time they took
+        self.prompt_tokens_computed = 0  # ... the prompt tokens they computed
+        self.batch_requests_stepped = 0  # ... and the requests in them, summed over steps
 
     @property
     def has_unfinished(self) -> bool:
@@ -119,6 +121,8 @@ class PrefillEngine:
                 self.scheduler.finish(request.request_id, FinishReason.PREFILLED)
         self.num_steps += 1
         self.step_seconds += time.perf_counter() - started
+        self.prompt_tokens_computed += sum(c.num_tokens for c in chunks)
+        self.batch_requests_stepped += len(chunks)
         return outcomes
 
     def _settle(self) -> list[JobOutcome]:

@@ -100,6 +100,12 @@ def test_bad_policies_are_refused():
         ScalingPolicy(min_decode=0)
     with pytest.raises(ConfigError, match="min_prefill"):
         ScalingPolicy(min_prefill=3, max_prefill=2)
+    with pytest.raises(ConfigError, match="window_seconds must be > 0"):
+        ScalingPolicy(window_seconds=0)
+    with pytest.raises(ConfigError, match="down_delay must be >= 0"):
+        ScalingPolicy(down_delay=-1)
+    with pytest.raises(ConfigError, match="decode_kv_usage_high"):
+        ScalingPolicy(decode_kv_usage_high=1.5)
 
 
 def test_requests_waiting_for_their_kv_are_a_prefill_backlog_not_a_decode_one():

@@ -266,3 +266,26 @@ def test_abort_from_the_prefill_side_frees_its_blocks_and_decode_recomputes(pair
     assert _pool_usage(pair) == (0, 0)
     assert [allocator.ref_count(b) for b in pushed] == [1, 1]  # the cache's only
 
+
+def test_step_counters_say_what_each_side_computed(tiny_llama_dir):
+    """The counters the SLO planner fits its models from: prompt tokens computed, and
+    requests per step summed over steps."""
+    pair = Pair(tiny_llama_dir)
+    try:
+        tokens, _, _ = pair.run("counted", _prompt(20, seed=11), GREEDY)
+    finally:
+        pair.close()
+    assert len(tokens) == GREEDY.max_tokens
+    prefill, decode = pair.prefill, pair.decode
+    assert prefill.prompt_tokens_computed == 20 and prefill.num_steps == 3  # chunks of 8, 8, 4
+    assert prefill.batch_requests_stepped == prefill.num_steps  # one request in each step
+    assert decode.prompt_tokens_computed == 0  # the prompt came as KV: decode rows only
+    assert decode.num_steps >= GREEDY.max_tokens - 1 and decode.batch_requests_stepped == decode.num_steps
+
+    local = EngineCore(pair.d_model.runner, pair.d_model.info, SchedulerConfig(max_num_batched_tokens=32,
+                                                                            max_prefill_chunk=8))
+    local.add_request("local", _prompt(12, seed=12), GREEDY)
+    while local.has_unfinished:
+        local.step()
+    assert local.prompt_tokens_computed == 12  # a local prefill counts; its decode rows do not
+    assert local.batch_requests_stepped == local.num_steps == 2 + GREEDY.max_tokens - 1

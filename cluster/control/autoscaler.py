@@ -3,7 +3,9 @@
     Autoscaler.observe(now, prefill stats, decode stats) -> [Decision(role, current, desired, reason)]
 
 It only decides counts; the controller starts or drains workers, and Ray (KubeRay's
-autoscaler on Kubernetes) finds nodes for them through the role resources.
+autoscaler on Kubernetes) finds nodes for them through the role resources. The SLO
+planner (`planner.SLOPlanner`) has the same `observe` and shares the bounds and the
+anti-flap rules below (`CountPolicy`, `CountDamper`); only its signals differ.
 
 Signals (the same `WorkerStats` the router and /metrics read):
     prefill  pending prompt tokens on the prefill workers (queued, not yet computed), plus
@@ -16,8 +18,9 @@ Signals (the same `WorkerStats` the router and /metrics read):
              Remote requests still waiting for their KV do not count: that backlog
              is the prefill workers' (it shows in their pending tokens).
 
-Against flapping:
-    - the signal is averaged over the last `window_seconds`;
+Against flapping (`CountDamper`), per role:
+    - the wanted count (a float: the load over what one worker should carry) is averaged
+      over the last `window_seconds`;
     - up: as soon as the averaged want exceeds the count, at most once per `up_cooldown`;
     - down: one worker at a time, only when the averaged want would fit in one worker
       fewer with headroom to spare (want <= (count - 1) * `down_headroom`) for all of
@@ -35,19 +38,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from pdserve.cluster.workers.spec import ROLES
 from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.runtime.config import ConfigError
 
 
 @dataclass(frozen=True)
-class ScalingPolicy:
+class CountPolicy:
+    """Bounds per role and the anti-flap knobs (module docstring), whatever the signal."""
+
     min_prefill: int = 1
     max_prefill: int = 4
     min_decode: int = 1
     max_decode: int = 4
-    prefill_tokens_per_worker: int = 4096  # pending prompt tokens one prefill worker should hold
-    decode_waiting_per_worker: int = 4  # requests waiting per decode worker before adding one
-    decode_kv_usage_high: float = 0.85
     window_seconds: float = 10.0
     up_cooldown: float = 30.0
     down_delay: float = 60.0
@@ -55,20 +58,35 @@ class ScalingPolicy:
     down_headroom: float = 0.7
 
     def __post_init__(self) -> None:
-        for role in ("prefill", "decode"):
-            low, high = getattr(self, f"min_{role}"), getattr(self, f"max_{role}")
+        for role in ROLES:
+            low, high = self.bounds(role)
             floor = 0 if role == "prefill" else 1
             if not floor <= low <= high:
                 raise ConfigError(f"need {floor} <= min_{role} <= max_{role}, got {low} and {high}")
-        if self.prefill_tokens_per_worker < 1 or self.decode_waiting_per_worker < 1:
-            raise ConfigError("prefill_tokens_per_worker and decode_waiting_per_worker must be >= 1")
+        if self.window_seconds <= 0:
+            raise ConfigError(f"window_seconds must be > 0, got {self.window_seconds}")
+        for knob in ("up_cooldown", "down_delay", "down_cooldown"):
+            if getattr(self, knob) < 0:
+                raise ConfigError(f"{knob} must be >= 0 seconds, got {getattr(self, knob)}")
         if not 0 < self.down_headroom <= 1:
             raise ConfigError(f"down_headroom must be in (0, 1], got {self.down_headroom}")
-        if not 0 < self.decode_kv_usage_high <= 1:
-            raise ConfigError(f"decode_kv_usage_high must be in (0, 1], got {self.decode_kv_usage_high}")
 
     def bounds(self, role: str) -> tuple[int, int]:
         return getattr(self, f"min_{role}"), getattr(self, f"max_{role}")
+
+
+@dataclass(frozen=True)
+class ScalingPolicy(CountPolicy):
+    prefill_tokens_per_worker: int = 4096  # pending prompt tokens one prefill worker should hold
+    decode_waiting_per_worker: int = 4  # requests waiting per decode worker before adding one
+    decode_kv_usage_high: float = 0.85
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prefill_tokens_per_worker < 1 or self.decode_waiting_per_worker < 1:
+            raise ConfigError("prefill_tokens_per_worker and decode_waiting_per_worker must be >= 1")
+        if not 0 < self.decode_kv_usage_high <= 1:
+            raise ConfigError(f"decode_kv_usage_high must be in (0, 1], got {self.decode_kv_usage_high}")
 
 
 class Decision(NamedTuple):
@@ -84,15 +102,56 @@ class Decision(NamedTuple):
 
 class _RoleState:
     def __init__(self) -> None:
-        self.samples: deque[tuple[float, float, str]] = deque()  # (time, wanted workers, why)
+        self.samples: deque[tuple[float, float]] = deque()  # (time, wanted workers)
         self.last_change = -math.inf
         self.below_since: float | None = None  # when the want first fell below the band
+
+
+class CountDamper:
+    """Turns each role's wanted worker count, sampled at every observation, into at most
+    one change per role and call, by the rules in the module docstring. It holds the
+    samples and the times of past changes; `decide` is its only mutator."""
+
+    def __init__(self, policy: CountPolicy) -> None:
+        self.policy = policy
+        self._roles = {role: _RoleState() for role in ROLES}
+
+    def decide(self, role: str, now: float, current: int, wanted: float, why: str) -> Decision | None:
+        """Record `wanted` (workers, a float) at `now`; the change of `role`'s count to make
+        now, if any, its reason being `why` and the averaged want. Calls come in time order."""
+        p, state = self.policy, self._roles[role]
+        low, high = p.bounds(role)
+        state.samples.append((now, wanted))
+        while state.samples and state.samples[0][0] < now - p.window_seconds:
+            state.samples.popleft()
+        if not low <= current <= high:
+            state.last_change = now
+            return Decision(role, current, min(max(current, low), high), f"outside [{low}, {high}]")
+        average = sum(w for _, w in state.samples) / len(state.samples)
+        desired = min(max(math.ceil(average - 1e-9), low), high)
+        if desired < current and average > (current - 1) * p.down_headroom:
+            desired = current  # inside the hysteresis band
+        if desired > current:
+            state.below_since = None
+            if now - state.last_change < p.up_cooldown:
+                return None
+            state.last_change = now
+            return Decision(role, current, desired, f"{why} (average want {average:.2f} workers)")
+        if desired < current:
+            state.below_since = state.below_since if state.below_since is not None else now
+            if now - state.below_since < p.down_delay or now - state.last_change < p.down_cooldown:
+                return None
+            state.last_change, state.below_since = now, None
+            return Decision(role, current, current - 1, f"{why} (average want {average:.2f} workers "
+                            f"for {p.down_delay:.0f} s)")
+        state.below_since = None
+        return None
 
 
 class Autoscaler:
     def __init__(self, policy: ScalingPolicy) -> None:
         self.policy = policy
-        self._roles = {"prefill": _RoleState(), "decode": _RoleState()}
+        self._damper = CountDamper(policy)
 
     def observe(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats],
                 counts: dict[str, int] | None = None, unmet_prefill_tokens: int = 0) -> list[Decision]:
@@ -104,7 +163,7 @@ class Autoscaler:
         for role, stats, (wanted, why) in (("prefill", prefill, self._prefill_want(prefill, unmet_prefill_tokens)),
                                             ("decode", decode, self._decode_want(decode))):
             current = counts[role] if counts is not None else len(stats)
-            decision = self._decide(role, now, current, wanted, why)
+            decision = self._damper.decide(role, now, current, wanted, why)
             if decision is not None:
                 decisions.append(decision)
         return decisions
@@ -126,34 +185,3 @@ class Autoscaler:
         if usage > self.policy.decode_kv_usage_high:
             wanted = max(wanted, len(stats) + 1)
         return wanted, why
-
-    # ------------------------------------------------------------------ decisions
-
-    def _decide(self, role: str, now: float, current: int, wanted: float, why: str) -> Decision | None:
-        p, state = self.policy, self._roles[role]
-        low, high = p.bounds(role)
-        state.samples.append((now, wanted, why))
-        while state.samples and state.samples[0][0] < now - p.window_seconds:
-            state.samples.popleft()
-        if not low <= current <= high:
-            state.last_change = now
-            return Decision(role, current, min(max(current, low), high), f"outside [{low}, {high}]")
-        average = sum(w for _, w, _ in state.samples) / len(state.samples)
-        desired = min(max(math.ceil(average - 1e-9), low), high)
-        if desired < current and average > (current - 1) * p.down_headroom:
-            desired = current  # inside the hysteresis band
-        if desired > current:
-            state.below_since = None
-            if now - state.last_change < p.up_cooldown:
-                return None
-            state.last_change = now
-            return Decision(role, current, desired, f"{why} (average want {average:.2f} workers)")
-        if desired < current:
-            state.below_since = state.below_since if state.below_since is not None else now
-            if now - state.below_since < p.down_delay or now - state.last_change < p.down_cooldown:
-                return None
-            state.last_change, state.below_since = now, None
-            return Decision(role, current, current - 1, f"{why} (average want {average:.2f} workers "
-                            f"for {p.down_delay:.0f} s)")
-        state.below_since = None
-        return None

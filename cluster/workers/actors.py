@@ -266,7 +266,9 @@ class DecodeWorker(_Worker):
             transfer_seconds=remote.total_receive_seconds if remote else 0.0,
             kv_wait_seconds=remote.total_kv_wait_seconds if remote else 0.0,
             transfer_outcomes=dict(remote.counts) if remote else {},
-            num_steps=core.num_steps, step_seconds=core.step_seconds, **speculation)
+            num_steps=core.num_steps, step_seconds=core.step_seconds,
+            prompt_tokens_computed=core.prompt_tokens_computed, batch_requests_stepped=core.batch_requests_stepped,
+            **speculation)
         # Followers of an n > 1 request held until their leader's KV arrives are waiting too.
         self._stats = self._stats._replace(num_waiting=self._stats.num_waiting + core.num_held_followers)
 
@@ -327,7 +329,9 @@ class PrefillWorker(_Worker):
             engine.scheduler, num_waiting_for_kv=0,
             transfer_bytes=self.pusher.bytes_sent, transfer_seconds=self.pusher.send_seconds,
             transfer_outcomes=dict(engine.jobs.outcome_counts),
-            num_steps=engine.num_steps, step_seconds=engine.step_seconds)
+            num_steps=engine.num_steps, step_seconds=engine.step_seconds,
+            prompt_tokens_computed=engine.prompt_tokens_computed,
+            batch_requests_stepped=engine.batch_requests_stepped)
 
 
 def _node_ip() -> str:

@@ -22,6 +22,9 @@ class WorkerStats(NamedTuple):
     transfer_outcomes: dict[str, int]
     num_steps: int
     step_seconds: float
+    # what the steps computed (the SLO planner fits its models from these counters' growth)
+    prompt_tokens_computed: int = 0  # tokens of prefill chunks (prompts; on a decode worker, local prefills)
+    batch_requests_stepped: int = 0  # sum over steps of the requests in the step
     # speculative decoding (decode workers that run it; zeros otherwise)
     spec_proposed_tokens: int = 0
     spec_accepted_tokens: int = 0
