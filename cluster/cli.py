@@ -240,6 +240,7 @@ def _serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"pdserve: error: {refusal}", file=sys.stderr)
         return 2
+    prepare_local_ray(args.address)  # first: the imports below import ray
 
     from pdserve.cluster.control.autoscaler import ScalingPolicy
     from pdserve.cluster.serve import GatewayConfig
@@ -327,14 +328,22 @@ def _decode_prefill_tokens(args) -> int | None:
     return None if args.colocated else DECODE_PREFILL_TOKENS
 
 
+def prepare_local_ray(address: str | None) -> None:
+    """Before anything imports ray: a local Ray (no `address`) must bind and advertise the
+    loopback address only. Ray reads this setting once, when it is first imported; set
+    later, it advertises the machine's outside interface even with `_node_ip_address`."""
+    if address is None:
+        if "ray" in sys.modules:
+            logger.warning("ray was imported before pdserve set it up for local use: the local Ray may "
+                           "advertise this machine's outside address")
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
 def _start_ray(address: str | None, num_prefill: int, num_decode: int, threads: int | str = "auto"):
     """Join `address`, or start a local Ray bound to 127.0.0.1 with room for the
     workers (and their replacements) under the role resources they ask for: each asks
     for as many CPUs as the cores it is pinned to (`pdserve.runtime.threads`)."""
-    if address is None:
-        # Local Ray must bind and advertise the loopback address only.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     from pdserve.runtime.threads import available_cores, cores_per_worker

@@ -15,6 +15,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Everything here talks to 127.0.0.1 only: a Ray started by a test (or by a `pdserve serve`
+# it runs) binds and advertises the loopback address. Ray reads this once, at import.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 # One torch thread per process: on small machines more threads make small matmuls slower.
 torch.set_num_threads(1)
 

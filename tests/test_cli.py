@@ -1,5 +1,10 @@
 """`pdserve generate` in-process: arguments, output streams, and errors a user can act on;
-`pdserve serve`'s refusal to serve a non-loopback address without an API key."""
+`pdserve serve`'s refusal to serve a non-loopback address without an API key, and its
+local Ray on the loopback address."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -186,3 +191,19 @@ def test_serve_allowed_open_warns_and_starts(monkeypatch, caplog):
     [config] = started.configs
     assert (config.host, config.api_key, started.ray_started) == ("0.0.0.0", None, 1)
     assert "SERVING WITHOUT AN API KEY on 0.0.0.0" in caplog.text
+
+
+def test_a_local_ray_advertises_the_loopback_address_only():
+    """`pdserve serve` sets Ray up before importing anything that imports it (Ray reads
+    the setting once): in a process that never had the setting, the node address Ray
+    would advertise is 127.0.0.1, not this machine's outside interface."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")}
+    script = ("from pdserve.cluster import cli\n"
+              "cli.prepare_local_ray(None)\n"
+              "import pdserve.cluster.serve\n"  # imports ray, as `_serve` does next
+              "from ray._private.services import get_node_ip_address\n"
+              "print(get_node_ip_address())\n")
+    out = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "127.0.0.1"
