@@ -152,8 +152,18 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--gpus-per-worker", type=float, default=0.0,
                        help="GPUs each worker actor asks Ray for (1 on a GPU pool; Ray hides GPUs from "
                             "actors that ask for none)")
-    scale = serve.add_argument_group("autoscaling (by queue depth; --prefill/--decode-workers are the start)")
-    scale.add_argument("--autoscale", action="store_true", help="scale prefill and decode workers separately")
+    scale = serve.add_argument_group("autoscaling (--prefill/--decode-workers are the start)")
+    scale.add_argument("--autoscale", nargs="?", const="queue", choices=["queue", "slo"], default=None,
+                       help="scale prefill and decode workers separately: queue (the default) by queue depth; "
+                            "slo by predicted TTFT and TPOT against --ttft-slo and --tpot-slo (the planner also "
+                            "sets the local-prefill threshold and a per-worker decode batch cap)")
+    scale.add_argument("--ttft-slo", type=_positive_float, default=None, metavar="SECONDS",
+                       help="with --autoscale slo: the time-to-first-token target")
+    scale.add_argument("--tpot-slo", type=_positive_float, default=None, metavar="SECONDS",
+                       help="with --autoscale slo: the time-per-output-token target")
+    scale.add_argument("--shed-on-slo", action="store_true",
+                       help="with --autoscale slo: refuse a request at once (429 with Retry-After) when its "
+                            "predicted TTFT exceeds --ttft-slo, instead of answering late")
     scale.add_argument("--min-prefill", type=_non_negative_int, default=1)
     scale.add_argument("--max-prefill", type=_non_negative_int, default=4)
     scale.add_argument("--min-decode", type=_positive_int, default=1)
@@ -180,6 +190,13 @@ def _add_serve_parser(sub) -> None:
                        help="the most draft tokens per request and step (adapted to acceptance)")
     serve.add_argument("--speculative-max-batch", type=_positive_int, default=8,
                        help="speculate only while at most this many requests decode on a worker")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -242,7 +259,6 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     prepare_local_ray(args.address)  # first: the imports below import ray
 
-    from pdserve.cluster.control.autoscaler import ScalingPolicy
     from pdserve.cluster.serve import GatewayConfig
     from pdserve.cluster.workers.spec import WorkerSpec
     from pdserve.runtime.config import ConfigError, SpeculativeConfig
@@ -269,16 +285,7 @@ def _serve(args: argparse.Namespace) -> int:
             kv_host="127.0.0.1" if args.address is None else None, speculative=speculative,
             device=args.device, gpus_per_worker=args.gpus_per_worker, compile=args.compile,
             engine_hang_timeout=args.engine_hang_timeout)
-        scaling = None
-        if args.autoscale:
-            scaling = ScalingPolicy(
-                min_prefill=0 if args.colocated else args.min_prefill,
-                max_prefill=0 if args.colocated else args.max_prefill,
-                min_decode=args.min_decode, max_decode=args.max_decode,
-                prefill_tokens_per_worker=args.autoscale_prefill_tokens,
-                decode_waiting_per_worker=args.autoscale_decode_waiting, window_seconds=args.autoscale_window,
-                up_cooldown=args.autoscale_up_cooldown, down_delay=args.autoscale_down_delay,
-                down_cooldown=args.autoscale_down_cooldown)
+        scaling = _scaling_policy(args)
         config = GatewayConfig(
             spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
             host=args.host, port=args.port, grpc_port=args.grpc_port, api_key=api_key,
@@ -286,7 +293,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_migrations=args.max_migrations, tool_call_parser=args.tool_call_parser,
             max_body_bytes=args.max_body_bytes,
             local_prefill_tokens=args.local_prefill_tokens, spill_backlog_tokens=args.spill_backlog_tokens,
-            scaling=scaling)
+            scaling=scaling, shed_on_slo=args.shed_on_slo)
     except (ConfigError, ValueError) as exc:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
@@ -296,6 +303,35 @@ def _serve(args: argparse.Namespace) -> int:
         return asyncio.run(_run_gateway(config))
     finally:
         ray.shutdown()
+
+
+def _scaling_policy(args: argparse.Namespace):
+    """The autoscaling policy the flags ask for (None: fixed counts). Raises ConfigError
+    on flags that do not go together."""
+    from pdserve.cluster.control.autoscaler import ScalingPolicy
+    from pdserve.cluster.control.planner import PlannerPolicy
+    from pdserve.runtime.config import ConfigError
+
+    targets = {"--ttft-slo": args.ttft_slo, "--tpot-slo": args.tpot_slo}
+    if args.autoscale != "slo":
+        given = [flag for flag, value in targets.items() if value is not None] + (
+            ["--shed-on-slo"] if args.shed_on_slo else [])
+        if given:
+            raise ConfigError(f"{' and '.join(given)} need the SLO planner: add --autoscale slo")
+    if args.autoscale is None:
+        return None
+    counts = {"min_prefill": 0 if args.colocated else args.min_prefill,
+              "max_prefill": 0 if args.colocated else args.max_prefill,
+              "min_decode": args.min_decode, "max_decode": args.max_decode,
+              "window_seconds": args.autoscale_window, "up_cooldown": args.autoscale_up_cooldown,
+              "down_delay": args.autoscale_down_delay, "down_cooldown": args.autoscale_down_cooldown}
+    if args.autoscale == "queue":
+        return ScalingPolicy(prefill_tokens_per_worker=args.autoscale_prefill_tokens,
+                             decode_waiting_per_worker=args.autoscale_decode_waiting, **counts)
+    missing = [flag for flag, value in targets.items() if value is None]
+    if missing:
+        raise ConfigError(f"--autoscale slo needs its targets: {' and '.join(missing)} SECONDS")
+    return PlannerPolicy(ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, **counts)
 
 
 async def _run_gateway(config) -> int:

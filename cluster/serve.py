@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from pdserve.cluster.control.autoscaler import Autoscaler, ScalingPolicy
+from pdserve.cluster.control.autoscaler import Autoscaler, CountPolicy
 from pdserve.cluster.control.cluster_backend import DEFAULT_MAX_MIGRATIONS, ClusterBackend
 from pdserve.cluster.control.controller import Controller
+from pdserve.cluster.control.planner import PlannerPolicy, SLOPlanner
 from pdserve.cluster.control.router import POLICIES, PrefixIndex, Router, local_prefill_slowdown
+from pdserve.cluster.control.slo_control import SLOControl
 from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend, ModelCard
 from pdserve.cluster.gateway.grpc_api import start_grpc_server
 from pdserve.cluster.gateway.metrics import GatewayMetrics
@@ -50,7 +52,14 @@ class GatewayConfig:
     spill_backlog_tokens: int = 1024  # prefill backlog from which prompts may spill to decode (Router)
     cpus_per_worker: float = 1.0
     tool_call_parser: str | None = None  # the tool-call format; None: the one the chat template writes
-    scaling: ScalingPolicy | None = None  # autoscale worker counts within its bounds
+    # Autoscale worker counts within its bounds: a ScalingPolicy (queue depth) or a
+    # PlannerPolicy (the SLO planner, which also tunes the router).
+    scaling: CountPolicy | None = None
+    shed_on_slo: bool = False  # with a PlannerPolicy: 429 for requests predicted to miss the TTFT target
+
+    def __post_init__(self) -> None:
+        if self.shed_on_slo and not isinstance(self.scaling, PlannerPolicy):
+            raise ValueError("shedding on the SLO (--shed-on-slo) needs the SLO planner (--autoscale slo)")
 
 
 class Ready:
@@ -80,9 +89,13 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
     max_model_len = config.spec.max_model_len or checkpoint.config.max_position_embeddings
     name = config.served_model_name or config.spec.model
     index = PrefixIndex()
+    scaler = None
+    if isinstance(config.scaling, PlannerPolicy):
+        scaler = SLOPlanner(config.scaling)
+    elif config.scaling is not None:
+        scaler = Autoscaler(config.scaling)
     controller = Controller(config.spec, config.num_prefill, config.num_decode, index,
-                            cpus_per_worker=config.cpus_per_worker,
-                            autoscaler=Autoscaler(config.scaling) if config.scaling else None)
+                            cpus_per_worker=config.cpus_per_worker, autoscaler=scaler)
     metrics = GatewayMetrics(worker_stats=controller.all_stats, worker_counts=controller.counts,
                              control_status=controller.status)
     controller.on_decision = metrics.scaled  # the metrics read the controller, and count its decisions
@@ -90,7 +103,10 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
                     local_prefill_tokens=config.local_prefill_tokens,
                     spill_backlog_tokens=config.spill_backlog_tokens,
                     local_prefill_slowdown=local_prefill_slowdown(config.spec.max_prefill_tokens_while_decoding))
-    frontend = Frontend(ClusterBackend(controller, router, metrics, max_migrations=config.max_migrations),
+    slo = SLOControl(scaler, router, metrics, shed=config.shed_on_slo) if isinstance(scaler, SLOPlanner) else None
+    if slo is not None:
+        controller.after_scaling = slo.apply
+    frontend = Frontend(ClusterBackend(controller, router, metrics, max_migrations=config.max_migrations, slo=slo),
                         checkpoint.tokenizer,
                         ModelCard(name, max_model_len, int(time.time())), checkpoint.eos_token_ids, metrics,
                         max_in_flight=config.max_in_flight, tool_call_parser=config.tool_call_parser)

@@ -586,3 +586,35 @@ def test_the_controller_reloads_a_worker_index_after_lost_events():
     assert worker.snapshots == 1
     assert controller.index.pages("decode-0") == _pages_of(events)
     assert "pdserve_prefix_index_resyncs_total 1.0" in metrics.render().decode()
+
+
+def test_a_request_predicted_to_miss_its_ttft_target_is_shed_but_a_migrating_one_never_is():
+    from test_slo_control import _planned
+
+    from pdserve.cluster.control.controller import WorkerHandle
+    from pdserve.cluster.control.slo_control import SLOControl
+
+    seen: list[str] = []
+    controller = _controller(0, 2)
+    dying, serving = _DecodeThatDies(seen, tokens_before_death=1), _DecodeThatServes(seen)
+    for worker_id, actor in (("decode-0", dying), ("decode-1", serving)):
+        info = WorkerInfo(worker_id, "decode", PeerInfo.local("cpu"), BLOCK, 1, (0,), 1)
+        controller.workers[worker_id] = WorkerHandle(worker_id, "decode", actor, info, None, ready=True)
+    controller.worker_died = lambda handle, why: controller.workers.pop(handle.worker_id, None)
+    metrics = GatewayMetrics()
+    router = Router(RoundRobin(), BLOCK, local_prefill_tokens=10**6)  # every prompt prefilled on decode
+    planner = _planned()
+    slo = SLOControl(planner, router, metrics, shed=True)
+    backend = ClusterBackend(controller, router, metrics, slo=slo)
+
+    async def run(request_id):
+        return [d async for d in backend.generate(request_id, [1, 2, 3], SamplingParams(max_tokens=3))]
+
+    rate = planner.last_plan.forecast.prefill_rate
+    controller.workers["decode-1"].in_flight_tokens = int(5 * rate)  # five seconds of prompts queued there
+    # decode-0 takes it and dies after one token: it moves to decode-1, queue or not
+    assert [t for d in asyncio.run(run("fits")) for t in d.token_ids] == [100, 7]
+    with pytest.raises(RequestError, match="over the TTFT target") as refused:  # a new one there: shed
+        asyncio.run(run("late"))
+    assert refused.value.retry_after > 2 and slo.num_shed == 1
+    assert seen == ["fits", "fits.m1"]  # the shed request reached no worker

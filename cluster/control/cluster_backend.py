@@ -40,6 +40,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from pdserve.cluster.control.controller import Controller, WorkerHandle
 from pdserve.cluster.control.router import Router
+from pdserve.cluster.control.slo_control import SLOControl
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.cluster.workers.actors import Refused
@@ -55,11 +56,12 @@ MIGRATION_WAIT_S = 120.0  # how long a migrating request waits for a decode work
 
 class ClusterBackend:
     def __init__(self, controller: Controller, router: Router, metrics: GatewayMetrics,
-                 max_migrations: int = DEFAULT_MAX_MIGRATIONS) -> None:
+                 max_migrations: int = DEFAULT_MAX_MIGRATIONS, slo: SLOControl | None = None) -> None:
         self.controller = controller
         self.router = router
         self.metrics = metrics
         self.max_migrations = max_migrations
+        self.slo = slo  # with the SLO planner: sheds new requests that would miss the TTFT target
 
     def ready(self) -> bool:
         return bool(self.controller.members("decode"))
@@ -175,6 +177,14 @@ class ClusterBackend:
         if prefill is not None and links.address(prefill.worker_id, decode.worker_id) is None:
             # The pair's link is down (logged, retried, in pdserve_kv_links): prefill on D, counted.
             prefill, path = None, "unlinked"
+        if self.slo is not None and resume_at is None:  # a migrating request is never refused
+            prefiller, uncached = prefill if prefill is not None else decode, len(prompt_ids) - route.cached_tokens
+            try:
+                self.slo.admit(request_id, uncached, prefiller.in_flight_tokens, remote=prefill is not None)
+            except RequestError:
+                if prefill is not None:  # demand all the same: the planner sizes prefill for it
+                    self.controller.note_unmet_prefill(uncached)
+                raise
         self.metrics.routed(decode.worker_id, path)
         return _InFlight(self, request_id, prompt_ids, params, decode, prefill, resume_at, placement=placement)
 

@@ -14,10 +14,12 @@ The monitor loop survives its own failures: an exception in a round (or in one
 worker's poll) is logged and counted (`num_errors`, `pdserve_controller_errors_total`)
 and the next round runs as usual.
 
-With an `Autoscaler`, each poll round also asks it for the number of workers per role:
+With an `Autoscaler` (queue depth) or an `SLOPlanner` (latency targets), each poll round
+also asks it for the number of workers per role:
 new workers are started like replacements; a worker to remove is drained first - it
 leaves the router's view at once, finishes the requests it holds, and only then stops -
-so scaling down loses no request. Every decision goes to `on_decision` (metrics, log).
+so scaling down loses no request. Every decision goes to `on_decision` (metrics, log); after
+each round, `after_scaling` runs (with the planner: its plan applied, `slo_control`).
 
 CPU placement: the controller is the one owner of which cores a worker gets. At start it
 picks a plan (`pdserve.runtime.threads`). When every node that offers a role resource is
@@ -56,6 +58,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from pdserve.cluster.control.autoscaler import Autoscaler, Decision
 from pdserve.cluster.control.kv_links import KVLinks
+from pdserve.cluster.control.planner import SLOPlanner
 from pdserve.cluster.control.router import PrefixIndex, WorkerView
 from pdserve.cluster.gateway.metrics import ControlPlaneStatus
 from pdserve.cluster.workers.actors import DecodeWorker, PrefillWorker, WorkerInfo
@@ -109,8 +112,9 @@ class WorkerHandle:
 class Controller:
     def __init__(self, spec: WorkerSpec, num_prefill: int, num_decode: int, index: PrefixIndex,
                  cpus_per_worker: float = 1.0, poll_interval: float = 0.5, poll_timeout: float = 10.0,
-                 max_missed_polls: int = 3, autoscaler: Autoscaler | None = None,
-                 on_decision: Callable[[Decision], None] | None = None, drain_timeout: float = 600.0) -> None:
+                 max_missed_polls: int = 3, autoscaler: Autoscaler | SLOPlanner | None = None,
+                 on_decision: Callable[[Decision], None] | None = None, drain_timeout: float = 600.0,
+                 after_scaling: Callable[[], None] | None = None) -> None:
         self.spec = spec
         self.target = {"prefill": num_prefill, "decode": num_decode}
         self.index = index
@@ -120,6 +124,7 @@ class Controller:
         self.max_missed_polls = max_missed_polls
         self.autoscaler = autoscaler
         self.on_decision = on_decision
+        self.after_scaling = after_scaling  # called after every autoscaler round (the SLO plan's appliers)
         self.drain_timeout = drain_timeout
         self.workers: dict[str, WorkerHandle] = {}  # registered: starting (not ready), serving, draining
         self.links = KVLinks()
@@ -364,8 +369,8 @@ class Controller:
         unmet, self._unmet_seen = self.unmet_prefill_tokens - self._unmet_seen, self.unmet_prefill_tokens
         for decision in self.autoscaler.observe(time.monotonic(), serving["prefill"], serving["decode"], counts,
                                                 unmet_prefill_tokens=unmet):
-            log.info("autoscaler: %s %s %d -> %d: %s", decision.role, decision.direction, decision.current,
-                     decision.desired, decision.reason)
+            log.info("%s: %s %s %d -> %d: %s", type(self.autoscaler).__name__, decision.role, decision.direction,
+                     decision.current, decision.desired, decision.reason)
             if self.on_decision is not None:
                 self.on_decision(decision)
             if decision.desired > decision.current:
@@ -377,6 +382,8 @@ class Controller:
                 for handle in victims[:decision.current - decision.desired]:
                     handle.draining = True
                     self._spawn(self._drain(handle))
+        if self.after_scaling is not None:
+            self.after_scaling()
 
     async def _drain(self, handle: WorkerHandle) -> None:
         """Stop `handle` once it holds no request (or after `drain_timeout`)."""

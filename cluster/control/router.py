@@ -23,6 +23,10 @@ prefill worker's backlog + the prompt. Local prefill runs in chunks between deco
 hence the slowdown factor (`local_prefill_slowdown`: from the decode worker's prompt-token
 budget per step); the backlog floor keeps light loads fully disaggregated. So a
 short prompt no longer queues behind long ones, and two long prompts run side by side.
+
+With the SLO planner, `local_prefill_tokens` follows its plan, and `decode_batch_cap` (None
+otherwise) keeps new requests off decode workers that hold that many while another holds
+fewer (`slo_control`).
 """
 
 from __future__ import annotations
@@ -179,12 +183,16 @@ class Router:
         self.prefill_saturation_tokens = prefill_saturation_tokens
         self.spill_backlog_tokens = spill_backlog_tokens
         self.local_prefill_slowdown = local_prefill_slowdown
+        # Set by the SLO planner (slo_control): prefer decode workers holding fewer requests.
+        self.decode_batch_cap: int | None = None
 
     def route(self, prompt_ids: Sequence[int], decode: Sequence[WorkerView],
               prefill: Sequence[WorkerView]) -> Route | None:
         """None when no decode worker is up."""
         if not decode:
             return None
+        if self.decode_batch_cap is not None:  # a soft cap: all at it, the usual choice
+            decode = [w for w in decode if w.in_flight < self.decode_batch_cap] or decode
         hashes = page_hashes(prompt_ids, self.block_size)
         cached = [self._cached_tokens(w.worker_id, hashes, len(prompt_ids)) for w in decode]
         chosen = self.policy.choose(decode, cached)

@@ -7,6 +7,9 @@ One registry per gateway, so that everything a cluster measures is one scrape ta
 
 from __future__ import annotations
 
+import math
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -17,6 +20,7 @@ from pdserve.cluster.gateway.errors import ErrorKind
 from pdserve.cluster.workers.stats import WorkerStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+RECENT_SECONDS = 600.0  # how far back `recent_latencies` can look (the SLO planner's window)
 TTFT_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "first_decode_step")
 
 
@@ -64,6 +68,16 @@ class GatewayMetrics:
                                            registry=r)
         self.scaling = Counter("pdserve_autoscaler_decisions", "Autoscaler decisions, by role and direction "
                                "(the reason of each is logged)", ["role", "direction"], registry=r)
+        self.planner_predicted = Gauge("pdserve_planner_predicted_seconds", "The SLO planner's latest "
+                                       "prediction at the serving worker counts (NaN: none)", ["slo"], registry=r)
+        self.planner_error = Gauge("pdserve_planner_prediction_error", "The SLO planner's mean prediction over "
+                                   "its window against the mean measured at the gateway for requests that "
+                                   "finished in it: predicted / observed - 1 (NaN: nothing to compare)",
+                                   ["slo"], registry=r)
+        self.shed_requests = Counter("pdserve_requests_shed", "Requests refused with 429 because their predicted "
+                                     "TTFT exceeded the target (--shed-on-slo)", registry=r)
+        # (finish time, ttft, tpot) of the requests that finished in the last RECENT_SECONDS
+        self._recent: deque[tuple[float, float | None, float | None]] = deque()
         r.register(_WorkerCollector(worker_stats))
         r.register(_CountCollector(worker_counts))
         r.register(_ControlCollector(control_status))
@@ -80,6 +94,34 @@ class GatewayMetrics:
             self.ttft.observe(ttft)
         if tpot is not None:
             self.tpot.observe(tpot)
+        now = time.monotonic()
+        self._recent.append((now, ttft, tpot))
+        while self._recent[0][0] < now - RECENT_SECONDS:
+            self._recent.popleft()
+
+    def recent_latencies(self, since: float) -> tuple[float | None, float | None]:
+        """Mean TTFT and mean TPOT of the requests that finished since `since` (monotonic
+        time, at most RECENT_SECONDS ago); None where none measured it."""
+        sums, counts = [0.0, 0.0], [0, 0]
+        for finished, *latencies in reversed(self._recent):  # newest first: stop at `since`
+            if finished < since:
+                break
+            for column, value in enumerate(latencies):
+                if value is not None:
+                    sums[column] += value
+                    counts[column] += 1
+        ttft, tpot = (total / n if n else None for total, n in zip(sums, counts))
+        return ttft, tpot
+
+    def planned(self, ttft: float | None, tpot: float | None, errors: dict[str, float | None]) -> None:
+        """The SLO planner's latest predictions and their errors (`SLOPlanner.prediction_error`)."""
+        for slo, predicted in (("ttft", ttft), ("tpot", tpot)):
+            self.planner_predicted.labels(slo).set(math.nan if predicted is None else predicted)
+            error = errors.get(slo)
+            self.planner_error.labels(slo).set(math.nan if error is None else error)
+
+    def shed(self) -> None:
+        self.shed_requests.inc()
 
     def observe_ttft_split(self, stages: dict[str, float]) -> None:
         for stage, seconds in stages.items():
@@ -133,6 +175,10 @@ _WORKER_FIELDS = (
     ("engine_errors", "engine_errors",
      "Engine steps and commands that failed (their requests ended with an error; the engine went on)", True),
     ("step_seconds", "step_seconds", "Seconds spent in engine steps", True),
+    ("prompt_tokens_computed", "prompt_tokens_computed",
+     "Prompt tokens the worker's steps computed (on a decode worker: local prefills, recomputes)", True),
+    ("batch_requests_stepped", "batch_requests_stepped",
+     "Requests in the worker's steps, summed over steps (over steps_total: the mean batch)", True),
     ("spec_proposed_tokens", "spec_proposed_tokens", "Speculative draft tokens proposed", True),
     ("spec_accepted_tokens", "spec_accepted_tokens", "Speculative draft tokens accepted", True),
     ("spec_verify_steps", "spec_verify_steps",

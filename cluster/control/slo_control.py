@@ -1,0 +1,99 @@
+"""`SLOControl`: carries the SLO planner's conclusions to where they act.
+
+    controller poll round -> SLOPlanner.observe -> SLOControl.apply(plan)
+                                                    -> router: local-prefill threshold, decode batch cap
+                                                    -> gauges: predictions, their error
+    gateway, routing a new request -> SLOControl.admit(...) -> 429 + Retry-After (--shed-on-slo)
+
+It owns no worker and no model: the plan (`planner.Plan`) is the planner's, the router's
+knobs are the router's, and `apply` only writes the plan's suggestions into them, on the
+gateway's event loop, as the controller's round ends.
+
+What each suggestion does here:
+    local_prefill_threshold  the router's `local_prefill_tokens` (at most
+                             MAX_LOCAL_PREFILL_TOKENS): shorter uncached prompts are
+                             prefilled by their decode worker, skipping the hop
+    batch_limit              the router's `decode_batch_cap`: new requests go to decode
+                             workers holding fewer than that many while any does (a soft
+                             cap: when all hold that many, the usual choice; the planner
+                             wants more decode workers then)
+
+Prediction error (`pdserve_planner_prediction_error{slo}`): the planner's mean prediction
+over its last window against the mean TTFT and TPOT the gateway measured for requests that
+finished in that window (`GatewayMetrics.recent_latencies`), as predicted / observed - 1.
+
+Shedding (`--shed-on-slo`): a new request (not a migration) whose TTFT, predicted from the
+prompt tokens ahead of it on the worker that will prefill it, its own uncached tokens, the
+measured prefill rate, the hop and the decode step, exceeds the TTFT target is refused at
+once with 429 and a Retry-After of the excess (the time the backlog needs to drain that
+far), instead of answering late. Before the planner has a plan, nothing is shed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from pdserve.cluster.control.planner import Plan, SLOPlanner
+from pdserve.cluster.control.router import Router
+from pdserve.cluster.gateway.errors import ErrorKind, RequestError
+from pdserve.cluster.gateway.metrics import GatewayMetrics
+
+# The planner's local-prefill threshold is h r (module docstring of planner.py); a slow
+# measured hop must not turn every prompt local.
+MAX_LOCAL_PREFILL_TOKENS = 1024
+
+
+class SLOControl:
+    def __init__(self, planner: SLOPlanner, router: Router, metrics: GatewayMetrics, shed: bool = False) -> None:
+        self.planner = planner
+        self.router = router
+        self.metrics = metrics
+        self.shed = shed
+        self.num_shed = 0
+
+    def apply(self) -> None:
+        """Write the planner's last plan into the router and the gauges."""
+        plan = self.planner.last_plan
+        if plan is None:
+            return
+        if plan.local_prefill_threshold is not None:
+            self.router.local_prefill_tokens = min(plan.local_prefill_threshold, MAX_LOCAL_PREFILL_TOKENS)
+        self.router.decode_batch_cap = plan.batch_limit
+        window = self.planner.policy.window_seconds
+        observed_ttft, observed_tpot = self.metrics.recent_latencies(time.monotonic() - window)
+        errors = self.planner.prediction_error(observed_ttft, observed_tpot)
+        self.metrics.planned(plan.ttft, plan.tpot, errors)
+
+    def admit(self, request_id: str, uncached_tokens: int, tokens_ahead: int, remote: bool) -> None:
+        """Raise RequestError(OVERLOADED) with Retry-After when shedding is on and the
+        request's predicted TTFT exceeds the target; `tokens_ahead`: prompt tokens queued
+        before it on the worker that will prefill it, `remote`: that worker is a prefill
+        worker (the hop counts)."""
+        plan = self.planner.last_plan
+        if not self.shed or plan is None:
+            return
+        predicted = predicted_ttft(plan, uncached_tokens, tokens_ahead, remote)
+        target = self.planner.policy.ttft_slo
+        if predicted <= target:
+            return
+        self.num_shed += 1
+        self.metrics.shed()
+        excess = predicted - target
+        raise RequestError(ErrorKind.OVERLOADED,
+                           f"request {request_id} would see its first token in about {predicted:.2f} s, over the "
+                           f"TTFT target of {target:g} s (--shed-on-slo): {tokens_ahead} prompt tokens are queued "
+                           f"ahead of its {uncached_tokens}; retry after the queue drains",
+                           # unbounded (decode cannot keep up): look again after the planner's window
+                           retry_after=excess if math.isfinite(excess) else self.planner.policy.window_seconds)
+
+
+def predicted_ttft(plan: Plan, uncached_tokens: int, tokens_ahead: int, remote: bool) -> float:
+    """Seconds to the first token of a request routed now: the prompts ahead of it and its
+    own at the measured prefill rate, the hop when remote, and the decode step that emits
+    the first token (the planner's TPOT prediction; its model's one-request step if no
+    decode worker was serving)."""
+    forecast = plan.forecast
+    first_step = plan.tpot if plan.tpot is not None else forecast.step(1)
+    hop = forecast.transfer_seconds if remote else 0.0
+    return (tokens_ahead + uncached_tokens) / forecast.prefill_rate + hop + first_step
