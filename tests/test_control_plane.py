@@ -430,15 +430,24 @@ class _Stream:
         return refs()
 
 
-def test_a_retry_on_another_decode_worker_has_its_own_request_id():
+def _with_decode_workers(*actors) -> Controller:
+    """A controller serving the fake decode `actors` as decode-0, decode-1, ..., ready; a
+    worker reported dead just leaves (no replacement starts)."""
     from pdserve.cluster.control.controller import WorkerHandle
 
-    seen: list[str] = []
-    controller = _controller(0, 2)
-    for worker_id, actor in (("decode-0", _DecodeThatDies(seen)), ("decode-1", _DecodeThatServes(seen))):
+    controller = _controller(0, len(actors))
+    for i, actor in enumerate(actors):
+        worker_id = f"decode-{i}"
         info = WorkerInfo(worker_id, "decode", PeerInfo.local("cpu"), BLOCK, 1, (0,), 1)
         controller.workers[worker_id] = WorkerHandle(worker_id, "decode", actor, info, None, ready=True)
-    controller.worker_died = lambda handle, why: controller.workers.pop(handle.worker_id, None)
+    controller.worker_died = lambda handle, why, *reason: controller.workers.pop(handle.worker_id, None)
+    return controller
+
+
+def test_a_retry_on_another_decode_worker_has_its_own_request_id():
+
+    seen: list[str] = []
+    controller = _with_decode_workers(_DecodeThatDies(seen), _DecodeThatServes(seen))
     backend = ClusterBackend(controller, Router(RoundRobin(), BLOCK, local_prefill_tokens=100), GatewayMetrics())
 
     async def run():
@@ -450,15 +459,10 @@ def test_a_retry_on_another_decode_worker_has_its_own_request_id():
 
 
 def test_a_migration_carries_the_streamed_tokens_and_the_rest_of_max_tokens():
-    from pdserve.cluster.control.controller import WorkerHandle
 
     seen: list[str] = []
-    controller = _controller(0, 2)
     dying, serving = _DecodeThatDies(seen, tokens_before_death=2), _DecodeThatServes(seen)
-    for worker_id, actor in (("decode-0", dying), ("decode-1", serving)):
-        info = WorkerInfo(worker_id, "decode", PeerInfo.local("cpu"), BLOCK, 1, (0,), 1)
-        controller.workers[worker_id] = WorkerHandle(worker_id, "decode", actor, info, None, ready=True)
-    controller.worker_died = lambda handle, why: controller.workers.pop(handle.worker_id, None)
+    controller = _with_decode_workers(dying, serving)
     metrics = GatewayMetrics()
     backend = ClusterBackend(controller, Router(RoundRobin(), BLOCK, local_prefill_tokens=100), metrics)
 
@@ -591,16 +595,10 @@ def test_the_controller_reloads_a_worker_index_after_lost_events():
 def test_a_request_predicted_to_miss_its_ttft_target_is_shed_but_a_migrating_one_never_is():
     from test_slo_control import _planned
 
-    from pdserve.cluster.control.controller import WorkerHandle
     from pdserve.cluster.control.slo_control import SLOControl
 
     seen: list[str] = []
-    controller = _controller(0, 2)
-    dying, serving = _DecodeThatDies(seen, tokens_before_death=1), _DecodeThatServes(seen)
-    for worker_id, actor in (("decode-0", dying), ("decode-1", serving)):
-        info = WorkerInfo(worker_id, "decode", PeerInfo.local("cpu"), BLOCK, 1, (0,), 1)
-        controller.workers[worker_id] = WorkerHandle(worker_id, "decode", actor, info, None, ready=True)
-    controller.worker_died = lambda handle, why: controller.workers.pop(handle.worker_id, None)
+    controller = _with_decode_workers(_DecodeThatDies(seen, tokens_before_death=1), _DecodeThatServes(seen))
     metrics = GatewayMetrics()
     router = Router(RoundRobin(), BLOCK, local_prefill_tokens=10**6)  # every prompt prefilled on decode
     planner = _planned()

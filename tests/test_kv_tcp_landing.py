@@ -12,11 +12,11 @@ import contextlib
 import dataclasses
 import socket
 import threading
-import time
 import tracemalloc
 
 import pytest
 import torch
+from kv_helpers import CALL_S, chunk, eventually, rejections
 
 from pdserve.kv_transfer import layout, messages
 from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferDone
@@ -30,7 +30,6 @@ POOL_SHAPE = {"num_layers": 2, "num_blocks": 72, "block_size": 16, "num_kv_heads
               "dtype": torch.float32}
 SMALL_PAGES = {**POOL_SHAPE, "block_size": 4, "head_dim": 8}  # 256 B pages: through a buffer
 LISTENER_OPTIONS = {"max_chunk_bytes": 1 << 20}
-CALL_S = 10.0  # every channel call and every wait in these tests is bounded by this
 
 
 def _source_pool(shape: dict = POOL_SHAPE) -> KVPool:
@@ -53,18 +52,6 @@ def _local(shape: dict = POOL_SHAPE, **options):
         yield listener, receiver
 
 
-def _chunk(source: KVPool, ticket: KVTicket, layer: int, page_start: int, src_blocks: list[int],
-           **overrides) -> tuple[PagesHeader, memoryview]:
-    """A well-formed chunk carrying `src_blocks` of `source` to the ticket's pages from
-    `page_start`; `overrides` replace header fields after the checksum is taken."""
-    payload = layout.to_bytes(layout.read_pages(source, layer, src_blocks))
-    header = PagesHeader(
-        request_id=ticket.request_id, ticket_id=ticket.ticket_id, secret=ticket.secret, layer=layer,
-        page_start=page_start, num_pages=len(src_blocks), dtype=ticket.layout.dtype,
-        shape=layout.chunk_shape(ticket.layout, len(src_blocks)), nbytes=payload.nbytes,
-        checksum=layout.checksum(payload))
-    return dataclasses.replace(header, **overrides), payload
-
 
 def _done(ticket: KVTicket, first_token: int = 0) -> TransferDone:
     return TransferDone(ticket.request_id, ticket.ticket_id, ticket.secret, first_token, -0.25)
@@ -72,7 +59,7 @@ def _done(ticket: KVTicket, first_token: int = 0) -> TransferDone:
 
 def _send_all(channel, source: KVPool, ticket: KVTicket, src_blocks: list[int], first_token: int) -> None:
     for layer in range(source.kv.shape[0]):
-        channel.send_pages(*_chunk(source, ticket, layer, 0, src_blocks))
+        channel.send_pages(*chunk(source, ticket, layer, 0, src_blocks))
     channel.send_done(_done(ticket, first_token))
 
 
@@ -80,15 +67,6 @@ def _pages(pool: KVPool, blocks) -> bytes:
     return pool.kv[:, :, list(blocks)].contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def _nonzero(receiver: KVReceiver) -> dict[str, int]:
-    return {reason: count for reason, count in receiver.rejected.items() if count}
-
-
-def _eventually(predicate, what: str) -> None:
-    deadline = time.monotonic() + CALL_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} did not happen within {CALL_S} s"
-        time.sleep(0.02)
 
 
 def _transfer_succeeds(channel, receiver: KVReceiver, source: KVPool, request_id: str) -> None:
@@ -170,9 +148,9 @@ def test_pages_land_bit_exact_in_the_tickets_blocks(blocks, buffers_per_read, so
     with _local() as (listener, receiver), connect(listener.address, timeout=CALL_S) as chan:
         ticket = receiver.issue("exact", blocks, 1, 16 * len(blocks) + 19)
         # layer 0 in two chunks, layer 1 in one
-        chan.send_pages(*_chunk(source, ticket, 0, 0, src_blocks[:2]))
-        chan.send_pages(*_chunk(source, ticket, 0, 2, src_blocks[2:]))
-        chan.send_pages(*_chunk(source, ticket, 1, 0, src_blocks))
+        chan.send_pages(*chunk(source, ticket, 0, 0, src_blocks[:2]))
+        chan.send_pages(*chunk(source, ticket, 0, 2, src_blocks[2:]))
+        chan.send_pages(*chunk(source, ticket, 1, 0, src_blocks))
         assert receiver.poll(ticket.ticket_id).state is TransferState.TRANSFERRING
         chan.send_done(_done(ticket, first_token=42))
         assert receiver.poll(ticket.ticket_id)[:3] == (TransferState.SUCCEEDED, _done(ticket, 42), "")
@@ -202,7 +180,7 @@ def test_a_cpu_pool_costs_a_link_no_staging_memory(source):
     chunk_bytes = layout.chunk_nbytes(layout.layout_of(source), len(src_blocks))  # 1 MiB
     with _local(max_chunk_bytes=2 * chunk_bytes) as (listener, receiver):
         ticket = receiver.issue("unstaged", list(range(4, 68)), 0, 1024)
-        chunks = [_chunk(source, ticket, layer, 0, src_blocks) for layer in range(2)]  # made before tracing
+        chunks = [chunk(source, ticket, layer, 0, src_blocks) for layer in range(2)]  # made before tracing
         channels = [connect(listener.address, timeout=CALL_S) for _ in range(3)]
         tracemalloc.start()
         try:
@@ -217,7 +195,7 @@ def test_a_cpu_pool_costs_a_link_no_staging_memory(source):
             tracemalloc.stop()
         assert receiver.poll(ticket.ticket_id).state is TransferState.SUCCEEDED
         assert _pages(receiver.pool, range(4, 68)) == _pages(source, src_blocks)
-        assert _nonzero(receiver) == {"bad_secret": 3}
+        assert rejections(receiver) == {"bad_secret": 3}
         assert listener.staging_bytes == 0
         # A buffer for the chunk would be all of it; what is traced is msgpack's (256 KiB
         # per encode), the refused payloads' drain (64 KiB) and small change.
@@ -229,32 +207,32 @@ def test_a_cpu_pool_costs_a_link_no_staging_memory(source):
 def test_a_corrupted_payload_fails_the_ticket_and_the_link_stays_usable(source):
     with _local() as (listener, receiver), connect(listener.address, timeout=CALL_S) as chan:
         ticket = receiver.issue("corrupt", [2, 3], 0, 32)
-        header, payload = _chunk(source, ticket, 0, 0, [1, 2])
+        header, payload = chunk(source, ticket, 0, 0, [1, 2])
         corrupted = bytearray(payload)
         corrupted[5000] ^= 0x10  # after the checksum was taken
         with pytest.raises(MessageRejected, match="checksum"):
             chan.send_pages(header, corrupted)
         status = receiver.poll(ticket.ticket_id)
         assert status.state is TransferState.FAILED and "checksum" in status.reason
-        assert _nonzero(receiver) == {"checksum": 1}
+        assert rejections(receiver) == {"checksum": 1}
         with pytest.raises(MessageRejected, match="already failed"):  # the rest of it is refused
-            chan.send_pages(*_chunk(source, ticket, 1, 0, [1, 2]))
+            chan.send_pages(*chunk(source, ticket, 1, 0, [1, 2]))
         assert _released_promptly(receiver, ticket.ticket_id)
         chan.ping()
         _transfer_succeeds(chan, receiver, source, "after-corruption")
-        assert _nonzero(receiver) == {"checksum": 1, "settled_ticket": 1}
+        assert rejections(receiver) == {"checksum": 1, "settled_ticket": 1}
 
 
 @pytest.mark.parametrize("extra", [8, -8], ids=["longer", "shorter"])
 def test_a_payload_of_other_than_the_headers_bytes_is_refused_and_the_link_stays_in_step(extra, source):
     with _local() as (listener, receiver), connect(listener.address, timeout=CALL_S) as chan:
         ticket = receiver.issue("misfit", [2, 3], 0, 32)
-        header, payload = _chunk(source, ticket, 0, 0, [1, 2])
+        header, payload = chunk(source, ticket, 0, 0, [1, 2])
         misfit = bytes(payload) + bytes(extra) if extra > 0 else bytes(payload)[:extra]
         with pytest.raises(MessageRejected, match="payload of"):
             chan._request(messages.encode(header), misfit)  # the channel's own checks would refuse it
         assert receiver.poll(ticket.ticket_id).state is TransferState.FAILED  # right secret, broken chunk
-        assert _nonzero(receiver) == {"bad_layout": 1}
+        assert rejections(receiver) == {"bad_layout": 1}
         assert not receiver.pool.kv.any()
         receiver.release(ticket.ticket_id)
         _transfer_succeeds(chan, receiver, source, "after-misfit")
@@ -264,29 +242,29 @@ def test_a_refused_chunks_payload_is_skipped_and_the_ticket_stays_usable(source)
     with _local() as (listener, receiver), connect(listener.address, timeout=CALL_S) as chan:
         ticket = receiver.issue("refused", [6, 1], 0, 32)
         with pytest.raises(MessageRejected, match="secret"):
-            chan.send_pages(*_chunk(source, ticket, 0, 0, [4, 5], secret=b"\0" * 16))
+            chan.send_pages(*chunk(source, ticket, 0, 0, [4, 5], secret=b"\0" * 16))
         with pytest.raises(MessageRejected, match="no live ticket"):
-            chan.send_pages(*_chunk(source, ticket, 0, 0, [4, 5], ticket_id=ticket.ticket_id + 7))
+            chan.send_pages(*chunk(source, ticket, 0, 0, [4, 5], ticket_id=ticket.ticket_id + 7))
         assert receiver.poll(ticket.ticket_id).state is TransferState.PENDING
         assert not receiver.pool.kv.any()
         _send_all(chan, source, ticket, [4, 5], first_token=9)
         assert receiver.poll(ticket.ticket_id).state is TransferState.SUCCEEDED
         assert _pages(receiver.pool, [6, 1]) == _pages(source, [4, 5])
-        assert _nonzero(receiver) == {"bad_secret": 1, "unknown_ticket": 1}
+        assert rejections(receiver) == {"bad_secret": 1, "unknown_ticket": 1}
 
 
 @pytest.mark.parametrize("blocks", [[4, 5], [9, 2]], ids=["contiguous", "scattered"])
 def test_a_sender_that_hangs_up_mid_payload_fails_the_ticket_and_is_counted(blocks, source):
     with _local() as (listener, receiver):
         ticket = receiver.issue("cut", blocks, 0, 32)
-        header, payload = _chunk(source, ticket, 0, 0, [1, 2])
+        header, payload = chunk(source, ticket, 0, 0, [1, 2])
         sock = _raw_link(listener)
         sock.sendall(_frame(header, payload)[:-(len(payload) // 2 + 100)])  # into the second page's k
         sock.close()
-        _eventually(lambda: receiver.poll(ticket.ticket_id).state is TransferState.FAILED, "the ticket failing")
+        eventually(lambda: receiver.poll(ticket.ticket_id).state is TransferState.FAILED, "the ticket failing")
         assert "middle of a chunk" in receiver.poll(ticket.ticket_id).reason
-        _eventually(lambda: listener.num_links == 0, "the link's thread ending")
-        assert _nonzero(receiver) == {"truncated": 1}  # counted once, by the landing
+        eventually(lambda: listener.num_links == 0, "the link's thread ending")
+        assert rejections(receiver) == {"truncated": 1}  # counted once, by the landing
         assert _released_promptly(receiver, ticket.ticket_id)
         with connect(listener.address, timeout=CALL_S) as chan:
             _transfer_succeeds(chan, receiver, source, "after-hang-up")
@@ -296,7 +274,7 @@ def test_a_sender_that_hangs_up_mid_payload_fails_the_ticket_and_is_counted(bloc
 def test_a_payload_that_stalls_midway_fails_the_ticket_and_drops_the_link(source):
     with _local(op_timeout=0.5) as (listener, receiver):
         ticket = receiver.issue("stall", [7, 3], 0, 32)
-        header, payload = _chunk(source, ticket, 1, 0, [1, 2])
+        header, payload = chunk(source, ticket, 1, 0, [1, 2])
         sock = _raw_link(listener)
         sock.sendall(_frame(header, payload)[:-100])  # ... and the last 100 bytes never come
         try:
@@ -306,7 +284,7 @@ def test_a_payload_that_stalls_midway_fails_the_ticket_and_drops_the_link(source
         sock.close()
         status = receiver.poll(ticket.ticket_id)
         assert status.state is TransferState.FAILED and "middle of a chunk" in status.reason
-        assert _nonzero(receiver) == {"stalled_frame": 1}
+        assert rejections(receiver) == {"stalled_frame": 1}
         assert _released_promptly(receiver, ticket.ticket_id)
         with connect(listener.address, timeout=CALL_S) as chan:
             _transfer_succeeds(chan, receiver, source, "after-stall")
@@ -320,10 +298,10 @@ def test_a_landing_that_fails_inside_the_listener_fails_its_ticket_and_frees_it(
     with _local() as (listener, receiver):
         ticket = receiver.issue("bug", [5, 6], 0, 32)
         with connect(listener.address, timeout=CALL_S) as chan, pytest.raises(TransportError):
-            chan.send_pages(*_chunk(source, ticket, 0, 0, [1, 2]))  # its payload unread: the link is dropped
+            chan.send_pages(*chunk(source, ticket, 0, 0, [1, 2]))  # its payload unread: the link is dropped
         status = receiver.poll(ticket.ticket_id)
         assert status.state is TransferState.FAILED and "no views today" in status.reason
-        assert _nonzero(receiver) == {"internal_error": 1}
+        assert rejections(receiver) == {"internal_error": 1}
         assert _released_promptly(receiver, ticket.ticket_id)
         monkeypatch.undo()
         with connect(listener.address, timeout=CALL_S) as chan:

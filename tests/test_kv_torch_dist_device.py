@@ -21,10 +21,10 @@ import queue
 import random
 import tempfile
 import threading
-import time
 
 import pytest
 import torch
+from kv_helpers import CALL_S, eventually, rejections
 
 from pdserve.kv_transfer import layout, messages
 from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferDone
@@ -44,7 +44,6 @@ from pdserve.runtime.kv_pool import KVPool
 
 POOL_SHAPE = {"num_layers": 2, "num_blocks": 16, "block_size": 4, "num_kv_heads": 2, "head_dim": 8,
               "dtype": torch.float32}
-CALL_S = 10.0  # every channel call and every wait for a listener's state is bounded by this
 CONSECUTIVE, SCATTERED = [4, 5, 6], [7, 2, 11]
 DEST_BLOCKS = [9, 3, 12]
 
@@ -97,15 +96,6 @@ def _pages(pool: KVPool, blocks) -> bytes:
     return pool.kv[:, :, list(blocks)].contiguous().cpu().numpy().tobytes()
 
 
-def _nonzero(receiver: KVReceiver) -> dict[str, int]:
-    return {reason: count for reason, count in receiver.rejected.items() if count}
-
-
-def _eventually(predicate, what: str) -> None:
-    deadline = time.monotonic() + CALL_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} did not happen within {CALL_S} s"
-        time.sleep(0.02)
 
 
 def _count_landings(receiver: KVReceiver) -> list[int]:
@@ -305,7 +295,7 @@ def test_a_device_chunk_whose_checksum_does_not_match_is_refused_before_it_is_wr
         assert landed == [0]  # it went the device path
         assert receiver.poll(ticket.ticket_id).state is TransferState.FAILED
         assert _pages(receiver.pool, ticket.block_ids) == bytes(len(_pages(source, SCATTERED)))  # nothing written
-        assert _nonzero(receiver) == {"checksum": 1}
+        assert rejections(receiver) == {"checksum": 1}
 
 
 # ---------------------------------------------------------------------- closing pairs
@@ -317,7 +307,7 @@ def test_closing_a_channel_closes_its_pair_on_both_ends():
         chan.ping()
         assert listener.num_links == 1
         chan.close()
-        _eventually(lambda: listener.num_links == 0, "the pair's end on the listener")
+        eventually(lambda: listener.num_links == 0, "the pair's end on the listener")
         assert listener.explicit_closes == 1
         assert receiver.num_rejected == 0
 
@@ -331,18 +321,18 @@ def test_an_idle_pair_is_closed_explicitly_and_the_channel_reconnects_by_itself(
         chan._stop.set()  # no keep-alive pings: the pair idles
         ticket = receiver.issue("idle", DEST_BLOCKS, 0, 12)
         chan.send_pool_pages(_header(ticket, source, 0, SCATTERED), source, SCATTERED)
-        _eventually(lambda: receiver.rejected["idle_timeout"] == 1, "the listener's ask to close the idle pair")
+        eventually(lambda: receiver.rejected["idle_timeout"] == 1, "the listener's ask to close the idle pair")
         assert listener.explicit_closes == 0 and listener.num_links == 1  # asked, not dropped
         # The next frame closes the asked-for pair with a CLOSE frame and goes over a fresh one.
         chan.send_pool_pages(_header(ticket, source, 1, SCATTERED), source, SCATTERED)
         chan.send_done(_done(ticket))
         assert chan.reconnects == 1
         # The old pair ended by the CLOSE frame, not by a wait timing out.
-        _eventually(lambda: listener.explicit_closes == 1, "the old pair's end by its CLOSE")
-        assert _nonzero(receiver) == {"idle_timeout": 1}  # no stalled_frame, no truncated
+        eventually(lambda: listener.explicit_closes == 1, "the old pair's end by its CLOSE")
+        assert rejections(receiver) == {"idle_timeout": 1}  # no stalled_frame, no truncated
         assert receiver.poll(ticket.ticket_id).state is TransferState.SUCCEEDED
         assert _pages(receiver.pool, ticket.block_ids) == _pages(source, SCATTERED)
-        _eventually(lambda: listener.num_links == 1, "the old pair's thread ending")
+        eventually(lambda: listener.num_links == 1, "the old pair's thread ending")
         chan.close()
 
 
@@ -355,15 +345,15 @@ def test_a_pair_the_listener_dropped_is_replaced_without_a_close_frame():
         chan._stop.set()
         ticket = receiver.issue("dropped", [9], 0, 4)
         chan.send_pool_pages(_header(ticket, source, 0, [1]), source, [1])
-        _eventually(lambda: listener.num_links == 0, "the unanswered pair's drop")
+        eventually(lambda: listener.num_links == 0, "the unanswered pair's drop")
         chan.send_pool_pages(_header(ticket, source, 1, [1]), source, [1])
         chan.send_done(_done(ticket))
         assert chan.reconnects == 1
         assert listener.explicit_closes == 0
-        assert _nonzero(receiver) == {"idle_timeout": 1}
+        assert rejections(receiver) == {"idle_timeout": 1}
         assert _pages(receiver.pool, ticket.block_ids) == _pages(source, [1])
         chan.close()
-        _eventually(lambda: listener.explicit_closes == 1, "the fresh pair's close")
+        eventually(lambda: listener.explicit_closes == 1, "the fresh pair's close")
 
 
 # ------------------------------------------------------------------------- nccl (CUDA)

@@ -27,10 +27,11 @@ import msgpack
 import pytest
 import torch
 import torch.distributed as dist
+from kv_helpers import CALL_S, chunk, eventually, rejections
 
 from pdserve.kv_transfer import layout, messages
 from pdserve.kv_transfer.decode_side import RemoteRequests
-from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferAbort, TransferDone
+from pdserve.kv_transfer.messages import KVTicket, MessageRejected, TransferAbort, TransferDone
 from pdserve.kv_transfer.pusher import KVPusher, SendState
 from pdserve.kv_transfer.receiver import KVReceiver, TransferState
 from pdserve.kv_transfer.transports import (
@@ -71,7 +72,6 @@ POOL_SHAPE = {"num_layers": 2, "num_blocks": 16, "block_size": 4, "num_kv_heads"
 # Small enough that a 2 MiB payload is over the limit; every test chunk is a few KiB.
 LISTENER_OPTIONS = {"max_chunk_bytes": 1 << 20}
 STARTUP_S = 60.0  # a spawned child imports torch: seconds on a busy 2-core machine
-CALL_S = 10.0  # every channel call and every command to the child is bounded by this
 
 
 def _pool() -> KVPool:
@@ -85,22 +85,10 @@ def _source_pool() -> KVPool:
     return pool
 
 
-def _chunk(source: KVPool, ticket: KVTicket, layer: int, page_start: int, src_blocks: list[int],
-           **overrides) -> tuple[PagesHeader, memoryview]:
-    """A well-formed chunk carrying `src_blocks` of `source` to the ticket's pages from
-    `page_start`; `overrides` replace header fields after the checksum is taken."""
-    payload = layout.to_bytes(layout.read_pages(source, layer, src_blocks))
-    header = PagesHeader(
-        request_id=ticket.request_id, ticket_id=ticket.ticket_id, secret=ticket.secret, layer=layer,
-        page_start=page_start, num_pages=len(src_blocks), dtype=ticket.layout.dtype,
-        shape=layout.chunk_shape(ticket.layout, len(src_blocks)), nbytes=payload.nbytes,
-        checksum=layout.checksum(payload))
-    return dataclasses.replace(header, **overrides), payload
-
 
 def _send_all(channel, source: KVPool, ticket: KVTicket, src_blocks: list[int], first_token: int) -> None:
     for layer in range(source.kv.shape[0]):
-        channel.send_pages(*_chunk(source, ticket, layer, 0, src_blocks))
+        channel.send_pages(*chunk(source, ticket, layer, 0, src_blocks))
     channel.send_done(_done(ticket, first_token))
 
 
@@ -244,9 +232,9 @@ def test_pages_arrive_bit_exact_at_the_tickets_blocks(decode, channel, source):
     ticket = decode.issue("exact", num_pages=3, first_page=1)
     src_blocks = [7, 2, 11]
     # layer 0 in two chunks, layer 1 in one
-    channel.send_pages(*_chunk(source, ticket, 0, 0, src_blocks[:2]))
-    channel.send_pages(*_chunk(source, ticket, 0, 2, src_blocks[2:]))
-    channel.send_pages(*_chunk(source, ticket, 1, 0, src_blocks))
+    channel.send_pages(*chunk(source, ticket, 0, 0, src_blocks[:2]))
+    channel.send_pages(*chunk(source, ticket, 0, 2, src_blocks[2:]))
+    channel.send_pages(*chunk(source, ticket, 1, 0, src_blocks))
     assert decode.state(ticket.ticket_id)[0] == "transferring"
     channel.send_done(_done(ticket, first_token=42))
     assert decode.state(ticket.ticket_id) == ("succeeded", "", 42)
@@ -259,7 +247,7 @@ def test_pages_sent_from_the_pool_arrive_bit_exact(decode, channel, source):
     ticket = decode.issue("from-pool", num_pages=4)
     src_blocks = [3, 4, 9, 1]  # a run and two single pages
     for layer in range(source.kv.shape[0]):
-        header, _ = _chunk(source, ticket, layer, 0, src_blocks)
+        header, _ = chunk(source, ticket, layer, 0, src_blocks)
         assert header.checksum == layout.checksum_pages(source, layer, src_blocks)
         channel.send_pool_pages(header, source, src_blocks)
     channel.send_done(_done(ticket, first_token=3))
@@ -270,7 +258,7 @@ def test_pages_sent_from_the_pool_arrive_bit_exact(decode, channel, source):
 
 def test_a_pool_chunk_whose_checksum_lies_fails_the_ticket(decode, channel, source):
     ticket = decode.issue("pool-lies", num_pages=2)
-    header, _ = _chunk(source, ticket, 0, 0, [5, 6])
+    header, _ = chunk(source, ticket, 0, 0, [5, 6])
     with pytest.raises(MessageRejected, match="checksum"):
         channel.send_pool_pages(dataclasses.replace(header, checksum=header.checksum ^ 1), source, [5, 6])
     state, reason, _ = decode.state(ticket.ticket_id)
@@ -297,7 +285,7 @@ def test_concurrent_channels_to_one_listener(decode, source):
 
 def test_corrupted_payload_is_rejected_and_fails_the_ticket(decode, channel, source):
     ticket = decode.issue("corrupt", num_pages=2)
-    header, payload = _chunk(source, ticket, 0, 0, [1, 2])
+    header, payload = chunk(source, ticket, 0, 0, [1, 2])
     corrupted = bytearray(payload)
     corrupted[37] ^= 0x10  # after the checksum was taken
     with pytest.raises(MessageRejected, match="checksum"):
@@ -311,7 +299,7 @@ def test_corrupted_payload_is_rejected_and_fails_the_ticket(decode, channel, sou
 def test_wrong_secret_is_rejected_and_the_ticket_stays_usable(decode, channel, source):
     ticket = decode.issue("secret", num_pages=2)
     with pytest.raises(MessageRejected, match="secret"):
-        channel.send_pages(*_chunk(source, ticket, 0, 0, [3, 4], secret=b"\0" * 16))
+        channel.send_pages(*chunk(source, ticket, 0, 0, [3, 4], secret=b"\0" * 16))
     assert decode.state(ticket.ticket_id)[0] == "pending"
     _send_all(channel, source, ticket, [3, 4], first_token=5)
     assert decode.state(ticket.ticket_id) == ("succeeded", "", 5)
@@ -327,7 +315,7 @@ def test_wrong_secret_is_rejected_and_the_ticket_stays_usable(decode, channel, s
 ], ids=["bytes-vs-pages", "past-the-ticket", "shape", "layer", "dtype"])
 def test_misshapen_chunks_are_rejected(decode, channel, source, bad, match):
     ticket = decode.issue("misshapen", num_pages=3)
-    header, payload = _chunk(source, ticket, 0, 0, [1, 2, 3])
+    header, payload = chunk(source, ticket, 0, 0, [1, 2, 3])
     with pytest.raises(MessageRejected, match=match):
         channel.send_pages(dataclasses.replace(header, **bad), payload)
     assert decode.state(ticket.ticket_id)[0] == "failed"  # the secret was right: the transfer is broken
@@ -336,7 +324,7 @@ def test_misshapen_chunks_are_rejected(decode, channel, source, bad, match):
 
 def test_a_chunk_over_the_links_limit_is_refused_before_sending(decode, channel, source):
     ticket = decode.issue("oversized", num_pages=1)
-    header, _ = _chunk(source, ticket, 0, 0, [1])
+    header, _ = chunk(source, ticket, 0, 0, [1])
     assert channel.max_chunk_bytes == LISTENER_OPTIONS["max_chunk_bytes"]
     with pytest.raises(MessageRejected, match="exceeds"):
         channel.send_pages(header, bytes(channel.max_chunk_bytes + 1))
@@ -347,7 +335,7 @@ def test_a_chunk_over_the_links_limit_is_refused_before_sending(decode, channel,
 
 def test_a_chunk_for_an_unknown_ticket_is_rejected(decode, channel, source):
     ticket = decode.issue("known", num_pages=1)
-    header, payload = _chunk(source, ticket, 0, 0, [1], ticket_id=ticket.ticket_id + 1000)
+    header, payload = chunk(source, ticket, 0, 0, [1], ticket_id=ticket.ticket_id + 1000)
     with pytest.raises(MessageRejected, match="no live ticket"):
         channel.send_pages(header, payload)
     decode.call("release", ticket.ticket_id)
@@ -355,7 +343,7 @@ def test_a_chunk_for_an_unknown_ticket_is_rejected(decode, channel, source):
 
 def test_done_before_every_page_is_rejected_and_fails_the_ticket(decode, channel, source):
     ticket = decode.issue("early-done", num_pages=2)
-    channel.send_pages(*_chunk(source, ticket, 0, 0, [1, 2]))  # layer 1 never sent
+    channel.send_pages(*chunk(source, ticket, 0, 0, [1, 2]))  # layer 1 never sent
     with pytest.raises(MessageRejected, match="incomplete"):
         channel.send_done(_done(ticket))
     state, reason, _ = decode.state(ticket.ticket_id)
@@ -380,7 +368,7 @@ def _sender_main(address: str, tickets, progress) -> None:
     channel = connect(address, timeout=CALL_S)
     progress.put("connected")
     ticket = messages.decode(tickets.get(timeout=STARTUP_S), KVTicket)
-    channel.send_pages(*_chunk(_source_pool(), ticket, 0, 0, [5]))
+    channel.send_pages(*chunk(_source_pool(), ticket, 0, 0, [5]))
     progress.put("sent")
     time.sleep(STARTUP_S)
 
@@ -421,11 +409,11 @@ def test_a_dead_decode_worker_is_a_transport_error_within_the_timeout(kind, sour
     spawned.append(peer)
     chan = connect(peer.address, timeout=5.0)
     ticket = peer.issue("doomed", num_pages=1)
-    chan.send_pages(*_chunk(source, ticket, 0, 0, [1]))
+    chan.send_pages(*chunk(source, ticket, 0, 0, [1]))
     peer.kill()
     started = time.monotonic()
     with pytest.raises(TransportError):
-        chan.send_pages(*_chunk(source, ticket, 1, 0, [1]))
+        chan.send_pages(*chunk(source, ticket, 1, 0, [1]))
     assert time.monotonic() - started < chan.timeout + 1.0
     with pytest.raises(TransportError, match="unusable"):  # and it stays broken
         chan.ping()
@@ -529,13 +517,10 @@ def test_serve_frame_refuses_garbage_without_raising():
     assert "no payload" in serve_frame(receiver, messages.encode(_done(ticket)), b"xx")
     assert "over the" in serve_frame(receiver, b"\x80" * (MAX_HEADER_BYTES + 1), b"")
     # none of these reached the ticket checks; every one is counted
-    assert _nonzero(receiver) == {"malformed": 8, "oversized": 1}
+    assert rejections(receiver) == {"malformed": 8, "oversized": 1}
     assert receiver.num_rejected == 9
     assert receiver.poll(ticket.ticket_id).state is TransferState.PENDING
 
-
-def _nonzero(receiver: KVReceiver) -> dict[str, int]:
-    return {reason: count for reason, count in receiver.rejected.items() if count}
 
 
 # ------------------------------------------- limits and hostile peers (listeners in this process)
@@ -548,13 +533,6 @@ def _local(kind: str, vocab_size: int | None = None, **options):
     with listen(kind, receiver, **{**LISTENER_OPTIONS, **options}) as listener:
         yield listener, receiver
 
-
-def _eventually(predicate, what: str, limit: float = CALL_S) -> None:
-    """Wait (bounded) until `predicate()` holds; fail saying `what` never happened."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} did not happen within {limit} s"
-        time.sleep(0.02)
 
 
 def _local_pages(receiver: KVReceiver, ticket: KVTicket) -> bytes:
@@ -591,9 +569,9 @@ def test_a_link_gets_staging_memory_only_once_a_chunk_header_passes_the_ticket_c
             for chan in channels:
                 chan.ping()
                 with pytest.raises(MessageRejected, match="secret"):
-                    chan.send_pages(*_chunk(source, ticket, 0, 0, [1, 2], secret=b"\0" * 16))
+                    chan.send_pages(*chunk(source, ticket, 0, 0, [1, 2], secret=b"\0" * 16))
                 with pytest.raises(MessageRejected, match="no live ticket"):
-                    chan.send_pages(*_chunk(source, ticket, 0, 0, [1, 2], ticket_id=ticket.ticket_id + 99))
+                    chan.send_pages(*chunk(source, ticket, 0, 0, [1, 2], ticket_id=ticket.ticket_id + 99))
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -603,7 +581,7 @@ def test_a_link_gets_staging_memory_only_once_a_chunk_header_passes_the_ticket_c
             assert peak < region  # a buffer per link on connect would be 3 regions' worth
         if kind == "shm":
             assert _shm_regions_mapped() == mapped_before
-        assert _nonzero(receiver) == {"bad_secret": 3, "unknown_ticket": 3}
+        assert rejections(receiver) == {"bad_secret": 3, "unknown_ticket": 3}
         # A chunk with the right secret earns its link staging, and the transfer completes.
         chan = channels[0]
         _send_all(chan, source, ticket, [1, 2], first_token=3)
@@ -621,11 +599,11 @@ def test_idle_links_are_closed_and_the_channel_reconnects_by_itself(kind, source
         chan = connect(listener.address, timeout=CALL_S)
         assert chan.idle_timeout == 0.5
         ticket = receiver.issue("idle", [0], 0, 4)
-        chan.send_pages(*_chunk(source, ticket, 0, 0, [4]))
-        _eventually(lambda: receiver.rejected["idle_timeout"] == 1, "the idle link's close")
-        _eventually(lambda: listener.num_links == 0, "the idle link's thread ending")
+        chan.send_pages(*chunk(source, ticket, 0, 0, [4]))
+        eventually(lambda: receiver.rejected["idle_timeout"] == 1, "the idle link's close")
+        eventually(lambda: listener.num_links == 0, "the idle link's thread ending")
         # The rest of the transfer goes over a fresh link, without an error.
-        chan.send_pages(*_chunk(source, ticket, 1, 0, [4]))
+        chan.send_pages(*chunk(source, ticket, 1, 0, [4]))
         chan.send_done(_done(ticket, first_token=8))
         assert chan.reconnects == 1
         assert receiver.poll(ticket.ticket_id)[:3] == (TransferState.SUCCEEDED, _done(ticket, 8), "")
@@ -647,11 +625,11 @@ def test_a_pushers_kept_channel_survives_idle_closes(kind, source):
                 for layer in range(source.kv.shape[0]):
                     pusher.push(send, layer, 0, [5 + turn])
                 pusher.finish(send, _done(ticket, first_token=turn))
-                _eventually(lambda s=send: pusher.poll(s)[0] is not SendState.SENDING, "the send")
+                eventually(lambda s=send: pusher.poll(s)[0] is not SendState.SENDING, "the send")
                 assert pusher.poll(send) == (SendState.SENT, "")
                 assert _local_pages(receiver, ticket) == _expected_bytes(source, [5 + turn])
                 if turn == 0:
-                    _eventually(lambda: receiver.rejected["idle_timeout"] == 1, "the idle link's close")
+                    eventually(lambda: receiver.rejected["idle_timeout"] == 1, "the idle link's close")
         finally:
             pusher.close()
 
@@ -660,7 +638,7 @@ def test_a_gloo_channel_keeps_its_pair_alive_with_pings(source):
     with _local("gloo", idle_timeout=0.5) as (listener, receiver):
         chan = connect(listener.address, timeout=CALL_S)
         pinged = chan.last_used
-        _eventually(lambda: chan.last_used > pinged + 1.0, "keep-alive pings over two idle timeouts")
+        eventually(lambda: chan.last_used > pinged + 1.0, "keep-alive pings over two idle timeouts")
         _transfer_locally(chan, receiver, source, "kept-alive", [6])
         assert receiver.num_rejected == 0  # never idled out
         chan.close()
@@ -701,7 +679,7 @@ def test_a_frame_that_stalls_midway_drops_its_link(kind, sent, source):
     """A frame must be whole within op_timeout of its first byte, however its bytes trickle."""
     with _local(kind, op_timeout=0.5) as (listener, receiver):
         ticket = receiver.issue("stall", [0], 0, 4)
-        header, payload = _chunk(source, ticket, 0, 0, [1])
+        header, payload = chunk(source, ticket, 0, 0, [1])
         frame = FRAME.pack(len(messages.encode(header)), len(payload)) + messages.encode(header)
         sock = _raw_stream_link(listener.address)
         if sent == "frame-a-byte-at-a-time":  # each byte well within op_timeout of the last
@@ -715,7 +693,7 @@ def test_a_frame_that_stalls_midway_drops_its_link(kind, sent, source):
         except ConnectionResetError:  # ... with bytes of ours unread
             pass
         sock.close()
-        assert _nonzero(receiver) == {"stalled_frame": 1}
+        assert rejections(receiver) == {"stalled_frame": 1}
         with connect(listener.address, timeout=CALL_S) as chan:
             _transfer_locally(chan, receiver, source, "after-stall", [2])
 
@@ -723,7 +701,7 @@ def test_a_frame_that_stalls_midway_drops_its_link(kind, sent, source):
 def test_a_gloo_pair_whose_payload_never_comes_is_dropped(source):
     with _local("gloo", op_timeout=0.5) as (listener, receiver):
         ticket = receiver.issue("stall", [0], 0, 4)
-        header, payload = _chunk(source, ticket, 0, 0, [1])
+        header, payload = chunk(source, ticket, 0, 0, [1])
         chan = connect(listener.address, timeout=CALL_S)
         chan._stop.set()  # no keep-alive pings: this test drives the pair by hand
         encoded = messages.encode(header)
@@ -733,8 +711,8 @@ def test_a_gloo_pair_whose_payload_never_comes_is_dropped(source):
         reply = torch.empty(torch_dist.REPLY_BYTES, dtype=torch.uint8)
         run_op(chan._group.recv, reply, 0, CALL_S, "take the go-ahead")
         assert torch_dist.decode_reply(bytes(reply.numpy())).proceed  # ... and the payload never comes
-        _eventually(lambda: listener.num_links == 0, "the stalled pair's drop")
-        assert _nonzero(receiver) == {"stalled_frame": 1}
+        eventually(lambda: listener.num_links == 0, "the stalled pair's drop")
+        assert rejections(receiver) == {"stalled_frame": 1}
         chan.close()
         with connect(listener.address, timeout=CALL_S) as fresh:
             _transfer_locally(fresh, receiver, source, "after-stall", [2])
@@ -761,7 +739,7 @@ def test_links_over_max_channels_are_refused_and_counted(kind, source):
         assert listener.num_links == 2
         _transfer_locally(first, receiver, source, "still-served", [3])
         second.close()
-        _eventually(lambda: listener.num_links == 1, "the closed link's slot freeing")
+        eventually(lambda: listener.num_links == 1, "the closed link's slot freeing")
         with connect(listener.address, timeout=CALL_S) as third:
             _transfer_locally(third, receiver, source, "slot-reused", [4])
         first.close()
@@ -775,7 +753,7 @@ def test_a_pushed_pair_counter_costs_the_gloo_listener_no_threads(source):
         store = dist.TCPStore(host, int(port), None, False, timedelta(seconds=CALL_S), wait_for_workers=False)
         threads = threading.active_count()
         store.add(PAIR_COUNTER, 1_000_000)
-        _eventually(lambda: receiver.rejected["malformed"] == 1, "the listener noticing the jump")
+        eventually(lambda: receiver.rejected["malformed"] == 1, "the listener noticing the jump")
         assert threading.active_count() <= threads
         assert listener.num_links == 0
         with connect(listener.address, timeout=CALL_S) as chan:
@@ -797,19 +775,19 @@ def test_a_done_with_an_unusable_first_token_fails_its_ticket(done, match, sourc
     receiver = KVReceiver(_pool(), vocab_size=50)
     ticket = receiver.issue("token", [0], 0, 4)
     for layer in range(2):
-        receiver.accept_pages(*_chunk(source, ticket, layer, 0, [1]))
+        receiver.accept_pages(*chunk(source, ticket, layer, 0, [1]))
     with pytest.raises(MessageRejected, match=match):
         receiver.accept_done(dataclasses.replace(_done(ticket, 49), **done))
     status = receiver.poll(ticket.ticket_id)
     assert status.state is TransferState.FAILED and "unusable first token" in status.reason
-    assert _nonzero(receiver) == {"bad_token": 1}
+    assert rejections(receiver) == {"bad_token": 1}
 
 
 def test_a_done_with_the_last_token_of_the_vocabulary_succeeds(source):
     receiver = KVReceiver(_pool(), vocab_size=50)
     ticket = receiver.issue("token", [0], 0, 4)
     for layer in range(2):
-        receiver.accept_pages(*_chunk(source, ticket, layer, 0, [1]))
+        receiver.accept_pages(*chunk(source, ticket, layer, 0, [1]))
     done = dataclasses.replace(_done(ticket, 49), logprob=-math.inf, top_logprobs=((49, -0.5), (0, -math.inf)))
     receiver.accept_done(done)
     assert receiver.poll(ticket.ticket_id).state is TransferState.SUCCEEDED
@@ -831,7 +809,7 @@ def test_decode_starts_only_from_the_logprobs_its_request_asked_for(logprobs, to
     request = Request("r", list(range(5)), SamplingParams(max_tokens=4, logprobs=logprobs))
     ticket = remote.add(request)
     for layer in range(2):
-        receiver.accept_pages(*_chunk(source, ticket, layer, 0, [1, 2]))
+        receiver.accept_pages(*chunk(source, ticket, layer, 0, [1, 2]))
     receiver.accept_done(dataclasses.replace(_done(ticket, 7), top_logprobs=tops))
     started, failed = remote.poll()
     assert failed == []  # RECOMPUTE: a refused first token is prefilled here instead
@@ -841,7 +819,7 @@ def test_decode_starts_only_from_the_logprobs_its_request_asked_for(logprobs, to
     else:
         assert started == [] and remote.counts["failed_recomputed"] == 1
         assert "top logprobs" in remote.failure_reasons["r"]
-        assert _nonzero(receiver) == {"bad_token": 1}
+        assert rejections(receiver) == {"bad_token": 1}
         assert scheduler.waiting[0] is request  # queued for a local prefill
 
 
@@ -860,14 +838,14 @@ def test_the_shm_listener_refuses_to_start_without_room_in_dev_shm(monkeypatch):
 def test_a_replayed_transfer_is_refused_after_its_done(decode, channel, source):
     ticket = decode.issue("replayed", num_pages=2)
     rejected = decode.call("rejected")
-    chunks = [_chunk(source, ticket, layer, 0, [12, 13]) for layer in range(2)]
-    for chunk in chunks:
-        channel.send_pages(*chunk)
+    chunks = [chunk(source, ticket, layer, 0, [12, 13]) for layer in range(2)]
+    for pages in chunks:
+        channel.send_pages(*pages)
     channel.send_done(_done(ticket, first_token=11))
-    replay = [_chunk(_source_pool(), ticket, layer, 0, [3, 4]) for layer in range(2)]  # other bytes
-    for chunk in replay:
+    replay = [chunk(_source_pool(), ticket, layer, 0, [3, 4]) for layer in range(2)]  # other bytes
+    for pages in replay:
         with pytest.raises(MessageRejected, match="already succeeded"):
-            channel.send_pages(*chunk)
+            channel.send_pages(*pages)
     with pytest.raises(MessageRejected, match="already succeeded"):
         channel.send_done(_done(ticket, first_token=11))
     assert decode.state(ticket.ticket_id) == ("succeeded", "", 11)
