@@ -30,6 +30,7 @@ request id is computing (the scheduler's key).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class _Job:
 class _Sending(NamedTuple):
     request_id: str
     held_blocks: tuple[int, ...]
+    computed_at: float  # time.monotonic() when it stopped computing (prefilled, aborted, failed)
 
 
 class PrefillJobs:
@@ -80,6 +82,9 @@ class PrefillJobs:
         self._computing: dict[str, _Job] = {}  # request id -> its job being computed
         self._sending: dict[int, _Sending] = {}  # job id -> a job computed (or stopped), until settled
         self.outcome_counts: Counter[str] = Counter()  # settled transfers: "sent" or "failed"
+        # Over the "sent" ones: seconds from the prompt's last step to the decode worker's
+        # acceptance, what layer-by-layer sending did not hide (the hop's own cost).
+        self.sent_tail_seconds = 0.0
 
     @property
     def has_sending(self) -> bool:
@@ -168,9 +173,11 @@ class PrefillJobs:
                 outcomes.append(JobOutcome(job_id, sending.request_id, state is SendState.SENT, reason,
                                            sending.held_blocks))
                 self.outcome_counts["sent" if state is SendState.SENT else "failed"] += 1
+                if state is SendState.SENT:
+                    self.sent_tail_seconds += time.monotonic() - sending.computed_at
         return outcomes
 
     def _stop_computing(self, job: _Job) -> None:
         request_id = job.job.ticket.request_id
         del self._computing[request_id]
-        self._sending[job.job_id] = _Sending(request_id, tuple(job.held_blocks))
+        self._sending[job.job_id] = _Sending(request_id, tuple(job.held_blocks), time.monotonic())

@@ -106,12 +106,14 @@ class SimPrefill(SimWorker):
                 request, decode = self.current
                 decode.kv_arrives(request, done + TRANSFER)
                 self.transfers += 1
+                self.transfer_seconds += TRANSFER  # accepted TRANSFER after its last step
                 self.current = None
 
     def stats(self) -> WorkerStats:
         return WorkerStats("prefill", self.worker_id, len(self.queue), sum(r.prompt for r, _ in self.queue),
                            int(self.current is not None), 0, 0.0, 0, 0, 0, 0.0, {"sent": self.transfers},
-                           self.steps, self.step_seconds, self.prompt_tokens, self.batch_stepped)
+                           self.steps, self.step_seconds, self.prompt_tokens, self.batch_stepped,
+                           kv_tail_seconds=self.transfer_seconds)
 
 
 class SimDecode(SimWorker):
@@ -353,10 +355,10 @@ def test_decisions_name_the_prediction_behind_them():
 
 def stats(role: str, worker_id: str = "w0", *, waiting: int = 0, tokens: int = 0, running: int = 0,
           steps: int = 0, seconds: float = 0.0, computed: int = 0, stepped: int = 0, transfers: int = 0,
-          transfer_seconds: float = 0.0) -> WorkerStats:
+          tail_seconds: float = 0.0) -> WorkerStats:
     outcomes = {"sent" if role == "prefill" else "succeeded": transfers}
-    return WorkerStats(role, worker_id, waiting, tokens, running, 0, 0.0, 0, 0, 0, transfer_seconds, outcomes,
-                       steps, seconds, computed, stepped)
+    return WorkerStats(role, worker_id, waiting, tokens, running, 0, 0.0, 0, 0, 0, 0.0, outcomes,
+                       steps, seconds, computed, stepped, kv_tail_seconds=tail_seconds)
 
 
 def test_the_fit_recovers_a_and_b_from_noisy_points():

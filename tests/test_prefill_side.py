@@ -3,6 +3,8 @@ how its transfer settles. The pusher is a recorder, so the asserts name exact pa
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pdserve.kv_transfer.messages import KVLayout, KVTicket, PrefillJob
@@ -125,14 +127,18 @@ def test_pages_go_out_at_every_layer_and_the_transfer_settles_once():
     for layer in (0, 1):
         jobs.push_layer(layer, sends)
     jobs.prefilled("r", 42, -0.5, ())
+    prefilled_at = time.monotonic()
     assert not jobs.is_computing("r") and jobs.has_sending
     assert jobs.settled() == []  # still sending
+    time.sleep(0.05)
     pusher.states[job] = SendState.SENT
     assert jobs.settled() == [JobOutcome(job, "r", True, "")]
     assert jobs.settled() == [] and not jobs.has_sending
     assert pusher.calls == [("push", job, 0, 0, [20, 21]), ("push", job, 1, 0, [20, 21]), ("finish", job, 42),
                             ("forget", job)]
     assert jobs.outcome_counts == {"sent": 1}
+    # its tail: from the prompt's last step to the decode worker's acceptance
+    assert 0.05 <= jobs.sent_tail_seconds <= time.monotonic() - prefilled_at + 0.01
 
 
 def test_a_refused_job_stops_computing_and_reports_its_failure():
@@ -145,4 +151,4 @@ def test_a_refused_job_stops_computing_and_reports_its_failure():
     assert jobs.settled() == [JobOutcome(a, "a", False, "refused")]
     assert jobs.abort("b", "cancelled") and not jobs.abort("b-unknown", "cancelled")
     assert ("abort", b, "cancelled") in pusher.calls
-    assert jobs.outcome_counts == {"failed": 1}
+    assert jobs.outcome_counts == {"failed": 1} and jobs.sent_tail_seconds == 0  # failures have no tail

@@ -24,14 +24,15 @@ from pdserve.runtime.config import ConfigError
 POLICY = PlannerPolicy(ttft_slo=2.0, tpot_slo=0.1, window_seconds=10, fit_seconds=60)
 
 
-def _prefill(queued_tokens=0, computed=0, step_seconds=0.0, jobs=0) -> WorkerStats:
+def _prefill(queued_tokens=0, computed=0, step_seconds=0.0, jobs=0, tail_seconds=0.0) -> WorkerStats:
+    """`jobs` prompts computed and their KV sent, `tail_seconds` after their last steps in all."""
     return WorkerStats("prefill", "prefill-0", 0, queued_tokens, 0, 0, 0.0, 0, 0, 0, 0.0, {"sent": jobs}, jobs,
-                       step_seconds, computed, jobs)
+                       step_seconds, computed, jobs, kv_tail_seconds=tail_seconds)
 
 
-def _decode(running=0, steps=0, step_seconds=0.0, stepped=0, transfers=0, transfer_seconds=0.0) -> WorkerStats:
-    return WorkerStats("decode", "decode-0", 0, 0, running, 0, 0.0, 0, 0, 0, transfer_seconds,
-                       {"succeeded": transfers}, steps, step_seconds, 0, stepped)
+def _decode(running=0, steps=0, step_seconds=0.0, stepped=0) -> WorkerStats:
+    return WorkerStats("decode", "decode-0", 0, 0, running, 0, 0.0, 0, 0, 0, 0.0, {}, steps, step_seconds, 0,
+                       stepped)
 
 
 def _planned(queued_tokens=2000) -> SLOPlanner:
@@ -39,9 +40,8 @@ def _planned(queued_tokens=2000) -> SLOPlanner:
     prior), transfers of 50 ms, and decode steps of 30 ms at a batch of 4."""
     planner = SLOPlanner(POLICY)
     planner.observe(0.0, [_prefill()], [_decode()])
-    planner.observe(10.0, [_prefill(queued_tokens, computed=10_000, step_seconds=5.0, jobs=10)],
-                    [_decode(running=4, steps=100, step_seconds=3.0, stepped=400, transfers=10,
-                             transfer_seconds=0.5)])
+    planner.observe(10.0, [_prefill(queued_tokens, computed=10_000, step_seconds=5.0, jobs=10, tail_seconds=0.5)],
+                    [_decode(running=4, steps=100, step_seconds=3.0, stepped=400)])
     return planner
 
 
@@ -70,8 +70,8 @@ def test_a_plan_sets_the_routers_threshold_and_batch_cap_and_the_gauges():
 def test_a_slow_measured_hop_does_not_turn_every_prompt_local():
     planner = SLOPlanner(POLICY)
     planner.observe(0.0, [_prefill()], [_decode()])
-    planner.observe(10.0, [_prefill(computed=10_000, step_seconds=5.0, jobs=10)],
-                    [_decode(transfers=1, transfer_seconds=30.0)])  # one 30 s transfer
+    planner.observe(10.0, [_prefill(computed=10_000, step_seconds=5.0, jobs=1, tail_seconds=30.0)],
+                    [_decode()])  # one transfer, 30 s after its last step
     router = _router()
     SLOControl(planner, router, GatewayMetrics()).apply()
     assert router.local_prefill_tokens == MAX_LOCAL_PREFILL_TOKENS

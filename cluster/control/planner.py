@@ -15,8 +15,9 @@ Models, fitted only from what the workers' counters grew by between two observat
           worker and observation (requests per step, seconds per step, the time of its local
           prefill chunks taken out at rate r); the slope is shrunk towards the prior's, so
           points all at one batch size (a steady load) fix the intercept and keep that slope
-    h     transfer: the decode side's seconds per transfer (first page received .. settled;
-          it overlaps the prefill's last layers, so it is an upper bound of the hop's cost)
+    h     the hop: seconds per transfer sent from a prompt's last prefill step to the decode
+          worker's acceptance (`kv_tail_seconds`; the earlier layers went while later ones
+          were computed, so this is what the hop adds to TTFT)
     s     prompt tokens per prefill job; S = s / r seconds to compute one
 The load, over the last `window_seconds`:
     lam   prompt tokens per second offered to prefill: computed + growth of the queued ones
@@ -74,9 +75,6 @@ from pdserve.cluster.control.autoscaler import CountDamper, CountPolicy, Decisio
 from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.runtime.config import ConfigError
 
-# Decode-side outcomes of a transfer that ran (`RemoteRequests.counts`); the others
-# (no room, aborted, prompt logprobs too large) moved no pages.
-TRANSFERS_RUN = ("succeeded", "failed", "failed_recomputed")
 PRIOR_STEP_SECONDS = 1.0  # the prefill-rate prior weighs as much as this much measured step time
 # The step-time slope's prior weighs as much as two points two requests either side of
 # the mean batch: a steady load's own wander soon outweighs it.
@@ -258,9 +256,9 @@ class _Growth(NamedTuple):
     prefill_jobs: int = 0
     pending_tokens: int = 0  # the growth of the prefill queue (negative when it shrank)
     unmet_tokens: int = 0
-    transfers: int = 0  # decode
-    transfer_seconds: float = 0.0
-    decode_requests_stepped: int = 0
+    transfers_sent: int = 0
+    transfer_tail_seconds: float = 0.0
+    decode_requests_stepped: int = 0  # decode
 
 
 class _Sample(NamedTuple):
@@ -353,7 +351,7 @@ class SLOPlanner:
             p, rate,
             fit_step_time([(x, y) for _, x, y in self._points],
                           StepTimeModel(p.prior_step_seconds, p.prior_step_seconds_per_request)),
-            transfer_seconds=fit.transfer_seconds / fit.transfers if fit.transfers else 0.0,
+            transfer_seconds=fit.transfer_tail_seconds / fit.transfers_sent if fit.transfers_sent else 0.0,
             prompt_tokens=fit.prompt_tokens / fit.prefill_jobs if fit.prefill_jobs else 0.0,
             queues=queues, least_queue=min(sum(sample.least_queue for sample in window) / len(window), window[-1].least_queue),
             offered_tokens_per_second=max(0.0, offered / load.seconds) if load.seconds else 0.0,
@@ -372,11 +370,10 @@ class SLOPlanner:
             fields["prefill_step_seconds"] += after.step_seconds - before.step_seconds
             fields["prefill_jobs"] += sum(after.transfer_outcomes.values()) - sum(before.transfer_outcomes.values())
             fields["pending_tokens"] += after.num_waiting_tokens - before.num_waiting_tokens
+            fields["transfers_sent"] += after.transfer_outcomes.get("sent", 0) - before.transfer_outcomes.get("sent", 0)
+            fields["transfer_tail_seconds"] += after.kv_tail_seconds - before.kv_tail_seconds
         decode_pairs = _pairs(self._last["decode"], decode)
         for before, after in decode_pairs:
-            fields["transfers"] += sum(after.transfer_outcomes.get(k, 0) - before.transfer_outcomes.get(k, 0)
-                                       for k in TRANSFERS_RUN)
-            fields["transfer_seconds"] += after.transfer_seconds - before.transfer_seconds
             fields["decode_requests_stepped"] += after.batch_requests_stepped - before.batch_requests_stepped
         return _Growth(**fields), decode_pairs
 

@@ -179,6 +179,9 @@ _WORKER_FIELDS = (
      "Prompt tokens the worker's steps computed (on a decode worker: local prefills, recomputes)", True),
     ("batch_requests_stepped", "batch_requests_stepped",
      "Requests in the worker's steps, summed over steps (over steps_total: the mean batch)", True),
+    ("kv_tail_seconds", "kv_tail_seconds",
+     ("Prefill: over transfers sent, seconds from the prompt's last step to the decode worker's acceptance "
+     "(what layer-by-layer sending did not hide)"), True),
     ("spec_proposed_tokens", "spec_proposed_tokens", "Speculative draft tokens proposed", True),
     ("spec_accepted_tokens", "spec_accepted_tokens", "Speculative draft tokens accepted", True),
     ("spec_verify_steps", "spec_verify_steps",

@@ -331,7 +331,7 @@ class PrefillWorker(_Worker):
             transfer_outcomes=dict(engine.jobs.outcome_counts),
             num_steps=engine.num_steps, step_seconds=engine.step_seconds,
             prompt_tokens_computed=engine.prompt_tokens_computed,
-            batch_requests_stepped=engine.batch_requests_stepped)
+            batch_requests_stepped=engine.batch_requests_stepped, kv_tail_seconds=engine.jobs.sent_tail_seconds)
 
 
 def _node_ip() -> str:
