@@ -58,6 +58,9 @@ def test_a_plan_sets_the_routers_threshold_and_batch_cap_and_the_gauges():
     SLOControl(planner, router, metrics).apply()
     assert router.local_prefill_tokens == plan.local_prefill_threshold
     assert router.decode_batch_cap == plan.batch_limit
+    # spill once the backlog is what the TTFT budget leaves: 0.8 x 2 s - (one prompt, hop, step)
+    alone = 1000 / plan.forecast.prefill_rate + 0.05 + plan.tpot
+    assert router.spill_backlog_tokens == round((0.8 * 2.0 - alone) * plan.forecast.prefill_rate)
     text = metrics.render().decode()
     assert f'pdserve_planner_predicted_seconds{{slo="tpot"}} {plan.tpot}' in text
     # the window's predictions (the prior's at 0 s, 30 ms at 10 s) against the 40 ms measured

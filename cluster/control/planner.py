@@ -61,6 +61,10 @@ Suggestions, in the plan (the controller applies them):
                              seconds of its steps (a decode worker computes a prompt about as
                              fast as a prefill worker: same model, same cores per worker);
                              below L = h r it costs more than it saves.
+    spill_backlog_tokens     B r prompt tokens, B the queue wait the TTFT budget leaves: from
+                             a prefill backlog that long, a prompt routed behind it would
+                             miss its target, so the router may prefill it on its decode
+                             worker when it waits less there (the router's spill rule)
 """
 
 from __future__ import annotations
@@ -198,12 +202,18 @@ class Forecast(NamedTuple):
         """Seconds a request takes with no queue ahead: its prompt, the hop, the first step."""
         return self.prompt_tokens / self.prefill_rate + self.transfer_seconds + first_step
 
-    def prefill_want(self, decode_workers: int) -> tuple[float, str]:
-        """Its first step counts at most tpot_slo: a slower decode side is the decode
-        want's to fix, not a reason for more prefill workers."""
-        p, r = self.policy, self.prefill_rate
+    def queue_budget(self, decode_workers: int) -> tuple[float, float]:
+        """(B, alone): the seconds a prompt may wait in a prefill queue and still see its
+        first token within target_fraction x ttft_slo (B <= 0: none), and the seconds it
+        takes with no queue. Its first step counts at most tpot_slo: a slower decode side
+        is the decode want's to fix, not a reason for more prefill workers."""
+        p = self.policy
         alone = self._one_prompt(min(self.tpot(max(decode_workers, 1)), p.tpot_slo))
-        budget = p.target_fraction * p.ttft_slo - alone
+        return p.target_fraction * p.ttft_slo - alone, alone
+
+    def prefill_want(self, decode_workers: int) -> tuple[float, str]:
+        p, r = self.policy, self.prefill_rate
+        budget, alone = self.queue_budget(decode_workers)
         if budget <= 0:
             if not (any(self.queues) or self.offered_tokens_per_second):
                 return 0.0, "no prompts"
@@ -244,6 +254,7 @@ class Plan(NamedTuple):
     want: dict[str, float]  # workers per role, before the damper
     batch_limit: int | None  # decode; None: the step time does not grow with the batch
     local_prefill_threshold: int | None  # prompt tokens; None: no transfer measured yet
+    spill_backlog_tokens: int  # prefill backlog from which prompts may be prefilled on decode
 
 
 class _Growth(NamedTuple):
@@ -407,7 +418,8 @@ class SLOPlanner:
             want=want,
             batch_limit=None if math.isinf(limit) else max(1, math.floor(limit)),
             local_prefill_threshold=(round(forecast.transfer_seconds * forecast.prefill_rate)
-                                     if forecast.transfer_seconds else None))
+                                     if forecast.transfer_seconds else None),
+            spill_backlog_tokens=max(0, round(forecast.queue_budget(decode_workers)[0] * forecast.prefill_rate)))
         self.last_plan = plan
         self._plans.append(plan)
         while self._plans and self._plans[0].at < now - p.window_seconds:

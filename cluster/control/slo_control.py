@@ -17,6 +17,8 @@ What each suggestion does here:
                              workers holding fewer than that many while any does (a soft
                              cap: when all hold that many, the usual choice; the planner
                              wants more decode workers then)
+    spill_backlog_tokens     the router's: from a prefill backlog that would cost a prompt its
+                             TTFT target, it may be prefilled on its decode worker instead
 
 Prediction error (`pdserve_planner_prediction_error{slo}`): the planner's mean prediction
 over its last window against the mean TTFT and TPOT the gateway measured for requests that
@@ -60,6 +62,7 @@ class SLOControl:
         if plan.local_prefill_threshold is not None:
             self.router.local_prefill_tokens = min(plan.local_prefill_threshold, MAX_LOCAL_PREFILL_TOKENS)
         self.router.decode_batch_cap = plan.batch_limit
+        self.router.spill_backlog_tokens = plan.spill_backlog_tokens
         window = self.planner.policy.window_seconds
         observed_ttft, observed_tpot = self.metrics.recent_latencies(time.monotonic() - window)
         errors = self.planner.prediction_error(observed_ttft, observed_tpot)
