@@ -302,8 +302,9 @@ def plot(results: dict, path: Path) -> list[Path]:
             for s in samples:
                 if s[1] < 0:
                     ax.axvline(s[0], color="grey", linestyle=":")
+            most = max((max(s[1], s[2]) for s in counted), default=1)
             ax.set(title=f"{name}: the planner's serving workers (dotted: next rate starts)", xlabel="s",
-                   ylabel="workers")
+                   ylabel="workers", ylim=(-0.2, most + 1.2), yticks=range(most + 2))
             ax.legend()
         fig.tight_layout()
         timeline_png = path.with_name(path.stem + "_workers.png")

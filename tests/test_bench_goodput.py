@@ -1,0 +1,54 @@
+"""bench/goodput.py's arithmetic: targets fitted from unloaded requests, attainment, and
+goodput read off a sweep (no server: the records are built here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # its parts import as top-level modules
+import goodput
+from serving_stats import RequestRecord
+
+
+def _record(prompt_len: int, ttft: float, e2e: float, tokens: int = 9, max_tokens: int = 9) -> RequestRecord:
+    """Sent at 100 s; the first chunk after `ttft`, the stream ended after `e2e`."""
+    return RequestRecord(prompt_len, max_tokens, sent=100.0, chunk_times=[100.0 + ttft, 100.0 + e2e],
+                         finished=100.0 + e2e, usage_tokens=tokens)
+
+
+def test_targets_scale_the_unloaded_line_and_tpot():
+    unloaded = [_record(n, 0.1 + 0.002 * n, 0.1 + 0.002 * n + 8 * 0.02) for n in (100, 500, 1000)]
+    targets = goodput.fit_targets(unloaded, k_ttft=3, k_tpot=2)
+    assert (targets.a, targets.b, targets.tpot0) == pytest.approx((0.1, 0.002, 0.02))
+    assert targets.ttft(200) == pytest.approx(3 * 0.5) and targets.tpot == pytest.approx(0.04)
+    assert targets.met(_record(200, 1.4, 1.4 + 8 * 0.039))
+    assert not targets.met(_record(200, 1.6, 1.6 + 8 * 0.01))  # late first token
+    assert not targets.met(_record(200, 0.5, 0.5 + 8 * 0.05))  # slow tokens
+    assert not targets.met(_record(200, 0.5, 0.6, tokens=3))  # cut short
+    assert not targets.met(RequestRecord(200, 9, error="HTTP 429"))  # refused or failed: a miss
+    assert goodput.attainment([_record(200, 1.4, 1.5), _record(200, 1.6, 1.7)], targets) == 0.5
+
+
+def test_calibration_needs_two_answers():
+    with pytest.raises(goodput.BenchError, match="only 1 of 2"):
+        goodput.fit_targets([_record(10, 0.1, 0.2), RequestRecord(10, 9, error="boom")], 4, 4)
+
+
+@pytest.mark.parametrize(("points", "expected"), [
+    ([(0.1, 1.0), (0.2, 0.95), (0.4, 0.55)], (0.2, 0.2 + 0.2 * 0.05 / 0.4)),  # interpolated towards 0.4
+    ([(0.4, 0.5), (0.1, 0.92)], (0.1, 0.1 + 0.3 * 0.02 / 0.42)),  # any order
+    ([(0.1, 0.95), (0.2, 0.97)], (0.2, 0.2)),  # met at the highest rate swept: no more is known
+    ([(0.1, 0.5), (0.2, 0.4)], (0.0, 0.0)),  # never met
+])
+def test_goodput_is_the_highest_rate_meeting_the_attainment(points, expected):
+    assert goodput.goodput(points) == pytest.approx(expected)
+
+
+def test_calibration_prompts_span_the_workloads_lengths():
+    requests = goodput.workload("mixed", 40, seed=3)
+    lengths = sorted(r.prompt_len for r in goodput.calibration_set(requests))
+    assert len(lengths) == goodput.CALIBRATION_PROMPTS
+    assert lengths[0] == min(r.prompt_len for r in requests) and lengths[-1] == max(r.prompt_len for r in requests)
