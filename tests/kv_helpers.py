@@ -4,6 +4,7 @@ receiver counted, and bounded waits."""
 from __future__ import annotations
 
 import dataclasses
+import queue
 import time
 
 from pdserve.kv_transfer import layout
@@ -38,3 +39,14 @@ def eventually(predicate, what: str, limit: float = CALL_S) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"{what} did not happen within {limit} s"
         time.sleep(0.02)
+
+
+def child_answer(results, process, timeout: float, what: str, who: str):
+    """The next ("ok", value) a child process put on `results`, its value; fails naming
+    `who` when it answers otherwise or not within `timeout`."""
+    try:
+        status, value = results.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"{who} (exit code {process.exitcode}) did not answer {what!r} within {timeout} s") from None
+    assert status == "ok", f"{who} failed on {what!r}: {value}"
+    return value

@@ -24,7 +24,7 @@ import threading
 
 import pytest
 import torch
-from kv_helpers import CALL_S, eventually, rejections
+from kv_helpers import CALL_S, child_answer, eventually, rejections
 
 from pdserve.kv_transfer import layout, messages
 from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferDone
@@ -464,13 +464,7 @@ class GpuPeer:
         return self._result(timeout, name)
 
     def _result(self, timeout: float, what: str):
-        try:
-            status, value = self.results.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"{self.role} child (exit code {self.process.exitcode}) did not answer "
-                                 f"{what!r} within {timeout} s") from None
-        assert status == "ok", f"{self.role} child failed on {what!r}: {value}"
-        return value
+        return child_answer(self.results, self.process, timeout, what, f"{self.role} child")
 
     def stop(self) -> None:
         if self.process.is_alive():

@@ -27,7 +27,7 @@ import msgpack
 import pytest
 import torch
 import torch.distributed as dist
-from kv_helpers import CALL_S, chunk, eventually, rejections
+from kv_helpers import CALL_S, child_answer, chunk, eventually, rejections
 
 from pdserve.kv_transfer import layout, messages
 from pdserve.kv_transfer.decode_side import RemoteRequests
@@ -168,13 +168,7 @@ class DecodePeer:
         return self.call("poll", ticket_id)
 
     def _result(self, timeout: float, what: str):
-        try:
-            status, value = self.results.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"decode child ({self.kind}, exit code {self.process.exitcode}) did not "
-                                 f"answer {what!r} within {timeout} s") from None
-        assert status == "ok", f"decode child failed on {what!r}: {value}"
-        return value
+        return child_answer(self.results, self.process, timeout, what, f"decode child ({self.kind})")
 
     def kill(self) -> None:
         if self.process.is_alive():

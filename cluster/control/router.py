@@ -183,8 +183,14 @@ class Router:
         self.prefill_saturation_tokens = prefill_saturation_tokens
         self.spill_backlog_tokens = spill_backlog_tokens
         self.local_prefill_slowdown = local_prefill_slowdown
-        # Set by the SLO planner (slo_control): prefer decode workers holding fewer requests.
+        # Prefer decode workers holding fewer requests than this (None: no cap; see `tune`).
         self.decode_batch_cap: int | None = None
+
+    def tune(self, local_prefill_tokens: int, spill_backlog_tokens: int, decode_batch_cap: int | None) -> None:
+        """New thresholds for the routes that follow (the SLO planner's, `slo_control`)."""
+        self.local_prefill_tokens = local_prefill_tokens
+        self.spill_backlog_tokens = spill_backlog_tokens
+        self.decode_batch_cap = decode_batch_cap
 
     def route(self, prompt_ids: Sequence[int], decode: Sequence[WorkerView],
               prefill: Sequence[WorkerView]) -> Route | None:

@@ -6,7 +6,7 @@
     gateway, routing a new request -> SLOControl.admit(...) -> 429 + Retry-After (--shed-on-slo)
 
 It owns no worker and no model: the plan (`planner.Plan`) is the planner's, the router's
-knobs are the router's, and `apply` only writes the plan's suggestions into them, on the
+knobs are the router's, and `apply` hands the plan's suggestions to `Router.tune`, on the
 gateway's event loop, as the controller's round ends.
 
 What each suggestion does here:
@@ -59,10 +59,9 @@ class SLOControl:
         plan = self.planner.last_plan
         if plan is None:
             return
-        if plan.local_prefill_threshold is not None:
-            self.router.local_prefill_tokens = min(plan.local_prefill_threshold, MAX_LOCAL_PREFILL_TOKENS)
-        self.router.decode_batch_cap = plan.batch_limit
-        self.router.spill_backlog_tokens = plan.spill_backlog_tokens
+        local = self.router.local_prefill_tokens if plan.local_prefill_threshold is None else \
+            min(plan.local_prefill_threshold, MAX_LOCAL_PREFILL_TOKENS)
+        self.router.tune(local, plan.spill_backlog_tokens, plan.batch_limit)
         window = self.planner.policy.window_seconds
         observed_ttft, observed_tpot = self.metrics.recent_latencies(time.monotonic() - window)
         errors = self.planner.prediction_error(observed_ttft, observed_tpot)
