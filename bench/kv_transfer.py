@@ -114,7 +114,7 @@ def _transfer_from_pool(channel, ticket, source, blocks, checksums=None) -> floa
     started = time.perf_counter()
     for layer in range(source.kv.shape[0]):
         checksum = checksums[layer] if checksums else layout.checksum_pages(source, layer, blocks)
-        channel.send_pool_pages(_header(ticket, layer, len(blocks), checksum), source, blocks)
+        channel.send_pool_pages(_header(ticket, layer, len(blocks), checksum), source, blocks, wait=False)
     channel.send_done(TransferDone(ticket.request_id, ticket.ticket_id, ticket.secret, 0, 0.0))
     return time.perf_counter() - started
 
@@ -127,7 +127,7 @@ def _transfer_packed(channel, ticket, payloads) -> float:
     num_pages = len(ticket.block_ids)
     started = time.perf_counter()
     for layer, payload in enumerate(payloads):
-        channel.send_pages(_header(ticket, layer, num_pages, layout.checksum(payload)), payload)
+        channel.send_pages(_header(ticket, layer, num_pages, layout.checksum(payload)), payload, wait=False)
     channel.send_done(TransferDone(ticket.request_id, ticket.ticket_id, ticket.secret, 0, 0.0))
     return time.perf_counter() - started
 

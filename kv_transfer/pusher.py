@@ -19,7 +19,11 @@ Invariant the engine relies on: for a send that does not `holds_pages`, the thre
 reads the pool, so the engine may free or reuse its blocks as soon as `push` has returned.
 For one that does, the engine keeps every block it pushed unchanged and allocated until the
 send is SENT or FAILED (the thread settles a send only between chunks, and skips a settled
-send's queued work).
+send's queued work). Chunks go out without waiting for their verdicts (`wait=False`): a send
+settles SENT only after its done's verdict, which follows every chunk's; if it settles
+FAILED with chunks still in flight, the decode side may yet read those pages after the
+engine reused them, into a ticket that can no longer succeed (no done follows a FAILED
+send) and against the checksum taken when the layer was pushed.
 """
 
 from __future__ import annotations
@@ -171,7 +175,7 @@ class KVPusher:
             nbytes=len(payload), checksum=layout.checksum(payload),
         )
         started = time.perf_counter()
-        channel.send_pages(header, payload)
+        channel.send_pages(header, payload, wait=False)  # a refusal raises from a later call
         self.send_seconds += time.perf_counter() - started
         outgoing.bytes_sent += len(payload)
         self.bytes_sent += len(payload)
@@ -189,7 +193,7 @@ class KVPusher:
         started = time.perf_counter()
         if ready is not None:  # a CUDA event: the channel's reads queue after it
             torch.cuda.current_stream(self.pool.kv.device).wait_event(ready)
-        channel.send_pool_pages(header, self.pool, block_ids)
+        channel.send_pool_pages(header, self.pool, block_ids, wait=False)
         self.send_seconds += time.perf_counter() - started
         outgoing.bytes_sent += nbytes
         self.bytes_sent += nbytes

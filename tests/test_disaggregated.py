@@ -38,7 +38,7 @@ class LoopbackChannel:
         self.tamper = tamper or (lambda header, payload: (header, payload))
         self.chunks = 0
 
-    def send_pages(self, header, payload) -> None:
+    def send_pages(self, header, payload, wait: bool = True) -> None:  # always waits
         header, payload = self.tamper(messages.decode(messages.encode(header)), bytes(payload))
         self.chunks += 1
         self.receiver.accept_pages(header, payload)

@@ -18,11 +18,14 @@ from pdserve.kv_transfer.messages import MalformedMessage, MessageRejected, Page
 from pdserve.kv_transfer.receiver import KVReceiver, TransferState
 from pdserve.kv_transfer.transports import connect, listen
 from pdserve.kv_transfer.transports.base import REPLY_HEAD_BYTES, decode_reply
+from pdserve.kv_transfer.transports.device_checksum import device_checksum
 from pdserve.kv_transfer.transports.nixl import (
     Source,
     decode_source,
     encode_source,
+    landed_checksum,
     segments,
+    sent_checksum,
 )
 from pdserve.kv_transfer.transports.stream import FRAME, HELLO, recv_exact
 from pdserve.runtime.kv_pool import KVPool
@@ -81,6 +84,44 @@ def test_a_chunk_is_checked_before_anything_is_read(link):
         channel.send_pool_pages(out_of_bounds, source, [0, 1])
     assert receiver.rejected["bad_secret"] == 1 and receiver.rejected["out_of_bounds"] == 1
     assert receiver.rejected["pull_failed"] == 0
+
+
+def test_pool_chunks_sent_without_waiting_land_and_a_refused_one_fails_its_done(link):
+    receiver, _, channel = link
+    source = KVPool(**POOL)
+    source.kv.normal_()
+    good = receiver.issue("good", [3, 4], 0, 8)
+    for layer in range(POOL["num_layers"]):
+        channel.send_pool_pages(_header(good, layer, [0, 1], source), source, [0, 1], wait=False)
+    channel.send_done(messages.TransferDone(good.request_id, good.ticket_id, good.secret, 5, 0.0))
+    assert receiver.poll(good.ticket_id).state is TransferState.SUCCEEDED
+    assert torch.equal(receiver.pool.kv[:, :, [3, 4]], source.kv[:, :, [0, 1]])
+    bad = receiver.issue("bad", [6, 7], 0, 8)
+    wrong = _header(bad, 0, [0, 1], source)
+    channel.send_pool_pages(dataclasses.replace(wrong, checksum=wrong.checksum ^ 1), source, [0, 1], wait=False)
+    channel.send_pool_pages(_header(bad, 1, [0, 1], source), source, [0, 1], wait=False)
+    with pytest.raises(MessageRejected, match="checksum"):
+        channel.send_done(messages.TransferDone(bad.request_id, bad.ticket_id, bad.secret, 5, 0.0))
+    assert receiver.poll(bad.ticket_id).state is TransferState.FAILED
+
+
+@pytest.mark.parametrize("blocks", [[0, 1, 2], [5, 1, 8]], ids=["consecutive", "scattered"])
+def test_the_checksum_kind_follows_the_senders_memory_and_both_halves_agree(blocks):
+    """Host pages carry XXH3, which a host pool's landing takes itself; GPU pages carry the
+    device checksum (computed here on CPU tensors: its value is the same on every
+    device), which the listener recomputes over what landed, wherever that is."""
+    source = KVPool(**POOL)
+    source.kv.normal_()
+    assert sent_checksum(source, 1, blocks) == layout.checksum_pages(source, 1, blocks)
+    receiver = KVReceiver(KVPool(**POOL))
+    ticket = receiver.issue("kinds", [9, 3, 4], 0, 12)
+    sent = device_checksum([layout.run_view(source, 1, run) for run in layout.pool_runs(source, blocks)])
+    landing = receiver.land_pages(dataclasses.replace(_header(ticket, 1, blocks, source), checksum=sent))
+    receiver.pool.kv[1, :, [9, 3, 4]] = source.kv[1, :, blocks]  # what the READ would land
+    assert landed_checksum(landing, Source("DRAM", 0, [(1, 1)])) is None
+    assert landed_checksum(landing, Source("VRAM", 0, [(1, 1)])) == sent
+    receiver.pool.kv[1, 1, 3, 0, 0, 0] += 1.0  # one value changed on the way
+    assert landed_checksum(landing, Source("VRAM", 0, [(1, 1)])) != sent
 
 
 def _raw_link(address: str):

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import socket
 import threading
+import time
 import tracemalloc
 
 import pytest
@@ -221,6 +222,66 @@ def test_a_corrupted_payload_fails_the_ticket_and_the_link_stays_usable(source):
         chan.ping()
         _transfer_succeeds(chan, receiver, source, "after-corruption")
         assert rejections(receiver) == {"checksum": 1, "settled_ticket": 1}
+
+
+def _corrupted(source: KVPool, ticket: KVTicket, layer: int) -> tuple[PagesHeader, bytearray]:
+    header, payload = chunk(source, ticket, layer, 0, [1, 2])
+    corrupted = bytearray(payload)
+    corrupted[5000] ^= 0x10  # after the checksum was taken
+    return header, corrupted
+
+
+def test_chunks_sent_without_waiting_land_and_their_done_settles_them(source):
+    deep_shape = {**POOL_SHAPE, "num_layers": 9}
+    with _local(deep_shape) as (listener, receiver), connect(listener.address, timeout=CALL_S) as chan:
+        deep = _source_pool(deep_shape)
+        blocks = [5, 9]
+        ticket = receiver.issue("in-flight", blocks, 0, 32)
+        for layer in range(9):  # more chunks than the channel keeps in flight
+            chan.send_pages(*chunk(deep, ticket, layer, 0, [3, 8]), wait=False)
+        chan.send_done(_done(ticket, 4))
+        assert not chan._in_flight
+        assert receiver.poll(ticket.ticket_id)[:3] == (TransferState.SUCCEEDED, _done(ticket, 4), "")
+        assert _pages(receiver.pool, blocks) == _pages(deep, [3, 8])
+
+
+def test_a_chunk_refused_in_flight_fails_its_tickets_done_with_the_first_reason(source):
+    with _local() as (listener, receiver), connect(listener.address, timeout=CALL_S) as chan:
+        ticket = receiver.issue("corrupt-in-flight", [2, 3], 0, 32)
+        chan.send_pages(*_corrupted(source, ticket, 0), wait=False)  # returns before the verdict
+        chan.send_pages(*chunk(source, ticket, 1, 0, [1, 2]), wait=False)
+        with pytest.raises(MessageRejected, match="checksum"):  # not the later "already failed"
+            chan.send_done(_done(ticket))
+        assert rejections(receiver) == {"checksum": 1, "settled_ticket": 2}
+        _transfer_succeeds(chan, receiver, source, "after-corruption")
+
+
+def test_a_verdict_read_during_another_tickets_call_is_kept_for_its_own(source):
+    with _local() as (listener, receiver), connect(listener.address, timeout=CALL_S) as chan:
+        bad = receiver.issue("bad", [2, 3], 0, 32)
+        good = receiver.issue("good", [10, 11], 0, 32)
+        chan.send_pages(*_corrupted(source, bad, 0), wait=False)
+        for _ in range(chan.IN_FLIGHT_CHUNKS + 1):  # reads the bad chunk's verdict; raises nothing
+            chan.send_pages(*chunk(source, good, 0, 0, [4, 5]), wait=False)
+        chan.send_pages(*chunk(source, good, 1, 0, [4, 5]), wait=False)
+        chan.send_done(_done(good, 3))
+        assert receiver.poll(good.ticket_id).state is TransferState.SUCCEEDED
+        with pytest.raises(MessageRejected, match="checksum"):
+            chan.send_pages(*chunk(source, bad, 1, 0, [1, 2]), wait=False)
+        assert chan._refused == {}
+
+
+def test_an_idle_link_with_chunks_in_flight_keeps_their_verdicts(source):
+    """The idle check reads the verdicts still on the link first: they would look like the
+    listener's hang-up and be lost with a needless reconnect."""
+    with _local() as (listener, receiver), connect(listener.address, timeout=CALL_S) as chan:
+        ticket = receiver.issue("idle", [2, 3], 0, 32)
+        chan.send_pages(*_corrupted(source, ticket, 0), wait=False)
+        time.sleep(0.2)  # the verdict is on the link
+        chan.last_used -= chan.idle_timeout  # idle long enough for the channel to prove the link
+        with pytest.raises(MessageRejected, match="checksum"):
+            chan.send_done(_done(ticket))
+        assert chan.reconnects == 0
 
 
 @pytest.mark.parametrize("extra", [8, -8], ids=["longer", "shorter"])

@@ -6,8 +6,8 @@ both as gloo sends it (XXH3 of the bytes, the caller's or the channel's own) and
 does (DEVICE_CHUNK frames verified with `device_checksum` and written in place); a forged
 or corrupted DEVICE_CHUNK is refused with reason "checksum" before anything is written;
 and pairs end by CLOSE frames (the channel's close, or the listener's ask when a pair
-idles) with no wait timing out. With CUDA: nccl between two processes lands bit-exact,
-and neither side copies a payload to the host (the CUDA profiler's memcpys).
+idles) with no wait timing out. With CUDA: nccl, and nixl, between two processes land
+bit-exact, and neither side copies a payload to the host (the CUDA profiler's memcpys).
 """
 
 from __future__ import annotations
@@ -216,10 +216,11 @@ def test_each_kind_reads_pools_in_place_on_its_own_device_only():
     assert not torch_dist.reads_pool_on("gloo", "cuda") and not torch_dist.reads_pool_on("nccl", "cpu")
     assert TorchDistChannel.reads_pool
     # ... which is what the pusher asks of an address: in place, it hands the channel
-    # block ids instead of a copy (nixl from host memory only; tcp, shm, grpc never).
+    # block ids instead of a copy (nixl from host or GPU memory; tcp, shm, grpc never).
     assert reads_pool("gloo://127.0.0.1:1", "cpu") and reads_pool("nccl://127.0.0.1:1", "cuda")
     assert not reads_pool("gloo://127.0.0.1:1", "cuda") and not reads_pool("nccl://127.0.0.1:1", "cpu")
-    assert not reads_pool("tcp://127.0.0.1:1", "cpu") and not reads_pool("nixl://127.0.0.1:1", "cuda")
+    assert reads_pool("nixl://127.0.0.1:1", "cpu") and reads_pool("nixl://127.0.0.1:1", "cuda")
+    assert not reads_pool("tcp://127.0.0.1:1", "cpu") and not reads_pool("shm://x", "cuda")
     assert not reads_pool("carrier-pigeon://x", "cpu")
 
 
@@ -385,8 +386,8 @@ def _device_to_host_copies(trace: str) -> tuple[list[int], int]:
     return copies, kernels
 
 
-def _gpu_child(role: str, commands, results) -> None:
-    """A decode or prefill worker on a GPU: answers (name, *args) commands."""
+def _gpu_child(role: str, kind: str, commands, results) -> None:
+    """A decode or prefill worker on a GPU, linked by `kind`: answers (name, *args) commands."""
     index, env = _gpu_env(role)
     os.environ.update(env)
     torch.cuda.set_device(index)
@@ -413,7 +414,7 @@ def _gpu_child(role: str, commands, results) -> None:
     channel = None
     if role == "decode":
         receiver = KVReceiver(pool, default_timeout=60.0)
-        listener = listen("nccl", receiver)
+        listener = listen(kind, receiver)
         handlers["issue"] = lambda name, blocks: messages.encode(receiver.issue(name, blocks, 0, 16 * len(blocks)))
         handlers["state"] = lambda ticket_id: (receiver.poll(ticket_id).state.value, dict(receiver.rejected))
         results.put(("ok", listener.address))
@@ -452,10 +453,10 @@ def _gpu_child(role: str, commands, results) -> None:
 
 
 class GpuPeer:
-    def __init__(self, role: str) -> None:
+    def __init__(self, role: str, kind: str) -> None:
         self.role = role
         self.commands, self.results = CTX.Queue(), CTX.Queue()
-        self.process = CTX.Process(target=_gpu_child, args=(role, self.commands, self.results), daemon=True)
+        self.process = CTX.Process(target=_gpu_child, args=(role, kind, self.commands, self.results), daemon=True)
         self.process.start()
         self.address = self._result(STARTUP_S, "start")
 
@@ -475,15 +476,18 @@ class GpuPeer:
             self.process.join(timeout=10)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the nccl transport needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="GPU pages over nccl and nixl need a CUDA GPU; none here")
 
 
-@pytest.fixture(scope="module")
-def gpu_peers():
-    decode = GpuPeer("decode")
+@pytest.fixture(scope="module", params=["nccl", "nixl"])
+def gpu_peers(request):
+    if request.param == "nixl":
+        pytest.importorskip("nixl", reason="the nixl extra is not installed")
+    decode = GpuPeer("decode", request.param)
     prefill = None
     try:
-        prefill = GpuPeer("prefill")
+        prefill = GpuPeer("prefill", request.param)
         yield decode, prefill
     finally:
         for peer in (prefill, decode):
@@ -502,9 +506,9 @@ def _gpu_transfer(decode: GpuPeer, prefill: GpuPeer, name: str, src_blocks: list
 
 @needs_cuda
 @pytest.mark.parametrize("src_blocks", [GPU_CONSECUTIVE, GPU_SCATTERED], ids=["consecutive", "scattered"])
-def test_nccl_send_pool_pages_lands_bit_exact(gpu_peers, src_blocks):
+def test_gpu_pool_pages_land_bit_exact(gpu_peers, src_blocks):
     decode, prefill = gpu_peers
-    dest_blocks = _gpu_transfer(decode, prefill, f"nccl-{src_blocks[0]}", src_blocks)
+    dest_blocks = _gpu_transfer(decode, prefill, f"gpu-{src_blocks[0]}", src_blocks)
     assert decode.call("pages", dest_blocks) == prefill.call("pages", src_blocks)
 
 

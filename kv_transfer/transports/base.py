@@ -6,7 +6,11 @@
 
 A frame is a msgpack message from `messages` (PagesHeader, TransferDone, TransferAbort;
 an empty header is a ping) plus, for a chunk, its raw page bytes. Each call waits for the
-receiver's verdict: None/ok, or MessageRejected(reason) on the sender. Nothing that comes
+receiver's verdict: None/ok, or MessageRejected(reason) on the sender. A chunk sent with
+`wait=False` may return before its verdict, on a transport that keeps a few chunks in
+flight (tcp): a refusal then raises from the next call for the same ticket, `send_done`
+at the latest. The receiver handles one link's frames in order and fails a ticket whose
+chunk it refused, so `send_done`'s verdict always covers every chunk before it. Nothing that comes
 off a link is ever unpickled, and every wait is bounded: a link that fails or stalls
 raises TransportError on the sender, and the decode side's `KVReceiver.expire()` fails
 the tickets it strands.
@@ -129,31 +133,38 @@ class KVChannel(ABC):
         self._broken: str | None = None
         self.last_used = time.monotonic()
         self.reconnects = 0  # links replaced after the listener closed an idle one
+        # ticket id -> why the receiver refused a chunk of it sent without waiting; raised
+        # (and dropped) by the next call for that ticket. Written by `_post`'s transport.
+        self._refused: dict[int, str] = {}
 
-    def send_pages(self, header: PagesHeader, payload: memoryview | bytes) -> None:
+    def send_pages(self, header: PagesHeader, payload: memoryview | bytes, wait: bool = True) -> None:
+        """Send one chunk. `wait=False`: return once it is on the link where the transport
+        can defer its verdict (see the module docstring); `payload` may be reused then."""
         self._check_chunk_size(memoryview(payload).nbytes)
-        self._request(messages.encode(header), payload)
+        self._request(messages.encode(header), payload, ticket_id=header.ticket_id, wait=wait)
 
     # True: `send_pool_pages` moves the pages out of the sender's pool itself, during the
     # call (no copy first), so the pool must keep those blocks unchanged until it returns.
     reads_pool: ClassVar[bool] = False
 
-    def send_pool_pages(self, header: PagesHeader, pool: KVPool, block_ids: Sequence[int]) -> None:
+    def send_pool_pages(self, header: PagesHeader, pool: KVPool, block_ids: Sequence[int],
+                        wait: bool = True) -> None:
         """Send layer `header.layer` of this pool's `block_ids` as the chunk `header`
         describes (its checksum is `layout.checksum_pages` of them, or None: the channel
         takes it). This default packs them (`layout.read_pages`) and sends the copy; a
-        transport that `reads_pool` moves them where they lie."""
+        transport that `reads_pool` moves them where they lie. `wait` as for send_pages."""
         payload = layout.to_bytes(layout.read_pages(pool, header.layer, block_ids))
         if header.checksum is None:
             header = dataclasses.replace(header, checksum=layout.checksum(payload))
-        self.send_pages(header, payload)
+        self.send_pages(header, payload, wait=wait)
 
     def send_done(self, done: TransferDone) -> None:
-        """MessageRejected when the receiver failed the transfer (e.g. pages missing)."""
-        self._request(messages.encode(done), b"")
+        """MessageRejected when the receiver failed the transfer (e.g. pages missing, or a
+        chunk sent without waiting was refused)."""
+        self._request(messages.encode(done), b"", ticket_id=done.ticket_id)
 
     def send_abort(self, abort: TransferAbort) -> None:
-        self._request(messages.encode(abort), b"")
+        self._request(messages.encode(abort), b"", ticket_id=abort.ticket_id)
 
     def ping(self) -> None:
         """A no-op round trip: proves the listener is there and answering."""
@@ -188,13 +199,16 @@ class KVChannel(ABC):
                                   f"the link to {self.address}; send fewer pages per chunk or raise the "
                                   f"listener's max_chunk_bytes")
 
-    def _request(self, header: bytes, payload: memoryview | bytes) -> None:
+    def _request(self, header: bytes, payload: memoryview | bytes, ticket_id: int | None = None,
+                 wait: bool = True) -> None:
         with self._lock:
             if self._broken is not None:
                 raise TransportError(f"the KV channel to {self.address} is {self._broken_words()}")
             try:
                 self._revive_if_idle()
-                reason = self._exchange(header, payload)
+                reason = self._exchange(header, payload) if wait else self._post(header, payload, ticket_id)
+                # A chunk refused earlier is the first reason this ticket failed.
+                reason = self._refused.pop(ticket_id, None) or reason
             except BaseException as exc:  # mid-frame, the link's state is unknown: drop it
                 self._broken = f"broken: {exc!s}" if isinstance(exc, TransportError) else \
                     f"broken by {type(exc).__name__} mid-frame: {exc!s}"
@@ -218,6 +232,7 @@ class KVChannel(ABC):
         idle = time.monotonic() - self.last_used
         if self.idle_timeout is None or idle < self.idle_timeout / 2:
             return
+        self._settle()  # verdicts still on the link would read as its hang-up
         if not self._closed_by_listener():
             try:
                 if self._exchange(b"", b"") is None:
@@ -239,6 +254,16 @@ class KVChannel(ABC):
     def _exchange(self, header: bytes, payload: memoryview | bytes) -> str | None:
         """Send one frame and wait (at most `timeout`) for its reply: None if accepted,
         else the reason. Raises TransportError if the link failed. Called under the lock."""
+
+    def _post(self, header: bytes, payload: memoryview | bytes, ticket_id: int) -> str | None:
+        """Send one chunk frame without waiting for its verdict where the transport can:
+        then return None and, once the verdict is read, put a refusal in `_refused`. This
+        default waits (`_exchange`). Called under the lock."""
+        return self._exchange(header, payload)
+
+    def _settle(self) -> None:
+        """Read the verdicts of every chunk still in flight (into `_refused`). Called
+        under the lock; raises TransportError if the link failed."""
 
     @abstractmethod
     def _teardown(self) -> None:

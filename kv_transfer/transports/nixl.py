@@ -16,7 +16,8 @@ listener:
 For a chunk the listener admits the header first (ticket, secret, layer, pages, layout:
 `KVReceiver.land_pages`), then READs the sender's bytes into the ticket's blocks, verifies
 the sender's checksum over what landed, and replies; the reply tells the sender it may
-reuse those pages. Pull rather than push (one-sided writes by the prefill worker) keeps
+reuse those pages (the pusher sends a few pool chunks ahead of their replies and keeps
+the pages until the send settles). Pull rather than push (one-sided writes by the prefill worker) keeps
 every check ahead of the bytes: the sender names only its own memory, never where in the
 decode pool anything goes, and the decode worker never wonders whether a remote write is
 still in flight into a block it frees. NIXL refuses a read outside what the sender
@@ -26,9 +27,13 @@ registered.
 channel first; the pusher uses `send_pool_pages`, which reads the pool where it lies.
 
 One agent per listener (its pool registered once) and one per process for every channel
-(each pool it sends from registered on first use). Pools in host memory only for now: the
-checksum is taken and verified on the host (a CUDA prefill pool sends packed copies; a
-CUDA decode pool cannot listen). Agent metadata is NIXL's own
+(each pool it sends from registered on first use). Pools in host memory (DRAM) or GPU
+memory (VRAM) on either side; GPU pages never pass through the host. The checksum's kind
+follows the sender's memory: XXH3 (`layout.checksum_pages`) over host pages, the device
+checksum (`device_checksum`, torch ops where the bytes lie, 8 bytes to the host) over GPU
+pages, taken by the channel when the pages are named. The listener verifies that kind
+over what landed: where it landed for the device checksum (GPU or host), and on a host
+copy only for host-memory bytes landed in a GPU pool. Agent metadata is NIXL's own
 serialisation; NIXL's Python descriptor helpers that pickle are never used. A loopback
 listener (127.0.0.1) restricts UCX to the loopback device unless UCX_NET_DEVICES says
 otherwise, so nothing leaves the host.
@@ -36,6 +41,7 @@ otherwise, so nothing leaves the host.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -62,6 +68,7 @@ from pdserve.kv_transfer.transports.base import (
     apply_frame,
     read_header,
 )
+from pdserve.kv_transfer.transports.device_checksum import device_checksum
 from pdserve.kv_transfer.transports.stream import (
     Deadline,
     LinkDropped,
@@ -77,7 +84,13 @@ from pdserve.runtime.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
 
-READS_POOL = True  # see base.reads_pool
+
+
+def reads_pool_on(kind: str, device_type: str) -> bool:
+    """See base.reads_pool: the decode worker reads host or GPU pools where they lie."""
+    return device_type in ("cpu", "cuda")
+
+
 AGENT_HEADER = msgpack.packb({"kind": "nixl_agent"})
 MAX_METADATA_BYTES = 1 << 20  # an agent's metadata is ~0.5 KiB per registered region
 MAX_SOURCE_BYTES = 64 << 10  # a chunk's source runs: ~20 bytes per run
@@ -328,7 +341,7 @@ class _PullStaging(Staging):
             if error is not None:
                 landing.abandoned(error, reason_class)
             else:
-                landing.landed()
+                landing.landed(landed_checksum(landing, source))
         except MessageRejected as exc:
             return str(exc)
         return None
@@ -344,10 +357,7 @@ class NixlListener(StreamListener):
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, max_channels: int = 16,
                  op_timeout: float = 30.0, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         limits = ListenerLimits(max_chunk_bytes, max_channels, idle_timeout, op_timeout)
-        if receiver.pool.kv.device.type != "cpu":
-            # A chunk's checksum is verified where it landed, on the host (layout.checksum_pages).
-            raise TransportError(f"the nixl KV transport lands pages in a host-memory pool; this decode worker's "
-                                 f"pool is on {receiver.pool.kv.device} (use nccl between GPUs)")
+        _memory_of(receiver.pool.kv)  # CPU or CUDA, else TransportError
         _confine_ucx_to_loopback(host)
         self.receiver = receiver
         self.agent = Agent("recv")
@@ -461,14 +471,27 @@ class NixlChannel(StreamChannel):
         self._sent_version = -1  # the agent metadata version the listener has on this link
         self._open()
 
-    def send_pages(self, header: PagesHeader, payload: memoryview | bytes) -> None:
-        self._check_chunk_size(memoryview(payload).nbytes)
-        self._request(messages.encode(header), _Staged(as_bytes_view(payload)))
+    # The listener reads a chunk out of the sender's memory while it serves the frame.
+    # Packed bytes go through the channel's one staging buffer, so `send_pages` always
+    # waits. Pool pages sent with `wait=False` stay in flight (stream.StreamChannel) while
+    # the next are named: their pages must stay put until the send settles, which the
+    # pusher's `holds_pages` contract already asks of the engine.
 
-    def send_pool_pages(self, header: PagesHeader, pool: KVPool, block_ids: Sequence[int]) -> None:
+    def send_pages(self, header: PagesHeader, payload: memoryview | bytes, wait: bool = True) -> None:
+        self._check_chunk_size(memoryview(payload).nbytes)
+        self._request(messages.encode(header), _Staged(as_bytes_view(payload)), ticket_id=header.ticket_id)
+
+    def send_pool_pages(self, header: PagesHeader, pool: KVPool, block_ids: Sequence[int],
+                        wait: bool = True) -> None:
+        """`header.checksum`: `sent_checksum` of the pages, or None for the channel to
+        take it; a CUDA pool's chunk carries its device checksum, whatever the header said
+        (taken after what the calling thread's current stream had queued)."""
         self._check_chunk_size(header.nbytes)
+        if header.checksum is None or pool.kv.device.type == "cuda":
+            header = dataclasses.replace(header, checksum=sent_checksum(pool, header.layer, block_ids))
         self._agent.register(pool.kv)
-        self._request(messages.encode(header), _InPool(pool, header.layer, block_ids))
+        self._request(messages.encode(header), _InPool(pool, header.layer, block_ids), ticket_id=header.ticket_id,
+                      wait=wait)
 
     def _open(self) -> None:
         self._sock = self._connect_tcp(self._target, "nixl")
@@ -492,14 +515,17 @@ class NixlChannel(StreamChannel):
             self._stage(payload.data)
             source = _source_of([self._staging[:payload.data.nbytes]])
         elif isinstance(payload, _InPool):
-            mem, device = _memory_of(payload.pool.kv)
-            runs = layout.pool_runs(payload.pool, payload.block_ids)
-            source = Source(mem, device, layout.run_addresses(payload.pool, payload.layer, runs))
+            source = _pool_source(payload)
         else:  # done, abort, ping: no payload
             return self._send_frame(header, 0, inline=None)
         self._introduce()
         encoded = encode_source(source)
         return self._send_frame(header, len(encoded), inline=memoryview(encoded))
+
+    def _post(self, header: bytes, payload: _InPool, ticket_id: int) -> str | None:
+        self._introduce()
+        encoded = encode_source(_pool_source(payload))
+        return self._send_frame(header, len(encoded), inline=memoryview(encoded), ticket_id=ticket_id, wait=False)
 
     def _stage(self, data: memoryview) -> None:
         """Copy packed bytes into the channel's registered staging buffer (grown as needed)."""
@@ -511,12 +537,36 @@ class NixlChannel(StreamChannel):
         self._staging[:data.nbytes].numpy()[:] = np.frombuffer(data, dtype=np.uint8)
 
     def _teardown(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        super()._teardown()
         if self._staging is not None:
             self._agent.forget(self._staging)
             self._staging = None
+
+
+def _pool_source(payload: _InPool) -> Source:
+    """The source of a chunk read from the sender's pool where its pages lie."""
+    mem, device = _memory_of(payload.pool.kv)
+    runs = layout.pool_runs(payload.pool, payload.block_ids)
+    return Source(mem, device, layout.run_addresses(payload.pool, payload.layer, runs))
+
+
+def sent_checksum(pool: KVPool, layer: int, block_ids: Sequence[int]) -> int:
+    """The checksum a chunk of `pool`'s pages carries, of the kind its memory implies (see
+    the module docstring). A CUDA pool's is taken on the calling thread's current stream."""
+    if pool.kv.device.type == "cuda":
+        return device_checksum([layout.run_view(pool, layer, run) for run in layout.pool_runs(pool, block_ids)])
+    return layout.checksum_pages(pool, layer, block_ids)
+
+
+def landed_checksum(landing: Landing, source: Source) -> int | None:
+    """The checksum of a landed chunk, of the kind its source's memory implies, for
+    `Landing.landed`; None: XXH3 over a host pool, which the landing takes itself."""
+    if source.mem == "VRAM":
+        return device_checksum(landing.views())
+    if landing.pool.kv.device.type != "cpu":  # host bytes landed in a GPU pool: hash a host copy
+        return layout.checksum(torch.cat([view.reshape(-1) for view in landing.views()]).cpu().view(torch.uint8)
+                               .numpy())
+    return None
 
 
 def _source_of(views: list[torch.Tensor]) -> Source:

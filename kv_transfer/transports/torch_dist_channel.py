@@ -75,13 +75,14 @@ class TorchDistChannel(KVChannel):
         self._keeper.start()
         OPEN_CHANNELS.add(self)
 
-    def send_pool_pages(self, header: PagesHeader, pool: KVPool, block_ids: Sequence[int]) -> None:
+    def send_pool_pages(self, header: PagesHeader, pool: KVPool, block_ids: Sequence[int],
+                        wait: bool = True) -> None:
         """Send layer `header.layer` of the pool's `block_ids`. From a pool on the backend's
         device the pages go from the pool itself, read during the call only, after what
         the calling thread's current stream had queued (CUDA); from a pool elsewhere, from
         a host copy. `header.checksum`: XXH3 of the pages (`layout.checksum_pages`), or
         None for the channel to take it; an nccl chunk from the pool carries its
-        `device_checksum` instead, whatever the header said."""
+        `device_checksum` instead, whatever the header said. Always waits for the verdict."""
         if pool.kv.device != self._device:
             payload = layout.to_bytes(layout.read_pages(pool, header.layer, block_ids))
             if header.checksum is None:
@@ -98,7 +99,7 @@ class TorchDistChannel(KVChannel):
                 if header.checksum is None:
                     header = dataclasses.replace(header, checksum=layout.checksum_pages(pool, header.layer, block_ids))
                 kind = FrameKind.MESSAGE
-            self._request(messages.encode(header), PoolPayload(kind, chunk))
+            self._request(messages.encode(header), PoolPayload(kind, chunk), ticket_id=header.ticket_id)
 
     def close(self) -> None:
         super().close()
