@@ -21,6 +21,9 @@ Prints a table of both clusters, the ratios autoscaled/fixed of goodput and TTFT
 the autoscaled run's worker timeline; --result-json writes everything, per-request records and
 samples included; --plot draws the workers per role over time (matplotlib, Agg backend).
 
+`--autoscale-mode slo` autoscales with the SLO planner (`--autoscale slo`) aiming at the bench's
+own --slo-ttft-ms and --slo-tpot-ms instead of queue depth.
+
     python bench/autoscale.py --result-json bench/results/autoscale.json
     python bench/autoscale.py --model /path/to/hf_dir --burst-prompts 4 --chat-prompts 8 --tail 15
 """
@@ -210,12 +213,17 @@ def phase_metrics(m: Measured, w: Workload, slo: Slo) -> dict[str, RunMetrics]:
 
 
 def autoscale_args(args: argparse.Namespace) -> str:
-    return (f"{FIXED_ARGS} --autoscale --min-prefill 1 --max-prefill {args.max_prefill} --min-decode 1 "
-            f"--max-decode {args.max_decode} --autoscale-prefill-tokens {args.autoscale_prefill_tokens} "
-            f"--autoscale-decode-waiting {args.autoscale_decode_waiting} "
-            f"--autoscale-window {args.autoscale_window:g} --autoscale-up-cooldown {args.autoscale_up_cooldown:g} "
-            f"--autoscale-down-delay {args.autoscale_down_delay:g} "
-            f"--autoscale-down-cooldown {args.autoscale_down_cooldown:g}")
+    common = (f"--min-prefill 1 --max-prefill {args.max_prefill} --min-decode 1 --max-decode {args.max_decode} "
+              f"--autoscale-window {args.autoscale_window:g} --autoscale-up-cooldown {args.autoscale_up_cooldown:g} "
+              f"--autoscale-down-delay {args.autoscale_down_delay:g} "
+              f"--autoscale-down-cooldown {args.autoscale_down_cooldown:g}")
+    if args.autoscale_mode == "slo":  # the planner, aiming at the bench's own SLOs
+        if args.slo_ttft_ms is None or args.slo_tpot_ms is None:
+            raise BenchError("--autoscale-mode slo needs --slo-ttft-ms and --slo-tpot-ms")
+        return (f"{FIXED_ARGS} --autoscale slo --ttft-slo {args.slo_ttft_ms / 1000:g} "
+                f"--tpot-slo {args.slo_tpot_ms / 1000:g} {common}")
+    return (f"{FIXED_ARGS} --autoscale {common} --autoscale-prefill-tokens {args.autoscale_prefill_tokens} "
+            f"--autoscale-decode-waiting {args.autoscale_decode_waiting}")
 
 
 # ------------------------------------------------------------------------------ report
@@ -356,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-tpot-ms", type=slo_ms, default=100.0, help="'none' to drop")
     p.add_argument("--slo-e2el-ms", type=slo_ms, default=None, help="E2E latency SLO")
     scale = p.add_argument_group("the autoscaled cluster (starts at, and never goes below, 1 + 1)")
+    scale.add_argument("--autoscale-mode", choices=["queue", "slo"], default="queue",
+                       help="queue depth (--autoscale), or the SLO planner aiming at --slo-ttft-ms/--slo-tpot-ms")
     scale.add_argument("--max-prefill", type=pos_int, default=2)
     scale.add_argument("--max-decode", type=pos_int, default=2)
     scale.add_argument("--autoscale-prefill-tokens", type=pos_int, default=1500,

@@ -109,6 +109,18 @@ class Targets:
         tpot = record.tpot
         return record.ttft <= self.ttft(record.prompt_len) and (tpot is None or tpot <= self.tpot)
 
+    def misses(self, records: Sequence[RequestRecord]) -> dict[str, int]:
+        """Why requests missed: failed (or short of their tokens), over the TTFT target,
+        over the TPOT target (a request may be over both)."""
+        out = {"failed": 0, "ttft": 0, "tpot": 0}
+        for r in records:
+            if not r.ok or r.output_tokens < r.max_tokens:
+                out["failed"] += 1
+                continue
+            out["ttft"] += r.ttft > self.ttft(r.prompt_len)
+            out["tpot"] += r.tpot is not None and r.tpot > self.tpot
+        return out
+
     def to_json(self) -> dict:
         return {"ttft_a_s": self.a, "ttft_b_s_per_token": self.b, "tpot0_s": self.tpot0,
                 "k_ttft": self.k_ttft, "k_tpot": self.k_tpot, "tpot_target_s": self.tpot}
@@ -198,9 +210,11 @@ def sweep(args: argparse.Namespace, label: str, base_url: str, requests_at, targ
         share = attainment(run.records, targets)
         failed = sum(not r.ok for r in run.records)
         ttfts = [r.ttft for r in run.records if r.ok]
+        misses = targets.misses(run.records)
         print(f"  {label:10s} rate {rate:6.3g}/s  attainment {share:6.1%}  failed {failed:3d}  "
-              f"TTFT p50 {np.median(ttfts) if ttfts else math.nan:7.2f} s", flush=True)
-        points[rate] = {"attainment": share, "failed": failed, "requests": len(run.records),
+              f"TTFT p50 {np.median(ttfts) if ttfts else math.nan:7.2f} s  over TTFT {misses['ttft']:3d}  "
+              f"over TPOT {misses['tpot']:3d}", flush=True)
+        points[rate] = {"attainment": share, "failed": failed, "requests": len(run.records), "misses": misses,
                         "ttft_p50_s": float(np.median(ttfts)) if ttfts else None,
                         "tpot_p50_s": float(np.median([t for r in run.records if r.ok and (t := r.tpot)])) if ttfts
                         else None}

@@ -50,9 +50,14 @@ def _threads(text: str) -> int | str:
 
 THREADS_HELP = ("torch threads per worker: 'auto' (default) gives each worker an equal share of this "
                 "process's cores, pinned, one thread per core; N: N threads pinned to N cores")
+QUANTIZATION_HELP = ("how weights are held (CPU): auto (a GGUF file's blocks for small batches, dense float32 "
+                     "for large ones), none (dense float32), gguf or q4 (the GGUF file's own blocks for every "
+                     "batch, no dense copy: the least memory), int8 (every weight quantized at load to int8 "
+                     "blocks, from any checkpoint)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pdserve.runtime.config import QUANTIZATIONS
     from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
@@ -74,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-model-len", type=_positive_int, default=None,
                      help="cap the context length (default: the model's)")
     gen.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
+    gen.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help=QUANTIZATION_HELP)
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="generate exactly --max-tokens tokens, past end of sequence (for timing runs)")
     return parser
 
 
@@ -81,6 +89,7 @@ def _add_serve_parser(sub) -> None:
     from pdserve.cluster.control.router import POLICIES
     from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES
     from pdserve.kv_transfer.transports.base import KINDS
+    from pdserve.runtime.config import QUANTIZATIONS
     from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
     serve = sub.add_parser("serve", help="run the cluster: workers on Ray, OpenAI HTTP and gRPC gateway")
@@ -144,6 +153,7 @@ def _add_serve_parser(sub) -> None:
                        help="a worker whose engine loop makes no progress for this long (a stuck step, a "
                             "dead thread) is replaced and its requests end with an error")
     serve.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
+    serve.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help=QUANTIZATION_HELP)
     serve.add_argument("--compile", action="store_true",
                        help="torch.compile the decoder layers at worker start-up (CPU; off by default: "
                             "slower in serving on small machines, see bench/results/engine_speed.md)")
@@ -284,7 +294,7 @@ def _serve(args: argparse.Namespace) -> int:
             on_transfer_failure=args.on_transfer_failure, kv_transport=args.kv_transport,
             kv_host="127.0.0.1" if args.address is None else None, speculative=speculative,
             device=args.device, gpus_per_worker=args.gpus_per_worker, compile=args.compile,
-            engine_hang_timeout=args.engine_hang_timeout)
+            quantization=args.quantization, engine_hang_timeout=args.engine_hang_timeout)
         scaling = _scaling_policy(args)
         config = GatewayConfig(
             spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
@@ -409,7 +419,7 @@ def _generate(args: argparse.Namespace) -> int:
         params = SamplingParams(**{name: getattr(args, name) for name in SAMPLING_FIELDS if hasattr(args, name)})
         print(f"pdserve: loading {args.model} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        llm = LLM(args.model, max_model_len=args.max_model_len)
+        llm = LLM(args.model, max_model_len=args.max_model_len, quantization=args.quantization)
         print(f"pdserve: loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
         tokenizer = llm.get_tokenizer()
         if args.chat:
@@ -417,7 +427,7 @@ def _generate(args: argparse.Namespace) -> int:
         else:
             prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
         outputs = llm.stream(prompt_ids, params)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -73,8 +73,8 @@ class LayerSkipModel(nn.Module):
     self-draft costs only its KV pool. Decoder layer i reads and writes layer i of the pool
     it is given, so that pool needs `num_layers` layers. The forward and the logits are
     the target class's own, run over this object's shorter `layers`; they read only
-    `kernels`, `embed_tokens`, `layers`, `fused_layers`, `norm`, `cos_sin_cache`, `lm_head`
-    and `head_blocks`.
+    `kernels`, `embed_tokens`, `embed_blocks`, `layers`, `fused_layers`, `norm`,
+    `cos_sin_cache`, `lm_head` and `head_blocks`.
     """
 
     def __init__(self, target: nn.Module, num_layers: int) -> None:
@@ -85,6 +85,7 @@ class LayerSkipModel(nn.Module):
         self.config = dataclasses.replace(target.config, num_layers=num_layers)
         self.kernels = target.kernels
         self.embed_tokens = target.embed_tokens
+        self.embed_blocks = target.embed_blocks
         self.layers = target.layers[:num_layers]
         self.norm = target.norm
         self.lm_head = target.lm_head

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.engine import EngineCore
-from pdserve.runtime.config import CacheConfig, SchedulerConfig
+from pdserve.runtime.config import CacheConfig, DeviceConfig, SchedulerConfig
 from pdserve.runtime.loader import load_model
 from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
@@ -55,13 +55,18 @@ class LLM:
         kv_cache_memory_bytes: int = 512 * 1024**2,
         num_kv_blocks: int | None = None,
         enable_prefix_caching: bool = True,
+        quantization: str = "auto",
     ) -> None:
+        """`quantization`: how weights are held (see DeviceConfig.quantization): auto,
+        none, gguf (or q4), int8."""
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
                             memory_bytes=kv_cache_memory_bytes)
         scheduler = SchedulerConfig(max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens,
                                     max_prefill_chunk=min(max_prefill_chunk, max_num_batched_tokens))
-        self._loaded = load_model(model, cache=cache, max_model_len=max_model_len)
+        self._loaded = load_model(model, cache=cache, max_model_len=max_model_len,
+                                  device_config=DeviceConfig(device="cpu", dtype=torch.float32,
+                                                             quantization=quantization))
         grammars = GrammarCompiler(self._loaded.tokenizer, self._loaded.runner.config.vocab_size,
                                    self._loaded.info.eos_token_ids)
         self.engine = EngineCore(self._loaded.runner, self._loaded.info, scheduler, enable_prefix_caching,

@@ -179,6 +179,9 @@ class SpeculativeConfig:
             raise ConfigError(f"draft_layers must be >= 1, got {self.draft_layers}")
 
 
+QUANTIZATIONS = ("auto", "none", "gguf", "q4", "int8")  # see DeviceConfig.quantization
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
     """Where the model runs and with which kernels.
@@ -194,10 +197,21 @@ class DeviceConfig:
         on the 2-core machine it measured slower in serving (dynamo's per-call cost on 60
         calls a step outweighs the fused norms and RoPE). CUDA replays graphs instead and
         ignores it.
-    weight_blocks: on the CPU, linear layers of GGUF checkpoints stored as Q4_1 or Q8_0
-        compute batches of up to 16 rows from those blocks (bit-identical float32
-        weights, 4-6x fewer bytes streamed per decode step); larger batches use the dense
-        copy.
+    quantization: how the weights of linear layers (and the embedding) are held, on the
+        CPU in float32 arithmetic (the blocks are pdserve.kernels.block_linear's):
+        "auto"  a GGUF checkpoint's Q4_1/Q8_0 blocks for batches of up to
+                BLOCK_LINEAR_MAX_ROWS rows (bit-identical weights, 4-6x fewer bytes
+                streamed per decode step), the dense float32 copy for larger ones (the
+                fastest prefill, the most memory); dense only for other checkpoints;
+        "none"  the dense float32 weights only;
+        "gguf"  the GGUF file's own blocks for every batch and no dense copy of what they
+                hold (the least memory; "q4" is the same); an error for a checkpoint with
+                no Q4_1/Q8_0 blocks;
+        "int8"  every weight quantized at load to Q8_0 blocks (int8, one float16 scale
+                per 32 weights of a row) from the dense weights of any checkpoint; no
+                dense copy.
+        Either way a row's result never depends on the other rows of its batch (no
+        per-batch scales). On CUDA only "auto" and "none" for now.
     """
 
     device: str = "auto"
@@ -205,13 +219,20 @@ class DeviceConfig:
     kernels: str = "auto"
     cuda_graphs: bool = True
     compile: bool = False
-    weight_blocks: bool = True
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.kernels not in ("auto", "cpu", "triton", "reference"):
             raise ConfigError(f"kernels must be auto, cpu, triton or reference, got {self.kernels!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+
+    @property
+    def blocks_only(self) -> bool:
+        """Whether quantized layers keep no dense copy (every mode but auto and none)."""
+        return self.quantization not in ("auto", "none")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, Model
 from pdserve.runtime.forward_batch import ForwardBatch
 from pdserve.runtime.kv_pool import KVPool
 from pdserve.runtime.models import MODEL_CLASSES
+from pdserve.runtime.weights.quantize import quantizable, quantize_blocks
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,28 @@ class Placement:
         kernels = config.kernels if config.kernels != "auto" else default_kernels(device, dtype)
         return cls(device, dtype, kernels, config.cuda_graphs and on_cuda and kernels == "triton",
                    config.compile and not on_cuda and kernels != "triton")
+
+
+def _hold_weights(model, quantization: str, weight_blocks: Iterable[tuple[str, str, torch.Tensor]],
+                  blocks_computable: bool) -> None:
+    """Give a CPU model its blocks as `quantization` says (see DeviceConfig), after its
+    dense weights are loaded; `blocks_computable`: float32 with the CPU kernels built."""
+    if quantization == "none":
+        return
+    if not blocks_computable:
+        if quantization == "auto":
+            return
+        raise ConfigError(f"quantization {quantization!r} needs the CPU kernels (a C++ compiler) and float32")
+    if quantization == "int8":
+        count = model.quantize_weights("q8_0", quantize_blocks, quantizable)
+    else:
+        count = model.load_blocks(weight_blocks)
+    if quantization == "auto":
+        return
+    if not count:
+        raise ConfigError(f"quantization {quantization!r}: this checkpoint has no GGUF blocks the CPU kernels "
+                          f"compute from (Q4_1 or Q8_0); use int8 or none")
+    model.drop_dense_weights()
 
 
 class ModelRunner:
@@ -98,11 +121,14 @@ class ModelRunner:
         model.eval()
         if placement.device.type == "cpu":
             model.store_weights_input_major()
-            if (device_config.weight_blocks and placement.dtype == torch.float32
-                    and placement.kernels != "triton" and cpu_kernels_available()):
-                model.load_blocks(weight_blocks)
+            _hold_weights(model, device_config.quantization, weight_blocks,
+                          placement.dtype == torch.float32 and placement.kernels != "triton"
+                          and cpu_kernels_available())
             if kernels.name == "cpu" and not placement.compiled:
                 model.fuse_layers()  # last: it holds the weights and blocks as they are now
+        elif device_config.blocks_only:
+            raise ConfigError(f"quantization {device_config.quantization!r} runs on the CPU only for now; "
+                              f"use auto or none on {placement.device}")
         pool = KVPool.for_model(config, cache, placement.device)
         graphs = None
         if placement.cuda_graphs:
@@ -126,8 +152,19 @@ class ModelRunner:
         blocks = sorted({m.blocks.kind for m in self.model.modules() if getattr(m, "blocks", None)}
                         | ({self.model.head_blocks.kind} if getattr(self.model, "head_blocks", None) else set()))
         if blocks:
-            parts.append(f"small batches from GGUF blocks ({', '.join(blocks)})")
+            dense = any(m.weight is not None for m in self.model.modules() if getattr(m, "block_kind", None))
+            parts.append(f"{'small batches' if dense else 'every batch'} from GGUF blocks ({', '.join(blocks)})")
         return ", ".join(parts)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the model holds (dense tensors and blocks, each once)."""
+        tensors = {t.data_ptr(): t.numel() * t.element_size() for t in self.model.parameters()}
+        for module in self.model.modules():
+            for blocks in (getattr(module, "blocks", None), getattr(module, "head_blocks", None),
+                           getattr(module, "embed_blocks", None)):
+                if blocks is not None:
+                    tensors[blocks.data.data_ptr()] = blocks.data.numel()
+        return sum(tensors.values())
 
     @property
     def config(self) -> ModelConfig:

@@ -30,6 +30,9 @@ def test_targets_scale_the_unloaded_line_and_tpot():
     assert not targets.met(_record(200, 0.5, 0.6, tokens=3))  # cut short
     assert not targets.met(RequestRecord(200, 9, error="HTTP 429"))  # refused or failed: a miss
     assert goodput.attainment([_record(200, 1.4, 1.5), _record(200, 1.6, 1.7)], targets) == 0.5
+    records = [_record(200, 1.4, 1.5), _record(200, 1.6, 1.7), _record(200, 1.6, 1.6 + 8 * 0.05),
+               _record(200, 0.5, 0.5 + 8 * 0.05), _record(200, 0.5, 0.6, tokens=3), RequestRecord(200, 9, error="x")]
+    assert targets.misses(records) == {"failed": 2, "ttft": 2, "tpot": 2}
 
 
 def test_calibration_needs_two_answers():

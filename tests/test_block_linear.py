@@ -96,7 +96,7 @@ def test_smollm2_greedy_tokens_are_the_same_with_blocks_on_and_off():
 
     def greedy(weight_blocks: bool) -> dict[str, list[int]]:
         loaded = load_model("smollm2-135m-instruct", device_config=DeviceConfig(
-            device="cpu", compile=False, weight_blocks=weight_blocks))
+            device="cpu", compile=False, quantization="auto" if weight_blocks else "none"))
         uses_blocks = "GGUF blocks" in loaded.runner.describe()
         assert uses_blocks == weight_blocks
         engine = EngineCore(loaded.runner, loaded.info, SchedulerConfig(), enable_prefix_caching=False)

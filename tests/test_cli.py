@@ -11,6 +11,7 @@ import torch
 
 from pdserve.cluster import cli
 from pdserve.cluster.cli import build_parser, check_open_bind, is_loopback_host, main
+from pdserve.kernels.cpu_extension import cpu_kernels_available
 from pdserve.runtime.threads import available_cores, pin_process
 
 
@@ -31,6 +32,21 @@ def test_generate_on_a_hf_directory_streams_text(tiny_llama_dir, capsys):
     assert rc == 0
     assert out.endswith("\n") and "pdserve:" not in out
     assert "generated in" in err and "finish reason" in err
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="int8 weights need the C++ CPU kernels (no compiler here)")
+def test_generate_with_int8_weights_and_ignore_eos_makes_exactly_max_tokens(tiny_llama_dir, capsys):
+    rc = main(["generate", "--model", str(tiny_llama_dir), "--prompt", "Hello world", "--max-tokens", "9",
+               "--quantization", "int8", "--ignore-eos"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "9 generated in" in err and "finish reason: length" in err
+
+
+def test_a_quantization_a_checkpoint_cannot_take_is_a_clear_error(tiny_llama_dir, capsys):
+    rc = main(["generate", "--model", str(tiny_llama_dir), "--prompt", "hi", "--quantization", "gguf"])
+    assert rc == 2
+    assert "no GGUF blocks" in capsys.readouterr().err
 
 
 def test_seeded_sampling_is_reproducible(tiny_llama_dir, capsys):

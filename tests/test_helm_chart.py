@@ -236,6 +236,7 @@ def test_serve_arguments_parse_with_the_cli(chart):
     assert (args.model, args.prefill_workers, args.decode_workers) == ("smollm2-135m-instruct", 1, 1)
     assert (args.router, args.kv_transport, args.speculative, args.no_prefix_caching) == (
         "prefix_aware", None, None, False)
+    assert args.quantization == "auto"
 
     gpu = parse_serve(serve_args(render(chart, GPU_VALUES)))
     assert (gpu.model, gpu.served_model_name) == ("/models/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct")
@@ -247,11 +248,12 @@ def test_serve_arguments_parse_with_the_cli(chart):
     custom = parse_serve(serve_args(render(chart, {
         "serve": {"prefillWorkers": 2, "decodeWorkers": 3, "router": "least_load", "kvTransport": "nccl",
                   "prefixCaching": False, "speculative": "ngram", "numSpeculativeTokens": 5,
-                  "transferTimeout": 12.5, "onTransferFailure": "fail", "extraArgs": ["--threads", "4"]},
+                  "transferTimeout": 12.5, "onTransferFailure": "fail", "quantization": "int8",
+                  "extraArgs": ["--threads", "4"]},
         "gateway": {"httpPort": 9000, "grpcPort": 9001},
         "prefill": {"maxReplicas": 2}, "decode": {"maxReplicas": 3}})))
     assert (custom.prefill_workers, custom.decode_workers, custom.router) == (2, 3, "least_load")
-    assert (custom.kv_transport, custom.no_prefix_caching) == ("nccl", True)
+    assert (custom.kv_transport, custom.no_prefix_caching, custom.quantization) == ("nccl", True, "int8")
     assert (custom.speculative, custom.num_speculative_tokens) == ("ngram", 5)
     assert (custom.draft_model, custom.draft_layers) == (None, None)
 

@@ -40,6 +40,7 @@ class WorkerSpec:
     device: str = "auto"  # where workers run the model: auto (CUDA if the process sees one), cpu, cuda[:N]
     gpus_per_worker: float = 0.0  # Ray GPUs each worker actor asks for (1 on a GPU pool)
     compile: bool = False  # torch.compile the decoder layers at start-up (CPU)
+    quantization: str = "auto"  # how weights are held: see runtime.config.DeviceConfig.quantization
     # Seconds an engine loop may go without progress (one step running, or a stuck
     # thread) before its worker counts as hung and is replaced: far above any one step.
     engine_hang_timeout: float = 120.0
@@ -68,7 +69,7 @@ class WorkerSpec:
 
     @property
     def device_config(self) -> DeviceConfig:
-        return DeviceConfig(device=self.device, compile=self.compile)
+        return DeviceConfig(device=self.device, compile=self.compile, quantization=self.quantization)
 
     @property
     def cache_config(self) -> CacheConfig:

@@ -19,15 +19,16 @@
 namespace {
 
 // One linear layer as models/llama.py's Linear computes it: from its GGUF blocks for up to
-// `max_block_rows` rows when it has them, else the dense weight.
+// `max_block_rows` rows when it has them, else the dense weight; from the blocks for any
+// number of rows when it has no dense weight (quantized models keep none).
 struct LinearWeights {
-  torch::Tensor weight;  // [out, in] (any layout)
+  torch::Tensor weight;  // [out, in] (any layout); undefined when the layer keeps blocks only
   c10::optional<torch::Tensor> bias;
   c10::optional<torch::Tensor> blocks;  // [out, in / 32, bytes] uint8
   std::string kind;
 
   torch::Tensor operator()(const torch::Tensor& x, int64_t max_block_rows) const {
-    if (blocks.has_value() && x.size(0) <= max_block_rows) {
+    if (blocks.has_value() && (!weight.defined() || x.size(0) <= max_block_rows)) {
       auto y = block_linear(x, *blocks, kind);
       return bias.has_value() ? y.add_(*bias) : y;
     }
@@ -38,12 +39,13 @@ struct LinearWeights {
 LinearWeights linear_from(const py::tuple& t) {
   TORCH_CHECK(t.size() == 4, "a linear layer is (weight, bias, blocks, kind)");
   LinearWeights w;
-  w.weight = t[0].cast<torch::Tensor>();
+  if (!t[0].is_none()) w.weight = t[0].cast<torch::Tensor>();
   if (!t[1].is_none()) w.bias = t[1].cast<torch::Tensor>();
   if (!t[2].is_none()) {
     w.blocks = t[2].cast<torch::Tensor>();
     w.kind = t[3].cast<std::string>();
   }
+  TORCH_CHECK(w.weight.defined() || w.blocks.has_value(), "a linear layer needs a dense weight or blocks");
   return w;
 }
 
@@ -57,7 +59,7 @@ struct LayerWeights {
 class DecoderLayers {
  public:
   // layers: per layer (input_norm, qkv, o, post_attention_norm, gate_up, down), each
-  // linear as (weight, bias or None, blocks or None, kind or None).
+  // linear as (weight or None, bias or None, blocks or None, kind or None).
   DecoderLayers(const py::list& layers, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
                 double scale, int64_t max_block_rows)
       : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale),

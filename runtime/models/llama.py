@@ -11,14 +11,14 @@ construction; every module calls its functions and knows nothing of either famil
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.kernels.block_linear import block_linear
+from pdserve.kernels.block_linear import block_linear, dequantize_blocks_ref
 from pdserve.kernels.cpu_layer_ops import decoder_layers_cpu, rms_norm_cpu
 from pdserve.kernels.rope import rope_cos_sin_cache
 from pdserve.runtime.attention_backend import Kernels, reference_kernels
@@ -53,15 +53,21 @@ class Linear(nn.Module):
 
     def use_blocks(self, blocks: WeightBlocks) -> None:
         """Compute batches of up to BLOCK_LINEAR_MAX_ROWS rows from `blocks`, which hold
-        exactly this layer's weight."""
+        exactly this layer's weight (or a quantization of it)."""
         self.block_kind, self.block_data = blocks.kind, blocks.data
+
+    def drop_dense(self) -> None:
+        """Keep the blocks only: every batch then computes from them."""
+        if self.block_kind is None:
+            raise ValueError("a linear layer without blocks must keep its dense weight")
+        self.weight = None
 
     @property
     def blocks(self) -> WeightBlocks | None:
         return None if self.block_kind is None else WeightBlocks(self.block_kind, self.block_data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.block_kind is not None and x.shape[0] <= BLOCK_LINEAR_MAX_ROWS:
+        if self.block_kind is not None and (self.weight is None or x.shape[0] <= BLOCK_LINEAR_MAX_ROWS):
             y = block_linear(x, self.block_data, self.block_kind)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
@@ -177,6 +183,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, self.kernels)
         self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
         self.head_blocks: WeightBlocks | None = None  # the LM head in GGUF blocks, on the CPU
+        self.embed_blocks: WeightBlocks | None = None  # the embedding in GGUF blocks, on the CPU
         self.fused_layers = None  # the layers as one C++ call, see fuse_layers
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer(
@@ -189,7 +196,10 @@ class LlamaForCausalLM(nn.Module):
         (later layers never write them again), so they can be shipped while the rest of
         the forward runs."""
         self.kernels.attention.prepare(batch)
-        x = F.embedding(batch.input_ids, self.embed_tokens)
+        if self.embed_tokens is None:  # blocks only: rebuild the rows asked for, exactly
+            x = dequantize_blocks_ref(self.embed_blocks.data[batch.input_ids], self.embed_blocks.kind)
+        else:
+            x = F.embedding(batch.input_ids, self.embed_tokens)
         residual = None
         if self.fused_layers is not None:
             query_start, seq_lens = self.kernels.attention.lengths(batch)
@@ -244,10 +254,40 @@ class LlamaForCausalLM(nn.Module):
                 param.data = param.data.t().contiguous().t()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.head_blocks is not None and hidden.shape[0] <= BLOCK_LINEAR_MAX_ROWS:
+        head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        if self.head_blocks is not None and (head is None or hidden.shape[0] <= BLOCK_LINEAR_MAX_ROWS):
             return self.head_blocks.linear(hidden)
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
         return F.linear(hidden, head).float()
+
+    def quantize_weights(self, kind: str, quantize: Callable[[torch.Tensor], torch.Tensor],
+                         quantizable: Callable[[torch.Tensor], bool]) -> int:
+        """Give every linear layer, the embedding and the LM head blocks of `kind` made
+        from their dense weights by `quantize` (a weight [out, in] -> blocks [out, in / 32,
+        bytes]); weights that are not `quantizable` stay dense only. After `load_weights`,
+        instead of `load_blocks`. Returns how many layers (head included) got blocks."""
+        count = 0
+        for module in self.modules():
+            if isinstance(module, Linear) and quantizable(module.weight):
+                module.use_blocks(WeightBlocks(kind, quantize(module.weight)))
+                count += 1
+        if quantizable(self.embed_tokens):
+            self.embed_blocks = WeightBlocks(kind, quantize(self.embed_tokens))
+        if self.config.tie_word_embeddings:
+            self.head_blocks = self.embed_blocks
+        elif quantizable(self.lm_head):
+            self.head_blocks = WeightBlocks(kind, quantize(self.lm_head))
+        return count + int(self.head_blocks is not None)
+
+    def drop_dense_weights(self) -> None:
+        """Free the dense copy of every weight that has blocks (the blocks then serve every
+        batch size). After `load_blocks` or `quantize_weights`, before `fuse_layers`."""
+        for module in self.modules():
+            if isinstance(module, Linear) and module.block_kind is not None:
+                module.drop_dense()
+        if self.embed_blocks is not None:
+            self.embed_tokens = None
+        if self.lm_head is not None and self.head_blocks is not None:
+            self.lm_head = None
 
     def load_blocks(self, blocks: Iterable[tuple[str, str, torch.Tensor]]) -> int:
         """Give linear layers (and the LM head) their GGUF blocks, from HF-named
@@ -258,7 +298,9 @@ class LlamaForCausalLM(nn.Module):
         for hf_name, kind, data in blocks:
             name = hf_name.removeprefix("model.").removesuffix(".weight")
             if name in ("embed_tokens", "lm_head"):
-                if (name == "lm_head") == (self.lm_head is not None):
+                if name == "embed_tokens":
+                    self.embed_blocks = WeightBlocks(kind, data)
+                if (name == "lm_head") != self.config.tie_word_embeddings:
                     self.head_blocks = WeightBlocks(kind, data)
                 continue
             index = 0

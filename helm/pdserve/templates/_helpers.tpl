@@ -171,7 +171,8 @@ process as "$@" (see raycluster.yaml), so no value is ever parsed by a shell.
     "--max-in-flight" (toString $s.maxInFlight)
     "--transfer-timeout" (toString $s.transferTimeout)
     "--on-transfer-failure" $s.onTransferFailure
-    "--threads" (toString $s.threads)) }}
+    "--threads" (toString $s.threads)
+    "--quantization" $s.quantization) }}
 {{- with $s.kvTransport }}
 {{- $args = concat $args (list "--kv-transport" .) }}
 {{- end }}

@@ -1,0 +1,36 @@
+"""Quantizing dense weights at load time into the GGUF block formats the CPU kernels compute
+from (pdserve.kernels.block_linear), with the gguf package's own quantizers: a model from
+any checkpoint (safetensors included) then runs like one loaded from a quantized GGUF file.
+
+Q8_0 is the int8 weight-only format: per row, blocks of 32 weights as int8 with one
+float16 scale d = max|w| / 127, weight = d * q. Quantization is per row and per block,
+never across rows, so it needs no calibration data and a row's output depends on its own
+inputs only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+
+BLOCK = 32
+_KINDS = {"q8_0": GGMLQuantizationType.Q8_0}
+
+
+def quantizable(weight: torch.Tensor) -> bool:
+    """Whether `weight` [out, in] splits into whole blocks along its rows."""
+    return weight.dim() == 2 and weight.shape[1] % BLOCK == 0
+
+
+def quantize_blocks(weight: torch.Tensor, kind: str = "q8_0") -> torch.Tensor:
+    """A float weight [out, in] (in a multiple of 32) as blocks [out, in / 32, bytes] uint8
+    of `kind`, laid out as in a GGUF file."""
+    if kind not in _KINDS:
+        raise ValueError(f"cannot quantize to {kind!r}; kinds: {', '.join(_KINDS)}")
+    if not quantizable(weight):
+        raise ValueError(f"a weight of shape {tuple(weight.shape)} does not split into blocks of {BLOCK}")
+    rows = weight.detach().to("cpu", torch.float32).contiguous().numpy()
+    data = quantize(rows, _KINDS[kind])  # [out, in / 32 * bytes]
+    return torch.from_numpy(np.ascontiguousarray(data)).view(weight.shape[0], weight.shape[1] // BLOCK, -1)

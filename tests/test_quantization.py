@@ -1,0 +1,181 @@
+"""Weights held quantized (`DeviceConfig.quantization`): GGUF blocks only, or int8 blocks made
+at load. Checked against the dense float32 model on tiny random checkpoints and on SmolLM2
+(perplexity over tests/data/perplexity_text.txt), for memory held, and for rows whose
+results never depend on their neighbours in a batch.
+
+llama.cpp on the same GGUF file is the other oracle (bench extra, see
+bench/quantization.py); these tests need only torch and the gguf package."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from pdserve.engine.engine import EngineCore
+from pdserve.kernels.block_linear import block_linear, dequantize_blocks_ref
+from pdserve.kernels.cpu_extension import cpu_kernels_available
+from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, SchedulerConfig
+from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
+from pdserve.runtime.loader import load_model
+from pdserve.runtime.sampling_params import SamplingParams
+from pdserve.runtime.weights.quantize import quantize_blocks
+
+TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
+needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels_available(),
+                                       reason="block weights need the C++ CPU kernels (no compiler here)")
+
+
+def _load(model: str, quantization: str, **cache):
+    return load_model(model, cache=CacheConfig(**cache) if cache else None,
+                      device_config=DeviceConfig(device="cpu", compile=False, quantization=quantization))
+
+
+def _logits(loaded, prompt: list[int]) -> torch.Tensor:
+    """Logits [P, V] of every prompt position, one forward over the whole prompt."""
+    runner = loaded.runner
+    blocks = list(range(-(-len(prompt) // runner.pool.block_size)))
+    batch = ForwardBatch.build([SeqChunk(prompt, 0, blocks, True, len(prompt))], runner.pool.block_size, "cpu")
+    with torch.inference_mode():
+        return runner.model.compute_logits(runner.model(batch, runner.pool))
+
+
+# ------------------------------------------------------------------ the int8 format
+
+
+def test_int8_blocks_are_gguf_q8_0_within_half_a_step_of_the_weights():
+    weight = torch.randn(48, 96) * torch.linspace(0.01, 3.0, 96)
+    blocks = quantize_blocks(weight)
+    assert blocks.shape == (48, 3, 34) and blocks.dtype == torch.uint8
+    rebuilt = dequantize_blocks_ref(blocks, "q8_0")
+    # The gguf package reads the bytes as the same weights.
+    theirs = dequantize(blocks.reshape(48, -1).numpy(), GGMLQuantizationType.Q8_0)
+    assert torch.equal(rebuilt, torch.from_numpy(np.asarray(theirs, dtype=np.float32)).reshape(48, 96))
+    step = weight.reshape(48, 3, 32).abs().amax(-1, keepdim=True) / 127  # d of each block
+    error = (rebuilt - weight).reshape(48, 3, 32).abs()
+    # Half a step of rounding, plus d's own rounding to float16 (2^-11 relative) times q <= 127.
+    assert (error <= step * (0.5 + 127 * 2**-11)).all()
+    assert (error > step * 0.45).any()  # and it is a real int8 grid, not a finer one
+
+
+def test_a_weight_that_does_not_split_into_blocks_is_refused():
+    with pytest.raises(ValueError, match="blocks of 32"):
+        quantize_blocks(torch.randn(4, 48))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
+def test_a_rows_product_is_the_same_whatever_else_is_in_the_batch(kind):
+    weight = torch.randn(80, 128)
+    blocks = quantize_blocks(weight) if kind == "q8_0" else _q4_1(weight)
+    x = torch.randn(64, 128)
+    together = block_linear(x, blocks, kind)
+    for rows in (1, 3, 8, 25, 64):
+        assert torch.equal(block_linear(x[:rows], blocks, kind), together[:rows]), rows
+    assert torch.equal(block_linear(x[17:18], blocks, kind), together[17:18])
+
+
+def _q4_1(weight: torch.Tensor) -> torch.Tensor:
+    from gguf.quants import quantize
+
+    data = quantize(weight.numpy(), GGMLQuantizationType.Q4_1)
+    return torch.from_numpy(np.ascontiguousarray(data)).view(weight.shape[0], weight.shape[1] // 32, -1)
+
+
+# ------------------------------------------------------------------ models
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"], ids=["untied-head", "tied-qwen2"])
+def test_int8_weights_keep_the_dense_models_logits_and_no_dense_copy(fixture, request):
+    path = str(request.getfixturevalue(fixture))
+    dense, int8 = _load(path, "none"), _load(path, "int8")
+    assert "every batch from GGUF blocks (q8_0)" in int8.runner.describe()
+    model = int8.runner.model
+    assert model.embed_tokens is None and all(
+        m.weight is None for m in model.modules() if hasattr(m, "block_kind"))
+    assert int8.runner.weight_bytes() < 0.3 * dense.runner.weight_bytes()
+    prompt = list(range(5, 45))
+    ours, theirs = _logits(int8, prompt), _logits(dense, prompt)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.95
+    assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+
+
+def test_gguf_blocks_only_needs_a_checkpoint_that_has_them(tiny_llama_dir):
+    with pytest.raises(ConfigError, match="no GGUF blocks"):
+        _load(str(tiny_llama_dir), "gguf")
+
+
+def test_an_unknown_quantization_is_refused():
+    with pytest.raises(ConfigError, match="quantization must be one of"):
+        DeviceConfig(quantization="fp4")
+
+
+def test_quantized_weights_need_the_cpu_kernels(tiny_llama_dir, monkeypatch):
+    from pdserve.runtime import model_runner
+
+    monkeypatch.setattr(model_runner, "cpu_kernels_available", lambda: False)
+    with pytest.raises(ConfigError, match="needs the CPU kernels"):
+        _load(str(tiny_llama_dir), "int8")
+    assert "blocks" not in _load(str(tiny_llama_dir), "auto").runner.describe()  # auto just goes without
+
+
+@pytest.fixture(scope="module")
+def smollm2_modes():
+    """SmolLM2 held each way, loaded once for the module."""
+    if not cpu_kernels_available():
+        pytest.skip("block weights need the C++ CPU kernels (no compiler here)")
+    return {mode: _load("smollm2-135m-instruct", mode, num_blocks=160) for mode in ("none", "gguf", "int8")}
+
+
+def _perplexity(loaded, tokens: list[int]) -> float:
+    logprobs = torch.log_softmax(_logits(loaded, tokens).double(), dim=-1)
+    picked = logprobs[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+    return math.exp(-picked.mean().item())
+
+
+@pytest.mark.slow
+def test_smollm2_quantized_weights_hold_less_and_keep_perplexity(smollm2_modes):
+    none, gguf, int8 = (smollm2_modes[m] for m in ("none", "gguf", "int8"))
+    tokens = none.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)[:2048]
+    assert len(tokens) > 1500
+    dense_ppl, gguf_ppl, int8_ppl = (_perplexity(m, tokens) for m in (none, gguf, int8))
+    # gguf: the file's own weights, bit for bit, so only summation order differs.
+    assert gguf_ppl == pytest.approx(dense_ppl, rel=1e-4)
+    # int8 of the (Q4_1-dequantized) weights: within 1% of them.
+    assert int8_ppl == pytest.approx(dense_ppl, rel=0.01)
+    assert 3 < dense_ppl < 60, dense_ppl  # a real model reading real text
+    assert gguf.runner.weight_bytes() < 0.2 * none.runner.weight_bytes()
+    assert int8.runner.weight_bytes() < 0.3 * none.runner.weight_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["gguf", "int8"])
+def test_smollm2_greedy_tokens_do_not_depend_on_the_batch(smollm2_modes, mode):
+    loaded = smollm2_modes[mode]
+    tokenizer = loaded.tokenizer
+    questions = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
+                 "What is 12 times 12?", "Explain what a lighthouse does in one sentence."]
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    def run(batch: list[int]) -> dict[int, list[int]]:
+        engine = EngineCore(loaded.runner, loaded.info, SchedulerConfig(max_num_batched_tokens=64,
+                                                                        max_prefill_chunk=16),
+                            enable_prefix_caching=False)
+        for index in batch:
+            engine.add_request(str(index), prompts[index], params)
+        out: dict[int, list[int]] = {}
+        while engine.has_unfinished:
+            for delta in engine.step():
+                out.setdefault(int(delta.request_id), []).extend(delta.token_ids)
+        return out
+
+    together = run(list(range(len(prompts))))
+    for index in range(len(prompts)):
+        assert run([index])[index] == together[index], questions[index]
