@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-timeout", type=float, default=300.0)
     p.add_argument("--server-stop-timeout", type=float, default=30.0)
     p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--keep-server-logs", action="store_true",
+                   help="keep each server's output (e.g. the planner's decisions); paths are printed")
     p.add_argument("--peer-url", help="vLLM from ../shared/peers/vllm-cpu.sh serve PORT")
     p.add_argument("--peer-name", default="vllm")
     p.add_argument("--peer-flavor", choices=sorted(FLAVORS), default="vllm")

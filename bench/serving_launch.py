@@ -62,7 +62,8 @@ def launched_server(args: argparse.Namespace, server_args: str,
                           {"--model": args.model, "--host": "127.0.0.1", "--api-key": args.api_key})
     command = shlex.split(args.serve_command) + extra + ["--port", str(port), "--grpc-port", str(grpc_port)]
     base_url = f"http://127.0.0.1:{port}"
-    # The output is kept only when something went wrong (the path is printed).
+    # The output is kept when something went wrong, or when asked (`args.keep_server_logs`);
+    # the path is printed either way.
     with tempfile.NamedTemporaryFile("wb", prefix="pdserve-bench-", suffix=".log", delete=False) as log:
         print(f"starting: {shlex.join(command)}\n  (output: {log.name})", file=sys.stderr, flush=True)
         try:
@@ -78,7 +79,8 @@ def launched_server(args: argparse.Namespace, server_args: str,
             yield base_url
         finally:
             stop_server(process, args.server_stop_timeout)
-    os.unlink(log.name)
+    if not getattr(args, "keep_server_logs", False):
+        os.unlink(log.name)
 
 
 def wait_healthy(process: subprocess.Popen, base_url: str, timeout: float, log_path: str) -> None:

@@ -8,6 +8,7 @@ Where the model runs (device, dtype, kernels, CUDA graphs) is fixed at creation 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Iterable
@@ -76,6 +77,17 @@ def _hold_weights(model, quantization: str, weight_blocks: Iterable[tuple[str, s
         raise ConfigError(f"quantization {quantization!r}: this checkpoint has no GGUF blocks the CPU kernels "
                           f"compute from (Q4_1 or Q8_0); use int8 or none")
     model.drop_dense_weights()
+    _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap pages freed with the dense weights back to the OS: glibc keeps them
+    otherwise (measured with SmolLM2 in gguf mode: 284 of its 513 MiB stayed resident).
+    A no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class ModelRunner:

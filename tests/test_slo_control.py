@@ -5,6 +5,7 @@ request in test_control_plane.py."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -49,15 +50,22 @@ def _router() -> Router:
     return Router(RoundRobin(), 4, PrefixIndex(), local_prefill_tokens=32)
 
 
-def test_a_plan_sets_the_routers_threshold_and_batch_cap_and_the_gauges():
+def test_a_plan_sets_the_routers_threshold_and_batch_cap_and_the_gauges(caplog):
     planner, router, metrics = _planned(), _router(), GatewayMetrics()
     plan = planner.last_plan
     assert plan.local_prefill_threshold == round(0.05 * plan.forecast.prefill_rate)  # h r
     assert plan.batch_limit is not None and plan.tpot == pytest.approx(0.03, rel=0.05)
     metrics.finished("stop", 1.0, ttft=0.5, tpot=0.04, num_tokens=10)
-    SLOControl(planner, router, metrics).apply()
+    control = SLOControl(planner, router, metrics)
+    with caplog.at_level(logging.INFO, logger="pdserve.cluster.control.slo_control"):
+        control.apply()
+        control.apply()  # the same plan again: logged once, when the knobs change
     assert router.local_prefill_tokens == plan.local_prefill_threshold
     assert router.decode_batch_cap == plan.batch_limit
+    changes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("planner:")]
+    assert len(changes) == 1
+    assert f"local prefill up to {plan.local_prefill_threshold} uncached tokens" in changes[0]
+    assert f"decode batch cap {plan.batch_limit}" in changes[0]
     # spill once the backlog is what the TTFT budget leaves: 0.8 x 2 s - (one prompt, hop, step)
     alone = 1000 / plan.forecast.prefill_rate + 0.05 + plan.tpot
     assert router.spill_backlog_tokens == round((0.8 * 2.0 - alone) * plan.forecast.prefill_rate)

@@ -33,6 +33,7 @@ far), instead of answering late. Before the planner has a plan, nothing is shed.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -40,6 +41,8 @@ from pdserve.cluster.control.planner import Plan, SLOPlanner
 from pdserve.cluster.control.router import Router
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
 from pdserve.cluster.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
 
 # The planner's local-prefill threshold is h r (module docstring of planner.py); a slow
 # measured hop must not turn every prompt local.
@@ -61,7 +64,13 @@ class SLOControl:
             return
         local = self.router.local_prefill_tokens if plan.local_prefill_threshold is None else \
             min(plan.local_prefill_threshold, MAX_LOCAL_PREFILL_TOKENS)
-        self.router.tune(local, plan.spill_backlog_tokens, plan.batch_limit)
+        knobs = (local, plan.spill_backlog_tokens, plan.batch_limit)
+        if knobs != (self.router.local_prefill_tokens, self.router.spill_backlog_tokens,
+                     self.router.decode_batch_cap):
+            log.info("planner: local prefill up to %d uncached tokens, spill from a %d-token backlog, decode "
+                     "batch cap %s (predicted TTFT %s s, TPOT %s s)", *knobs,
+                     *(f"{value:.3f}" if value is not None else "-" for value in (plan.ttft, plan.tpot)))
+        self.router.tune(*knobs)
         window = self.planner.policy.window_seconds
         observed_ttft, observed_tpot = self.metrics.recent_latencies(time.monotonic() - window)
         errors = self.planner.prediction_error(observed_ttft, observed_tpot)
