@@ -341,7 +341,8 @@ def _scaling_policy(args: argparse.Namespace):
     missing = [flag for flag, value in targets.items() if value is None]
     if missing:
         raise ConfigError(f"--autoscale slo needs its targets: {' and '.join(missing)} SECONDS")
-    return PlannerPolicy(ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, **counts)
+    return PlannerPolicy(ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo,
+                         decode_prefill_tokens=_decode_prefill_tokens(args), **counts)
 
 
 async def _run_gateway(config) -> int:

@@ -5,14 +5,15 @@ request in test_control_plane.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 import pytest
 
-from pdserve.cluster.cli import _scaling_policy, build_parser
+from pdserve.cluster.cli import DECODE_PREFILL_TOKENS, _scaling_policy, build_parser
 from pdserve.cluster.control.autoscaler import ScalingPolicy
-from pdserve.cluster.control.planner import PlannerPolicy, SLOPlanner
+from pdserve.cluster.control.planner import NO_SPILL_BACKLOG, PlannerPolicy, SLOPlanner
 from pdserve.cluster.control.router import PrefixIndex, RoundRobin, Router, WorkerView
 from pdserve.cluster.control.slo_control import MAX_LOCAL_PREFILL_TOKENS, SLOControl, predicted_ttft
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
@@ -44,6 +45,27 @@ def _planned(queued_tokens=2000) -> SLOPlanner:
     planner.observe(10.0, [_prefill(queued_tokens, computed=10_000, step_seconds=5.0, jobs=10, tail_seconds=0.5)],
                     [_decode(running=4, steps=100, step_seconds=3.0, stepped=400)])
     return planner
+
+
+@pytest.mark.parametrize(("chunk", "spills"), [(None, True), (64, True), (128, False)])
+def test_spilling_is_priced_in_the_decode_steps_tpot(chunk, spills, caplog):
+    """Decode steps of ~30 ms against 0.8 x 100 ms leave ~50 ms, ~95 prompt tokens at the
+    measured rate: a spilled prompt computed 64 tokens a step fits, 128 would push every
+    running request over its TPOT target, so the plan spills nothing."""
+    planner = SLOPlanner(dataclasses.replace(POLICY, decode_prefill_tokens=chunk))
+    planner.observe(0.0, [_prefill()], [_decode()])
+    planner.observe(10.0, [_prefill(2000, computed=10_000, step_seconds=5.0, jobs=10, tail_seconds=0.5)],
+                    [_decode(running=4, steps=100, step_seconds=3.0, stepped=400)])
+    plan = planner.last_plan
+    room = (0.8 * 0.1 - plan.tpot) * plan.forecast.prefill_rate
+    assert 64 < room < 128
+    budget = round(plan.forecast.queue_budget(1)[0] * plan.forecast.prefill_rate)
+    assert plan.spill_backlog_tokens == (budget if spills else NO_SPILL_BACKLOG)
+    router = _router()
+    with caplog.at_level(logging.INFO, logger="pdserve.cluster.control.slo_control"):
+        SLOControl(planner, router, GatewayMetrics()).apply()
+    assert router.spill_backlog_tokens == plan.spill_backlog_tokens
+    assert ("no spilling" in caplog.text) == (not spills)
 
 
 def _router() -> Router:
@@ -153,6 +175,7 @@ def test_autoscale_flags_choose_the_policy():
     planned = _policy("--autoscale", "slo", "--ttft-slo", "2", "--tpot-slo", "0.1", "--max-decode", "3")
     assert isinstance(planned, PlannerPolicy)
     assert (planned.ttft_slo, planned.tpot_slo, planned.max_decode) == (2.0, 0.1, 3)
+    assert planned.decode_prefill_tokens == DECODE_PREFILL_TOKENS  # what its decode workers compute a step
 
 
 @pytest.mark.parametrize(("flags", "message"), [

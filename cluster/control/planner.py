@@ -64,7 +64,14 @@ Suggestions, in the plan (the controller applies them):
     spill_backlog_tokens     B r prompt tokens, B the queue wait the TTFT budget leaves: from
                              a prefill backlog that long, a prompt routed behind it would
                              miss its target, so the router may prefill it on its decode
-                             worker when it waits less there (the router's spill rule)
+                             worker when it waits less there (the router's spill rule). A
+                             spilled prompt is computed `decode_prefill_tokens` per decode
+                             step, which lengthens every running request's step by that
+                             many tokens' compute: while f tpot_slo - t(c) leaves less
+                             room than that (in tokens at rate r), no spilling
+                             (NO_SPILL_BACKLOG): the TTFT one prompt saves would cost the
+                             whole decode batch its TPOT target (measured: past the knee,
+                             spills made most misses TPOT misses).
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ from pdserve.cluster.control.autoscaler import CountDamper, CountPolicy, Decisio
 from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.runtime.config import ConfigError
 
+NO_SPILL_BACKLOG = 1 << 40  # prompt tokens: a prefill backlog no worker reaches, so no spilling
 PRIOR_STEP_SECONDS = 1.0  # the prefill-rate prior weighs as much as this much measured step time
 # The step-time slope's prior weighs as much as two points two requests either side of
 # the mean batch: a steady load's own wander soon outweighs it.
@@ -99,6 +107,9 @@ class PlannerPolicy(CountPolicy):
     prior_prefill_tokens_per_second: float = 1000.0
     prior_step_seconds: float = 0.02  # decode: t(batch) = this + the next * batch, until measured
     prior_step_seconds_per_request: float = 0.002
+    # Prompt tokens a decode worker computes in a step beside its decodes (its local
+    # prefills and spills); None: spilling is not priced in TPOT.
+    decode_prefill_tokens: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -407,6 +418,16 @@ class SLOPlanner:
 
     # ------------------------------------------------------------------ plan
 
+    def _spill_backlog(self, forecast: Forecast, decode_workers: int) -> int:
+        """The plan's spill backlog (module docstring): B r, or NO_SPILL_BACKLOG while the
+        decode steps have no room for a spilled prompt's chunk within f tpot_slo."""
+        p = self.policy
+        if p.decode_prefill_tokens and decode_workers:
+            room = (p.target_fraction * p.tpot_slo - forecast.tpot(decode_workers)) * forecast.prefill_rate
+            if room < p.decode_prefill_tokens:
+                return NO_SPILL_BACKLOG
+        return max(0, round(forecast.queue_budget(decode_workers)[0] * forecast.prefill_rate))
+
     def _plan(self, now: float, forecast: Forecast, prefill_workers: int, decode_workers: int,
               want: dict[str, float]) -> Plan:
         p = self.policy
@@ -419,7 +440,7 @@ class SLOPlanner:
             batch_limit=None if math.isinf(limit) else max(1, math.floor(limit)),
             local_prefill_threshold=(round(forecast.transfer_seconds * forecast.prefill_rate)
                                      if forecast.transfer_seconds else None),
-            spill_backlog_tokens=max(0, round(forecast.queue_budget(decode_workers)[0] * forecast.prefill_rate)))
+            spill_backlog_tokens=self._spill_backlog(forecast, decode_workers))
         self.last_plan = plan
         self._plans.append(plan)
         while self._plans and self._plans[0].at < now - p.window_seconds:

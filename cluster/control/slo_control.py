@@ -37,7 +37,7 @@ import logging
 import math
 import time
 
-from pdserve.cluster.control.planner import Plan, SLOPlanner
+from pdserve.cluster.control.planner import NO_SPILL_BACKLOG, Plan, SLOPlanner
 from pdserve.cluster.control.router import Router
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
 from pdserve.cluster.gateway.metrics import GatewayMetrics
@@ -67,8 +67,9 @@ class SLOControl:
         knobs = (local, plan.spill_backlog_tokens, plan.batch_limit)
         if knobs != (self.router.local_prefill_tokens, self.router.spill_backlog_tokens,
                      self.router.decode_batch_cap):
-            log.info("planner: local prefill up to %d uncached tokens, spill from a %d-token backlog, decode "
-                     "batch cap %s (predicted TTFT %s s, TPOT %s s)", *knobs,
+            spill = "no spilling" if knobs[1] >= NO_SPILL_BACKLOG else f"spill from a {knobs[1]}-token backlog"
+            log.info("planner: local prefill up to %d uncached tokens, %s, decode batch cap %s (predicted "
+                     "TTFT %s s, TPOT %s s)", local, spill, plan.batch_limit,
                      *(f"{value:.3f}" if value is not None else "-" for value in (plan.ttft, plan.tpot)))
         self.router.tune(*knobs)
         window = self.planner.policy.window_seconds
