@@ -58,3 +58,21 @@ def test_demand_for_a_target_out_of_reach_scales_prefill_to_its_most(server):
     decision = next(line for line in server.lines if "SLOPlanner: prefill up 1 -> 2" in line)
     assert "TTFT target 0.001 s out of reach" in decision and "expected with 2 prefill workers" in decision
 
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_in_the_scrape(server):
+    """The Grafana dashboard shipped in helm/pdserve (tests/test_helm_dashboard.py checks it
+    against the gateway's registry) queries only series this cluster's /metrics has: every
+    registered family has its `# TYPE` line there even before its first sample. The series
+    its panels group by role, and the planner's, carry samples here."""
+    from test_helm_dashboard import dashboard_metrics, exposition_series, unknown_metrics
+
+    wait_for(lambda: _planned(server), what="the planner's first plan")
+    text = httpx.get(f"{server.http_url}/metrics", timeout=30).text
+    assert unknown_metrics(dashboard_metrics(), exposition_series(text)) == {}
+    samples = server.metrics()
+    for role in ("prefill", "decode"):
+        assert any(key.startswith(f'pdserve_worker_kv_usage{{role="{role}",') for key in samples), role
+        assert samples[f'pdserve_workers{{role="{role}",state="serving"}}'] >= 1
+    assert {'pdserve_planner_prediction_error{slo="ttft"}', 'pdserve_planner_prediction_error{slo="tpot"}',
+            "pdserve_requests_in_flight"} <= set(samples)  # in flight: the dashboard's $job variable
