@@ -39,7 +39,13 @@ test: setup
 	$(BIN)/pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-bench: setup
+# The llama.cpp peer of bench/quantization.py, built from source once (~7 minutes on 2 cores).
+LLAMACPP_STAMP := $(VENV)/.pdserve-llamacpp-installed
+$(LLAMACPP_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[llamacpp]'
+	touch $@
+
+bench: setup $(LLAMACPP_STAMP)
 	$(BIN)/python bench/decode_throughput.py
 
 lint: setup

@@ -46,11 +46,21 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
-from serving import DEFAULT_MODEL, fmt, fmt_ratio, interrupt, json_safe, positive, ratio, slo_ms, vocab_size
-from serving_client import LoadRun, run_load
-from serving_launch import default_serve_command, launched_server
-from serving_stats import RunMetrics, Slo, compute_metrics, record_json
-from serving_workload import BenchError, BenchRequest, arrival_offsets, mixed_dataset, random_dataset
+
+from pdserve.cluster.benchmark.arguments import DEFAULT_MODEL, positive, slo_ms
+from pdserve.cluster.benchmark.client import LoadRun, run_load
+from pdserve.cluster.benchmark.command import interrupt
+from pdserve.cluster.benchmark.launch import default_serve_command, launched_server
+from pdserve.cluster.benchmark.report import fmt, fmt_ratio, json_safe, ratio
+from pdserve.cluster.benchmark.run import vocab_size
+from pdserve.cluster.benchmark.stats import RunMetrics, Slo, compute_metrics, record_json
+from pdserve.cluster.benchmark.workload import (
+    BenchError,
+    BenchRequest,
+    arrival_offsets,
+    mixed_dataset,
+    random_dataset,
+)
 
 ROLES = ("prefill", "decode")
 STATES = ("serving", "starting", "draining")

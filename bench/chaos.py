@@ -42,9 +42,11 @@ import httpx
 import numpy as np
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
-from serving import DEFAULT_MODEL, vocab_size
-from serving_launch import default_serve_command, launched_server
-from serving_workload import BenchError, draw_tokens
+
+from pdserve.cluster.benchmark.launch import default_serve_command, launched_server
+from pdserve.cluster.benchmark.run import vocab_size
+from pdserve.cluster.benchmark.workload import BenchError, draw_tokens
+from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
 SERVER_ARGS = "--prefill-workers 1 --decode-workers 2"
 ROLES = ("prefill", "decode")

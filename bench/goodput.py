@@ -48,12 +48,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from serving_client import FLAVORS, pdserve_extras, run_load
-from serving_launch import default_serve_command, launched_server
-from serving_peer import probe_peer
-from serving_report import RESULTS_DIR, write_result
-from serving_stats import RequestRecord
-from serving_workload import (
+from serving import RESULTS_DIR, probe_peer
+
+from pdserve.cluster.benchmark.client import run_load
+from pdserve.cluster.benchmark.flavors import FLAVORS, pdserve_extras
+from pdserve.cluster.benchmark.launch import default_serve_command, launched_server
+from pdserve.cluster.benchmark.report import write_result
+from pdserve.cluster.benchmark.stats import RequestRecord
+from pdserve.cluster.benchmark.workload import (
     BenchError,
     BenchRequest,
     arrival_offsets,
@@ -62,7 +64,6 @@ from serving_workload import (
     shared_prefix_dataset,
     token_warmups,
 )
-
 from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
 ATTAINMENT = 0.9  # DistServe's: the share of requests that must meet both targets
@@ -79,8 +80,8 @@ CONFIGS = {
 }
 
 
-def workload(name: str, n: int, seed: int) -> list[BenchRequest]:
-    rng = np.random.default_rng([seed, 0])
+def workload(name: str, n: int, seed: tuple[int, ...]) -> list[BenchRequest]:
+    rng = np.random.default_rng([*seed, 0])
     if name == "mixed":
         return mixed_dataset(rng, VOCAB, n, 0.2, 1500, 64, 256, 64)
     if name == "summarize":
@@ -199,24 +200,32 @@ class WorkerTimeline:
 
 def sweep(args: argparse.Namespace, label: str, base_url: str, requests_at, targets: Targets | None,
           extras, api_key: str | None, timeline: WorkerTimeline | None = None) -> dict:
-    """One server over every rate; returns {rate: {...}} and prints a line per rate."""
+    """One server over every rate; returns {rate: {...}} and prints a line per rate. With
+    several --seeds, each rate runs every seed's requests and schedule in turn and the
+    records are pooled (the attainment is over all of them; each seed's is kept beside)."""
     points = {}
     for rate in args.rates:
-        requests, offsets = requests_at(rate)
-        if timeline is not None:
-            timeline.samples.append((time.monotonic() - timeline.started, -1, -1))  # a rate starts
-        run = asyncio.run(run_load(base_url, requests, offsets, None, api_key, args.request_timeout,
-                                   f"{label} @ {rate:g}/s", extras=extras, warmups=token_warmups(2)))
-        share = attainment(run.records, targets)
-        failed = sum(not r.ok for r in run.records)
-        ttfts = [r.ttft for r in run.records if r.ok]
-        misses = targets.misses(run.records)
+        records, per_seed = [], []
+        for seed in args.seeds:
+            requests, offsets = requests_at(rate, seed)
+            if timeline is not None:
+                timeline.samples.append((time.monotonic() - timeline.started, -1, -1))  # a run starts
+            run = asyncio.run(run_load(base_url, requests, offsets, None, api_key, args.request_timeout,
+                                       f"{label} @ {rate:g}/s seed {seed}", extras=extras, warmups=token_warmups(2)))
+            records += run.records
+            per_seed.append(attainment(run.records, targets))
+        share = attainment(records, targets)
+        failed = sum(not r.ok for r in records)
+        ttfts = [r.ttft for r in records if r.ok]
+        misses = targets.misses(records)
+        spread = f"  seeds {' '.join(f'{s:.0%}' for s in per_seed)}" if len(per_seed) > 1 else ""
         print(f"  {label:10s} rate {rate:6.3g}/s  attainment {share:6.1%}  failed {failed:3d}  "
               f"TTFT p50 {np.median(ttfts) if ttfts else math.nan:7.2f} s  over TTFT {misses['ttft']:3d}  "
-              f"over TPOT {misses['tpot']:3d}", flush=True)
-        points[rate] = {"attainment": share, "failed": failed, "requests": len(run.records), "misses": misses,
+              f"over TPOT {misses['tpot']:3d}{spread}", flush=True)
+        points[rate] = {"attainment": share, "failed": failed, "requests": len(records), "misses": misses,
+                        "attainment_per_seed": per_seed,
                         "ttft_p50_s": float(np.median(ttfts)) if ttfts else None,
-                        "tpot_p50_s": float(np.median([t for r in run.records if r.ok and (t := r.tpot)])) if ttfts
+                        "tpot_p50_s": float(np.median([t for r in records if r.ok and (t := r.tpot)])) if ttfts
                         else None}
     return points
 
@@ -224,12 +233,12 @@ def sweep(args: argparse.Namespace, label: str, base_url: str, requests_at, targ
 def run_workload(args: argparse.Namespace, name: str, peer) -> dict:
     # Every rate (and the calibration) its own prompts: a repeated prompt would be served
     # from the prefix cache, and the next rate would look faster than it is.
-    base = workload(name, 4 * CALIBRATION_PROMPTS, args.seed)
+    base = workload(name, 4 * CALIBRATION_PROMPTS, (args.seed, 0))
 
-    def requests_at(rate: float) -> tuple[list[BenchRequest], np.ndarray]:
+    def requests_at(rate: float, run_seed: int) -> tuple[list[BenchRequest], np.ndarray]:
         n = max(args.min_prompts, math.ceil(rate * args.duration))
-        seed = args.seed + 1 + args.rates.index(rate)
-        return workload(name, n, seed), arrival_offsets(n, rate, 1.0, np.random.default_rng([seed, 1]))
+        seed = (run_seed, 1 + args.rates.index(rate))  # distinct from every other run's and the calibration's
+        return workload(name, n, seed), arrival_offsets(n, rate, 1.0, np.random.default_rng([*seed, 1]))
 
     print(f"\n##### workload {name}: rates {', '.join(f'{r:g}' for r in args.rates)}/s", flush=True)
     result = {"configs": {}, "timeline": []}
@@ -339,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-prompts", type=int, default=12)
     p.add_argument("--k-ttft", type=float, default=4.0, help="TTFT target / unloaded TTFT")
     p.add_argument("--k-tpot", type=float, default=4.0, help="TPOT target / unloaded TPOT")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the calibration prompts, and of the runs without --seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run each rate once per seed (its own prompts and arrivals) and pool the records")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--api-key", default=None)
     p.add_argument("--serve-command", default=default_serve_command())
@@ -358,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.seeds = args.seeds or [args.seed]
     if any(not r > 0 or math.isinf(r) for r in args.rates):
         raise SystemExit("--rates: finite request rates > 0")
     if "planner" in args.configs and args.configs[0] == "planner":

@@ -17,7 +17,12 @@ Part 2 (TTFT): SmolLM2 prefill and decode engines in two processes, linked by a 
 transport; time to first token of a 1k-token prompt, disaggregated vs prefilled by the
 decode process itself, and the share of the transfer hidden behind the prefill compute.
 
+Both parts run once per KV cache dtype (`--kv-cache-dtypes`, default float32 and int8):
+a quantized pool's pages move as stored (values and their per-row scales), so each part
+also prints bytes per token and, per transport, int8's transfer time against float32's.
+
     python bench/kv_transfer.py [--repeats 10] [--transports grpc,tcp,gloo,shm,nixl]
+                                [--kv-cache-dtypes float32,int8] [--tokens 1024,8192] [--no-ttft]
 """
 
 from __future__ import annotations
@@ -35,24 +40,26 @@ from common import machine_line, percentile
 
 PAGE = 16
 LAYOUT = {"num_layers": 30, "num_blocks": 600, "block_size": PAGE, "num_kv_heads": 3, "head_dim": 64}
+# --kv-cache-dtypes names -> (pool dtype, the CacheConfig.kv_cache_dtype of the engines in part 2)
+KV_DTYPES = {"float32": (torch.float32, "auto"), "int8": (torch.int8, "int8"), "fp8": (torch.float8_e4m3fn, "fp8")}
 
 
-def _decode_side(kinds, commands, replies):
+def _decode_side(kinds, dtype_name, commands, replies):
     torch.set_num_threads(1)
     from pdserve.kv_transfer import messages
     from pdserve.kv_transfer.receiver import KVReceiver
     from pdserve.kv_transfer.transports import listen
     from pdserve.runtime.kv_pool import KVPool
 
-    pool = KVPool(**LAYOUT, dtype=torch.float32)
+    pool = KVPool(**LAYOUT, dtype=KV_DTYPES[dtype_name][0])
     receiver = KVReceiver(pool)
     listeners = {kind: listen(kind, receiver) for kind in kinds}
     server = socket.create_server(("127.0.0.1", 0))
     replies.put(({k: v.address for k, v in listeners.items()}, server.getsockname()[1]))
     while (command := commands.get()) is not None:
         if command[0] == "readv":  # the one-copy floor: pull the same pages straight from the sender's pool
-            _, pid, remote_base, num_pages = command
-            replies.put(_process_vm_read(pool, pid, remote_base, num_pages))
+            _, pid, remote_bases, num_pages = command
+            replies.put(_process_vm_read(pool, pid, remote_bases, num_pages))
             continue
         if command[0] == "ticket":
             ticket = receiver.issue("bench", list(range(command[1])), 0, command[1] * PAGE, timeout=120)
@@ -75,33 +82,37 @@ def _decode_side(kinds, commands, replies):
         listener.close()
 
 
-def _process_vm_read(pool, pid: int, remote_base: int, num_pages: int) -> float:
-    """Seconds to copy pages 0..num_pages of every layer's k and v out of process `pid`'s
-    pool (same layout, at `remote_base`) into this pool with process_vm_readv: one copy."""
+def _pool_tensors(pool) -> list:
+    """The pool's memory: its values and, quantized, its scales (same layout on both sides)."""
+    return [pool.kv] if pool.scales is None else [pool.kv, pool.scales]
+
+
+def _process_vm_read(pool, pid: int, remote_bases: list[int], num_pages: int) -> float:
+    """Seconds to copy pages 0..num_pages of every layer's k and v (and their scales) out
+    of process `pid`'s pool (same layout, its tensors at `remote_bases`) into this pool
+    with process_vm_readv: one copy."""
     import ctypes
 
     class IoVec(ctypes.Structure):
         _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    run_bytes = num_pages * pool.kv[0, 0, 0].numel() * pool.kv.element_size()
     started = time.perf_counter()
-    for layer in range(pool.kv.shape[0]):
-        for kv in (0, 1):
-            offset = pool.kv[layer, kv].data_ptr() - pool.kv.data_ptr()
-            local, remote = IoVec(pool.kv.data_ptr() + offset, run_bytes), IoVec(remote_base + offset, run_bytes)
-            if libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != run_bytes:
-                raise OSError(ctypes.get_errno(), "process_vm_readv failed")
+    for tensor, remote_base in zip(_pool_tensors(pool), remote_bases):
+        run_bytes = num_pages * tensor[0, 0, 0].numel() * tensor.element_size()
+        for layer in range(tensor.shape[0]):
+            for kv in (0, 1):
+                offset = tensor[layer, kv].data_ptr() - tensor.data_ptr()
+                local, remote = IoVec(tensor.data_ptr() + offset, run_bytes), IoVec(remote_base + offset, run_bytes)
+                if libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != run_bytes:
+                    raise OSError(ctypes.get_errno(), "process_vm_readv failed")
     return time.perf_counter() - started
 
 
 def _header(ticket, layer: int, num_pages: int, checksum: int):
     from pdserve.kv_transfer import layout
-    from pdserve.kv_transfer.messages import PagesHeader
 
-    return PagesHeader(ticket.request_id, ticket.ticket_id, ticket.secret, layer, 0, num_pages, "float32",
-                       layout.chunk_shape(ticket.layout, num_pages), layout.chunk_nbytes(ticket.layout, num_pages),
-                       checksum)
+    return layout.pages_header(ticket, ticket.layout, layer, 0, num_pages, checksum)
 
 
 def _transfer_from_pool(channel, ticket, source, blocks, checksums=None) -> float:
@@ -132,28 +143,32 @@ def _transfer_packed(channel, ticket, payloads) -> float:
     return time.perf_counter() - started
 
 
-def bandwidth(kinds: list[str], repeats: int) -> dict[tuple[int, str], float]:
-    """Print GB/s and p99 per transport and size; return the median seconds of each."""
+def bandwidth(kinds: list[str], repeats: int, dtype_name: str = "float32",
+              token_counts: tuple[int, ...] = (1024, 8192)) -> dict[tuple[int, str], float]:
+    """Print GB/s and p99 per transport and size for a KV pool of `dtype_name`; return the
+    median seconds of each."""
     from pdserve.kv_transfer import layout, messages
     from pdserve.kv_transfer.transports import connect
     from pdserve.runtime.kv_pool import KVPool
 
     ctx = mp.get_context("spawn")
     commands, replies = ctx.Queue(), ctx.Queue()
-    child = ctx.Process(target=_decode_side, args=(kinds, commands, replies), daemon=True)
+    child = ctx.Process(target=_decode_side, args=(kinds, dtype_name, commands, replies), daemon=True)
     child.start()
     addresses, tcp_port = replies.get(timeout=120)
     medians = {}
     try:
-        source = KVPool(**LAYOUT, dtype=torch.float32)
-        source.kv.normal_()
-        for tokens in (1024, 8192):
+        source = KVPool(**LAYOUT, dtype=KV_DTYPES[dtype_name][0])
+        source.fill_random()
+        for tokens in token_counts:
             num_pages = tokens // PAGE
             blocks = list(range(num_pages))
             payloads = [layout.to_bytes(layout.read_pages(source, layer, blocks))
                         for layer in range(LAYOUT["num_layers"])]
             total = sum(len(p) for p in payloads)
-            print(f"{tokens} tokens: {total / 1e6:.1f} MB of KV in {len(payloads)} layer chunks", flush=True)
+            medians[(tokens, "bytes")] = total
+            print(f"{dtype_name} KV, {tokens} tokens: {total / 1e6:.1f} MB in {len(payloads)} layer chunks, "
+                  f"{total / tokens:.0f} bytes per token", flush=True)
             results = {}
             for kind in kinds:
                 channel = connect(addresses[kind], timeout=120)
@@ -187,7 +202,7 @@ def bandwidth(kinds: list[str], repeats: int) -> dict[tuple[int, str], float]:
             results["raw tcp"] = times
             results["one-copy floor"] = []
             for _ in range(repeats):
-                commands.put(("readv", os.getpid(), source.kv.data_ptr(), num_pages))
+                commands.put(("readv", os.getpid(), [t.data_ptr() for t in _pool_tensors(source)], num_pages))
                 results["one-copy floor"].append(replies.get(timeout=60))
             tcp_rate = total / statistics.median(results["raw tcp"])
             for kind, times in results.items():
@@ -208,7 +223,22 @@ def bandwidth(kinds: list[str], repeats: int) -> dict[tuple[int, str], float]:
     return medians
 
 
-def _ttft_decode(kind, commands, replies):
+def compare_dtypes(medians: dict[str, dict[tuple[int, str], float]]) -> None:
+    """Each quantized dtype's bytes and transfer times against float32's, same run."""
+    if "float32" not in medians:
+        return
+    base = medians["float32"]
+    for name, results in medians.items():
+        if name == "float32":
+            continue
+        for (tokens, kind), seconds in results.items():
+            if kind == "bytes":
+                print(f"{name} vs float32, {tokens} tokens: {seconds / base[(tokens, kind)]:.3f}x the bytes")
+            elif (tokens, kind) in base:
+                print(f"{name} vs float32, {tokens} tokens, {kind:14s}: {seconds / base[(tokens, kind)]:.2f}x the time")
+
+
+def _ttft_decode(kind, kv_cache_dtype, commands, replies):
     """Decode worker process: SmolLM2 engine behind a KV listener; reports first-token times."""
     torch.set_num_threads(1)
     from pdserve.engine.engine import EngineCore
@@ -219,7 +249,7 @@ def _ttft_decode(kind, commands, replies):
     from pdserve.runtime.loader import load_model
     from pdserve.runtime.sampling_params import SamplingParams
 
-    model = load_model("smollm2-135m-instruct", cache=CacheConfig(num_blocks=300))
+    model = load_model("smollm2-135m-instruct", cache=CacheConfig(num_blocks=300, kv_cache_dtype=kv_cache_dtype))
     receiver = KVReceiver(model.runner.pool)
     engine = EngineCore(model.runner, model.info, kv_receiver=receiver, enable_prefix_caching=False)
     listener = listen(kind, receiver)
@@ -239,7 +269,7 @@ def _ttft_decode(kind, commands, replies):
     listener.close()
 
 
-def _ttft_prefill(commands, replies):
+def _ttft_prefill(kv_cache_dtype, commands, replies):
     """Prefill worker process: SmolLM2 prefill engine pushing to the decode process."""
     torch.set_num_threads(1)
     from pdserve.kv_transfer import messages
@@ -251,7 +281,7 @@ def _ttft_prefill(commands, replies):
     from pdserve.runtime.loader import load_model
     from pdserve.runtime.sampling_params import SamplingParams
 
-    model = load_model("smollm2-135m-instruct", cache=CacheConfig(num_blocks=300))
+    model = load_model("smollm2-135m-instruct", cache=CacheConfig(num_blocks=300, kv_cache_dtype=kv_cache_dtype))
     pusher = KVPusher(model.runner.pool, connect)
     engine = PrefillEngine(model.runner, model.info, pusher, enable_prefix_caching=False)
     replies.put("ready")
@@ -268,13 +298,15 @@ def _ttft_prefill(commands, replies):
     pusher.close()
 
 
-def ttft(kind: str, prompt_len: int, standalone_transfer: float | None, trials: int = 4) -> None:
+def ttft(kind: str, prompt_len: int, standalone_transfer: float | None, trials: int = 4,
+         dtype_name: str = "float32") -> None:
     """TTFT of one prompt with prefill and decode in separate processes, vs the decode
-    process prefilling it itself."""
+    process prefilling it itself; both engines keep their KV cache in `dtype_name`."""
     ctx = mp.get_context("spawn")
     d_commands, d_replies, p_commands, p_replies = (ctx.Queue() for _ in range(4))
-    decode = ctx.Process(target=_ttft_decode, args=(kind, d_commands, d_replies), daemon=True)
-    prefill = ctx.Process(target=_ttft_prefill, args=(p_commands, p_replies), daemon=True)
+    kv_cache_dtype = KV_DTYPES[dtype_name][1]
+    decode = ctx.Process(target=_ttft_decode, args=(kind, kv_cache_dtype, d_commands, d_replies), daemon=True)
+    prefill = ctx.Process(target=_ttft_prefill, args=(kv_cache_dtype, p_commands, p_replies), daemon=True)
     decode.start()
     prefill.start()
     try:
@@ -304,7 +336,7 @@ def ttft(kind: str, prompt_len: int, standalone_transfer: float | None, trials: 
             if process.is_alive():
                 process.kill()
     d, c, tail = (statistics.median(x) for x in (disagg, colocated, tails))
-    print(f"TTFT {prompt_len}-token prompt, prefill and decode processes linked by {kind}: "
+    print(f"TTFT {prompt_len}-token prompt, {dtype_name} KV, prefill and decode processes linked by {kind}: "
           f"disaggregated {1000 * d:.0f} ms, colocated {1000 * c:.0f} ms; added {1000 * (d - c):.0f} ms "
           f"({100 * (d - c) / c:.1f}% of TTFT; includes the two processes' own compute-speed "
           f"difference); first token {1000 * tail:.1f} ms after the last layer was computed: the "
@@ -320,11 +352,24 @@ def main() -> int:
     parser.add_argument("--transports", default="grpc,tcp,gloo,shm,nixl")
     parser.add_argument("--ttft-transport", default="nixl")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kv-cache-dtypes", default="float32,int8",
+                        help=f"KV pool dtypes to measure, comma-separated, of {', '.join(KV_DTYPES)}")
+    parser.add_argument("--tokens", default="1024,8192", help="prompt lengths of part 1, comma-separated")
+    parser.add_argument("--ttft-trials", type=int, default=4)
+    parser.add_argument("--no-ttft", action="store_true", help="part 1 only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine_line(args.threads))
-    medians = bandwidth(args.transports.split(","), args.repeats)
-    ttft(args.ttft_transport, 1024, medians.get((1024, args.ttft_transport)))
+    token_counts = tuple(int(t) for t in args.tokens.split(","))
+    medians = {}
+    for name in args.kv_cache_dtypes.split(","):
+        if name not in KV_DTYPES:
+            parser.error(f"unknown KV cache dtype {name!r}; expected one of {', '.join(KV_DTYPES)}")
+        medians[name] = bandwidth(args.transports.split(","), args.repeats, name, token_counts)
+    compare_dtypes(medians)
+    if not args.no_ttft:
+        for name, results in medians.items():
+            ttft(args.ttft_transport, 1024, results.get((1024, args.ttft_transport)), args.ttft_trials, name)
     return 0
 
 

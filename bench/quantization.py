@@ -11,13 +11,22 @@ count: SmolLM2-135M-Instruct from the embedded Q4_1 GGUF,
     int8    int8 (Q8_0) blocks made at load from the dense weights
     llama.cpp   the same file as stored
 
-and reports the process's resident memory after loading, one stream's decode rate (tokens
+and reports the process's resident memory after loading (psutil RSS, split into anonymous
+and file-backed pages, and the peak while loading), one stream's decode rate (tokens
 after the first, greedy, past EOS), the output rate of 8 streams at once (llama.cpp: the
 same 8 requests one after another, as its Python binding serves them), perplexity over
 tests/data/perplexity_text.txt and, against llama.cpp, how many of the first 32 greedy
-tokens agree on a set of chat prompts.
+tokens agree on a set of chat prompts, prompt by prompt.
+
+Two more fresh processes measure what no weight mode can go below: `imports` (the
+interpreter with torch and pdserve imported, nothing loaded) and `metadata` (the GGUF's
+config and tokenizer read, no weights).
 
     python bench/quantization.py [--threads 2] [--tokens 128] [--modes none auto gguf int8]
+                                 [--skip-timing] [--kv-blocks 256]
+
+`--skip-timing` leaves out the decode rates (the correctness and memory parts only: they
+mean the same on a busy machine, timings do not).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import argparse
 import math
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import time
@@ -44,11 +54,22 @@ AGREEMENT_TOKENS = 32
 
 
 def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _memory() -> dict[str, float]:
+    """RSS now, its anonymous and file-backed parts, and the peak RSS so far (VmHWM: unlike
+    getrusage's ru_maxrss it does not carry the parent's peak over exec), in MiB."""
+    fields = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    return {"rss_mib": _rss_mib(), "anon_mib": fields.get("RssAnon", math.nan),
+            "file_mib": fields.get("RssFile", math.nan), "peak_mib": fields.get("VmHWM", math.nan)}
 
 
 def _pin(threads: int) -> None:
@@ -59,21 +80,40 @@ def _pin(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _pdserve(mode: str, threads: int, tokens: int, results) -> None:
+def _floor(what: str, threads: int, timing: bool, kv_blocks: int, results) -> None:
+    """What a process holds before any weight: `imports` (what `_pdserve` imports) or
+    `metadata` (plus the GGUF's config and tokenizer)."""
     _pin(threads)
-    import torch
+    from pdserve.engine.engine import EngineCore  # noqa: F401 - as _pdserve imports it
+    from pdserve.runtime.loader import load_model  # noqa: F401
+    from pdserve.runtime.weights.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(smollm2_gguf()) if what == "metadata" else None
+    if checkpoint is not None:
+        from pdserve.runtime.model_runner import _release_freed_memory
+
+        _release_freed_memory()  # as load_model does at its end
+    results.put({"mode": what, **_memory(), "weight_mib": 0.0, "describe": {
+        "imports": "interpreter, torch and pdserve imported; nothing loaded",
+        "metadata": "+ GGUF config and tokenizer read (no weights)"}[what]})
+
+
+def _pdserve(mode: str, threads: int, timing: bool, kv_blocks: int, tokens: int, results) -> None:
+    _pin(threads)
+    import torch  # noqa: F401
 
     from pdserve.engine.engine import EngineCore
     from pdserve.runtime.config import CacheConfig, DeviceConfig, SchedulerConfig
     from pdserve.runtime.loader import load_model
+    from pdserve.runtime.perplexity import perplexity
     from pdserve.runtime.sampling_params import SamplingParams
 
     baseline = _rss_mib()  # the interpreter, torch and pdserve imported; nothing loaded
     started = time.perf_counter()
-    loaded = load_model(smollm2_gguf(), cache=CacheConfig(num_blocks=256),
+    loaded = load_model(smollm2_gguf(), cache=CacheConfig(num_blocks=kv_blocks),
                         device_config=DeviceConfig(device="cpu", quantization=mode))
     load_s = time.perf_counter() - started
-    rss = _rss_mib()
+    memory = _memory()
     pool = loaded.runner.pool.kv
     kv_mib = pool.numel() * pool.element_size() / 2**20
     tokenizer = loaded.tokenizer
@@ -91,19 +131,22 @@ def _pdserve(mode: str, threads: int, tokens: int, results) -> None:
                 out.setdefault(int(delta.request_id), []).extend(delta.token_ids)
         return stamps, out
 
-    run(prompts[:1], 8)  # warm-up
-    single = []
-    for _ in range(3):
-        stamps, _ = run(prompts[:1], tokens)
-        single.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    started = time.perf_counter()
-    _, out = run(prompts, tokens)
-    concurrent = sum(len(ids) for ids in out.values()) / (time.perf_counter() - started)
+    rates = {"single": float("nan"), "concurrent8": float("nan")}
+    if timing:
+        run(prompts[:1], 8)  # warm-up
+        single = []
+        for _ in range(3):
+            stamps, _ = run(prompts[:1], tokens)
+            single.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        started = time.perf_counter()
+        _, out = run(prompts, tokens)
+        rates = {"single": statistics.median(single),
+                 "concurrent8": sum(len(ids) for ids in out.values()) / (time.perf_counter() - started)}
     _, greedy = run(prompts, AGREEMENT_TOKENS, ignore_eos=False)
-    results.put({"mode": mode, "describe": loaded.runner.describe(), "load_s": load_s, "rss_mib": rss,
+    results.put({"mode": mode, "describe": loaded.runner.describe(), "load_s": load_s, **memory,
                  "baseline_mib": baseline, "kv_mib": kv_mib,
-                 "weight_mib": loaded.runner.weight_bytes() / 2**20, "single": statistics.median(single),
-                 "concurrent8": concurrent, "perplexity": _pdserve_perplexity(loaded, torch),
+                 "weight_mib": loaded.runner.weight_bytes() / 2**20, **rates,
+                 "perplexity": perplexity(loaded.runner, _text_tokens(tokenizer)),
                  "greedy": [greedy[i] for i in range(len(prompts))]})
 
 
@@ -111,25 +154,12 @@ def _text_tokens(tokenizer) -> list[int]:
     return tokenizer.encode(TEXT.read_text(), add_special_tokens=False)[:PERPLEXITY_TOKENS]
 
 
-def _pdserve_perplexity(loaded, torch) -> float:
-    from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
-
-    tokens = _text_tokens(loaded.tokenizer)
-    runner = loaded.runner
-    blocks = list(range(-(-len(tokens) // runner.pool.block_size)))
-    batch = ForwardBatch.build([SeqChunk(tokens, 0, blocks, True, len(tokens))], runner.pool.block_size, "cpu")
-    with torch.inference_mode():
-        logits = runner.model.compute_logits(runner.model(batch, runner.pool))
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
-    picked = logprobs[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
-    return math.exp(-picked.mean().item())
-
-
-def _llama_cpp(threads: int, tokens: int, results) -> None:
+def _llama_cpp(threads: int, timing: bool, kv_blocks: int, tokens: int, results) -> None:
     _pin(threads)
     import numpy as np
     from llama_cpp import Llama
 
+    from pdserve.runtime.perplexity import perplexity_from_logits
     from pdserve.runtime.weights.checkpoint import load_checkpoint
 
     tokenizer = load_checkpoint(smollm2_gguf()).tokenizer  # the same token ids on both sides
@@ -137,7 +167,7 @@ def _llama_cpp(threads: int, tokens: int, results) -> None:
     llm = Llama(model_path=smollm2_gguf(), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                 logits_all=True, verbose=False)
     load_s = time.perf_counter() - started
-    rss = _rss_mib()
+    memory = _memory()
     prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
 
     def greedy(prompt: list[int], count: int, stop_at_eos: bool) -> tuple[list[int], list[float]]:
@@ -153,25 +183,23 @@ def _llama_cpp(threads: int, tokens: int, results) -> None:
             llm.eval([token])
         return out, stamps
 
-    greedy(prompts[0], 8, False)  # warm-up
-    single = []
-    for _ in range(3):
-        _, stamps = greedy(prompts[0], tokens, False)
-        single.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    started = time.perf_counter()
-    made = sum(len(greedy(p, tokens, False)[0]) for p in prompts)
-    sequential = made / (time.perf_counter() - started)
+    rates = {"single": float("nan"), "concurrent8": float("nan")}
+    if timing:
+        greedy(prompts[0], 8, False)  # warm-up
+        single = []
+        for _ in range(3):
+            _, stamps = greedy(prompts[0], tokens, False)
+            single.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        started = time.perf_counter()
+        made = sum(len(greedy(p, tokens, False)[0]) for p in prompts)
+        rates = {"single": statistics.median(single), "concurrent8": made / (time.perf_counter() - started)}
     text = _text_tokens(tokenizer)
     llm.reset()
     llm.eval(text)
-    logits = np.asarray(llm.scores[:len(text) - 1], dtype=np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    perplexity = math.exp(-logprobs[np.arange(len(text) - 1), text[1:]].mean())
+    perplexity = perplexity_from_logits(np.asarray(llm.scores[:len(text) - 1], dtype=np.float32), text)
     results.put({"mode": "llama.cpp", "describe": "llama-cpp-python, the file as stored", "load_s": load_s,
-                 "rss_mib": rss, "weight_mib": os.path.getsize(smollm2_gguf()) / 2**20,
-                 "single": statistics.median(single), "concurrent8": sequential, "perplexity": perplexity,
-                 "greedy": [greedy(p, AGREEMENT_TOKENS, True)[0] for p in prompts]})
+                 **memory, "weight_mib": os.path.getsize(smollm2_gguf()) / 2**20, **rates,
+                 "perplexity": perplexity, "greedy": [greedy(p, AGREEMENT_TOKENS, True)[0] for p in prompts]})
 
 
 def _in_child(target, *args) -> dict | None:
@@ -180,7 +208,16 @@ def _in_child(target, *args) -> dict | None:
     child = ctx.Process(target=target, args=(*args, results))
     child.start()
     try:
-        return results.get(timeout=1800)
+        deadline = time.monotonic() + 1800
+        while True:  # a child that dies without a result is reported at once, not after the deadline
+            try:
+                return results.get(timeout=5)
+            except queue.Empty:
+                if not child.is_alive() or time.monotonic() > deadline:
+                    try:  # it may have exited right after putting its result
+                        return results.get(timeout=1)
+                    except queue.Empty:
+                        raise RuntimeError(f"no result (exit code {child.exitcode})") from None
     except Exception as exc:  # noqa: BLE001 - report and go on with the other configurations
         print(f"  {args[0] if args else target.__name__} failed: {exc}", file=sys.stderr)
         return None
@@ -190,15 +227,17 @@ def _in_child(target, *args) -> dict | None:
             child.kill()
 
 
+def _agreeing_prefix(ours: list[int], theirs: list[int]) -> int:
+    n = 0
+    while n < min(len(ours), len(theirs)) and ours[n] == theirs[n]:
+        n += 1
+    return n
+
+
 def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[int, float]:
     """Prompts whose greedy tokens agree in full (up to AGREEMENT_TOKENS or EOS), and the
     mean length of the agreeing prefix."""
-    prefixes = []
-    for a, b in zip(ours, theirs):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        prefixes.append(n)
+    prefixes = [_agreeing_prefix(a, b) for a, b in zip(ours, theirs)]
     full = sum(n == min(len(a), len(b)) for n, a, b in zip(prefixes, ours, theirs))
     return full, statistics.mean(prefixes)
 
@@ -209,45 +248,60 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--modes", nargs="+", default=["none", "auto", "gguf", "int8"])
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="memory, perplexity and greedy agreement only (no decode rates)")
+    parser.add_argument("--kv-blocks", type=int, default=256, help="KV pool blocks of 16 tokens")
     args = parser.parse_args()
+    if args.kv_blocks * 16 < PERPLEXITY_TOKENS:
+        parser.error(f"--kv-blocks must hold the {PERPLEXITY_TOKENS} perplexity tokens: at least "
+                     f"{PERPLEXITY_TOKENS // 16}")
     print(machine_line(args.threads))
-    rows = [row for mode in args.modes if (row := _in_child(_pdserve, mode, args.threads, args.tokens))]
+    common = (args.threads, not args.skip_timing, args.kv_blocks)
+    floors = [row for what in ("imports", "metadata") if (row := _in_child(_floor, what, *common))]
+    rows = [row for mode in args.modes if (row := _in_child(_pdserve, mode, *common, args.tokens))]
     peer = None
     if not args.no_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
-            peer = _in_child(_llama_cpp, args.threads, args.tokens)
+            peer = _in_child(_llama_cpp, *common, args.tokens)
         except ImportError:
-            print("llama.cpp peer: not installed (pip install llama-cpp-python); left out")
+            print("llama.cpp peer: not installed (pip install -e '.[llamacpp]'); left out")
     if peer:
         rows.append(peer)
-    print(f"{'config':10s} {'RSS MiB':>8s} {'weights MiB':>11s} {'1 stream tok/s':>15s} "
-          f"{'8 streams tok/s':>16s} {'perplexity':>10s}  how")
-    for row in rows:
-        print(f"{row['mode']:10s} {row['rss_mib']:8.0f} {row['weight_mib']:11.0f} {row['single']:15.1f} "
-              f"{row['concurrent8']:16.1f} {row['perplexity']:10.3f}  {row['describe']}")
-    by_mode = {row["mode"]: row for row in rows}
+    print(f"{'config':10s} {'RSS MiB':>8s} {'anon':>6s} {'file':>6s} {'peak':>6s} {'weights MiB':>11s} "
+          f"{'1 stream tok/s':>15s} {'8 streams tok/s':>16s} {'perplexity':>10s}  how")
+    for row in floors + rows:
+        print(f"{row['mode']:10s} {row['rss_mib']:8.0f} {row['anon_mib']:6.0f} {row['file_mib']:6.0f} "
+              f"{row['peak_mib']:6.0f} {row['weight_mib']:11.0f} {row.get('single', math.nan):15.1f} "
+              f"{row.get('concurrent8', math.nan):16.1f} {row.get('perplexity', math.nan):10.3f}  {row['describe']}")
+    by_mode = {row["mode"]: row for row in floors + rows}
     if "none" in by_mode:
         none = by_mode["none"]
-        for mode in ("gguf", "int8"):
-            if mode in by_mode:
+        before = by_mode.get("metadata", by_mode.get("imports"))
+        for mode in ("auto", "gguf", "int8", "llama.cpp"):
+            if mode in by_mode and mode != "llama.cpp":
                 row = by_mode[mode]
-                # The floor: what the process held before loading anything, its KV pool and
-                # the weights themselves, over float32's RSS.
-                floor = (row["baseline_mib"] + row["kv_mib"] + row["weight_mib"]) / none["rss_mib"]
-                print(f"RSS {mode} / none: {row['rss_mib'] / none['rss_mib']:.2f}x (floor {floor:.2f}x: "
-                      f"{row['baseline_mib']:.0f} MiB before loading, KV pool {row['kv_mib']:.0f} MiB, weights "
-                      f"{row['weight_mib']:.0f} MiB); perplexity {mode} / none: "
-                      f"{row['perplexity'] / none['perplexity']:.4f}")
+                # The floor: what a process holds with the metadata read (or torch and
+                # pdserve imported) and no weights, plus the KV pool and the weights themselves.
+                base = before["rss_mib"] if before else row["baseline_mib"]
+                floor = (base + row["kv_mib"] + row["weight_mib"]) / none["rss_mib"]
+                print(f"RSS {mode} / none: {row['rss_mib'] / none['rss_mib']:.2f}x, peak "
+                      f"{row['peak_mib'] / none['peak_mib']:.2f}x (floor {floor:.2f}x: {base:.0f} MiB before any "
+                      f"weight, KV pool {row['kv_mib']:.0f} MiB, weights {row['weight_mib']:.0f} MiB); "
+                      f"perplexity {mode} / none: {row['perplexity'] / none['perplexity']:.4f}")
     if peer:
         for mode in ("auto", "gguf", "int8"):
             if mode in by_mode:
                 row = by_mode[mode]
                 full, mean_prefix = _agreement(row["greedy"], peer["greedy"])
-                print(f"{mode} vs llama.cpp: 1 stream {row['single'] / peer['single']:.2f}x, 8 streams vs 8 "
-                      f"sequential {row['concurrent8'] / peer['concurrent8']:.2f}x, perplexity "
-                      f"{row['perplexity'] / peer['perplexity']:.4f}x, greedy tokens agree on {full}/{len(PROMPTS)} "
-                      f"prompts (mean agreeing prefix {mean_prefix:.1f} of {AGREEMENT_TOKENS})")
+                speed = (f"1 stream {row['single'] / peer['single']:.2f}x, 8 streams vs 8 sequential "
+                         f"{row['concurrent8'] / peer['concurrent8']:.2f}x, ") if not args.skip_timing else ""
+                print(f"{mode} vs llama.cpp: {speed}perplexity {row['perplexity'] / peer['perplexity']:.4f}x, "
+                      f"greedy tokens agree on {full}/{len(PROMPTS)} prompts (mean agreeing prefix "
+                      f"{mean_prefix:.1f} of {AGREEMENT_TOKENS})")
+                for prompt, ours, theirs in zip(PROMPTS, row["greedy"], peer["greedy"]):
+                    print(f"    {_agreeing_prefix(ours, theirs):2d}/{min(len(ours), len(theirs)):2d} "
+                          f"tokens agree  {prompt[:60]}")
     return 0
 
 

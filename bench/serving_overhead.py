@@ -10,10 +10,11 @@ import asyncio
 import time
 
 import numpy as np
-from serving_client import completion_payload, make_client, served_model, stream_completion
-from serving_launch import target
-from serving_stats import RequestRecord
-from serving_workload import OVERHEAD_PROMPT_LEN, BenchError, draw_tokens
+
+from pdserve.cluster.benchmark.client import completion_payload, make_client, served_model, stream_completion
+from pdserve.cluster.benchmark.launch import target
+from pdserve.cluster.benchmark.stats import RequestRecord
+from pdserve.cluster.benchmark.workload import OVERHEAD_PROMPT_LEN, BenchError, draw_tokens
 
 
 async def gateway_ttfts(args: argparse.Namespace, base_url: str, prompts: list[list[int]]) -> list[float]:

@@ -52,12 +52,13 @@ import httpx
 import jsonschema
 import torch
 from json_schemas import JsonPrompt, example_instance, json_prompts, wide_schema
-from serving_client import Progress, has_tokens, make_client, served_model
-from serving_launch import default_serve_command, launched_server
-from serving_peer import PeerStatus, probe_peer
-from serving_report import RESULTS_DIR, fmt, fmt_ratio, json_safe, ratio
-from serving_workload import BenchError
+from serving import RESULTS_DIR, probe_peer
 
+from pdserve.cluster.benchmark.client import Progress, has_tokens, make_client, served_model
+from pdserve.cluster.benchmark.launch import default_serve_command, launched_server
+from pdserve.cluster.benchmark.peer import PeerStatus
+from pdserve.cluster.benchmark.report import fmt, fmt_ratio, json_safe, ratio
+from pdserve.cluster.benchmark.workload import BenchError
 from pdserve.runtime.structured_output import (
     GrammarCompiler,
     GrammarMatcher,

@@ -54,15 +54,19 @@ QUANTIZATION_HELP = ("how weights are held (CPU): auto (a GGUF file's blocks for
                      "for large ones), none (dense float32), gguf or q4 (the GGUF file's own blocks for every "
                      "batch, no dense copy: the least memory), int8 (every weight quantized at load to int8 "
                      "blocks, from any checkpoint)")
+KV_CACHE_DTYPE_HELP = ("how the KV cache is stored: auto (the model's dtype), int8 or fp8 (float8_e4m3fn), "
+                       "quantized with one scale per token and KV head: ~3.9x the tokens of float32 in the "
+                       "same --kv-cache-memory; prefill and decode workers use the same")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pdserve.runtime.config import QUANTIZATIONS
+    from pdserve.runtime.config import KV_CACHE_DTYPES, QUANTIZATIONS
     from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(sub)
+    _add_bench_parser(sub)
     gen = sub.add_parser("generate", help="generate text for one prompt, in this process")
     gen.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"HuggingFace directory, .gguf file, or {DEFAULT_MODEL!r} (default)")
@@ -80,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cap the context length (default: the model's)")
     gen.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     gen.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help=QUANTIZATION_HELP)
+    gen.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_DTYPE_HELP)
     gen.add_argument("--ignore-eos", action="store_true",
                      help="generate exactly --max-tokens tokens, past end of sequence (for timing runs)")
     return parser
@@ -88,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_serve_parser(sub) -> None:
     from pdserve.cluster.control.router import POLICIES
     from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES
+    from pdserve.cluster.gateway.request_record import LOG_FORMATS
     from pdserve.kv_transfer.transports.base import KINDS
-    from pdserve.runtime.config import QUANTIZATIONS
+    from pdserve.runtime.config import KV_CACHE_DTYPES, QUANTIZATIONS
     from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
     serve = sub.add_parser("serve", help="run the cluster: workers on Ray, OpenAI HTTP and gRPC gateway")
@@ -154,6 +160,12 @@ def _add_serve_parser(sub) -> None:
                             "dead thread) is replaced and its requests end with an error")
     serve.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     serve.add_argument("--quantization", choices=QUANTIZATIONS, default="auto", help=QUANTIZATION_HELP)
+    serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_DTYPE_HELP)
+    serve.add_argument("--otlp-endpoint", default=None, metavar="HOST:PORT",
+                       help="export one OpenTelemetry trace per request over OTLP/gRPC to this collector "
+                            "(e.g. 127.0.0.1:4317); without it nothing is traced")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default="plain",
+                       help="the access log's lines (one per request, logger pdserve.access): key=value or JSON")
     serve.add_argument("--compile", action="store_true",
                        help="torch.compile the decoder layers at worker start-up (CPU; off by default: "
                             "slower in serving on small machines, see bench/results/engine_speed.md)")
@@ -224,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "bench":
+        return _bench(args)
     return 2
 
 
@@ -269,10 +283,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     prepare_local_ray(args.address)  # first: the imports below import ray
 
+    from pdserve.cluster.gateway.request_record import configure_access_log
     from pdserve.cluster.serve import GatewayConfig
     from pdserve.cluster.workers.spec import WorkerSpec
     from pdserve.runtime.config import ConfigError, SpeculativeConfig
     from pdserve.runtime.threads import use_one_thread
+
+    configure_access_log(args.log_format)
 
     use_one_thread()  # the gateway tokenizes and serves HTTP; the workers own the cores
     num_prefill = 0 if args.colocated else args.prefill_workers
@@ -294,7 +311,8 @@ def _serve(args: argparse.Namespace) -> int:
             on_transfer_failure=args.on_transfer_failure, kv_transport=args.kv_transport,
             kv_host="127.0.0.1" if args.address is None else None, speculative=speculative,
             device=args.device, gpus_per_worker=args.gpus_per_worker, compile=args.compile,
-            quantization=args.quantization, engine_hang_timeout=args.engine_hang_timeout)
+            quantization=args.quantization, engine_hang_timeout=args.engine_hang_timeout,
+            kv_cache_dtype=args.kv_cache_dtype)
         scaling = _scaling_policy(args)
         config = GatewayConfig(
             spec=spec, num_prefill=num_prefill, num_decode=args.decode_workers, router=args.router,
@@ -303,7 +321,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_migrations=args.max_migrations, tool_call_parser=args.tool_call_parser,
             max_body_bytes=args.max_body_bytes,
             local_prefill_tokens=args.local_prefill_tokens, spill_backlog_tokens=args.spill_backlog_tokens,
-            scaling=scaling, shed_on_slo=args.shed_on_slo)
+            scaling=scaling, shed_on_slo=args.shed_on_slo, otlp_endpoint=args.otlp_endpoint,
+            log_format=args.log_format)
     except (ConfigError, ValueError) as exc:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
@@ -420,7 +439,8 @@ def _generate(args: argparse.Namespace) -> int:
         params = SamplingParams(**{name: getattr(args, name) for name in SAMPLING_FIELDS if hasattr(args, name)})
         print(f"pdserve: loading {args.model} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        llm = LLM(args.model, max_model_len=args.max_model_len, quantization=args.quantization)
+        llm = LLM(args.model, max_model_len=args.max_model_len, quantization=args.quantization,
+                  kv_cache_dtype=args.kv_cache_dtype)
         print(f"pdserve: loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
         tokenizer = llm.get_tokenizer()
         if args.chat:
@@ -452,3 +472,39 @@ def _generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+# `pdserve bench serve`: the serving benchmark of pdserve.cluster.benchmark, an HTTP client of
+# any OpenAI-compatible server (bench/serving.py runs the same code from a source checkout).
+BENCH_SERVE_EXAMPLES = """examples:
+  pdserve bench serve --url http://127.0.0.1:8000 --workload short-chats
+  pdserve bench serve --url http://127.0.0.1:8000 --dataset random --request-rate 4 --result-json run.json
+  pdserve bench serve --url http://127.0.0.1:8100 --flavor vllm --dataset shared-prefix --plot run.png
+  pdserve bench serve --launch="--colocated" --dataset mixed --peer-url http://127.0.0.1:8100
+"""
+
+
+def _add_bench_parser(sub) -> None:
+    from pdserve.cluster.benchmark.arguments import DESCRIPTION, HelpFormatter, add_benchmark_flags
+
+    bench = sub.add_parser("bench", help="benchmarks: `pdserve bench serve` measures an OpenAI-compatible server")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    serve = kinds.add_parser("serve", help="TTFT, TPOT, ITL, E2E latency, throughput and goodput over HTTP",
+                             description=DESCRIPTION, epilog=BENCH_SERVE_EXAMPLES, formatter_class=HelpFormatter)
+    add_benchmark_flags(serve, result_json_default="none, the tables only")
+    # The parser itself reports the errors between flags (check_args), with this usage.
+    serve.set_defaults(bench_parser=serve)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve.cluster.benchmark.arguments import check_args
+    from pdserve.cluster.benchmark.command import run_command
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    parser = args.bench_parser
+    flags = argparse.Namespace(**{name: value for name, value in vars(args).items() if name != "bench_parser"})
+    check_args(parser, flags)
+    result_path = Path(flags.result_json) if flags.result_json else None
+    return run_command(flags, "pdserve bench serve", result_path)

@@ -28,7 +28,9 @@ from pdserve.cluster.gateway.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend
 from pdserve.cluster.gateway.grpc_api import start_grpc_server
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.cluster.gateway.openai.api import create_app
+from pdserve.cluster.gateway.tracing import RequestTracer, otlp_tracer_provider
 from pdserve.cluster.workers.spec import WorkerSpec
+from pdserve.runtime.threads import format_cores
 from pdserve.runtime.weights import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ class GatewayConfig:
     # PlannerPolicy (the SLO planner, which also tunes the router).
     scaling: CountPolicy | None = None
     shed_on_slo: bool = False  # with a PlannerPolicy: 429 for requests predicted to miss the TTFT target
+    otlp_endpoint: str | None = None  # where request traces go (OTLP/gRPC); None: no tracing
+    log_format: str = "plain"  # of the access log lines: plain or json
 
     def __post_init__(self) -> None:
         if self.shed_on_slo and not isinstance(self.scaling, PlannerPolicy):
@@ -63,17 +67,35 @@ class GatewayConfig:
 
 
 class Ready:
-    """Where a started gateway listens."""
+    """Where a started gateway listens, and what it started (`details`: the summary's
+    lines about workers and links, printed after the first line)."""
 
-    def __init__(self, http_url: str, grpc_address: str, model: str, num_prefill: int, num_decode: int) -> None:
+    def __init__(self, http_url: str, grpc_address: str, model: str, num_prefill: int, num_decode: int,
+                 details: tuple[str, ...] = ()) -> None:
         self.http_url, self.grpc_address, self.model = http_url, grpc_address, model
         self.num_prefill, self.num_decode = num_prefill, num_decode
+        self.details = details
 
     def __str__(self) -> str:
         workers = f"{self.num_prefill} prefill + {self.num_decode} decode" if self.num_prefill else \
             f"{self.num_decode} colocated"
-        return (f"pdserve: serving {self.model} with {workers} workers; OpenAI API at {self.http_url}/v1, "
-                f"gRPC at {self.grpc_address}")
+        first = (f"pdserve: serving {self.model} with {workers} workers; OpenAI API at {self.http_url}/v1, "
+                 f"gRPC at {self.grpc_address}")
+        return "\n".join((first, *(f"  {line}" for line in self.details)))
+
+
+def startup_summary(controller: Controller) -> tuple[str, ...]:
+    """One line per worker (role, cores, KV capacity) and per KV link (its transport)."""
+    lines = []
+    for handle in sorted(controller.workers.values(), key=lambda h: (h.role != "prefill", h.worker_id)):
+        info = handle.info
+        capacity = f", KV {info.num_kv_blocks * info.block_size:,} tokens" if info.num_kv_blocks else ""
+        lines.append(f"{handle.role} {handle.worker_id}: pid {info.pid}, {info.threads} thread(s) on "
+                     f"core(s) {format_cores(info.cores)}{capacity}")
+    for (prefill, decode), address in sorted(controller.links.addresses().items()):
+        transport = address.split("://", 1)[0] if address else "down"
+        lines.append(f"KV link {prefill} -> {decode}: {transport}")
+    return tuple(lines)
 
 
 class _HttpServer(uvicorn.Server):
@@ -106,10 +128,12 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
     slo = SLOControl(scaler, router, metrics, shed=config.shed_on_slo) if isinstance(scaler, SLOPlanner) else None
     if slo is not None:
         controller.after_scaling = slo.apply
+    tracer = RequestTracer(otlp_tracer_provider(config.otlp_endpoint) if config.otlp_endpoint else None)
     frontend = Frontend(ClusterBackend(controller, router, metrics, max_migrations=config.max_migrations, slo=slo),
                         checkpoint.tokenizer,
                         ModelCard(name, max_model_len, int(time.time())), checkpoint.eos_token_ids, metrics,
-                        max_in_flight=config.max_in_flight, tool_call_parser=config.tool_call_parser)
+                        max_in_flight=config.max_in_flight, tool_call_parser=config.tool_call_parser,
+                        tracer=tracer, log_format=config.log_format)
     metrics.track_in_flight(lambda: frontend.num_in_flight)
     http = _HttpServer(uvicorn.Config(create_app(frontend, api_key=config.api_key,
                                                    max_body_bytes=config.max_body_bytes), host=config.host,
@@ -137,7 +161,7 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
             await asyncio.sleep(0.05)
         port = http.servers[0].sockets[0].getsockname()[1]
         on_ready(Ready(f"http://{config.host}:{port}", f"{config.host}:{grpc_port}", name,
-                       config.num_prefill, config.num_decode))
+                       config.num_prefill, config.num_decode, startup_summary(controller)))
         await serving
     finally:
         log.info("shutting down")
@@ -145,6 +169,7 @@ async def serve(config: GatewayConfig, on_ready: Callable[[Ready], None]) -> Non
             await grpc_server.stop(grace=2)
         await controller.shutdown()
         frontend.close()
+        tracer.shutdown()  # exports the spans still pending
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
 

@@ -56,11 +56,13 @@ class LLM:
         num_kv_blocks: int | None = None,
         enable_prefix_caching: bool = True,
         quantization: str = "auto",
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """`quantization`: how weights are held (see DeviceConfig.quantization): auto,
-        none, gguf (or q4), int8."""
+        none, gguf (or q4), int8. `kv_cache_dtype`: how the KV cache is stored (see
+        CacheConfig.kv_cache_dtype): auto, int8, fp8."""
         cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                            memory_bytes=kv_cache_memory_bytes)
+                            memory_bytes=kv_cache_memory_bytes, kv_cache_dtype=kv_cache_dtype)
         scheduler = SchedulerConfig(max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens,
                                     max_prefill_chunk=min(max_prefill_chunk, max_num_batched_tokens))

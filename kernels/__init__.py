@@ -7,13 +7,16 @@ PyTorch reference with the same signature and contract:
     extend_attention   extend_attention / extend_attention_ref   new tokens over a paged prefix
     kv_store           store_kv / store_kv_ref                   scatter new K/V into pages
     kv_pack            pack_kv, unpack_kv / *_ref                pages <-> contiguous, int8/fp8
+    kv_quant           quantize_kv_ref, dequantize_kv_ref        an int8/fp8 KV cache's rows and scales
+                                                                 (what store_kv and attention repeat)
     rmsnorm            rms_norm / rms_norm_ref                   with fused residual add
     rope               rope / rope_ref                           NeoX layout, scaled cos/sin cache
     attention          paged_attention_ref                       mixed-batch reference (no kernel)
     activation         silu_mul_ref                              gated MLP activation (no Triton kernel)
 
 The C++ CPU kernels (csrc/, one extension built on first use by cpu_extension.py) keep
-the same contracts for float32 on the CPU:
+the same contracts for float32 on the CPU (the KV cache float32, or int8/fp8 with scales,
+csrc/kv_quant_cpu.cpp):
 
     cpu_attention      paged_attention_cpu                       a mixed batch in one call
     cpu_layer_ops      rms_norm_cpu, rope_cpu, silu_mul_cpu, store_kv_cpu

@@ -20,13 +20,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from pdserve.kernels.kv_quant import dequantize_kv_ref
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
-    """Return `cache` rows for positions [0, context_len) as [context_len, kv_heads, head_dim]."""
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
+                   scales: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Return `cache` rows for positions [0, context_len) as [context_len, kv_heads, head_dim];
+    with `scales` (a quantized cache's), dequantized to `dtype`."""
     block_size = cache.shape[1]
     num_pages = -(-context_len // block_size)
     pages = cache.index_select(0, block_table[:num_pages])
-    return pages.reshape(-1, *cache.shape[2:])[:context_len]
+    rows = pages.reshape(-1, *cache.shape[2:])[:context_len]
+    if scales is None:
+        return rows
+    row_scales = scales.index_select(0, block_table[:num_pages]).reshape(-1, scales.shape[2])[:context_len]
+    return dequantize_kv_ref(rows, row_scales, dtype)
 
 
 def paged_attention_ref(
@@ -37,12 +45,16 @@ def paged_attention_ref(
     query_lens: Sequence[int],
     seq_lens: Sequence[int],
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries against their paged context.
 
     q: [num_tokens, num_heads, head_dim], the queries of all sequences packed in order.
     k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]; num_heads must be a
         multiple of kv_heads (grouped-query attention).
+    k_scale, v_scale: [num_blocks, block_size, kv_heads] float16 for a quantized (int8 or
+        fp8) cache, whose rows are dequantized to q's dtype as they are read; else None.
     block_tables: [batch, max_pages] block ids; query_lens, seq_lens: host ints per sequence.
     Returns [num_tokens, num_heads, head_dim]. Reads the cache only.
     """
@@ -53,8 +65,8 @@ def paged_attention_ref(
     start = 0
     for i, (n_new, context_len) in enumerate(zip(query_lens, seq_lens)):
         assert 0 < n_new <= context_len, f"sequence {i}: {n_new} queries for context {context_len}"
-        k = gather_context(k_cache, block_tables[i], context_len)
-        v = gather_context(v_cache, block_tables[i], context_len)
+        k = gather_context(k_cache, block_tables[i], context_len, k_scale, q.dtype)
+        v = gather_context(v_cache, block_tables[i], context_len, v_scale, q.dtype)
         out[start:start + n_new] = attend_context(q[start:start + n_new], k, v, scale)
         start += n_new
     assert start == q.shape[0], "query_lens must add up to the number of query tokens"

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention_cpu.cpp", "block_linear_cpu.cpp",
                                       "layer_ops_cpu.cpp", "decoder_layers_cpu.cpp",
-                                      "sampling_cpu.cpp")]
+                                      "sampling_cpu.cpp", "kv_quant_cpu.cpp")]
 _HEADERS = [_CSRC / "vec_math.h", _CSRC / "kernels.h"]
 
 

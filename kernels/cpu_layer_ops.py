@@ -43,9 +43,11 @@ def silu_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def store_kv_cpu(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-    """`store_kv_ref`'s contract: token t's k/v go to flat slot slot_mapping[t] (-1 skips)."""
-    built_cpu_extension().store_kv(k, v, k_cache, v_cache, slot_mapping)
+                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> None:
+    """`store_kv_ref`'s contract: token t's k/v go to flat slot slot_mapping[t] (-1 skips);
+    quantized, bit-identical to the reference, when the cache comes with scales."""
+    built_cpu_extension().store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def decoder_layers_cpu(layers: list[tuple], num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
@@ -55,7 +57,8 @@ def decoder_layers_cpu(layers: list[tuple], num_heads: int, num_kv_heads: int, h
     (weight, bias or None, GGUF blocks or None, block kind or None); see
     runtime/models/llama.py (`LlamaForCausalLM.fuse_layers`). It holds these tensors, not
     copies. `forward(x, residual, first, last, kv, positions, cos_sin, slot_mapping,
-    block_tables, query_start, seq_lens)` runs layers [first, last) and returns (x, residual),
-    bit-identical to the Python layers on these kernels."""
+    block_tables, query_start, seq_lens, scales)` runs layers [first, last) and returns (x,
+    residual), bit-identical to the Python layers on these kernels (scales: a quantized
+    pool's, else None)."""
     return built_cpu_extension().DecoderLayers(layers, num_heads, num_kv_heads, head_dim, eps, scale,
                                                max_block_rows)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.attention import attend_context, gather_context
+from pdserve.kernels.kv_quant import check_kv_scales
 from pdserve.kernels.triton_utils import check_launchable, dot_precision, next_pow2, num_sms
 
 MAX_SPLITS = 32
@@ -31,17 +32,18 @@ MAX_SPLITS = 32
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K_cache, V_cache, Block_tables, Seq_lens, Part_out, Part_lse,
+    Q, K_cache, V_cache, K_scale, V_scale, Block_tables, Seq_lens, Part_out, Part_lse,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qb, stride_qh,
     stride_cb, stride_cs, stride_ch,  # k_cache and v_cache share strides (asserted)
+    stride_sb, stride_ss,  # K_scale and V_scale [blocks, page, KVH] (QUANT), contiguous heads
     stride_tb,
     stride_pb, stride_ph, stride_ps,  # Part_out [B, H, S, D]; Part_lse [B, H, S] shares the first three
     stride_lb, stride_lh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -70,6 +72,10 @@ def _decode_split_kernel(
         row = block.to(tl.int64) * stride_cb + (pos % PAGE_SIZE) * stride_cs + kv_head * stride_ch
         mask_nd = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
         k = tl.load(K_cache + row[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
+        if QUANT:  # int8 / fp8 rows times their scales, in q's dtype (kernels/kv_quant.py)
+            srow = block.to(tl.int64) * stride_sb + (pos % PAGE_SIZE) * stride_ss + kv_head
+            k_s = tl.load(K_scale + srow, mask=mask_n, other=0.0).to(tl.float32)
+            k = (k.to(tl.float32) * k_s[:, None]).to(Q.dtype.element_ty)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # Online softmax; the first tile of a non-empty split has a valid key, so m_new is finite.
@@ -78,6 +84,9 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_cache + row[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
+        if QUANT:
+            v_s = tl.load(V_scale + srow, mask=mask_n, other=0.0).to(tl.float32)
+            v = (v.to(tl.float32) * v_s[:, None]).to(Q.dtype.element_ty)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -130,11 +139,15 @@ def decode_attention(
     scale: float,
     num_splits: int | None = None,
     block_n: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its paged context (Triton).
 
     q: [B, H, D], query b at position seq_lens[b] - 1 of its sequence.
-    k_cache, v_cache: [num_blocks, page_size, KVH, D], same strides; H % KVH == 0.
+    k_cache, v_cache: [num_blocks, page_size, KVH, D], same strides; H % KVH == 0. In q's
+        dtype, or int8 / float8_e4m3fn with k_scale, v_scale [num_blocks, page_size, KVH]
+        float16 (same strides, contiguous): rows are dequantized to q's dtype as read.
     block_tables: [B, max_pages] int32/int64; seq_lens: [B] int32/int64 on q's device,
         each >= 1 and <= max_pages * page_size.
     num_splits: sequence splits per (sequence, kv head); None picks from the batch shape.
@@ -150,7 +163,7 @@ def decode_attention(
     assert q.stride(2) == 1 and k_cache.stride(3) == 1, "head_dim must be contiguous"
     assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.stride(1) == 1
     assert seq_lens.shape == (batch,) and not seq_lens.is_floating_point()
-    assert q.dtype == k_cache.dtype == v_cache.dtype
+    quant = check_kv_scales(q, k_cache, v_cache, k_scale, v_scale)
     check_launchable(q)
     group = heads // kv_heads
     splits = num_splits or default_num_splits(batch, kv_heads, q.device)
@@ -161,17 +174,19 @@ def decode_attention(
     out = torch.empty_like(q)
     d_pad = max(16, next_pow2(head_dim))
     _decode_split_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
+        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache,
+        block_tables, seq_lens, part_out, part_lse,
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_scale.stride(0) if quant else 0, k_scale.stride(1) if quant else 0,
         block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad,
         PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=splits,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), QUANT=quant,
         num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(batch, heads)](
@@ -193,12 +208,14 @@ def decode_attention_ref(
     scale: float,
     num_splits: int | None = None,
     block_n: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of `decode_attention`; `num_splits` and `block_n` are accepted for
     signature parity and ignored (the reference never splits). Reads seq_lens on the host."""
     out = torch.empty_like(q)
     for b, context_len in enumerate(seq_lens.tolist()):
-        k = gather_context(k_cache, block_tables[b], context_len)
-        v = gather_context(v_cache, block_tables[b], context_len)
+        k = gather_context(k_cache, block_tables[b], context_len, k_scale, q.dtype)
+        v = gather_context(v_cache, block_tables[b], context_len, v_scale, q.dtype)
         out[b:b + 1] = attend_context(q[b:b + 1], k, v, scale)
     return out

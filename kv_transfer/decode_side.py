@@ -21,6 +21,7 @@ receiver's verdict, which transition to take. Outcomes are counted in `counts` (
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, NamedTuple
@@ -38,6 +39,8 @@ from pdserve.runtime.stopping import FinishReason
 
 if TYPE_CHECKING:  # the engine's; worker specs read this module's policy without it
     from pdserve.runtime.scheduler import BatchScheduler
+
+log = logging.getLogger(__name__)
 
 
 class OnTransferFailure(enum.Enum):
@@ -131,6 +134,9 @@ class RemoteRequests:
                     self.counts["succeeded"] += 1
                     continue
             self.failure_reasons[request_id] = reason
+            trace = status.done.traceparent if status.done is not None else ""
+            log.info("request %s: its KV transfer failed (%s)%s; on failure: %s", request_id, reason,
+                     f", trace {trace}" if trace else "", self.on_failure.value)
             delta = self._settle_failure(request_id)
             if delta is not None:
                 failed.append(delta)

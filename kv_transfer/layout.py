@@ -5,13 +5,21 @@ A chunk is one layer's k and v for a run of pages, laid out contiguously as
 j is block `block_ids[j]`). Its bytes are exactly that tensor's memory, little-endian as
 the hardware stores it; both ends check the layout (`KVLayout`) before exchanging any.
 
+A quantized pool's chunk (int8 / float8_e4m3fn, `KVLayout.scale_dtype` set) moves as
+stored: those values, then their scales [2, num_pages, block_size, kv_heads] in the
+scale dtype, in one payload. Its packed form (`read_pages`, `from_bytes`) is the payload
+as a flat uint8 tensor; `split_chunk` gives its two parts. A float pool's chunk has no
+scales and its packed form is the pages tensor itself, as before.
+
 Transports that move pages without packing them (nixl, tcp's receiver) address the pool
 itself: `pool_runs` splits a chunk into the pool's contiguous runs of pages, in the
-chunk's byte order, and `checksum_pages` hashes them as if they had been packed.
+chunk's byte order (a quantized pool's scale runs after its value runs), and
+`checksum_pages` hashes them as if they had been packed.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -20,34 +28,103 @@ import numpy as np
 import torch
 import xxhash
 
-from pdserve.kv_transfer.messages import KVLayout
+from pdserve.kv_transfer.messages import KVLayout, KVTicket, PagesHeader
 from pdserve.runtime.kv_pool import KVPool
 
 
 def layout_of(pool: KVPool) -> KVLayout:
     num_layers, _, _, block_size, kv_heads, head_dim = pool.kv.shape
-    return KVLayout(num_layers, block_size, kv_heads, head_dim, dtype_name(pool.dtype))
+    scale_dtype = dtype_name(pool.scales.dtype) if pool.quantized else ""
+    return KVLayout(num_layers, block_size, kv_heads, head_dim, dtype_name(pool.dtype), scale_dtype)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def layout_mismatch(prefill: KVLayout, decode: KVLayout) -> str | None:
+    """Why a prefill worker whose pool has layout `prefill` cannot send pages into a
+    decode worker's of layout `decode`; None when they agree."""
+    if (prefill.dtype, prefill.scale_dtype) != (decode.dtype, decode.scale_dtype):
+        return (f"the KV cache dtypes differ: the prefill worker stores {_describe(prefill)}, the decode worker "
+                f"{_describe(decode)}; start both with the same --kv-cache-dtype")
+    if prefill != decode:
+        return (f"the KV page layouts differ (prefill {prefill}, decode {decode}): the two workers must serve "
+                "the same model with the same block size")
+    return None
+
+
+def _describe(layout: KVLayout) -> str:
+    return f"{layout.dtype} with {layout.scale_dtype} scales" if layout.scale_dtype else layout.dtype
+
+
 def chunk_shape(layout: KVLayout, num_pages: int) -> tuple[int, ...]:
     return (2, num_pages, *layout.page_shape)
 
 
+def scale_shape(layout: KVLayout, num_pages: int) -> tuple[int, ...]:
+    """The shape of a chunk's scales; () for a float layout (no scales)."""
+    return (2, num_pages, *layout.scale_page_shape) if layout.scale_dtype else ()
+
+
+def pages_header(ticket: KVTicket, layout: KVLayout, layer: int, page_start: int, num_pages: int,
+                 checksum: int | None) -> PagesHeader:
+    """The header of a chunk of `num_pages` pages in `layout` (the sender's pool's) for
+    `ticket`: dtype, shapes and size as this module lays them out."""
+    return PagesHeader(
+        request_id=ticket.request_id, ticket_id=ticket.ticket_id, secret=ticket.secret, layer=layer,
+        page_start=page_start, num_pages=num_pages, dtype=layout.dtype, shape=chunk_shape(layout, num_pages),
+        nbytes=chunk_nbytes(layout, num_pages), checksum=checksum, scale_dtype=layout.scale_dtype,
+        scale_shape=scale_shape(layout, num_pages))
+
+
 def read_pages(pool: KVPool, layer: int, block_ids: Sequence[int]) -> torch.Tensor:
-    """A contiguous CPU copy of one layer's pages: [2, len(block_ids), bs, kv_heads, hd]."""
+    """A contiguous CPU copy of one layer's pages: [2, len(block_ids), bs, kv_heads, hd];
+    for a quantized pool the chunk's bytes (values, then scales) as a flat uint8 tensor."""
     index = torch.tensor(list(block_ids), dtype=torch.int64, device=pool.kv.device)
-    return pool.kv[layer].index_select(1, index).cpu().contiguous()
+    if not pool.quantized:
+        return pool.kv[layer].index_select(1, index).cpu().contiguous()
+    values = pool.kv[layer].view(torch.uint8).index_select(1, index)
+    scales = pool.scales[layer].index_select(1, index)
+    return torch.cat([values.reshape(-1), scales.reshape(-1).view(torch.uint8)]).cpu()
+
+
+def split_chunk(layout: KVLayout, num_pages: int, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [2, n, bs, kvh, hd], scales [2, n, bs, kvh]) views of a quantized chunk's
+    packed uint8 bytes (admitted: its size is `chunk_nbytes`)."""
+    shape = chunk_shape(layout, num_pages)
+    split = math.prod(shape) * getattr(torch, layout.dtype).itemsize
+    values = packed[:split].view(getattr(torch, layout.dtype)).view(shape)
+    scales = packed[split:].view(getattr(torch, layout.scale_dtype)).view(scale_shape(layout, num_pages))
+    return values, scales
+
+
+def stored_values_problem(values: torch.Tensor, scales: torch.Tensor) -> str | None:
+    """Why a quantized chunk's values and scales (any views, any device) cannot be what a
+    pool stores: a scale that is negative or not finite, an int8 value of -128 or a
+    float8 NaN (the quantizer writes neither); None if they can."""
+    scales = scales.float()
+    if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+        return "a KV scale is negative, infinite or NaN"
+    if values.dtype == torch.int8 and bool((values == -128).any()):
+        return "an int8 KV value is -128, outside the quantizer's [-127, 127]"
+    if values.dtype != torch.int8 and bool(torch.isnan(values.float()).any()):
+        return "a float8 KV value is NaN"
+    return None
 
 
 def write_pages(pool: KVPool, layer: int, block_ids: Sequence[int], pages: torch.Tensor) -> None:
-    """Copy `pages` (as from `read_pages`) into one layer's blocks. The caller has checked
-    that the blocks are its own and the shape matches."""
+    """Copy `pages` (as from `read_pages`, or `from_bytes`) into one layer's blocks: a
+    quantized pool's values and scales both. The caller has checked that the blocks are
+    its own and the size matches."""
     index = torch.tensor(list(block_ids), dtype=torch.int64, device=pool.kv.device)
-    pool.kv[layer].index_copy_(1, index, pages.to(pool.kv.device, pool.dtype))
+    if not pool.quantized:
+        pool.kv[layer].index_copy_(1, index, pages.to(pool.kv.device, pool.dtype))
+        return
+    values, scales = split_chunk(layout_of(pool), len(block_ids), pages.to(pool.kv.device))
+    # As bytes: ATen has no index_copy_ for float8 (the bits are what is stored).
+    pool.kv[layer].view(torch.uint8).index_copy_(1, index, values.view(torch.uint8))
+    pool.scales[layer].index_copy_(1, index, scales)
 
 
 def to_bytes(pages: torch.Tensor) -> memoryview:
@@ -57,17 +134,34 @@ def to_bytes(pages: torch.Tensor) -> memoryview:
 
 
 def from_bytes(data: bytes | bytearray | memoryview, layout: KVLayout, num_pages: int) -> torch.Tensor:
-    """A tensor view over `data` shaped as a chunk of `num_pages` pages. The caller has
-    checked len(data) against `chunk_nbytes`."""
-    dtype = getattr(torch, layout.dtype)
-    flat = torch.frombuffer(bytearray(data) if isinstance(data, bytes) else data, dtype=dtype)
+    """A tensor view over `data` shaped as a chunk of `num_pages` pages (a quantized
+    chunk: flat uint8, see `split_chunk`). The caller has checked len(data) against
+    `chunk_nbytes`."""
+    buffer = bytearray(data) if isinstance(data, bytes) else data
+    if layout.scale_dtype:
+        return torch.frombuffer(buffer, dtype=torch.uint8)
+    flat = torch.frombuffer(buffer, dtype=getattr(torch, layout.dtype))
     return flat.view(chunk_shape(layout, num_pages))
 
 
+def from_tensor(payload: torch.Tensor, layout: KVLayout, num_pages: int) -> torch.Tensor:
+    """`from_bytes` of a received uint8 tensor (on any device), without copying."""
+    if layout.scale_dtype:
+        return payload
+    return payload.view(getattr(torch, layout.dtype)).view(chunk_shape(layout, num_pages))
+
+
 def chunk_nbytes(layout: KVLayout, num_pages: int) -> int:
+    """Bytes of a chunk of `num_pages` pages: its values, and a quantized chunk's scales."""
     itemsize = getattr(torch, layout.dtype).itemsize
     count = 2 * num_pages * layout.block_size * layout.num_kv_heads * layout.head_dim
-    return count * itemsize
+    return count * itemsize + scale_nbytes(layout, num_pages)
+
+
+def scale_nbytes(layout: KVLayout, num_pages: int) -> int:
+    if not layout.scale_dtype:
+        return 0
+    return 2 * num_pages * layout.block_size * layout.num_kv_heads * getattr(torch, layout.scale_dtype).itemsize
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
@@ -78,58 +172,79 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
 
 
 class PoolRun(NamedTuple):
-    """`num_pages` consecutive blocks from `block` of one (layer, k or v) of the pool,
-    contiguous in memory, holding chunk bytes from `offset`."""
+    """`num_pages` consecutive blocks from `block` of one (layer, k or v) of the pool's
+    values (or, `scales`, of a quantized pool's scales), contiguous in memory, holding
+    chunk bytes from `offset`."""
 
     kv: int  # 0: k, 1: v
     block: int
     num_pages: int
     offset: int  # byte offset of the run in the packed chunk
+    scales: bool = False
 
 
 def pool_runs(pool: KVPool, block_ids: Sequence[int]) -> list[PoolRun]:
     """A chunk of `block_ids` as the pool's contiguous runs, in the chunk's byte order (k
-    pages, then v pages; consecutive block ids merge)."""
+    pages, then v pages, then a quantized pool's k and v scales; consecutive block ids
+    merge)."""
     blocks = np.asarray(block_ids, dtype=np.int64)
     starts = np.flatnonzero(np.diff(blocks, prepend=blocks[0] - 2) != 1)  # where a run begins
     lengths = np.diff(starts, append=len(blocks))
-    page_bytes = page_nbytes(pool)
+    parts = [(False, page_nbytes(pool))]
+    if pool.quantized:
+        parts.append((True, scale_page_nbytes(pool)))
     runs, offset = [], 0
-    for kv in (0, 1):
-        for start, length in zip(blocks[starts].tolist(), lengths.tolist()):
-            runs.append(PoolRun(kv, start, length, offset))
-            offset += length * page_bytes
+    for scales, page_bytes in parts:
+        for kv in (0, 1):
+            for start, length in zip(blocks[starts].tolist(), lengths.tolist()):
+                runs.append(PoolRun(kv, start, length, offset, scales))
+                offset += length * page_bytes
     return runs
 
 
 def run_view(pool: KVPool, layer: int, run: PoolRun) -> torch.Tensor:
     """The pool's memory of one run (contiguous)."""
-    return pool.kv[layer, run.kv, run.block:run.block + run.num_pages]
+    source = pool.scales if run.scales else pool.kv
+    return source[layer, run.kv, run.block:run.block + run.num_pages]
 
 
 def page_nbytes(pool: KVPool) -> int:
-    """Bytes of one page of k (or of v) at one layer."""
+    """Bytes of one page of k (or of v) at one layer (values; a quantized pool's scales
+    are `scale_page_nbytes` more)."""
     return pool.kv[0, 0, 0].numel() * pool.kv.element_size()
 
 
+def scale_page_nbytes(pool: KVPool) -> int:
+    """Bytes of one page's scales of k (or of v) at one layer of a quantized pool."""
+    return pool.scales[0, 0, 0].numel() * pool.scales.element_size()
+
+
 def run_addresses(pool: KVPool, layer: int, runs: Sequence[PoolRun]) -> list[tuple[int, int]]:
-    """(address, nbytes) of each run's memory (the pool is one contiguous tensor)."""
-    page_bytes = page_nbytes(pool)
-    base, num_blocks = pool.kv.data_ptr(), pool.num_blocks
-    return [(base + ((layer * 2 + run.kv) * num_blocks + run.block) * page_bytes, run.num_pages * page_bytes)
-            for run in runs]
+    """(address, nbytes) of each run's memory (values and scales are each one contiguous
+    tensor)."""
+    num_blocks = pool.num_blocks
+    addresses = []
+    for run in runs:
+        base, page_bytes = (pool.scales.data_ptr(), scale_page_nbytes(pool)) if run.scales \
+            else (pool.kv.data_ptr(), page_nbytes(pool))
+        addresses.append((base + ((layer * 2 + run.kv) * num_blocks + run.block) * page_bytes,
+                          run.num_pages * page_bytes))
+    return addresses
 
 
 _HOST_PAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pool -> _host_pages(pool)
 
 
-def _host_pages(pool: KVPool) -> np.ndarray:
-    """The pool's memory as bytes, [layers, 2, blocks, page bytes] (a CPU pool; made once
-    per pool, forgotten with it)."""
+def _host_pages(pool: KVPool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The pool's memory as bytes, [layers, 2, blocks, page bytes], and its scales' alike
+    (None: a float pool). A CPU pool; made once per pool, forgotten with it."""
     pages = _HOST_PAGES.get(pool)
     if pages is None:
         num_layers = pool.kv.shape[0]
-        pages = _HOST_PAGES[pool] = pool.kv.view(torch.uint8).numpy().reshape(num_layers, 2, pool.num_blocks, -1)
+        values = pool.kv.view(torch.uint8).numpy().reshape(num_layers, 2, pool.num_blocks, -1)
+        scales = None if pool.scales is None else \
+            pool.scales.view(torch.uint8).numpy().reshape(num_layers, 2, pool.num_blocks, -1)
+        pages = _HOST_PAGES[pool] = (values, scales)
     return pages
 
 
@@ -138,7 +253,8 @@ def checksum_pages(pool: KVPool, layer: int, block_ids: Sequence[int],
     """`checksum` of the chunk `read_pages` would pack, hashed where the pages lie (a CPU
     pool), without packing them. `runs`: `pool_runs(pool, block_ids)`, if already known."""
     digest = xxhash.xxh3_64()
-    pages = _host_pages(pool)[layer]
+    values, scales = _host_pages(pool)
     for run in runs if runs is not None else pool_runs(pool, block_ids):
-        digest.update(pages[run.kv, run.block:run.block + run.num_pages])
+        pages = scales if run.scales else values
+        digest.update(pages[layer, run.kv, run.block:run.block + run.num_pages])
     return digest.intdigest()

@@ -4,7 +4,8 @@ cross the KV link.
     PrefillJob      gateway -> prefill   a prompt to compute and the ticket to push its KV with
     PrefillResult   prefill -> gateway   the job settled: KV accepted by decode, or why not
     KVTicket        decode -> prefill    where to write: destination blocks, secret, deadline
-    PagesHeader     prefill -> decode    one layer's pages, then `nbytes` raw bytes
+    PagesHeader     prefill -> decode    one layer's pages (and their scales, for a
+                                         quantized KV cache), then `nbytes` raw bytes
     TransferDone    prefill -> decode    every page sent; the first sampled token (and the
                                          prompt logprobs, when the request asked for them)
     TransferAbort   either way           give up on a ticket, with a reason
@@ -52,11 +53,18 @@ class KVLayout:
     block_size: int
     num_kv_heads: int
     head_dim: int
-    dtype: str  # torch dtype name without "torch.", e.g. "float32"
+    dtype: str  # torch dtype name without "torch.", e.g. "float32", "int8", "float8_e4m3fn"
+    # A quantized pool's per-row scales ("float16"), sent after the values; "": none.
+    scale_dtype: str = ""
 
     @property
     def page_shape(self) -> tuple[int, int, int]:
         return (self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def scale_page_shape(self) -> tuple[int, int]:
+        """One page's scales: one per (slot, kv-head)."""
+        return (self.block_size, self.num_kv_heads)
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,10 @@ class PagesHeader:
     # XXH3-64 of the payload (layout.checksum); over nccl, its device_checksum. A sender
     # may leave it None for its channel's send_pool_pages to fill in: never sent so.
     checksum: int
+    # A quantized chunk's scales, in the payload after the values (layout.py): their
+    # dtype and shape [2, num_pages, block_size, kv_heads]; "" and () for a float chunk.
+    scale_dtype: str = ""
+    scale_shape: tuple[int, ...] = ()
 
     kind: ClassVar[str] = "chunk"  # the wire name, fixed by the protocol
 
@@ -109,6 +121,9 @@ class TransferDone:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     # Prompt tokens 1 .. P - 1's logprobs when the request asked for them, else empty.
     prompt_logprobs: tuple[PromptLogprob, ...] = ()
+    # The request's W3C trace context ("" untraced; at most TRACEPARENT_CHARS), for the
+    # decode worker's log lines about this transfer.
+    traceparent: str = ""
 
     kind: ClassVar[str] = "done"
 
@@ -133,6 +148,9 @@ class PrefillJob(NamedTuple):
     # A migrated request's output tokens carried at the end of `prompt_ids` (None: a new
     # request): it queues ahead of new jobs and samples its first token at this position.
     resume_at: int | None = None
+    # The request's W3C trace context at the gateway ("" untraced): the prefill worker's
+    # log lines about this job carry it.
+    traceparent: str = ""
 
 
 class PrefillResult(NamedTuple):
@@ -144,6 +162,7 @@ class PrefillResult(NamedTuple):
     queue_seconds: float  # accepted .. the step that computed its first prompt chunk began
     compute_seconds: float  # that step began .. its last prompt chunk computed, first token sampled
     transfer_tail_seconds: float  # .. the decode side accepted all its KV (what overlap did not hide)
+    kv_bytes: int = 0  # payload bytes this job sent to the decode worker
 
 
 # Field name -> accepted Python types after msgpack decoding, per message kind.
@@ -187,13 +206,16 @@ def decode(data: bytes | memoryview, expected: type | None = None) -> Any:
     return _from_plain(cls, body)
 
 
+TRACEPARENT_CHARS = 55  # a W3C traceparent of version 00: 00-<32 hex>-<16 hex>-<2 hex>
+
+
 def done_bytes_bound(request_id: str, num_prompt_logprobs: int, prompt_top: int) -> int:
     """The most bytes a TransferDone of this request encodes to when it carries
     `num_prompt_logprobs` prompt logprobs of `prompt_top` alternatives each: every number
     at its widest msgpack form, the first token with MAX_LOGPROBS alternatives."""
     widest_id, widest_float = 2**32 - 1, -1e300  # token ids and ranks are < 2**32
     fixed = TransferDone(request_id, 2**64 - 1, bytes(16), widest_id, widest_float,
-                         ((widest_id, widest_float),) * MAX_LOGPROBS)
+                         ((widest_id, widest_float),) * MAX_LOGPROBS, traceparent="0" * TRACEPARENT_CHARS)
     entry = PromptLogprob(widest_float, widest_id, ((widest_id, widest_float),) * prompt_top)
     array_header = 5  # msgpack's array32 header: the widest
     return len(encode(fixed)) + array_header + num_prompt_logprobs * len(msgpack.packb(entry))

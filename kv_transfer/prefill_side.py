@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pdserve.kv_transfer.messages import PrefillJob, TransferDone
+from pdserve.kv_transfer.messages import TRACEPARENT_CHARS, PrefillJob, TransferDone
 from pdserve.kv_transfer.pusher import KVPusher, SendState
 from pdserve.runtime.request import PromptLogprob
 
@@ -56,6 +56,7 @@ class JobOutcome(NamedTuple):
     ok: bool
     reason: str  # why it failed; "" when ok
     held_blocks: tuple[int, ...] = ()  # blocks the engine held for the transfer: release them now
+    kv_bytes: int = 0  # payload bytes sent for it
 
 
 @dataclass
@@ -138,9 +139,10 @@ class PrefillJobs:
         token after the first when the request asked for them, else empty."""
         job = self._computing[request_id]
         ticket = job.job.ticket
+        traceparent = job.job.traceparent if len(job.job.traceparent) <= TRACEPARENT_CHARS else ""
         self.pusher.finish(job.job_id, TransferDone(
             ticket.request_id, ticket.ticket_id, ticket.secret, first_token, logprob, top_logprobs,
-            prompt_logprobs))
+            prompt_logprobs, traceparent))
         self._stop_computing(job)
 
     def abort(self, request_id: str, reason: str) -> bool:
@@ -169,9 +171,10 @@ class PrefillJobs:
             state, reason = self.pusher.poll(job_id)
             if state is not SendState.SENDING:
                 del self._sending[job_id]
+                kv_bytes = self.pusher.bytes_sent_for(job_id)
                 self.pusher.forget(job_id)
                 outcomes.append(JobOutcome(job_id, sending.request_id, state is SendState.SENT, reason,
-                                           sending.held_blocks))
+                                           sending.held_blocks, kv_bytes))
                 self.outcome_counts["sent" if state is SendState.SENT else "failed"] += 1
                 if state is SendState.SENT:
                     self.sent_tail_seconds += time.monotonic() - sending.computed_at

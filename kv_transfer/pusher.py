@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.kv_transfer import layout
-from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferAbort, TransferDone
+from pdserve.kv_transfer.messages import KVTicket, MessageRejected, TransferAbort, TransferDone
 from pdserve.kv_transfer.transports.base import KVChannel, TransportError, reads_pool
 from pdserve.runtime.kv_pool import KVPool
 
@@ -66,6 +66,7 @@ class _Outgoing:
 class KVPusher:
     def __init__(self, pool: KVPool, connect: Callable[[str], KVChannel]) -> None:
         self.pool = pool
+        self.layout = layout.layout_of(pool)
         self._connect = connect
         self._channels: dict[str, KVChannel] = {}  # pusher thread only
         self._sends: dict[int, _Outgoing] = {}  # send id -> its state, under _lock
@@ -108,7 +109,7 @@ class KVPusher:
             self._queue.put(("push_pool", send_id, layer, page_start, tuple(block_ids), checksum, ready))
         else:
             pages = layout.read_pages(self.pool, layer, block_ids)
-            self._queue.put(("push", send_id, layer, page_start, pages))
+            self._queue.put(("push", send_id, layer, page_start, len(block_ids), pages))
 
     def finish(self, send_id: int, done: TransferDone) -> None:
         self._queue.put(("done", send_id, done))
@@ -121,6 +122,11 @@ class KVPusher:
         with self._lock:
             outgoing = self._sends[send_id]
             return outgoing.state, outgoing.reason
+
+    def bytes_sent_for(self, send_id: int) -> int:
+        """Payload bytes of the send's chunks that went on the link so far."""
+        with self._lock:
+            return self._sends[send_id].bytes_sent
 
     def forget(self, send_id: int) -> None:
         """Drop a SENT or FAILED send's record."""
@@ -165,15 +171,11 @@ class KVPusher:
                 self._settle(outgoing, SendState.FAILED, f"{type(exc).__name__}: {exc}")
 
     def _send_pages(self, channel: KVChannel, outgoing: _Outgoing, layer: int, page_start: int,
-                    pages) -> None:
-        ticket = outgoing.ticket
+                    num_pages: int, pages) -> None:
         payload = layout.to_bytes(pages)
-        header = PagesHeader(
-            request_id=ticket.request_id, ticket_id=ticket.ticket_id, secret=ticket.secret,
-            layer=layer, page_start=page_start, num_pages=pages.shape[1],
-            dtype=layout.dtype_name(pages.dtype), shape=tuple(pages.shape),
-            nbytes=len(payload), checksum=layout.checksum(payload),
-        )
+        # Described as this pool lays them out: the receiver refuses a layout not its own.
+        header = layout.pages_header(outgoing.ticket, self.layout, layer, page_start, num_pages,
+                                     layout.checksum(payload))
         started = time.perf_counter()
         channel.send_pages(header, payload, wait=False)  # a refusal raises from a later call
         self.send_seconds += time.perf_counter() - started
@@ -182,14 +184,8 @@ class KVPusher:
 
     def _send_pool_pages(self, channel: KVChannel, outgoing: _Outgoing, layer: int, page_start: int,
                          block_ids: tuple[int, ...], checksum: int | None, ready) -> None:
-        ticket = outgoing.ticket
-        shape = layout.chunk_shape(ticket.layout, len(block_ids))
-        nbytes = layout.chunk_nbytes(ticket.layout, len(block_ids))
-        header = PagesHeader(
-            request_id=ticket.request_id, ticket_id=ticket.ticket_id, secret=ticket.secret,
-            layer=layer, page_start=page_start, num_pages=len(block_ids),
-            dtype=layout.dtype_name(self.pool.dtype), shape=shape, nbytes=nbytes, checksum=checksum,
-        )
+        header = layout.pages_header(outgoing.ticket, self.layout, layer, page_start, len(block_ids), checksum)
+        nbytes = header.nbytes
         started = time.perf_counter()
         if ready is not None:  # a CUDA event: the channel's reads queue after it
             torch.cuda.current_stream(self.pool.kv.device).wait_event(ready)

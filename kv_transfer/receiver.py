@@ -60,7 +60,7 @@ REJECTION_REASONS = (
     "settled_ticket",  # the ticket already succeeded or failed (e.g. a frame replayed after TransferDone)
     "expired",  # the ticket is past its deadline
     "out_of_bounds",  # a layer or pages outside the ticket
-    "bad_layout",  # dtype, shape or byte count other than the pool's layout implies
+    "bad_layout",  # dtype, shape, scales or byte count other than the pool's layout implies
     "checksum",  # the payload does not match its checksum (XXH3-64)
     "incomplete",  # TransferDone before every page of every layer arrived
     "bad_token",  # TransferDone's first token, logprobs or prompt logprobs out of range
@@ -135,7 +135,23 @@ class Landing:
             self.receiver._landed(self, f"internal error while verifying a chunk: {type(exc).__name__}: {exc}",
                                   "internal_error")
         error = None if got == self.header.checksum else "checksum mismatch: a chunk was corrupted in transit"
+        if error is None and self.pool.quantized:
+            # Checked where the bytes landed: the ticket's blocks are read by no one until
+            # every chunk of it landed and passed.
+            error = self._stored_values_problem()
+            if error is not None:
+                self.receiver._landed(self, f"refused a chunk's quantized values: {error}", "bad_layout")
         self.receiver._landed(self, error)
+
+    def _stored_values_problem(self) -> str | None:
+        for run, view in zip(self.runs, self.views()):
+            if not run.scales:
+                continue
+            values = layout.run_view(self.pool, self.header.layer, run._replace(scales=False))
+            problem = layout.stored_values_problem(values, view)
+            if problem is not None:
+                return problem
+        return None
 
     def abandoned(self, reason: str, reason_class: str = "truncated") -> None:
         """The bytes did not all arrive (link dropped, pull failed): the runs may hold part
@@ -276,6 +292,12 @@ class KVReceiver:
                     self._fail(live, "checksum mismatch: a chunk was corrupted in transit")
                     raise self._reject("checksum", "checksum mismatch: the chunk was corrupted in transit")
             pages = layout.from_bytes(payload, self.layout, header.num_pages)
+            if self.layout.scale_dtype:
+                problem = layout.stored_values_problem(*layout.split_chunk(self.layout, header.num_pages, pages))
+                if problem is not None:
+                    with self._lock:
+                        self._fail(live, f"refused a chunk's quantized values: {problem}")
+                        raise self._reject("bad_layout", f"refused a chunk's quantized values: {problem}")
             blocks = live.ticket.block_ids[header.page_start:header.page_start + header.num_pages]
             layout.write_pages(live.pool, header.layer, blocks, pages)
         finally:
@@ -388,6 +410,12 @@ class KVReceiver:
         if tuple(header.shape) != layout.chunk_shape(self.layout, header.num_pages):
             raise self._reject("bad_layout", f"shape {tuple(header.shape)} != "
                                f"{layout.chunk_shape(self.layout, header.num_pages)}")
+        if header.scale_dtype != self.layout.scale_dtype:
+            raise self._reject("bad_layout", f"scale dtype {header.scale_dtype or 'none'} != the pool's "
+                               f"{self.layout.scale_dtype or 'none'} (KV cache dtype {self.layout.dtype})")
+        if tuple(header.scale_shape) != layout.scale_shape(self.layout, header.num_pages):
+            raise self._reject("bad_layout", f"scale shape {tuple(header.scale_shape)} != "
+                               f"{layout.scale_shape(self.layout, header.num_pages)}")
         expected = layout.chunk_nbytes(self.layout, header.num_pages)
         if header.nbytes != expected or nbytes != expected:
             raise self._reject("bad_layout", f"payload of {nbytes} bytes (header {header.nbytes}); "

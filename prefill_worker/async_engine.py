@@ -138,16 +138,20 @@ class AsyncPrefillEngine(EngineThread):
             if request is None:  # its prompt is complete (or it was aborted)
                 self._computed_at[job_id] = step_ended
         for outcome in outcomes:
-            self._resolve(outcome.job_id, outcome.ok, outcome.reason)
+            self._resolve(outcome.job_id, outcome.ok, outcome.reason, outcome.kv_bytes)
 
-    def _resolve(self, job_id: int, ok: bool, reason: str) -> None:
+    def _resolve(self, job_id: int, ok: bool, reason: str, kv_bytes: int = 0) -> None:
         pending = self._pending.pop(job_id, None)
         now = time.monotonic()
         started = self._started_at.pop(job_id, now)
         computed = self._computed_at.pop(job_id, now)
-        if pending is not None:
-            _set(pending, PrefillResult(pending.job.ticket.request_id, ok, reason, started - pending.accepted_at,
-                                        computed - started, now - computed))
+        if pending is None:
+            return
+        if not ok:
+            log.info("prefill job %s failed: %s%s", pending.job.ticket.request_id, reason,
+                     f" (trace {pending.job.traceparent})" if pending.job.traceparent else "")
+        _set(pending, PrefillResult(pending.job.ticket.request_id, ok, reason, started - pending.accepted_at,
+                                    computed - started, now - computed, kv_bytes))
 
 
 def _set(pending: _Pending, result: PrefillResult | BaseException) -> None:

@@ -30,6 +30,7 @@ from pdserve.kernels.rope import rope, rope_ref
 from pdserve.kernels.triton_utils import INTERPRETED
 from pdserve.runtime.config import ConfigError
 from pdserve.runtime.forward_batch import ForwardBatch
+from pdserve.runtime.kv_pool import LayerCache
 
 
 class AttentionBackend(Protocol):
@@ -39,10 +40,11 @@ class AttentionBackend(Protocol):
         """Build per-batch metadata; the model calls it once per forward, before the first
         layer (so inside a captured CUDA graph too). Must not synchronise with the device."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, KVH, D]. Writes k/v into the cache slots of `batch`,
-        then returns attention output [T, H, D]. `batch` is the one last prepared."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                batch: ForwardBatch, scale: float) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D]. Writes k/v into the cache slots of `batch`
+        (quantized, with their scales, when the pool is), then returns attention output
+        [T, H, D]. `batch` is the one last prepared."""
 
 
 class ReferenceAttention:
@@ -58,16 +60,14 @@ class ReferenceAttention:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: LayerCache,
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
         """See `AttentionBackend.forward`."""
-        store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
-        return paged_attention_ref(
-            q, k_cache, v_cache, batch.block_tables, batch.query_lens, batch.seq_lens, scale
-        )
+        store_kv_ref(k, v, cache.k, cache.v, batch.slot_mapping, cache.k_scale, cache.v_scale)
+        return paged_attention_ref(q, cache.k, cache.v, batch.block_tables, batch.query_lens, batch.seq_lens,
+                                   scale, cache.k_scale, cache.v_scale)
 
 
 class CpuAttention:
@@ -97,17 +97,16 @@ class CpuAttention:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: LayerCache,
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
         """See `AttentionBackend.forward`."""
         assert batch is self._batch, "prepare(batch) must run before the layers"
-        store_kv_cpu(k, v, k_cache, v_cache, batch.slot_mapping)
+        store_kv_cpu(k, v, cache.k, cache.v, batch.slot_mapping, cache.k_scale, cache.v_scale)
         query_start, seq_lens = self._lengths
-        return paged_attention_cpu(q.contiguous(), k_cache, v_cache, batch.block_tables, query_start,
-                                   seq_lens, scale)
+        return paged_attention_cpu(q.contiguous(), cache.k, cache.v, batch.block_tables, query_start,
+                                   seq_lens, scale, cache.k_scale, cache.v_scale)
 
 
 class _DecodeMetadata(NamedTuple):
@@ -157,19 +156,20 @@ class TritonAttention:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: LayerCache,
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
         """See `AttentionBackend.forward`."""
         assert batch is self._batch, "prepare(batch) must run before the layers"
-        store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        store_kv(k, v, cache.k, cache.v, batch.slot_mapping, cache.k_scale, cache.v_scale)
         meta = self._metadata
         if isinstance(meta, _DecodeMetadata):
-            return decode_attention(q, k_cache, v_cache, batch.block_tables, meta.seq_lens, scale)
-        return extend_attention(q, k_cache, v_cache, batch.block_tables, meta.query_start,
-                                meta.seq_lens, meta.max_query_len, scale)
+            return decode_attention(q, cache.k, cache.v, batch.block_tables, meta.seq_lens, scale,
+                                    k_scale=cache.k_scale, v_scale=cache.v_scale)
+        return extend_attention(q, cache.k, cache.v, batch.block_tables, meta.query_start,
+                                meta.seq_lens, meta.max_query_len, scale,
+                                k_scale=cache.k_scale, v_scale=cache.v_scale)
 
 
 class Kernels(NamedTuple):

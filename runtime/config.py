@@ -94,14 +94,24 @@ class ModelConfig:
         return dataclasses.replace(self, dtype=dtype)
 
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # see CacheConfig.kv_cache_dtype
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache. `num_blocks=None` sizes the pool from `memory_bytes`."""
+    """Paged KV cache. `num_blocks=None` sizes the pool from `memory_bytes`.
+
+    kv_cache_dtype: how the pool stores K/V. "auto": in `dtype` (the model's when None),
+    as computed; "int8" or "fp8" (float8_e4m3fn): quantized, one float16 scale per token
+    and kv-head beside the values (kernels/kv_quant.py), about 3.9x the tokens of float32
+    in the same memory; attention dequantizes as it reads.
+    """
 
     block_size: int = 16
     num_blocks: int | None = None
     memory_bytes: int = 512 * 1024**2
     dtype: torch.dtype | None = None  # None: the model's dtype
+    kv_cache_dtype: str = "auto"
     # A draft model's KV pool of as many blocks shares `memory_bytes` with this one; its
     # block takes this fraction of one of ours (0: no draft pool).
     draft_kv_share: float = 0.0
@@ -115,6 +125,23 @@ class CacheConfig:
             raise ConfigError(f"memory_bytes must be positive, got {self.memory_bytes}")
         if not 0.0 <= self.draft_kv_share < float("inf"):
             raise ConfigError(f"draft_kv_share must be >= 0, got {self.draft_kv_share}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+            raise ConfigError(f"kv_cache_dtype 'fp8' needs torch.float8_e4m3fn, which this torch "
+                              f"({torch.__version__}) lacks; use int8 or upgrade torch")
+        if self.kv_cache_dtype != "auto" and self.dtype is not None and self.dtype != self.storage_dtype(self.dtype):
+            raise ConfigError(f"give either a KV cache dtype ({self.kv_cache_dtype}) or a pool dtype "
+                              f"({self.dtype}), not both")
+
+    def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the pool holds K/V in for a model computing in `model_dtype`."""
+        if self.kv_cache_dtype == "int8":
+            return torch.int8
+        if self.kv_cache_dtype == "fp8":
+            return torch.float8_e4m3fn
+        return self.dtype or model_dtype
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, RuntimeInfo
 from pdserve.runtime.model_runner import ModelRunner
+from pdserve.runtime.progress import Progress
 from pdserve.runtime.tokenizer import Tokenizer
 from pdserve.runtime.weights import Checkpoint, load_checkpoint
+
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+class _LayerProgress:
+    """Counts the decoder layers a weight stream has moved past: a layer counts once a
+    tensor of another layer follows it (files list layers in any order: safetensors sorts
+    names, so layer 10 comes before layer 2)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.begun: set[int] = set()
+
+    def __call__(self, name: str) -> None:
+        match = _LAYER_NAME.match(name)
+        if match:
+            self.begun.add(int(match[1]))
+            self.progress.advance_to(len(self.begun) - 1)
 
 
 @dataclass(frozen=True)
@@ -49,8 +69,11 @@ def load_model(
                 f"context of {context} tokens"
             )
         context = max_model_len
-    runner = ModelRunner.create(config, checkpoint.iter_weights(), cache or CacheConfig(),
+    progress = Progress(f"loading {model}", config.num_layers)
+    weights = checkpoint.iter_weights().reporting(_LayerProgress(progress))
+    runner = ModelRunner.create(config, weights, cache or CacheConfig(),
                                 device_config=device_config, weight_blocks=checkpoint.iter_weight_blocks())
+    progress.finish()
     info = RuntimeInfo(
         num_blocks=runner.pool.num_blocks,
         block_size=runner.pool.block_size,

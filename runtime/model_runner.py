@@ -23,6 +23,7 @@ from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, Model
 from pdserve.runtime.forward_batch import ForwardBatch
 from pdserve.runtime.kv_pool import KVPool
 from pdserve.runtime.models import MODEL_CLASSES
+from pdserve.runtime.progress import Progress
 from pdserve.runtime.weights.quantize import quantizable, quantize_blocks
 
 log = logging.getLogger(__name__)
@@ -57,26 +58,34 @@ class Placement:
                    config.compile and not on_cuda and kernels != "triton")
 
 
-def _hold_weights(model, quantization: str, weight_blocks: Iterable[tuple[str, str, torch.Tensor]],
-                  blocks_computable: bool) -> None:
-    """Give a CPU model its blocks as `quantization` says (see DeviceConfig), after its
-    dense weights are loaded; `blocks_computable`: float32 with the CPU kernels built."""
-    if quantization == "none":
-        return
-    if not blocks_computable:
-        if quantization == "auto":
-            return
+def _load_cpu_weights(model, quantization: str, weights: Iterable[tuple[str, torch.Tensor]],
+                      weight_blocks: Iterable[tuple[str, str, torch.Tensor]], blocks_computable: bool) -> None:
+    """Fill a CPU model's dense weights and blocks as `quantization` says (see DeviceConfig);
+    `blocks_computable`: float32 with the CPU kernels built.
+
+    gguf/q4 read the blocks first and drop the dense parameters they stand for before any
+    is written, then read only the remaining tensors (norms, biases, matrices in formats
+    without blocks): the float32 copy of a blocked weight is never made, so neither the
+    process's peak nor its final memory holds it (`WeightStream.skipping`; a plain iterable
+    of weights is read in full and the unused tensors thrown away). Every mode ends by
+    handing freed heap back to the OS."""
+    if quantization not in ("none", "auto") and not blocks_computable:
         raise ConfigError(f"quantization {quantization!r} needs the CPU kernels (a C++ compiler) and float32")
+    if quantization in ("gguf", "q4"):
+        if not model.load_blocks(weight_blocks):
+            raise ConfigError(f"quantization {quantization!r}: this checkpoint has no GGUF blocks the CPU "
+                              f"kernels compute from (Q4_1 or Q8_0); use int8 or none")
+        held = model.drop_dense_weights()
+        skipping = getattr(weights, "skipping", None)
+        weights = skipping(held) if skipping else ((n, t) for n, t in weights if n not in held)
+    elif quantization == "auto" and blocks_computable:
+        model.load_blocks(weight_blocks)
+    model.load_weights(weights)
+    model.store_weights_input_major()
     if quantization == "int8":
-        count = model.quantize_weights("q8_0", quantize_blocks, quantizable)
-    else:
-        count = model.load_blocks(weight_blocks)
-    if quantization == "auto":
-        return
-    if not count:
-        raise ConfigError(f"quantization {quantization!r}: this checkpoint has no GGUF blocks the CPU kernels "
-                          f"compute from (Q4_1 or Q8_0); use int8 or none")
-    model.drop_dense_weights()
+        if not model.quantize_weights("q8_0", quantize_blocks, quantizable):
+            raise ConfigError("quantization 'int8': no weight of this model splits into blocks of 32; use none")
+        model.drop_dense_weights()
     _release_freed_memory()
 
 
@@ -129,18 +138,18 @@ class ModelRunner:
         kernels = select_kernels(placement.kernels, placement.device, placement.dtype, placement.compiled)
         with torch.device(placement.device):
             model = MODEL_CLASSES[config.architecture](config, kernels)
-        model.load_weights(weights)
         model.eval()
         if placement.device.type == "cpu":
-            model.store_weights_input_major()
-            _hold_weights(model, device_config.quantization, weight_blocks,
-                          placement.dtype == torch.float32 and placement.kernels != "triton"
-                          and cpu_kernels_available())
+            _load_cpu_weights(model, device_config.quantization, weights, weight_blocks,
+                              placement.dtype == torch.float32 and placement.kernels != "triton"
+                              and cpu_kernels_available())
             if kernels.name == "cpu" and not placement.compiled:
                 model.fuse_layers()  # last: it holds the weights and blocks as they are now
         elif device_config.blocks_only:
             raise ConfigError(f"quantization {device_config.quantization!r} runs on the CPU only for now; "
                               f"use auto or none on {placement.device}")
+        else:
+            model.load_weights(weights)
         pool = KVPool.for_model(config, cache, placement.device)
         graphs = None
         if placement.cuda_graphs:
@@ -151,7 +160,10 @@ class ModelRunner:
                  config.architecture, config.num_layers, placement.device, time.perf_counter() - started,
                  runner.describe(), pool.num_blocks, pool.block_size)
         if placement.compiled:
+            log.info("compiling the decoder layers (torch.compile; minutes on a small machine) ...")
+            compiling = time.perf_counter()
             compile_layers(runner)
+            log.info("compiled the decoder layers in %.1fs", time.perf_counter() - compiling)
         return runner
 
     def describe(self) -> str:
@@ -227,10 +239,13 @@ class DecodeGraphRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         mempool = torch.cuda.graph_pool_handle()
         started = time.perf_counter()
+        progress = Progress("capturing decode CUDA graphs", len(GRAPH_BATCH_SIZES))
         with torch.inference_mode():
             # Largest first: smaller graphs then reuse its memory from the shared pool.
             for b in reversed(GRAPH_BATCH_SIZES):
                 self.graphs[b] = self._capture(b, mempool)
+                progress.advance()
+        progress.finish()
         log.info("captured %d decode CUDA graphs in %.1fs", len(self.graphs),
                  time.perf_counter() - started)
 

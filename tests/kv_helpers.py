@@ -20,11 +20,9 @@ def chunk(source: KVPool, ticket: KVTicket, layer: int, page_start: int, src_blo
     """A well-formed chunk carrying `src_blocks` of `source` to the ticket's pages from
     `page_start`; `overrides` replace header fields after the checksum is taken."""
     payload = layout.to_bytes(layout.read_pages(source, layer, src_blocks))
-    header = PagesHeader(
-        request_id=ticket.request_id, ticket_id=ticket.ticket_id, secret=ticket.secret, layer=layer,
-        page_start=page_start, num_pages=len(src_blocks), dtype=ticket.layout.dtype,
-        shape=layout.chunk_shape(ticket.layout, len(src_blocks)), nbytes=payload.nbytes,
-        checksum=layout.checksum(payload))
+    header = layout.pages_header(ticket, layout.layout_of(source), layer, page_start, len(src_blocks),
+                                 layout.checksum(payload))
+    assert header.nbytes == payload.nbytes
     return dataclasses.replace(header, **overrides), payload
 
 

@@ -9,8 +9,8 @@ import pytest
 sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # its parts import as top-level modules
 
 import autoscale
-from serving_workload import BenchError
 
+from pdserve.cluster.benchmark.workload import BenchError
 from pdserve.cluster.cli import build_parser
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))  # its parts import as top-level modules
 import goodput
-from serving_stats import RequestRecord
+
+from pdserve.cluster.benchmark.stats import RequestRecord
 
 
 def _record(prompt_len: int, ttft: float, e2e: float, tokens: int = 9, max_tokens: int = 9) -> RequestRecord:
@@ -51,7 +53,40 @@ def test_goodput_is_the_highest_rate_meeting_the_attainment(points, expected):
 
 
 def test_calibration_prompts_span_the_workloads_lengths():
-    requests = goodput.workload("mixed", 40, seed=3)
+    requests = goodput.workload("mixed", 40, seed=(3, 0))
     lengths = sorted(r.prompt_len for r in goodput.calibration_set(requests))
     assert len(lengths) == goodput.CALIBRATION_PROMPTS
     assert lengths[0] == min(r.prompt_len for r in requests) and lengths[-1] == max(r.prompt_len for r in requests)
+
+
+def test_several_seeds_pool_their_records_per_rate(monkeypatch):
+    """Each rate runs once per seed with that seed's own requests; the attainment is over
+    the pooled records and each seed's is kept beside it."""
+    from types import SimpleNamespace
+
+    from pdserve.cluster.benchmark.stats import RequestRecord
+
+    runs = []
+
+    async def fake_run_load(base_url, requests, offsets, concurrency, api_key, timeout, label, **kwargs):
+        runs.append((label, [r.prompt_len for r in requests]))
+        fast = "seed 1" in label  # seed 1's requests all meet the targets, seed 2's none
+        end = 0.2 if fast else 9.0
+        records = [RequestRecord(r.prompt_len, 2, sent=0.0, chunk_times=[0.1, end], finished=end, usage_tokens=2)
+                   for r in requests]
+        return SimpleNamespace(records=records)
+
+    monkeypatch.setattr(goodput, "run_load", fake_run_load)
+    args = goodput.build_parser().parse_args(["--rates", "0.5", "--min-prompts", "4", "--duration", "1",
+                                              "--seeds", "1", "2"])
+
+    def requests_at(rate, seed):
+        return goodput.workload("mixed", 4, (seed, 1)), np.zeros(4)
+
+    targets = goodput.Targets(0.5, 0.0, 0.5, 1.0, 1.0)  # TTFT 0.5 s, TPOT 0.5 s
+    points = goodput.sweep(args, "x", "http://unused", requests_at, targets, {}, None)
+    assert [label for label, _ in runs] == ["x @ 0.5/s seed 1", "x @ 0.5/s seed 2"]
+    assert runs[0][1] != runs[1][1]  # each seed its own prompts
+    point = points[0.5]
+    assert point["requests"] == 8 and point["attainment"] == 0.5 and point["attainment_per_seed"] == [1.0, 0.0]
+    assert point["misses"]["tpot"] == 4

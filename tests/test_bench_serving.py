@@ -1,6 +1,8 @@
-"""The serving benchmark's pure parts: statistics, goodput, arrivals, datasets, SSE parsing.
+"""The serving benchmark's parts (pdserve.cluster.benchmark): statistics, goodput, arrivals,
+datasets, SSE parsing; and bench/serving.py, the script over them, against fake servers.
 
-No server and no clock: the streams come from httpx.MockTransport and every time is given.
+No real model server: the streams come from httpx.MockTransport or a small FastAPI app in
+a thread, and every time in the statistics tests is given.
 """
 
 from __future__ import annotations
@@ -22,9 +24,28 @@ import pytest
 import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pdserve.cluster.benchmark import command
+from pdserve.cluster.benchmark.arguments import DEFAULT_COMPARE
+from pdserve.cluster.benchmark.chat import ChatRequest, chat_dataset, chat_warmups
+from pdserve.cluster.benchmark.client import completion_payload, request_payload, run_load, stream_completion
+from pdserve.cluster.benchmark.flavors import FLAVORS
+from pdserve.cluster.benchmark.launch import with_defaults
+from pdserve.cluster.benchmark.peer import peer_comparison
+from pdserve.cluster.benchmark.report import comparison, json_safe, ratio, write_result
+from pdserve.cluster.benchmark.run import ModelInfo
+from pdserve.cluster.benchmark.stats import RequestRecord, Slo, compute_metrics, describe
+from pdserve.cluster.benchmark.workload import (
+    FIRST_TOKEN_ID,
+    arrival_offsets,
+    build_dataset,
+    mixed_dataset,
+    random_dataset,
+    shared_prefix_dataset,
+)
+
 _BENCH = Path(__file__).resolve().parent.parent / "bench"
-# serving.py imports its parts (bench/serving_*.py) as top-level modules, as a script run from
-# bench/ does; appended, so that bench/ shadows no module of the test run.
+# serving.py imports its neighbour serving_overhead.py as a top-level module, as a script run
+# from bench/ does; appended, so that bench/ shadows no module of the test run.
 sys.path.append(str(_BENCH))
 _SPEC = importlib.util.spec_from_file_location("bench_serving", _BENCH / "serving.py")
 serving = importlib.util.module_from_spec(_SPEC)
@@ -35,21 +56,21 @@ VOCAB = 49152
 
 
 def record(ttft: float, gaps: list[float], output_tokens: int | None = None, max_tokens: int | None = None,
-           prompt_len: int = 10, error: str | None = None) -> serving.RequestRecord:
+           prompt_len: int = 10, error: str | None = None) -> RequestRecord:
     """A request sent at t=100 s whose text chunks came `ttft` later, then `gaps` apart."""
     times = list(100.0 + ttft + np.cumsum([0.0, *gaps]))
     n = len(times) if output_tokens is None else output_tokens
-    return serving.RequestRecord(prompt_len, max_tokens or n, sent=100.0, chunk_times=times,
+    return RequestRecord(prompt_len, max_tokens or n, sent=100.0, chunk_times=times,
                                  finished=times[-1], usage_tokens=n, error=error)
 
 
 # ------------------------------------------------------------------------------ statistics
 
 def test_describe_interpolates_percentiles_like_numpy():
-    stats = serving.describe([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    stats = describe([i / 1000 for i in range(1, 101)])  # 1..100 ms
     # Linear interpolation between ranks: p90 sits 0.1 of the way from 90 to 91 ms.
     assert stats == pytest.approx((50.5, 50.5, 90.1, 99.01))
-    assert serving.describe([]) == (None, None, None, None)
+    assert describe([]) == (None, None, None, None)
 
 
 def test_record_metrics_follow_the_vllm_definitions():
@@ -77,7 +98,7 @@ def test_goodput_counts_completed_requests_meeting_every_slo():
         record(ttft=0.5, gaps=[]),  # one token: TPOT counts as 0, meets both
         record(ttft=0.1, gaps=[0.01], error="HTTP 500: boom"),  # failed: never good
     ]
-    m = serving.compute_metrics(records, duration_s=2.0, slo=serving.Slo(2000, 100))
+    m = compute_metrics(records, duration_s=2.0, slo=Slo(2000, 100))
     assert (m.completed, m.failed, m.good) == (4, 1, 2)
     assert m.goodput == pytest.approx(1.0)
     assert m.request_throughput == pytest.approx(2.0)
@@ -85,27 +106,27 @@ def test_goodput_counts_completed_requests_meeting_every_slo():
     assert m.total_token_throughput == pytest.approx((40 + 31) / 2)
     assert m.tpot.mean == pytest.approx((50 + 50 + 200) / 3)  # the one-token request has no TPOT
     assert m.itl.p50 == pytest.approx(50.0)  # 18 gaps of 50 ms and 9 of 200 ms, pooled
-    assert serving.compute_metrics(records, 2.0, serving.Slo(None, None)).good == 4
-    assert serving.compute_metrics(records, 2.0, serving.Slo(None, None, e2el_ms=1000)).good == 2
+    assert compute_metrics(records, 2.0, Slo(None, None)).good == 4
+    assert compute_metrics(records, 2.0, Slo(None, None, e2el_ms=1000)).good == 2
 
 
 def test_length_mismatches_are_counted():
     records = [record(ttft=0.1, gaps=[0.1] * 3, max_tokens=4), record(ttft=0.1, gaps=[0.1], max_tokens=4)]
-    assert serving.compute_metrics(records, 1.0, serving.Slo(None, None)).length_mismatches == 1
+    assert compute_metrics(records, 1.0, Slo(None, None)).length_mismatches == 1
 
 
 def test_slo_reads_as_text():
-    assert str(serving.Slo(2000.0, 100.0)) == "TTFT <= 2000 ms, TPOT <= 100 ms"
-    assert str(serving.Slo(None, None)) == "no SLO"
+    assert str(Slo(2000.0, 100.0)) == "TTFT <= 2000 ms, TPOT <= 100 ms"
+    assert str(Slo(None, None)) == "no SLO"
 
 
 def test_ratios_and_targets():
-    assert serving.ratio(1.0, 2.0) == 0.5
-    assert serving.ratio(1.0, 0.0) == math.inf
-    assert serving.ratio(0.0, 0.0) is None and serving.ratio(None, 1.0) is None
-    a = serving.compute_metrics([record(ttft=0.1, gaps=[0.02] * 4)], 1.0, serving.Slo(2000, 100))
-    b = serving.compute_metrics([record(ttft=0.1, gaps=[0.05] * 4)], 2.0, serving.Slo(2000, 100))
-    rows = {row["metric"]: row for row in serving.comparison(("x", "y"), a, b, 0.5, 1.3)}
+    assert ratio(1.0, 2.0) == 0.5
+    assert ratio(1.0, 0.0) == math.inf
+    assert ratio(0.0, 0.0) is None and ratio(None, 1.0) is None
+    a = compute_metrics([record(ttft=0.1, gaps=[0.02] * 4)], 1.0, Slo(2000, 100))
+    b = compute_metrics([record(ttft=0.1, gaps=[0.05] * 4)], 2.0, Slo(2000, 100))
+    rows = {row["metric"]: row for row in comparison(("x", "y"), a, b, 0.5, 1.3)}
     assert rows["p99 ITL"]["ratio"] == pytest.approx(0.4) and rows["p99 ITL"]["met"] is True
     assert rows["goodput"]["ratio"] == pytest.approx(2.0) and rows["goodput"]["met"] is True
     assert rows["TTFT p50"]["met"] is None
@@ -114,12 +135,12 @@ def test_ratios_and_targets():
 # ------------------------------------------------------------------------------ arrivals
 
 def test_infinite_rate_sends_everything_at_once():
-    assert serving.arrival_offsets(5, math.inf, 1.0, np.random.default_rng(0)).tolist() == [0.0] * 5
+    assert arrival_offsets(5, math.inf, 1.0, np.random.default_rng(0)).tolist() == [0.0] * 5
 
 
 @pytest.mark.parametrize("burstiness", [1.0, 0.25, 4.0])
 def test_arrival_gaps_have_the_rate_and_burstiness_asked_for(burstiness):
-    offsets = serving.arrival_offsets(20001, 4.0, burstiness, np.random.default_rng(7))
+    offsets = arrival_offsets(20001, 4.0, burstiness, np.random.default_rng(7))
     gaps = np.diff(offsets)
     assert offsets[0] == 0.0 and (gaps >= 0).all()
     # Gamma gaps with shape k and mean 1/rate have coefficient of variation 1/sqrt(k).
@@ -129,27 +150,27 @@ def test_arrival_gaps_have_the_rate_and_burstiness_asked_for(burstiness):
 
 
 def test_arrivals_depend_only_on_the_seed():
-    first = serving.arrival_offsets(50, 2.0, 1.0, np.random.default_rng([3, 1]))
-    again = serving.arrival_offsets(50, 2.0, 1.0, np.random.default_rng([3, 1]))
+    first = arrival_offsets(50, 2.0, 1.0, np.random.default_rng([3, 1]))
+    again = arrival_offsets(50, 2.0, 1.0, np.random.default_rng([3, 1]))
     assert first.tolist() == again.tolist()
 
 
 # ------------------------------------------------------------------------------ datasets
 
 def test_random_dataset_lengths_cover_the_range():
-    requests = serving.random_dataset(np.random.default_rng(0), VOCAB, 2000, 100, 20, 0.5)
+    requests = random_dataset(np.random.default_rng(0), VOCAB, 2000, 100, 20, 0.5)
     inputs = [len(r.prompt_ids) for r in requests]
     outputs = [r.output_len for r in requests]
     assert (min(inputs), max(inputs)) == (50, 150)
     assert (min(outputs), max(outputs)) == (10, 30)
     ids = np.concatenate([r.prompt_ids for r in requests])
-    assert ids.min() >= serving.FIRST_TOKEN_ID and ids.max() < VOCAB
-    fixed = serving.random_dataset(np.random.default_rng(0), VOCAB, 10, 100, 20, 0.0)
+    assert ids.min() >= FIRST_TOKEN_ID and ids.max() < VOCAB
+    fixed = random_dataset(np.random.default_rng(0), VOCAB, 10, 100, 20, 0.0)
     assert {len(r.prompt_ids) for r in fixed} == {100} and {r.output_len for r in fixed} == {20}
 
 
 def test_shared_prefix_groups_interleave_and_share_their_prefix():
-    requests = serving.shared_prefix_dataset(np.random.default_rng(0), VOCAB, 10, 32, 8, 3, 16)
+    requests = shared_prefix_dataset(np.random.default_rng(0), VOCAB, 10, 32, 8, 3, 16)
     assert all(len(r.prompt_ids) == 40 and r.output_len == 16 for r in requests)
     prefixes = [tuple(r.prompt_ids[:32]) for r in requests]
     assert prefixes[0] == prefixes[3] == prefixes[6] == prefixes[9]
@@ -158,7 +179,7 @@ def test_shared_prefix_groups_interleave_and_share_their_prefix():
 
 
 def test_mixed_dataset_has_exactly_the_long_fraction():
-    requests = serving.mixed_dataset(np.random.default_rng(0), VOCAB, 50, 0.2, 1500, 64, 256, 32)
+    requests = mixed_dataset(np.random.default_rng(0), VOCAB, 50, 0.2, 1500, 64, 256, 32)
     lengths = [len(r.prompt_ids) for r in requests]
     assert lengths.count(1500) == 10
     assert all(64 <= n <= 256 for n in lengths if n != 1500)
@@ -167,7 +188,7 @@ def test_mixed_dataset_has_exactly_the_long_fraction():
 
 def test_datasets_depend_only_on_the_seed():
     args = serving.parse_args(["--base-url", "http://127.0.0.1:1", "--dataset", "mixed", "--num-prompts", "8"])
-    assert serving.build_dataset(args, VOCAB) == serving.build_dataset(args, VOCAB)
+    assert build_dataset(args, VOCAB) == build_dataset(args, VOCAB)
 
 
 # ------------------------------------------------------------------------------ SSE parsing
@@ -180,14 +201,14 @@ def text(t: str, finish: str | None = None) -> dict:
     return {"choices": [{"index": 0, "text": t, "finish_reason": finish}]}
 
 
-def stream(body: bytes, status: int = 200) -> serving.RequestRecord:
+def stream(body: bytes, status: int = 200) -> RequestRecord:
     client = httpx.AsyncClient(base_url="http://test", transport=httpx.MockTransport(
         lambda request: httpx.Response(status, content=body)))
-    r = serving.RequestRecord(4, 3)
+    r = RequestRecord(4, 3)
 
     async def go() -> None:
         async with client:
-            await serving.stream_completion(client, serving.completion_payload(None, [300] * 4, 3), r)
+            await stream_completion(client, completion_payload(None, [300] * 4, 3), r)
     asyncio.run(go())
     return r
 
@@ -213,20 +234,28 @@ def test_stream_failures_are_recorded():
 
 def test_compare_alone_is_disaggregated_vs_colocated():
     args = serving.parse_args(["--compare"])
-    assert args.compare == list(serving.DEFAULT_COMPARE) and args.labels == ["disagg", "colocated"]
+    assert args.compare == list(DEFAULT_COMPARE) and args.labels == ["disagg", "colocated"]
     args = serving.parse_args(["--compare", "--prefill-workers 2", "--colocated --decode-workers 2"])
     assert args.compare == ["--prefill-workers 2", "--colocated --decode-workers 2"]
     assert args.labels == ["A", "B"]
 
 
+def test_http_overhead_measures_one_server_without_a_plot():
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--launch", "--http-overhead", "--plot", "overhead.png"])
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--compare", "--http-overhead"])
+    assert serving.parse_args(["--launch", "--http-overhead"]).http_overhead
+
+
 def test_launch_defaults_do_not_override_given_flags():
     given = ["--model=/m", "--colocated"]
-    assert serving.with_defaults(given, {"--model": "x", "--host": "127.0.0.1", "--api-key": None}) == [
+    assert with_defaults(given, {"--model": "x", "--host": "127.0.0.1", "--api-key": None}) == [
         "--model=/m", "--colocated", "--host", "127.0.0.1"]
 
 
 def test_json_safe_spells_out_infinities():
-    assert serving.json_safe({"rate": math.inf, "xs": [1.0, math.nan]}) == {"rate": "inf", "xs": [1.0, "nan"]}
+    assert json_safe({"rate": math.inf, "xs": [1.0, math.nan]}) == {"rate": "inf", "xs": [1.0, "nan"]}
 
 
 # ------------------------------------------------------------------------------ chat workloads
@@ -263,26 +292,26 @@ def test_help_renders(capsys):
 
 
 def test_short_chats_are_distinct_questions_in_a_seeded_order():
-    requests = serving.chat_dataset(np.random.default_rng([0, 0]), 32, 0.0, 1500, 64, words)
+    requests = chat_dataset(np.random.default_rng([0, 0]), 32, 0.0, 1500, 64, words)
     assert len(requests) == 32 and {r.output_len for r in requests} == {64}
     assert len({json.dumps(p) for p in prompts(requests)}) == 32
     assert all(r.path == "/v1/chat/completions" and r.prompt_len == words(r.messages) for r in requests)
-    again = serving.chat_dataset(np.random.default_rng([0, 0]), 32, 0.0, 1500, 64, words)
-    other = serving.chat_dataset(np.random.default_rng([1, 0]), 32, 0.0, 1500, 64, words)
+    again = chat_dataset(np.random.default_rng([0, 0]), 32, 0.0, 1500, 64, words)
+    other = chat_dataset(np.random.default_rng([1, 0]), 32, 0.0, 1500, 64, words)
     assert prompts(again) == prompts(requests) and prompts(other) != prompts(requests)
-    more = serving.chat_dataset(np.random.default_rng([0, 0]), 100, 0.0, 1500, 64, words)
+    more = chat_dataset(np.random.default_rng([0, 0]), 100, 0.0, 1500, 64, words)
     assert len({json.dumps(p) for p in prompts(more)}) == 100  # past the pool, numbered rounds
 
 
 def test_mixed_chats_have_a_quarter_long_prompts_just_under_the_target():
-    requests = serving.chat_dataset(np.random.default_rng([0, 0]), 24, 0.25, 1500, 64, words)
+    requests = chat_dataset(np.random.default_rng([0, 0]), 24, 0.25, 1500, 64, words)
     long = [r for r in requests if r.prompt_len > 200]
     assert len(long) == 6
     # The largest whole number of sentences within the target: one more sentence (at most
     # ~20 words) would pass it.
     assert all(1480 <= r.prompt_len <= 1500 for r in long)
     assert len({json.dumps(r.messages) for r in long}) == 6
-    warmups = {json.dumps(r.messages) for r in serving.chat_warmups(3, words)}
+    warmups = {json.dumps(r.messages) for r in chat_warmups(3, words)}
     assert not warmups & {json.dumps(r.messages) for r in requests}
 
 
@@ -296,19 +325,19 @@ def test_chat_stream_counts_content_chunks():
 
 
 def test_flavors_send_only_the_fields_each_server_takes():
-    chat = serving.ChatRequest([{"role": "user", "content": "hi"}], 5, 7)
-    pdserve = serving.request_payload(chat, "m", serving.FLAVORS["pdserve"])
-    vllm = serving.request_payload(chat, "m", serving.FLAVORS["vllm"])
+    chat = ChatRequest([{"role": "user", "content": "hi"}], 5, 7)
+    pdserve = request_payload(chat, "m", FLAVORS["pdserve"])
+    vllm = request_payload(chat, "m", FLAVORS["vllm"])
     assert "min_tokens" not in pdserve and pdserve["ignore_eos"] is True
     assert vllm["min_tokens"] == 7 and vllm["ignore_eos"] is True and vllm["max_tokens"] == 7
-    assert serving.request_payload(chat, None, serving.FLAVORS["openai"]) == {
+    assert request_payload(chat, None, FLAVORS["openai"]) == {
         "messages": chat.messages, "max_tokens": 7, "temperature": 0.0, "stream": True,
         "stream_options": {"include_usage": True}}
 
 
 def test_result_files_are_never_overwritten(tmp_path):
-    first = serving.write_result(tmp_path / "r.json", {"x": 1})
-    second = serving.write_result(tmp_path / "r.json", {"x": math.inf})
+    first = write_result(tmp_path / "r.json", {"x": 1})
+    second = write_result(tmp_path / "r.json", {"x": math.inf})
     assert (first.name, second.name) == ("r.json", "r-2.json")
     assert json.loads(first.read_text()) == {"x": 1} and json.loads(second.read_text()) == {"x": "inf"}
 
@@ -320,10 +349,10 @@ PEER_METRIC_NAMES = ["output throughput", "request throughput", "TTFT p50", "TTF
 
 
 def test_peer_ratios_are_pdserve_over_peer():
-    slo = serving.Slo(None, None)
-    a = serving.compute_metrics([record(ttft=0.1, gaps=[0.02] * 4)], 1.0, slo)
-    b = serving.compute_metrics([record(ttft=0.4, gaps=[0.05] * 4)], 2.0, slo)
-    rows = {row["metric"]: row for row in serving.peer_comparison(a, b)}
+    slo = Slo(None, None)
+    a = compute_metrics([record(ttft=0.1, gaps=[0.02] * 4)], 1.0, slo)
+    b = compute_metrics([record(ttft=0.4, gaps=[0.05] * 4)], 2.0, slo)
+    rows = {row["metric"]: row for row in peer_comparison(a, b)}
     assert list(rows) == PEER_METRIC_NAMES
     assert rows["output throughput"]["ratio"] == pytest.approx(2.0)  # 5 tokens in 1 s vs in 2 s
     assert rows["request throughput"]["ratio"] == pytest.approx(2.0)
@@ -407,8 +436,7 @@ def closed_port() -> int:
 def bench(monkeypatch, tmp_path):
     """Runs serving.main with a word-counting stand-in for the model's tokenizer; returns
     (exit status, stdout, the result JSON)."""
-    monkeypatch.setattr(serving, "model_info", lambda model: serving.ModelInfo(VOCAB, words))
-    monkeypatch.setattr(serving.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(command, "model_info", lambda model: ModelInfo(VOCAB, words))
 
     def run(capsys, *argv: str) -> tuple[int, str, dict]:
         path = tmp_path / "result.json"
@@ -435,9 +463,9 @@ def test_peer_gets_the_same_requests_in_the_same_order(bench, capsys):
     assert all(run["metrics"]["completed"] == 8 and run["metrics"]["output_tokens"] == 32 for run in result["runs"])
     assert result["peer"] == {"name": "fakevllm", "url": peer.url, "model": "peer-model", "flavor": "vllm",
                               "ran": True, "problem": None}
-    (comparison,) = result["peer_comparison"]
+    (ratios,) = result["peer_comparison"]
     ours_m, peer_m = (run["metrics"] for run in result["runs"])
-    rows = {row["metric"]: row for row in comparison["ratios"]}
+    rows = {row["metric"]: row for row in ratios["ratios"]}
     assert list(rows) == PEER_METRIC_NAMES
     for name, key in (("output throughput", "output_throughput"), ("request throughput", "request_throughput")):
         assert (rows[name]["a"], rows[name]["b"]) == (ours_m[key], peer_m[key])
@@ -466,10 +494,10 @@ def test_an_unreachable_peer_is_named_and_pdserve_reported_alone(bench, capsys):
 
 
 def test_max_concurrency_is_a_closed_loop():
-    requests = serving.chat_dataset(np.random.default_rng(0), 9, 0.0, 100, 3, words)
+    requests = chat_dataset(np.random.default_rng(0), 9, 0.0, 100, 3, words)
     with FakeServer("m", 0.01) as server:
-        run = asyncio.run(serving.run_load(server.url, requests, np.zeros(9), 3, None, 30.0, "test",
-                                           warmups=serving.chat_warmups(1, words)))
+        run = asyncio.run(run_load(server.url, requests, np.zeros(9), 3, None, 30.0, "test",
+                                           warmups=chat_warmups(1, words)))
     assert server.peak == 3 and all(r.ok for r in run.records)
     sent = sorted(r.sent for r in run.records)
     ends = sorted(r.finished for r in run.records)

@@ -236,7 +236,8 @@ def test_serve_arguments_parse_with_the_cli(chart):
     assert (args.model, args.prefill_workers, args.decode_workers) == ("smollm2-135m-instruct", 1, 1)
     assert (args.router, args.kv_transport, args.speculative, args.no_prefix_caching) == (
         "prefix_aware", None, None, False)
-    assert args.quantization == "auto"
+    assert (args.quantization, args.kv_cache_dtype, args.log_format, args.otlp_endpoint) == (
+        "auto", "auto", "plain", None)
 
     gpu = parse_serve(serve_args(render(chart, GPU_VALUES)))
     assert (gpu.model, gpu.served_model_name) == ("/models/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct")
@@ -249,11 +250,13 @@ def test_serve_arguments_parse_with_the_cli(chart):
         "serve": {"prefillWorkers": 2, "decodeWorkers": 3, "router": "least_load", "kvTransport": "nccl",
                   "prefixCaching": False, "speculative": "ngram", "numSpeculativeTokens": 5,
                   "transferTimeout": 12.5, "onTransferFailure": "fail", "quantization": "int8",
+                  "kvCacheDtype": "fp8", "otlpEndpoint": "otel-collector:4317", "logFormat": "json",
                   "extraArgs": ["--threads", "4"]},
         "gateway": {"httpPort": 9000, "grpcPort": 9001},
         "prefill": {"maxReplicas": 2}, "decode": {"maxReplicas": 3}})))
     assert (custom.prefill_workers, custom.decode_workers, custom.router) == (2, 3, "least_load")
     assert (custom.kv_transport, custom.no_prefix_caching, custom.quantization) == ("nccl", True, "int8")
+    assert (custom.kv_cache_dtype, custom.otlp_endpoint, custom.log_format) == ("fp8", "otel-collector:4317", "json")
     assert (custom.speculative, custom.num_speculative_tokens) == ("ngram", 5)
     assert (custom.draft_model, custom.draft_layers) == (None, None)
 

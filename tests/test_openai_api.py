@@ -413,9 +413,9 @@ class HoldingBackend:
     def release(self) -> None:
         self._released.set()
 
-    async def generate(self, request_id, prompt_ids, params):
+    async def generate(self, request_id, prompt_ids, params, record=None):
         self.started.append(request_id)
-        stream = self.inner.generate(request_id, prompt_ids, params)
+        stream = self.inner.generate(request_id, prompt_ids, params, record)
         passed, finished = 0, False
         try:
             async for chunk in stream:

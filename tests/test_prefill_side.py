@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from pdserve.kv_transfer.messages import KVLayout, KVTicket, PrefillJob
+from pdserve.kv_transfer.messages import (
+    KVLayout,
+    KVTicket,
+    PrefillJob,
+    TransferDone,
+    decode,
+    done_bytes_bound,
+    encode,
+)
 from pdserve.kv_transfer.prefill_side import JobOutcome, PageSend, PrefillJobs
 from pdserve.kv_transfer.pusher import SendState
 from pdserve.runtime.sampling_params import SamplingParams
@@ -21,6 +29,7 @@ class RecordingPusher:
     def __init__(self, reads_pool: bool = False) -> None:
         self.calls: list[tuple] = []
         self.states: dict[int, SendState] = {}
+        self.dones: dict[int, TransferDone] = {}
         self.reads_pool = reads_pool
 
     def holds_pages(self, send_id):
@@ -36,12 +45,17 @@ class RecordingPusher:
 
     def finish(self, send_id, done):
         self.calls.append(("finish", send_id, done.first_token))
+        self.dones[send_id] = done
 
     def abort(self, send_id, reason):
         self.calls.append(("abort", send_id, reason))
 
     def poll(self, send_id):
         return self.states[send_id], "refused" if self.states[send_id] is SendState.FAILED else ""
+
+    def bytes_sent_for(self, send_id):
+        """A made-up size per page pushed: 10 bytes."""
+        return sum(10 * len(c[4]) for c in self.calls if c[0] == "push" and c[1] == send_id)
 
     def forget(self, send_id):
         self.calls.append(("forget", send_id))
@@ -132,7 +146,7 @@ def test_pages_go_out_at_every_layer_and_the_transfer_settles_once():
     assert jobs.settled() == []  # still sending
     time.sleep(0.05)
     pusher.states[job] = SendState.SENT
-    assert jobs.settled() == [JobOutcome(job, "r", True, "")]
+    assert jobs.settled() == [JobOutcome(job, "r", True, "", kv_bytes=2 * 2 * 10)]  # what went out: 2 layers x 2 pages
     assert jobs.settled() == [] and not jobs.has_sending
     assert pusher.calls == [("push", job, 0, 0, [20, 21]), ("push", job, 1, 0, [20, 21]), ("finish", job, 42),
                             ("forget", job)]
@@ -152,3 +166,18 @@ def test_a_refused_job_stops_computing_and_reports_its_failure():
     assert jobs.abort("b", "cancelled") and not jobs.abort("b-unknown", "cancelled")
     assert ("abort", b, "cancelled") in pusher.calls
     assert jobs.outcome_counts == {"failed": 1} and jobs.sent_tail_seconds == 0  # failures have no tail
+
+
+def test_the_requests_trace_context_crosses_the_kv_plane_in_its_done():
+    pusher = RecordingPusher()
+    jobs = PrefillJobs(pusher, BLOCK)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    job = jobs.start(_job("r", 7, first_page=0, num_prompt_tokens=4)._replace(traceparent=traceparent))
+    jobs.prefilled("r", 42, -0.5, ())
+    done = pusher.dones[job]
+    assert done.traceparent == traceparent
+    assert decode(encode(done), TransferDone).traceparent == traceparent  # on the wire, within the done's bound
+    assert len(encode(done)) <= done_bytes_bound("r", 0, 0)
+    oversized = jobs.start(_job("s", 8, first_page=0, num_prompt_tokens=4)._replace(traceparent="0" * 56))
+    jobs.prefilled("s", 42, -0.5, ())
+    assert pusher.dones[oversized].traceparent == ""  # not a W3C traceparent: dropped, the done stays bounded

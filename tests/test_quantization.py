@@ -8,7 +8,6 @@ bench/quantization.py); these tests need only torch and the gguf package."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,8 @@ from pdserve.engine.engine import EngineCore
 from pdserve.kernels.block_linear import block_linear, dequantize_blocks_ref
 from pdserve.kernels.cpu_extension import cpu_kernels_available
 from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, SchedulerConfig
-from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
 from pdserve.runtime.loader import load_model
+from pdserve.runtime.perplexity import perplexity, prompt_logits
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.weights.quantize import quantize_blocks
 
@@ -38,11 +37,7 @@ def _load(model: str, quantization: str, **cache):
 
 def _logits(loaded, prompt: list[int]) -> torch.Tensor:
     """Logits [P, V] of every prompt position, one forward over the whole prompt."""
-    runner = loaded.runner
-    blocks = list(range(-(-len(prompt) // runner.pool.block_size)))
-    batch = ForwardBatch.build([SeqChunk(prompt, 0, blocks, True, len(prompt))], runner.pool.block_size, "cpu")
-    with torch.inference_mode():
-        return runner.model.compute_logits(runner.model(batch, runner.pool))
+    return prompt_logits(loaded.runner, prompt)
 
 
 # ------------------------------------------------------------------ the int8 format
@@ -134,9 +129,7 @@ def smollm2_modes():
 
 
 def _perplexity(loaded, tokens: list[int]) -> float:
-    logprobs = torch.log_softmax(_logits(loaded, tokens).double(), dim=-1)
-    picked = logprobs[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
-    return math.exp(-picked.mean().item())
+    return perplexity(loaded.runner, tokens)
 
 
 @pytest.mark.slow

@@ -51,7 +51,8 @@ def _planned(queued_tokens=2000) -> SLOPlanner:
 def test_spilling_is_priced_in_the_decode_steps_tpot(chunk, spills, caplog):
     """Decode steps of ~30 ms against 0.8 x 100 ms leave ~50 ms, ~95 prompt tokens at the
     measured rate: a spilled prompt computed 64 tokens a step fits, 128 would push every
-    running request over its TPOT target, so the plan spills nothing."""
+    running request over its TPOT target, so the plan spills nothing. The local-prefill
+    threshold (h r, ~100 tokens here) is capped at that room too."""
     planner = SLOPlanner(dataclasses.replace(POLICY, decode_prefill_tokens=chunk))
     planner.observe(0.0, [_prefill()], [_decode()])
     planner.observe(10.0, [_prefill(2000, computed=10_000, step_seconds=5.0, jobs=10, tail_seconds=0.5)],
@@ -61,6 +62,10 @@ def test_spilling_is_priced_in_the_decode_steps_tpot(chunk, spills, caplog):
     assert 64 < room < 128
     budget = round(plan.forecast.queue_budget(1)[0] * plan.forecast.prefill_rate)
     assert plan.spill_backlog_tokens == (budget if spills else NO_SPILL_BACKLOG)
+    # the local-prefill threshold is priced the same way: h r (~100 tokens here), capped at the room
+    hop_tokens = round(plan.forecast.transfer_seconds * plan.forecast.prefill_rate)
+    assert hop_tokens > room
+    assert plan.local_prefill_threshold == (hop_tokens if chunk is None else math.floor(room))  # None: unpriced
     router = _router()
     with caplog.at_level(logging.INFO, logger="pdserve.cluster.control.slo_control"):
         SLOControl(planner, router, GatewayMetrics()).apply()

@@ -213,8 +213,10 @@ def _gguf_tensor_name(hf: str) -> str:
     return f"blk.{layer}.{_GGUF_LAYER[part]}.{suffix}"
 
 
-def write_tiny_gguf(hf_dir: Path, out: Path, pre: str, tokenizer_model: str = "gpt2") -> Path:
-    """Convert a tiny HF checkpoint to an F32 GGUF the way llama.cpp's converter does."""
+def write_tiny_gguf(hf_dir: Path, out: Path, pre: str, tokenizer_model: str = "gpt2",
+                    qtype_of=lambda hf_name, array: None) -> Path:
+    """Convert a tiny HF checkpoint to a GGUF the way llama.cpp's converter does: F32, or
+    for each tensor the GGML type `qtype_of(hf_name, array)` names (None: F32)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     arch = cfg["model_type"]
@@ -249,7 +251,12 @@ def write_tiny_gguf(hf_dir: Path, out: Path, pre: str, tokenizer_model: str = "g
             array = permute_qk(array, heads)
         elif arch == "llama" and ".k_proj." in name:
             array = permute_qk(array, kv_heads)
-        writer.add_tensor(_gguf_tensor_name(name), np.ascontiguousarray(array))
+        qtype = qtype_of(name, array)
+        if qtype is None:
+            writer.add_tensor(_gguf_tensor_name(name), np.ascontiguousarray(array))
+        else:
+            writer.add_tensor(_gguf_tensor_name(name), gguf.quants.quantize(np.ascontiguousarray(array), qtype),
+                              raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -43,6 +43,7 @@ from pdserve.cluster.control.router import Router
 from pdserve.cluster.control.slo_control import SLOControl
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
 from pdserve.cluster.gateway.metrics import GatewayMetrics
+from pdserve.cluster.gateway.request_record import PrefillReport, RequestRecord
 from pdserve.cluster.workers.actors import Refused
 from pdserve.kv_transfer.messages import KVTicket, PrefillJob, PrefillResult
 from pdserve.runtime.request import TokenDelta
@@ -66,15 +67,17 @@ class ClusterBackend:
     def ready(self) -> bool:
         return bool(self.controller.members("decode"))
 
-    def generate(self, request_id: str, prompt_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[TokenDelta]:
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 record: RequestRecord | None = None) -> AsyncIterator[TokenDelta]:
+        record = record or RequestRecord(request_id, len(prompt_ids))
+
         async def first_route() -> _InFlight:
-            return self._route(request_id, prompt_ids, params, None)
+            return self._route(request_id, prompt_ids, params, None, record)
 
-        return self._serve(request_id, prompt_ids, params, first_route)
+        return self._serve(request_id, prompt_ids, params, first_route, record)
 
-    def generate_group(self, request_ids: list[str], prompt_ids: list[int],
-                       params: list[SamplingParams]) -> list[AsyncIterator[TokenDelta]]:
+    def generate_group(self, request_ids: list[str], prompt_ids: list[int], params: list[SamplingParams],
+                       records: list[RequestRecord] | None = None) -> list[AsyncIterator[TokenDelta]]:
         """One stream per sequence, each as `generate` would stream it; the prompt's KV is
         computed and transferred once (module docstring). Start stream 0 first (or all
         together) for the others to share it."""
@@ -82,37 +85,42 @@ class ClusterBackend:
             raise ValueError(f"a group needs one SamplingParams per request id: {len(request_ids)} ids, "
                              f"{len(params)} params")
         placement = _Placement(request_ids[0])
+        records = records or [RequestRecord(request_id, len(prompt_ids)) for request_id in request_ids]
 
         async def lead() -> _InFlight:
             placement.started = True
             try:
-                return self._route(request_ids[0], prompt_ids, params[0], None, placement=placement)
+                return self._route(request_ids[0], prompt_ids, params[0], None, records[0], placement=placement)
             except BaseException:
                 placement.settle(None)
                 raise
 
-        def follow(request_id: str, sequence_params: SamplingParams) -> Callable[[], Awaitable[_InFlight]]:
-            return lambda: self._follow(placement, request_id, prompt_ids, sequence_params)
+        def follow(request_id: str, sequence_params: SamplingParams,
+                   record: RequestRecord) -> Callable[[], Awaitable[_InFlight]]:
+            return lambda: self._follow(placement, request_id, prompt_ids, sequence_params, record)
 
-        streams = [self._serve(request_ids[0], prompt_ids, params[0], lead)]
-        streams += [self._serve(request_id, prompt_ids, p, follow(request_id, p))
-                    for request_id, p in zip(request_ids[1:], params[1:])]
+        streams = [self._serve(request_ids[0], prompt_ids, params[0], lead, records[0])]
+        streams += [self._serve(request_id, prompt_ids, p, follow(request_id, p, record), record)
+                    for request_id, p, record in zip(request_ids[1:], params[1:], records[1:])]
         return streams
 
     async def _follow(self, placement: _Placement, request_id: str, prompt_ids: list[int],
-                      params: SamplingParams) -> _InFlight:
+                      params: SamplingParams, record: RequestRecord) -> _InFlight:
         """A follower's first route: its leader's decode worker, or its own route when the
         leader has none to offer (see `_Placement.wait`) or that worker takes no new requests."""
         decode = await placement.wait()
         if decode is None or decode not in self.controller.members("decode"):
             log.info("request %s: its group's leader %s is on no decode worker it can join; routing it on its own",
                      request_id, placement.leader_id)
-            return self._route(request_id, prompt_ids, params, None)
+            return self._route(request_id, prompt_ids, params, None, record)
         self.metrics.routed(decode.worker_id, "group")  # D prefills only its last partial page
-        return _InFlight(self, request_id, prompt_ids, params, decode, None, None, follows=placement.leader_id)
+        record.routed("group", decode.worker_id, None)
+        return _InFlight(self, request_id, prompt_ids, params, decode, None, None, record,
+                         follows=placement.leader_id)
 
     async def _serve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     first_route: Callable[[], Awaitable[_InFlight]]) -> AsyncIterator[TokenDelta]:
+                     first_route: Callable[[], Awaitable[_InFlight]],
+                     record: RequestRecord) -> AsyncIterator[TokenDelta]:
         """Stream the request from its first route (`first_route()`), then, each time its
         decode worker is lost, from a new route that carries the tokens sent so far."""
         sent: list[int] = []  # output token ids yielded so far, over every attempt
@@ -126,7 +134,7 @@ class ClusterBackend:
             else:
                 await self._wait_for_a_decode_worker(request_id)
                 remaining = dataclasses.replace(params, max_tokens=params.max_tokens - len(sent))
-                request = self._route(attempt_id, prompt_ids + sent, remaining, len(sent))
+                request = self._route(attempt_id, prompt_ids + sent, remaining, len(sent), record)
             try:
                 async for delta in request.run():
                     if attempt:  # usage speaks of the client's prompt, not the carried tokens
@@ -149,6 +157,7 @@ class ClusterBackend:
                                        f"already (limit --max-migrations {self.max_migrations}); retry it") from None
                 lost_at = time.monotonic()
                 self.metrics.migrated(reason)
+                record.migrated(lost, reason, len(sent))
                 log.warning("request %s: decode worker %s lost (%s) after %d tokens; migrating (move %d of at most %d)",
                             request_id, lost, reason, len(sent), attempt + 1, self.max_migrations)
 
@@ -161,7 +170,7 @@ class ClusterBackend:
             await asyncio.sleep(0.1)
 
     def _route(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-               resume_at: int | None, placement: _Placement | None = None) -> _InFlight:
+               resume_at: int | None, record: RequestRecord, placement: _Placement | None = None) -> _InFlight:
         links = self.controller.links
         decode_workers = self.controller.members("decode")
         prefill_workers = [p for p in self.controller.members("prefill") if links.has_up(p.worker_id)]
@@ -174,9 +183,10 @@ class ClusterBackend:
         decode = self.controller.workers[route.decode]
         prefill = self.controller.workers.get(route.prefill) if route.prefill else None
         path = "remote" if prefill is not None else "local"
-        if prefill is not None and links.address(prefill.worker_id, decode.worker_id) is None:
+        unlinked = prefill is not None and links.address(prefill.worker_id, decode.worker_id) is None
+        if unlinked:
             # The pair's link is down (logged, retried, in pdserve_kv_links): prefill on D, counted.
-            prefill, path = None, "unlinked"
+            unlinked_from, prefill, path = prefill.worker_id, None, "unlinked"
         if self.slo is not None and resume_at is None:  # a migrating request is never refused
             prefiller, uncached = prefill if prefill is not None else decode, len(prompt_ids) - route.cached_tokens
             try:
@@ -186,7 +196,11 @@ class ClusterBackend:
                     self.controller.note_unmet_prefill(uncached)
                 raise
         self.metrics.routed(decode.worker_id, path)
-        return _InFlight(self, request_id, prompt_ids, params, decode, prefill, resume_at, placement=placement)
+        record.routed(path, decode.worker_id, prefill.worker_id if prefill is not None else None)
+        if unlinked:
+            record.fell_back(f"the KV link {unlinked_from} -> {decode.worker_id} is down; prefilled on the decode worker")
+        return _InFlight(self, request_id, prompt_ids, params, decode, prefill, resume_at, record,
+                         placement=placement)
 
 
 class _Placement:
@@ -225,8 +239,10 @@ class _InFlight:
 
     def __init__(self, backend: ClusterBackend, request_id: str, prompt_ids: list[int],
                  params: SamplingParams, decode: WorkerHandle, prefill: WorkerHandle | None,
-                 resume_at: int | None, follows: str | None = None, placement: _Placement | None = None) -> None:
+                 resume_at: int | None, record: RequestRecord, follows: str | None = None,
+                 placement: _Placement | None = None) -> None:
         self.backend = backend
+        self.record = record  # the gateway's account of the request: this attempt writes its part
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -306,15 +322,20 @@ class _InFlight:
     def _start_prefill(self, ticket: KVTicket | None) -> None:
         prefill = self.prefill
         if ticket is None or prefill is None:
+            if prefill is not None:
+                self.record.fell_back(f"decode worker {self.decode.worker_id} had no room to reserve the "
+                                      "prompt's KV; it prefills the prompt itself")
             self._release_prefill()  # no room on D now: D prefills it itself
             return
         address = self.backend.controller.links.address(prefill.worker_id, self.decode.worker_id)
         if address is None:
-            self.decode.actor.fail_remote.remote(self.request_id, f"prefill worker {prefill.worker_id} lost "
-                                                   f"its link to {self.decode.worker_id}")
+            reason = f"prefill worker {prefill.worker_id} lost its link to {self.decode.worker_id}"
+            self.decode.actor.fail_remote.remote(self.request_id, reason)
+            self.record.fell_back(reason)
             self._release_prefill()
             return
-        job = PrefillJob(ticket, address, self.prompt_ids, self.params, self.resume_at)
+        job = PrefillJob(ticket, address, self.prompt_ids, self.params, self.resume_at, self.record.traceparent)
+        self.record.prefill_sent_at = time.monotonic()
         self.prefill_task = asyncio.create_task(self._prefill(job))
 
     async def _prefill(self, job: PrefillJob) -> None:
@@ -334,12 +355,26 @@ class _InFlight:
             self._release_prefill()
         if isinstance(result, Refused) and result.engine_dead:
             self.backend.controller.worker_died(prefill, result.message, "engine_died")
+        self._report(job, prefill.worker_id, result)
         if isinstance(result, Refused) or not result.ok:
             reason = result.message if isinstance(result, Refused) else result.reason
             self.decode.actor.fail_remote.remote(self.request_id, reason)
+            self.record.fell_back(f"prefill on {prefill.worker_id} failed ({reason}); the decode worker "
+                                  "handles it per --on-transfer-failure")
             return
         self.prefill_result = result
         self._record_ttft_split()
+
+    def _report(self, job: PrefillJob, worker: str, result: PrefillResult | Refused) -> None:
+        """The prefill worker's account of the job, into the request's record."""
+        ticket, transport = job.ticket, job.address.split("://", 1)[0]
+        pages = -(-ticket.num_prompt_tokens // ticket.layout.block_size) - ticket.first_page
+        if isinstance(result, Refused):
+            self.record.prefill = PrefillReport(worker, 0.0, 0.0, 0.0, pages, 0, transport, False, result.message)
+            return
+        self.record.prefill = PrefillReport(worker, result.queue_seconds, result.compute_seconds,
+                                            result.transfer_tail_seconds, pages, result.kv_bytes, transport,
+                                            result.ok, result.reason)
 
     def _release_local_prefill(self) -> None:
         self.decode.in_flight_tokens -= self.local_prefill_tokens

@@ -68,6 +68,7 @@ from pdserve.kv_transfer.layout import chunk_nbytes
 from pdserve.kv_transfer.transports.select import (
     PROBE_PAGES,
     PROBE_REPEATS,
+    LayoutMismatch,
     candidate_transports,
     fastest,
     transport_table,
@@ -137,6 +138,7 @@ class Controller:
         self._next_id = {"prefill": 0, "decode": 0}
         self._monitor: asyncio.Task | None = None
         self._replacing: set[asyncio.Task] = set()  # starting (replacements and scale-ups) and draining
+        self._start_progress: tuple[int, int] | None = None  # while start() runs: (workers up, workers to start)
         self._starting = {"prefill": 0, "decode": 0}
         self._cpus: Mapping[str, CoreLedger | UnpinnedPlan] = {}  # role -> its plan, set by start()
 
@@ -170,7 +172,11 @@ class Controller:
         """Start every worker and link every pair; raises WorkerStartError on failure."""
         self._cpus = self._plan_cpus()
         roles = [role for role in ("prefill", "decode") for _ in range(self.target[role])]
+        log.info("starting %d prefill + %d decode worker(s) for %s: each loads the model, then the KV links are "
+                 "probed", self.target["prefill"], self.target["decode"], self.spec.model)
+        self._start_progress = (0, len(roles))  # (up so far, how many) while start() runs, for the progress lines
         await asyncio.gather(*(self._add_worker(role, strict=True) for role in roles))
+        self._start_progress = None
         self._monitor = asyncio.create_task(self._monitor_loop(), name="pdserve-controller")
 
     async def shutdown(self) -> None:
@@ -237,8 +243,12 @@ class Controller:
         if self.workers.get(worker_id) is not handle:
             raise WorkerStartError(f"{role} worker {worker_id} was lost while linking")
         handle.ready = True
-        log.info("%s worker %s up (pid %d, %d torch thread(s) on core(s) %s)", role, worker_id, info.pid,
-                 info.threads, format_cores(info.cores))
+        progress = ""
+        if self._start_progress is not None:
+            self._start_progress = (self._start_progress[0] + 1, self._start_progress[1])
+            progress = f" [{self._start_progress[0]} of {self._start_progress[1]}]"
+        log.info("%s worker %s up (pid %d, %d torch thread(s) on core(s) %s)%s", role, worker_id, info.pid,
+                 info.threads, format_cores(info.cores), progress)
         return handle
 
     async def _link(self, prefill: WorkerHandle, decode: WorkerHandle) -> str | None:
@@ -281,7 +291,9 @@ class Controller:
                     results[kind] = await prefill.actor.measure.remote(addresses[kind], ticket)
                 finally:
                     await decode.actor.release_probe.remote(ticket.ticket_id)
-            except Exception as exc:  # noqa: BLE001 - a transport that cannot work here loses the race
+            except Exception as exc:  # a transport that cannot work here loses the race
+                if isinstance(getattr(exc, "cause", exc), LayoutMismatch):
+                    raise  # no transport can link pools of different layouts: say why, once
                 results[kind] = RuntimeError(_cause(exc))
         best = fastest(results)
         log.info("KV transports %s -> %s (a %d-page probe at every layer, median of %d):\n%s\n  chosen: %s",

@@ -43,6 +43,10 @@ class KVLinks:
         link = self._links.get((prefill_id, decode_id))
         return link.address if link is not None and link.state == "up" else None
 
+    def addresses(self) -> dict[Pair, str | None]:
+        """Every pair's address (None unless up)."""
+        return {pair: link.address if link.state == "up" else None for pair, link in self._links.items()}
+
     def has_up(self, prefill_id: str) -> bool:
         """The prefill worker has at least one working link."""
         return any(p == prefill_id and link.state == "up" for (p, _), link in self._links.items())

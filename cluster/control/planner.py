@@ -60,7 +60,9 @@ Suggestions, in the plan (the controller applies them):
                              compute and saves the decode worker the prompt's compute, L / r
                              seconds of its steps (a decode worker computes a prompt about as
                              fast as a prefill worker: same model, same cores per worker);
-                             below L = h r it costs more than it saves.
+                             below L = h r it costs more than it saves. Capped, when the
+                             step's prompt chunk is known, at the room f tpot_slo - t(c)
+                             leaves for prompt tokens in a step (as spilling, below).
     spill_backlog_tokens     B r prompt tokens, B the queue wait the TTFT budget leaves: from
                              a prefill backlog that long, a prompt routed behind it would
                              miss its target, so the router may prefill it on its decode
@@ -418,15 +420,33 @@ class SLOPlanner:
 
     # ------------------------------------------------------------------ plan
 
+    def _decode_room_tokens(self, forecast: Forecast, decode_workers: int) -> float | None:
+        """Prompt tokens a decode step can compute beside its decodes and stay within
+        f tpot_slo: (f tpot_slo - t(c)) r. None when not priced (no chunk size known or no
+        decode worker)."""
+        p = self.policy
+        if not (p.decode_prefill_tokens and decode_workers):
+            return None
+        return (p.target_fraction * p.tpot_slo - forecast.tpot(decode_workers)) * forecast.prefill_rate
+
     def _spill_backlog(self, forecast: Forecast, decode_workers: int) -> int:
         """The plan's spill backlog (module docstring): B r, or NO_SPILL_BACKLOG while the
         decode steps have no room for a spilled prompt's chunk within f tpot_slo."""
-        p = self.policy
-        if p.decode_prefill_tokens and decode_workers:
-            room = (p.target_fraction * p.tpot_slo - forecast.tpot(decode_workers)) * forecast.prefill_rate
-            if room < p.decode_prefill_tokens:
-                return NO_SPILL_BACKLOG
+        room = self._decode_room_tokens(forecast, decode_workers)
+        if room is not None and room < self.policy.decode_prefill_tokens:
+            return NO_SPILL_BACKLOG
         return max(0, round(forecast.queue_budget(decode_workers)[0] * forecast.prefill_rate))
+
+    def _local_prefill_threshold(self, forecast: Forecast, decode_workers: int) -> int | None:
+        """h r, the prompt a decode worker computes in the time the hop would take (module
+        docstring), but no more than the room its steps leave within f tpot_slo: a local
+        prompt that short runs in one step beside the decodes, and a longer one would stretch
+        every running request's step past its TPOT target, as a spilled prompt would."""
+        if not forecast.transfer_seconds:
+            return None
+        threshold = round(forecast.transfer_seconds * forecast.prefill_rate)
+        room = self._decode_room_tokens(forecast, decode_workers)
+        return threshold if room is None else min(threshold, max(0, math.floor(room)))
 
     def _plan(self, now: float, forecast: Forecast, prefill_workers: int, decode_workers: int,
               want: dict[str, float]) -> Plan:
@@ -438,8 +458,7 @@ class SLOPlanner:
             tpot=forecast.tpot(decode_workers) if decode_workers else None,
             want=want,
             batch_limit=None if math.isinf(limit) else max(1, math.floor(limit)),
-            local_prefill_threshold=(round(forecast.transfer_seconds * forecast.prefill_rate)
-                                     if forecast.transfer_seconds else None),
+            local_prefill_threshold=self._local_prefill_threshold(forecast, decode_workers),
             spill_backlog_tokens=self._spill_backlog(forecast, decode_workers))
         self.last_plan = plan
         self._plans.append(plan)

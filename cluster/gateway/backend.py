@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
+from pdserve.cluster.gateway.request_record import RequestRecord
 from pdserve.runtime.request import TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
 
@@ -22,15 +23,17 @@ class Backend(Protocol):
     def ready(self) -> bool:
         """True when a request sent now can be served (some worker is up)."""
 
-    def generate(self, request_id: str, prompt_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[TokenDelta]:
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 record: RequestRecord | None = None) -> AsyncIterator[TokenDelta]:
         """Stream the request's deltas; the last carries a finish reason. Raises
         RequestError (before any delta) when the request cannot be taken: OVERLOADED
         past a queue bound, UNAVAILABLE with no worker, INVALID_ARGUMENT when a worker
-        refuses it. Closing the iterator early aborts the request and frees its KV."""
+        refuses it. Closing the iterator early aborts the request and frees its KV.
+        The backend writes its route, prefill report, fallbacks and migrations into
+        `record` as they happen."""
 
-    def generate_group(self, request_ids: list[str], prompt_ids: list[int],
-                       params: list[SamplingParams]) -> list[AsyncIterator[TokenDelta]]:
+    def generate_group(self, request_ids: list[str], prompt_ids: list[int], params: list[SamplingParams],
+                       records: list[RequestRecord] | None = None) -> list[AsyncIterator[TokenDelta]]:
         """n sequences of one prompt: iterator i streams request `request_ids[i]` with
         `params[i]` exactly as `generate` would (the same errors before its first delta;
         closing it aborts that sequence only). The prompt's KV is computed (and, between
@@ -59,29 +62,32 @@ class LocalBackend:
     def ready(self) -> bool:
         return self.engine.is_alive
 
-    def generate(self, request_id: str, prompt_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[TokenDelta]:
-        return self._stream(request_id, prompt_ids, params, None)
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 record: RequestRecord | None = None) -> AsyncIterator[TokenDelta]:
+        return self._stream(request_id, prompt_ids, params, None, record)
 
-    def generate_group(self, request_ids: list[str], prompt_ids: list[int],
-                       params: list[SamplingParams]) -> list[AsyncIterator[TokenDelta]]:
+    def generate_group(self, request_ids: list[str], prompt_ids: list[int], params: list[SamplingParams],
+                       records: list[RequestRecord] | None = None) -> list[AsyncIterator[TokenDelta]]:
         """Sequence 0 leads; the others follow it in the engine, which shares the prompt's
         pages among them through its prefix cache."""
         if not request_ids or len(request_ids) != len(params):
             raise ValueError(f"a group needs one SamplingParams per request id: {len(request_ids)} ids, "
                              f"{len(params)} params")
         leader = request_ids[0]
-        return [self._stream(request_id, prompt_ids, p, None if i == 0 else leader)
-                for i, (request_id, p) in enumerate(zip(request_ids, params))]
+        records = records or [None] * len(request_ids)
+        return [self._stream(request_id, prompt_ids, p, None if i == 0 else leader, record)
+                for i, (request_id, p, record) in enumerate(zip(request_ids, params, records))]
 
     async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                      follows: str | None) -> AsyncIterator[TokenDelta]:
+                      follows: str | None, record: RequestRecord | None) -> AsyncIterator[TokenDelta]:
         if not self.engine.is_alive:
             raise RequestError(ErrorKind.UNAVAILABLE, "the engine is not running")
         if self.max_waiting is not None and self.engine.num_waiting >= self.max_waiting:
             raise RequestError(ErrorKind.OVERLOADED, f"{self.engine.num_waiting} requests are queued "
                                f"(limit {self.max_waiting}); retry shortly", retry_after=1)
         stream = self.engine.generate(prompt_ids, params, request_id, follows=follows)
+        if record is not None:
+            record.routed("local" if follows is None else "group", "local", None)
         try:
             async for delta in stream:
                 yield delta

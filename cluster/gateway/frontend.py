@@ -29,7 +29,9 @@ from pdserve.cluster.gateway.errors import ErrorKind, RequestError, invalid, sho
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 from pdserve.cluster.gateway.output_stream import OutputStream, PreparedRequest
 from pdserve.cluster.gateway.prompt_tokens import PromptTokens
+from pdserve.cluster.gateway.request_record import RequestRecord
 from pdserve.cluster.gateway.tools import family_for
+from pdserve.cluster.gateway.tracing import RequestTracer
 from pdserve.runtime.sampling_params import SAMPLING_FIELDS, SamplingParams
 from pdserve.runtime.tokenizer import Tokenizer
 
@@ -107,8 +109,13 @@ class Frontend:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, card: ModelCard,
                  eos_token_ids: Collection[int], metrics: GatewayMetrics,
                  max_in_flight: int = 1024, tokenizer_threads: int = DEFAULT_TOKENIZER_THREADS,
-                 tool_call_parser: str | None = None) -> None:
+                 tool_call_parser: str | None = None, tracer: RequestTracer | None = None,
+                 log_format: str = "plain") -> None:
         self.backend = backend
+        # Each request's record ends in one access log line (`log_format`) and, when
+        # tracing, one trace (request_record.py, tracing.py).
+        self.tracer = tracer or RequestTracer()
+        self.log_format = log_format
         self.tokenizer = tokenizer
         # The format tool calls are described to the model in and parsed from its output:
         # `tool_call_parser` when given, else what the chat template writes.
@@ -134,7 +141,8 @@ class Frontend:
     async def prepare(self, *, prompt: str | list[int] | None = None, messages: list[dict] | None = None,
                       tools: list[dict] | None = None, sampling: dict, default_max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS,
                       timeout: float | None = None, request_id: str | None = None,
-                      field_names: Mapping[str, str] | None = None) -> PreparedRequest:
+                      field_names: Mapping[str, str] | None = None, api: str = "",
+                      traceparent: str | None = None) -> PreparedRequest:
         """Validate and tokenize one request; raises RequestError(INVALID_ARGUMENT) saying
         what is wrong, or OVERLOADED past `max_in_flight` requests being prepared or run.
         Exactly one of `prompt` (text or token ids) and `messages` (chat, rendered with the
@@ -179,7 +187,7 @@ class Frontend:
             default = room if default_max_tokens is None else min(default_max_tokens, room)
             params = dataclasses.replace(params, max_tokens=default)
         request_id = request_id or f"{self._prefix}-{next(self._ids)}"
-        return PreparedRequest(request_id, prompt_ids, params, timeout)
+        return PreparedRequest(request_id, prompt_ids, params, timeout, api, traceparent)
 
     async def _off_loop(self, work: Callable[..., T], *args: object) -> T:
         """`work(*args)` in a tokenizer thread; refused with OVERLOADED when the requests
@@ -264,6 +272,12 @@ class Frontend:
         await stream.prefetch()
         return stream
 
+    def open_record(self, request: PreparedRequest) -> RequestRecord:
+        """The record of a request being admitted now; its trace starts here."""
+        record = RequestRecord(request.request_id, len(request.prompt_ids), api=request.api)
+        self.tracer.open(record, request.traceparent)
+        return record
+
     async def open_group(self, request: PreparedRequest, n: int) -> list[OutputStream]:
         """`open` for n sequences of one prompt (OpenAI's `n`, completions' `best_of`): the
         backend computes the prompt's KV once and the sequences share it
@@ -277,9 +291,10 @@ class Frontend:
                                f"requests in flight ({n} sequences asked); retry shortly", retry_after=1)
         ids = [f"{request.request_id}-{i}" for i in range(n)]
         params = [sequence_params(request.params, i) for i in range(n)]
-        deltas = self.backend.generate_group(ids, request.prompt_ids, params)
-        streams = [OutputStream(self, request._replace(request_id=i, params=p), d)
-                   for i, p, d in zip(ids, params, deltas)]
+        records = [self.open_record(request._replace(request_id=i)) for i in ids]
+        deltas = self.backend.generate_group(ids, request.prompt_ids, params, records)
+        streams = [OutputStream(self, request._replace(request_id=i, params=p), d, r)
+                   for i, p, d, r in zip(ids, params, deltas, records)]
         try:
             await asyncio.gather(*(stream.prefetch() for stream in streams))
         except BaseException:

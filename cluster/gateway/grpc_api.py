@@ -215,11 +215,15 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
         if source == "chat":
             messages = [_chat_message(i, m) for i, m in enumerate(request.chat.messages)]
             # A chat reply may run to the end of the context unless max_tokens says otherwise.
+        traced = {"api": "grpc", "traceparent": _metadata_value(context, "traceparent")}
+        if source == "chat":
+            messages = [_chat_message(i, m) for i, m in enumerate(request.chat.messages)]
+            # A chat reply may run to the end of the context unless max_tokens says otherwise.
             return await self._frontend.prepare(messages=messages, sampling=sampling, default_max_tokens=None,
-                                                timeout=_timeout(request, context), request_id=request_id)
+                                                timeout=_timeout(request, context), request_id=request_id, **traced)
         prompt = request.text if source == "text" else list(request.token_ids.ids)
         return await self._frontend.prepare(prompt=prompt, sampling=sampling,
-                                            timeout=_timeout(request, context), request_id=request_id)
+                                            timeout=_timeout(request, context), request_id=request_id, **traced)
 
     async def _serve(self, call: _OpenCall, context: grpc.aio.ServicerContext) -> None:
         """Stream the call's responses; however it ends, close its OutputStream."""
@@ -232,6 +236,11 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
             aborted.cancel()
             if call.stream is not None:
                 await call.stream.aclose()
+                # The record as trailing metadata (x-pdserve-*, traceparent); after an error,
+                # the status's own metadata goes instead.
+                record = call.stream.record
+                trailing = record.headers() | ({"traceparent": record.traceparent} if record.traceparent else {})
+                context.set_trailing_metadata(tuple(trailing.items()))
 
     async def _stream(self, call: _OpenCall, aborted: asyncio.Future, context: grpc.aio.ServicerContext) -> None:
         """Write one response per delta until the request finishes or is aborted."""
@@ -275,6 +284,11 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
 
 
 CHAT_ROLES = ("system", "user", "assistant")  # as the HTTP API's chat messages
+
+
+def _metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    value = next((v for k, v in context.invocation_metadata() or () if k == key), None)
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def _chat_message(index: int, message: serving_pb2.ChatMessage) -> dict[str, str]:

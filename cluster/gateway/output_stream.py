@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
+from pdserve.cluster.gateway.request_record import RequestRecord, log_request
 from pdserve.runtime.request import PromptLogprob, TokenDelta
 from pdserve.runtime.sampling_params import SamplingParams
 from pdserve.runtime.stopping import FinishReason
@@ -76,18 +77,23 @@ class PreparedRequest(NamedTuple):
     prompt_ids: list[int]
     params: SamplingParams
     timeout: float | None  # seconds from `open` until the request must have ended
+    api: str = ""  # completions, chat, grpc
+    traceparent: str | None = None  # the client's W3C trace context
 
 
 class OutputStream:
     """One request's deltas. Iterate it to the end, or `aclose()` it to abort."""
 
     def __init__(self, frontend: Frontend, request: PreparedRequest,
-                 token_deltas: AsyncIterator[TokenDelta] | None = None) -> None:
+                 token_deltas: AsyncIterator[TokenDelta] | None = None, record: RequestRecord | None = None) -> None:
         self.request = request
         self._frontend = frontend
+        # What happened to it; closed (logged, traced) once, when the stream ends.
+        self.record = record or frontend.open_record(request)
+        self._record_closed = False
         # The backend's stream of this request (given: one sequence of a group).
         self._token_deltas: AsyncIterator[TokenDelta] = token_deltas or frontend.backend.generate(
-            request.request_id, request.prompt_ids, request.params)
+            request.request_id, request.prompt_ids, request.params, self.record)
         self._text = TextStream(frontend.tokenizer, request.params, frontend.eos_token_ids)
         self._started = time.monotonic()
         self._deadline = None if request.timeout is None else self._started + request.timeout
@@ -120,6 +126,7 @@ class OutputStream:
         self._done = True
         if self._counted and not self._recorded and self._first_token_at is not None:
             self._record_finish(FinishReason.ABORT, time.monotonic())  # the client left early
+        self._close_record()
         try:
             await self._token_deltas.aclose()  # hands the abort to the backend
         finally:
@@ -136,6 +143,7 @@ class OutputStream:
             if isinstance(exc, RequestError):
                 self._frontend.metrics.error(exc.kind)
                 self._recorded = True  # counted as an error, not as a finish
+                self.record.finish_reason, self.record.error = exc.kind.name.lower(), exc.message
             await self.aclose()
             raise
 
@@ -149,7 +157,10 @@ class OutputStream:
                                "retry it")
         now = time.monotonic()
         if token_delta.token_ids and self._first_token_at is None:
-            self._first_token_at = now
+            self._first_token_at = self.record.first_token_at = now
+        if token_delta.token_ids:
+            self.record.decode_steps += 1
+        self.record.num_cached_tokens = token_delta.num_cached_tokens
         text, num_new, finish = self._text.take(token_delta.token_ids, token_delta.finish_reason)
         self._num_tokens += num_new
         usage = Usage(token_delta.num_prompt_tokens, self._num_tokens, token_delta.num_cached_tokens)
@@ -176,7 +187,22 @@ class OutputStream:
                                f"{self.request.timeout:g} s ({self._num_tokens} tokens were generated); "
                                f"raise the timeout or lower max_tokens") from None
 
+    def _close_record(self) -> None:
+        """The record's end: one access log line, and the trace when tracing."""
+        if self._record_closed:
+            return
+        self._record_closed = True
+        record = self.record
+        record.num_output_tokens = self._num_tokens
+        if record.finished_at is None:
+            record.finished_at = time.monotonic()
+        if not record.finish_reason:
+            record.finish_reason = FinishReason.ABORT.value  # it ended before any finish or error
+        log_request(record, self._frontend.log_format)
+        self._frontend.tracer.close(record)
+
     def _record_finish(self, reason: FinishReason, now: float) -> None:
+        self.record.finished_at, self.record.finish_reason = now, reason.value
         self._recorded = True
         ttft = None if self._first_token_at is None else self._first_token_at - self._started
         tpot = None

@@ -39,8 +39,9 @@ class EventStreamResponse(StreamingResponse):
     events, an error, or the client going away (noticed through `receive`, whether or not
     a send fails, and also before the first event)."""
 
-    def __init__(self, events: AsyncGenerator[bytes, None], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, events: AsyncGenerator[bytes, None], on_close: Callable[[], Awaitable[None]],
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
         self._events = events
         self._on_close = on_close
 

@@ -39,6 +39,7 @@ from pdserve.cluster.workers.cache_events import CacheEventLog, CacheSnapshot, E
 from pdserve.cluster.workers.faults import planned_fault
 from pdserve.cluster.workers.spec import WorkerSpec
 from pdserve.cluster.workers.stats import WorkerStats
+from pdserve.kv_transfer.layout import layout_of
 from pdserve.kv_transfer.messages import KVTicket, PrefillJob, PrefillResult
 from pdserve.kv_transfer.transports.select import PeerInfo, measure, probe, probe_source
 from pdserve.runtime.request import TokenDelta
@@ -74,6 +75,7 @@ class WorkerInfo(NamedTuple):
     pid: int
     cores: tuple[int, ...]  # the cores the worker's threads may run on (all of them: the union)
     threads: int  # torch intra-op threads
+    num_kv_blocks: int = 0  # its KV pool's blocks (of block_size tokens each)
 
 
 class _Worker:
@@ -91,6 +93,7 @@ class _Worker:
 
         self.spec = spec
         self.worker_id = worker_id
+        log.info("%s worker %s: loading %s ...", self.role, worker_id, spec.model)
         self.loaded: LoadedModel = load_model(spec.model, cache=self._cache_config(spec),
                                               max_model_len=spec.max_model_len, device_config=spec.device_config)
         from pdserve.runtime.structured_output import GrammarCompiler
@@ -111,7 +114,8 @@ class _Worker:
     def info(self) -> WorkerInfo:
         """Read now, from inside the process: the cores are what its threads may run on."""
         return WorkerInfo(self.worker_id, self.role, PeerInfo.local(self.loaded.runner.device.type),
-                          self.loaded.info.block_size, os.getpid(), process_cores(), self.engine.threads)
+                          self.loaded.info.block_size, os.getpid(), process_cores(), self.engine.threads,
+                          self.loaded.info.num_blocks)
 
     def stats(self, acked: int = 0) -> tuple[WorkerStats, EventBatch]:
         """The latest snapshot, the engine thread's health now, and the prefix-cache
@@ -301,7 +305,8 @@ class PrefillWorker(_Worker):
     def measure(self, address: str, ticket: KVTicket) -> float:
         """Seconds a probe transfer to `address` takes (select.measure), sent from a
         scratch pool on this worker's device. Raises TransportError or MessageRejected."""
-        return measure(address, ticket, probe_source(ticket, self.loaded.runner.pool.kv.device))
+        pool = self.loaded.runner.pool
+        return measure(address, ticket, probe_source(ticket, pool.kv.device, layout_of(pool)))
 
     async def prefill(self, job: PrefillJob) -> PrefillResult | Refused:
         health = self.engine.health()

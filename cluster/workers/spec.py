@@ -41,6 +41,9 @@ class WorkerSpec:
     gpus_per_worker: float = 0.0  # Ray GPUs each worker actor asks for (1 on a GPU pool)
     compile: bool = False  # torch.compile the decoder layers at start-up (CPU)
     quantization: str = "auto"  # how weights are held: see runtime.config.DeviceConfig.quantization
+    # How the KV cache is stored: see runtime.config.CacheConfig.kv_cache_dtype. Prefill and
+    # decode workers of one cluster share it (pools of different dtypes never link).
+    kv_cache_dtype: str = "auto"
     # Seconds an engine loop may go without progress (one step running, or a stuck
     # thread) before its worker counts as hung and is replaced: far above any one step.
     engine_hang_timeout: float = 120.0
@@ -74,7 +77,7 @@ class WorkerSpec:
     @property
     def cache_config(self) -> CacheConfig:
         return CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
-                           memory_bytes=self.kv_cache_memory_bytes)
+                           memory_bytes=self.kv_cache_memory_bytes, kv_cache_dtype=self.kv_cache_dtype)
 
     @property
     def scheduler_config(self) -> SchedulerConfig:

@@ -1,4 +1,5 @@
-// A Llama-family decoder's layers as one C++ call per forward on the CPU (float32).
+// A Llama-family decoder's layers as one C++ call per forward on the CPU (float32; the KV
+// pool float32, or int8 / float8_e4m3fn with scales).
 //
 // Each layer is the sequence of DecoderLayer.forward (runtime/models/llama.py) over the
 // kernels of this extension: RMSNorm (+ residual), QKV projection, RoPE, KV store, paged
@@ -77,13 +78,15 @@ class DecoderLayers {
 
   // Layers [first, last) over hidden states x [T, hidden] and the residual stream (None
   // before the first layer). kv: a pool [layers, 2, blocks, block_size, KVH, D] of at least
-  // `last` layers (a layer-skip draft's pool holds only its first layers). Writes
-  // each layer's K/V of the batch to its slots; returns (output, residual).
+  // `last` layers (a layer-skip draft's pool holds only its first layers); scales: a
+  // quantized pool's [layers, 2, blocks, block_size, KVH] float16 (None: float32 pool).
+  // Writes each layer's K/V of the batch to its slots; returns (output, residual).
   std::tuple<torch::Tensor, torch::Tensor> forward(torch::Tensor x, c10::optional<torch::Tensor> residual,
                                                    int64_t first, int64_t last, torch::Tensor kv,
                                                    torch::Tensor positions, torch::Tensor cos_sin,
                                                    torch::Tensor slot_mapping, torch::Tensor block_tables,
-                                                   torch::Tensor query_start, torch::Tensor seq_lens) const {
+                                                   torch::Tensor query_start, torch::Tensor seq_lens,
+                                                   c10::optional<torch::Tensor> scales) const {
     TORCH_CHECK(0 <= first && first <= last && last <= size(), "layers [", first, ", ", last, ") out of ", size());
     TORCH_CHECK(kv.dim() == 6 && kv.size(0) >= last && kv.size(1) == 2, "kv must be a pool [layers, 2, ...] of at least ",
                 last, " layers");
@@ -99,8 +102,11 @@ class DecoderLayers {
       auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({-1, num_kv_heads_, head_dim_});
       auto [q_rot, k_rot] = rope(q, k, positions, cos_sin);
       auto k_cache = kv.select(0, i).select(0, 0), v_cache = kv.select(0, i).select(0, 1);
-      store_kv(k_rot, v, k_cache, v_cache, slot_mapping);
-      auto attended = paged_attention(q_rot, k_cache, v_cache, block_tables, query_start, seq_lens, scale_);
+      c10::optional<torch::Tensor> k_scale, v_scale;
+      if (scales.has_value()) k_scale = scales->select(0, i).select(0, 0), v_scale = scales->select(0, i).select(0, 1);
+      store_kv(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale);
+      auto attended = paged_attention(q_rot, k_cache, v_cache, block_tables, query_start, seq_lens, scale_, k_scale,
+                                      v_scale);
       auto [h2, sum2] = rms_norm(w.o(attended.view({-1, q_size}), max_block_rows_), w.post_attention_norm, eps_, sum);
       x = w.down(silu_mul(w.gate_up(h2, max_block_rows_)), max_block_rows_);
       residual = sum2;
@@ -120,5 +126,8 @@ void bind_decoder_layers(py::module& m) {
       .def(py::init<const py::list&, int64_t, int64_t, int64_t, double, double, int64_t>())
       .def("__len__", &DecoderLayers::size)
       // The GIL is released around the layers: nothing in them touches Python objects.
-      .def("forward", &DecoderLayers::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &DecoderLayers::forward, py::arg("x"), py::arg("residual"), py::arg("first"),
+           py::arg("last"), py::arg("kv"), py::arg("positions"), py::arg("cos_sin"), py::arg("slot_mapping"),
+           py::arg("block_tables"), py::arg("query_start"), py::arg("seq_lens"), py::arg("scales") = py::none(),
+           py::call_guard<py::gil_scoped_release>());
 }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "kernels.h"
 #include "vec_math.h"
 
 namespace {
@@ -132,11 +133,27 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 
 // store_kv_ref (kernels/kv_store.py): token t's k/v [T, KVH, D] written to flat slot
 // slot_mapping[t] of k/v_cache [blocks, block_size, KVH, D]; a slot of -1 is padding.
+// With scales, the cache is quantized (kv_quant_cpu.cpp).
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-              torch::Tensor slot_mapping) {
+              torch::Tensor slot_mapping, c10::optional<torch::Tensor> k_scale,
+              c10::optional<torch::Tensor> v_scale) {
   TORCH_CHECK(k.sizes() == v.sizes() && k.dim() == 3 && k.scalar_type() == torch::kFloat32 &&
                   v.scalar_type() == torch::kFloat32 && k.stride(2) == 1 && v.stride(2) == 1,
               "k and v must be float32 [T, KVH, D] with a contiguous head dimension");
+  TORCH_CHECK(k_scale.has_value() == v_scale.has_value(), "k_scale and v_scale go together");
+  if (k_scale.has_value()) {
+    TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
+                "k_cache and v_cache must be [blocks, block_size, KVH, D] matching k");
+    TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0) &&
+                    slot_mapping.scalar_type() == torch::kInt64, "slot_mapping must be int64 [T]");
+    auto slots_c = slot_mapping.contiguous();
+    const int64_t* slots = slots_c.data_ptr<int64_t>();
+    const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+    for (int64_t t = 0; t < k.size(0); ++t)
+      TORCH_CHECK(-1 <= slots[t] && slots[t] < num_slots, "slot ", slots[t], " outside the cache");
+    store_kv_quantized(k, v, k_cache, v_cache, *k_scale, *v_scale, slots);
+    return;
+  }
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat32 &&
                   v_cache.scalar_type() == torch::kFloat32 && k_cache.size(2) == k.size(1) &&

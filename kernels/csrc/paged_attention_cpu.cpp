@@ -3,7 +3,8 @@
 // Same contract as `paged_attention_ref` (kernels/attention.py), with the per-sequence
 // lengths as int64 tensors instead of host lists:
 //   q            [T, H, D] float32, the queries of all sequences packed in order
-//   k/v_cache    [num_blocks, block_size, KVH, D] float32, contiguous (one layer of the pool)
+//   k/v_cache    [num_blocks, block_size, KVH, D] float32, contiguous (one layer of the pool),
+//                or int8 / float8_e4m3fn with k/v_scale [num_blocks, block_size, KVH] float16
 //   block_tables [B, max_pages] int64
 //   query_start  [B + 1] int64 offsets of each sequence's queries in q
 //   seq_lens     [B] int64 context length of each sequence (its queries are the last ones)
@@ -27,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels.h"
 #include "vec_math.h"
 
 namespace {
@@ -263,13 +265,25 @@ void chunk_block(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
 
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor query_start,
-                              torch::Tensor seq_lens, double scale) {
+                              torch::Tensor seq_lens, double scale, c10::optional<torch::Tensor> k_scale,
+                              c10::optional<torch::Tensor> v_scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
               "q must be a contiguous float32 [T, H, D] tensor");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat32 &&
-                  v_cache.scalar_type() == torch::kFloat32,
-              "k_cache and v_cache must be contiguous float32 [blocks, block_size, KVH, D] tensors");
+  // A quantized cache (int8 / float8_e4m3fn, float16 scales per row): kv_quant_cpu.cpp
+  // reads it; the float32 path below is unchanged by it.
+  TORCH_CHECK(k_scale.has_value() == v_scale.has_value(), "k_scale and v_scale go together");
+  const bool quantized = k_scale.has_value();
+  if (quantized) {
+    check_quantized_cache(k_cache, *k_scale, "k_cache");
+    check_quantized_cache(v_cache, *v_scale, "v_cache");
+    TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
+                "k_cache and v_cache must match");
+  } else {
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                    v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat32 &&
+                    v_cache.scalar_type() == torch::kFloat32,
+                "k_cache and v_cache must be contiguous float32 [blocks, block_size, KVH, D] tensors");
+  }
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && query_start.scalar_type() == torch::kInt64 &&
                   seq_lens.scalar_type() == torch::kInt64,
               "block_tables, query_start and seq_lens must be int64");
@@ -294,8 +308,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   }
   auto out = torch::empty_like(q);
   const float* q_ptr = q.data_ptr<float>();
-  const float* k_ptr = k_cache.data_ptr<float>();
-  const float* v_ptr = v_cache.data_ptr<float>();
+  const float* k_ptr = quantized ? nullptr : k_cache.data_ptr<float>();
+  const float* v_ptr = quantized ? nullptr : v_cache.data_ptr<float>();
   const int64_t* table_ptr = tables.data_ptr<int64_t>();
   float* out_ptr = out.data_ptr<float>();
   const int64_t num_decoding = static_cast<int64_t>(decoding.size());
@@ -303,6 +317,11 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
     std::vector<float> scores;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = decoding[i], token = starts[b];
+      if (quantized) {
+        decode_quantized(q_ptr + token * heads * dim, k_cache, v_cache, *k_scale, *v_scale, table_ptr + b * max_pages,
+                         lens[b], group, static_cast<float>(scale), out_ptr + token * heads * dim);
+        continue;
+      }
       decode(q_ptr + token * heads * dim, k_ptr, v_ptr, table_ptr + b * max_pages, lens[b], block_size,
              kv_heads, group, dim, static_cast<float>(scale), out_ptr + token * heads * dim, scores);
     }
@@ -314,7 +333,11 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = starts[b + 1] - starts[b];
     if (n == 1) continue;
-    contexts[b] = {gather_context(k_cache, tables[b], lens[b]), gather_context(v_cache, tables[b], lens[b])};
+    if (quantized)
+      contexts[b] = {gather_dequantized(k_cache, *k_scale, tables[b], lens[b]),
+                     gather_dequantized(v_cache, *v_scale, tables[b], lens[b])};
+    else
+      contexts[b] = {gather_context(k_cache, tables[b], lens[b]), gather_context(v_cache, tables[b], lens[b])};
     for (int64_t kv = 0; kv < kv_heads; ++kv)
       for (int64_t first = 0; first < n; first += kQueryBlock) tasks.push_back({b, kv, first, std::min(n, first + kQueryBlock)});
   }

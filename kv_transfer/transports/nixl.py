@@ -362,7 +362,7 @@ class NixlListener(StreamListener):
         self.receiver = receiver
         self.agent = Agent("recv")
         self._memory = _memory_of(receiver.pool.kv)
-        self.agent.register(receiver.pool.kv)
+        _register_pool(self.agent, receiver.pool)
         self._agents_lock = threading.Lock()
         self._agent_links: dict[str, int] = {}  # loaded sender agents -> links using them
         sock, address = bind_tcp("nixl", host, port)
@@ -406,12 +406,12 @@ class NixlListener(StreamListener):
         None when they are there, else why not."""
         scratch = landing.pool is not self.receiver.pool  # a probe ticket's pool: registered for this read only
         if scratch:
-            self.agent.register(landing.pool.kv)
+            _register_pool(self.agent, landing.pool)
         try:
             return self._read(landing, source, remote, deadline)
         finally:
             if scratch:
-                self.agent.forget(landing.pool.kv)
+                _forget_pool(self.agent, landing.pool)
 
     def _read(self, landing: Landing, source: Source, remote: str, deadline: Deadline) -> str | None:
         local_rows, remote_rows = segments(landing.addresses(), source.runs)
@@ -442,7 +442,7 @@ class NixlListener(StreamListener):
                              "written", exc)
 
     def _after_close(self) -> None:
-        self.agent.forget(self.receiver.pool.kv)
+        _forget_pool(self.agent, self.receiver.pool)
 
 
 # -------------------------------------------------------------------- prefill side
@@ -489,7 +489,7 @@ class NixlChannel(StreamChannel):
         self._check_chunk_size(header.nbytes)
         if header.checksum is None or pool.kv.device.type == "cuda":
             header = dataclasses.replace(header, checksum=sent_checksum(pool, header.layer, block_ids))
-        self._agent.register(pool.kv)
+        _register_pool(self._agent, pool)
         self._request(messages.encode(header), _InPool(pool, header.layer, block_ids), ticket_id=header.ticket_id,
                       wait=wait)
 
@@ -543,6 +543,20 @@ class NixlChannel(StreamChannel):
             self._staging = None
 
 
+def _register_pool(agent, pool: KVPool) -> None:
+    """Register a pool's memory: its values and, quantized, its scales (a chunk's runs
+    address both)."""
+    agent.register(pool.kv)
+    if pool.scales is not None:
+        agent.register(pool.scales)
+
+
+def _forget_pool(agent, pool: KVPool) -> None:
+    agent.forget(pool.kv)
+    if pool.scales is not None:
+        agent.forget(pool.scales)
+
+
 def _pool_source(payload: _InPool) -> Source:
     """The source of a chunk read from the sender's pool where its pages lie."""
     mem, device = _memory_of(payload.pool.kv)
@@ -564,7 +578,7 @@ def landed_checksum(landing: Landing, source: Source) -> int | None:
     if source.mem == "VRAM":
         return device_checksum(landing.views())
     if landing.pool.kv.device.type != "cpu":  # host bytes landed in a GPU pool: hash a host copy
-        return layout.checksum(torch.cat([view.reshape(-1) for view in landing.views()]).cpu().view(torch.uint8)
+        return layout.checksum(torch.cat([view.reshape(-1).view(torch.uint8) for view in landing.views()]).cpu()
                                .numpy())
     return None
 

@@ -12,7 +12,8 @@ ticket, from a scratch pool, through the same checks as any transfer), logs the 
 operator's config) skips the race, but never silently: a forced transport that cannot
 work between these peers raises TransportError, and so does its failed measurement.
 `choose_transport` is the choice without measuring (the first candidate), and `probe` a
-bare ping.
+bare ping. Two workers whose pools differ in layout (a KV cache dtype, a block size) never
+link: `measure` raises LayoutMismatch saying what differs, before any byte moves.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.kv_transfer import layout
-from pdserve.kv_transfer.messages import KVTicket, MessageRejected, PagesHeader, TransferDone
+from pdserve.kv_transfer.messages import KVLayout, KVTicket, MessageRejected, TransferDone
 from pdserve.kv_transfer.transports.base import KINDS, TransportError, connect
 from pdserve.runtime.kv_pool import KVPool
 
@@ -112,13 +113,19 @@ def candidate_transports(local: PeerInfo, remote: PeerInfo, forced: str | None =
     return kinds
 
 
-def probe_source(ticket: KVTicket, device: str = "cpu") -> KVPool:
+class LayoutMismatch(TransportError):
+    """The two workers' KV pools differ in layout (e.g. KV cache dtype): no transport can
+    link them; the message says what differs and what to do."""
+
+
+def probe_source(ticket: KVTicket, device: str = "cpu", own: KVLayout | None = None) -> KVPool:
     """A scratch pool (random pages) to send a probe ticket's pages from: never the
-    engine's pool, which its forward passes may be writing."""
-    lay = ticket.layout
+    engine's pool, which its forward passes may be writing. `own`: the sending worker's
+    pool layout (default: the ticket's), so that `measure` sends what that worker would."""
+    lay = own or ticket.layout
     pool = KVPool(lay.num_layers, len(ticket.block_ids), lay.block_size, lay.num_kv_heads, lay.head_dim,
                   getattr(torch, lay.dtype), device)
-    pool.kv.normal_()
+    pool.fill_random()
     return pool
 
 
@@ -126,7 +133,13 @@ def measure(address: str, ticket: KVTicket, source: KVPool, repeats: int = PROBE
             timeout: float = 10.0) -> float:
     """Median seconds to send a probe ticket's pages at every layer (from `source`'s
     blocks 0..), as a prefill worker pushes a prompt's KV, then settle it with its done.
-    Raises TransportError or MessageRejected saying what failed."""
+    Raises LayoutMismatch when `source`'s layout is not the ticket's (the decode pool's):
+    those two workers cannot link. Raises TransportError or MessageRejected saying what
+    failed."""
+    own = layout.layout_of(source)
+    mismatch = layout.layout_mismatch(own, ticket.layout)
+    if mismatch is not None:
+        raise LayoutMismatch(mismatch)
     blocks = list(range(len(ticket.block_ids)))
     with connect(address, timeout) as channel:
         channel.ping()
@@ -134,11 +147,9 @@ def measure(address: str, ticket: KVTicket, source: KVPool, repeats: int = PROBE
         for _ in range(repeats):
             started = time.perf_counter()
             for layer in range(ticket.layout.num_layers):
-                header = PagesHeader(
-                    ticket.request_id, ticket.ticket_id, ticket.secret, layer, 0, len(blocks), ticket.layout.dtype,
-                    layout.chunk_shape(ticket.layout, len(blocks)), layout.chunk_nbytes(ticket.layout, len(blocks)),
-                    # A GPU pool's pages are hashed by the channel, where they lie.
-                    layout.checksum_pages(source, layer, blocks) if source.kv.device.type == "cpu" else None)
+                # A GPU pool's pages are hashed by the channel, where they lie.
+                checksum = layout.checksum_pages(source, layer, blocks) if source.kv.device.type == "cpu" else None
+                header = layout.pages_header(ticket, own, layer, 0, len(blocks), checksum)
                 channel.send_pool_pages(header, source, blocks, wait=False)
             times.append(time.perf_counter() - started)
         channel.send_done(TransferDone(ticket.request_id, ticket.ticket_id, ticket.secret, 0, 0.0))

@@ -82,8 +82,9 @@ class TorchDistChannel(KVChannel):
         the calling thread's current stream had queued (CUDA); from a pool elsewhere, from
         a host copy. `header.checksum`: XXH3 of the pages (`layout.checksum_pages`), or
         None for the channel to take it; an nccl chunk from the pool carries its
-        `device_checksum` instead, whatever the header said. Always waits for the verdict."""
-        if pool.kv.device != self._device:
+        `device_checksum` instead, whatever the header said. Always waits for the verdict.
+        A quantized pool's pages (values and scales, two tensors) go as a packed copy."""
+        if pool.kv.device != self._device or pool.quantized:
             payload = layout.to_bytes(layout.read_pages(pool, header.layer, block_ids))
             if header.checksum is None:
                 header = dataclasses.replace(header, checksum=layout.checksum(payload))

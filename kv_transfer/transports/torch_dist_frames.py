@@ -119,5 +119,6 @@ def pool_chunk(pool: KVPool, layer: int, block_ids: Sequence[int]) -> tuple[torc
 
 
 def chunk_pages(payload: torch.Tensor, kv_layout: KVLayout, num_pages: int) -> torch.Tensor:
-    """A received chunk's bytes (uint8, admitted: its size fits) as its pages tensor."""
-    return payload.view(getattr(torch, kv_layout.dtype)).view(layout.chunk_shape(kv_layout, num_pages))
+    """A received chunk's bytes (uint8, admitted: its size fits) as its pages tensor
+    (`layout.from_tensor`: what `layout.write_pages` takes)."""
+    return layout.from_tensor(payload, kv_layout, num_pages)

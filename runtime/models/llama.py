@@ -44,6 +44,7 @@ BLOCK_LINEAR_MAX_ROWS = 24
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = _param(out_features, in_features, dtype=dtype)
         self.bias = _param(out_features, dtype=dtype) if bias else None
         # The same weight as GGUF blocks (CPU), see `use_blocks`. A buffer, so compiled
@@ -119,8 +120,7 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
         """Store this layer's new K/V in the pool and attend over it: [T, H * D]."""
-        k_cache, v_cache = pool.layer(self.layer_index)
-        return self.backend.forward(q, k, v, k_cache, v_cache, batch, self.scale).reshape(-1, self.q_size)
+        return self.backend.forward(q, k, v, pool.layer(self.layer_index), batch, self.scale).reshape(-1, self.q_size)
 
 
 class MLP(nn.Module):
@@ -173,6 +173,19 @@ _FUSED = {
 }
 
 
+def _fused_parts(module_name: str) -> int:
+    """How many checkpoint tensors make up the weight of the linear layer `module_name`."""
+    return 3 if module_name.endswith("qkv_proj") else 2 if module_name.endswith("gate_up_proj") else 1
+
+
+def _hf_weight_names(module_name: str) -> list[str]:
+    """The checkpoint (HF) names of the weight tensors of the linear layer `module_name`
+    (e.g. layers.0.self_attn.qkv_proj -> the layer's q_proj, k_proj and v_proj weights)."""
+    names = [f"model.{module_name.removesuffix(fused)}{hf}.weight"
+             for hf, (fused, _) in _FUSED.items() if module_name.endswith(f".{fused}")]
+    return names or [f"model.{module_name}.weight"]
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None) -> None:
         super().__init__()
@@ -207,7 +220,7 @@ class LlamaForCausalLM(nn.Module):
             def fused(x, residual, first, last):
                 return self.fused_layers.forward(x, residual, first, last, pool.kv, batch.positions,
                                                  self.cos_sin_cache, batch.slot_mapping, batch.block_tables,
-                                                 query_start, seq_lens)
+                                                 query_start, seq_lens, pool.scales)
 
             if on_layer_done is None:
                 x, residual = fused(x, residual, 0, len(self.layers))
@@ -278,23 +291,34 @@ class LlamaForCausalLM(nn.Module):
             self.head_blocks = WeightBlocks(kind, quantize(self.lm_head))
         return count + int(self.head_blocks is not None)
 
-    def drop_dense_weights(self) -> None:
+    def drop_dense_weights(self) -> frozenset[str]:
         """Free the dense copy of every weight that has blocks (the blocks then serve every
-        batch size). After `load_blocks` or `quantize_weights`, before `fuse_layers`."""
-        for module in self.modules():
+        batch size). After `load_blocks` or `quantize_weights`, before `fuse_layers`; may
+        come before `load_weights`, which then must not be given the returned HF names
+        (the checkpoint tensors the blocks now stand for)."""
+        dropped = []
+        for name, module in self.named_modules():
             if isinstance(module, Linear) and module.block_kind is not None:
                 module.drop_dense()
+                dropped += _hf_weight_names(name)
         if self.embed_blocks is not None:
             self.embed_tokens = None
+            dropped.append("model.embed_tokens.weight")
         if self.lm_head is not None and self.head_blocks is not None:
             self.lm_head = None
+            dropped.append("lm_head.weight")
+        return frozenset(dropped)
 
     def load_blocks(self, blocks: Iterable[tuple[str, str, torch.Tensor]]) -> int:
         """Give linear layers (and the LM head) their GGUF blocks, from HF-named
-        `(name, kind, blocks)`; after `load_weights`. A fused layer takes blocks only when
-        all its parts come as blocks of one kind, stacked in its row order. Returns how
-        many layers (head included) now compute from blocks. CPU float32 only."""
+        `(name, kind, blocks)`; before or after `load_weights`. A fused layer takes blocks
+        only when all its parts come as blocks of one kind, stacked in its row order, as
+        soon as its last part arrives (so at most one layer's parts wait at a time for a
+        file stored layer by layer). Returns how many layers (head included) now compute
+        from blocks. CPU float32 only."""
         parts: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
+        modules = dict(self.named_modules())
+        count = 0
         for hf_name, kind, data in blocks:
             name = hf_name.removeprefix("model.").removesuffix(".weight")
             if name in ("embed_tokens", "lm_head"):
@@ -308,22 +332,23 @@ class LlamaForCausalLM(nn.Module):
                 if name.endswith(f".{hf_suffix}"):
                     name, index = name.removesuffix(hf_suffix) + fused, part
                     break
-            parts.setdefault(name, {})[index] = (kind, data)
-        modules = dict(self.named_modules())
-        count = int(self.head_blocks is not None)
-        for name, pieces in parts.items():
+            pieces = parts.setdefault(name, {})
+            pieces[index] = (kind, data)
             linear = modules.get(name)
-            expected = 3 if name.endswith("qkv_proj") else 2 if name.endswith("gate_up_proj") else 1
-            kinds = {kind for kind, _ in pieces.values()}
-            if not isinstance(linear, Linear) or len(pieces) != expected or len(kinds) != 1:
+            if not isinstance(linear, Linear) or len(pieces) != _fused_parts(name):
                 continue
-            data = torch.cat([pieces[i][1] for i in range(expected)])
-            if data.shape[0] != linear.weight.shape[0] or data.shape[1] * 32 != linear.weight.shape[1]:
+            del parts[name]
+            kinds = {kind for kind, _ in pieces.values()}
+            if len(kinds) != 1:
+                continue
+            data = torch.cat([pieces[i][1] for i in range(len(pieces))]) if len(pieces) > 1 else pieces[0][1]
+            out_features, in_features = linear.out_features, linear.in_features
+            if data.shape[0] != out_features or data.shape[1] * 32 != in_features:
                 raise ValueError(f"GGUF blocks for {name} have shape {tuple(data.shape)}, which does not "
-                                 f"match its weight {tuple(linear.weight.shape)}")
+                                 f"match its weight {(out_features, in_features)}")
             linear.use_blocks(WeightBlocks(kinds.pop(), data))
             count += 1
-        return count
+        return count + int(self.head_blocks is not None)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the (fused) parameters; every parameter must be set

@@ -11,7 +11,7 @@ a time when `Checkpoint.iter_weights()` is iterated.
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -39,9 +39,41 @@ class CheckpointError(ValueError):
 class WeightSource(Protocol):
     """Where a checkpoint's tensors come from (one strategy per file format)."""
 
-    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]: ...
+    def iter_weights(self, dtype: torch.dtype, skip: frozenset[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor but those named in `skip`, which are not read at all."""
+        ...
 
     def iter_blocks(self) -> Iterator[tuple[str, str, torch.Tensor]]: ...
+
+
+class WeightStream(Iterator[tuple[str, torch.Tensor]]):
+    """`Checkpoint.iter_weights()`: an iterator of `(hf_name, tensor)` that reads the
+    first tensor only when first advanced. Until then `skipping(names)` gives the same
+    stream without `names`, whose tensors are then never read nor converted (a model that
+    holds them as blocks already needs no float32 copy)."""
+
+    def __init__(self, source: WeightSource, dtype: torch.dtype, skip: frozenset[str] = frozenset(),
+                 on_tensor: Callable[[str], None] | None = None) -> None:
+        self._source, self._dtype, self._skip = source, dtype, skip
+        self._on_tensor = on_tensor
+        self._tensors: Iterator[tuple[str, torch.Tensor]] | None = None
+
+    def skipping(self, names: Iterable[str]) -> WeightStream:
+        if self._tensors is not None:
+            raise RuntimeError("skipping() must come before the stream is first advanced")
+        return WeightStream(self._source, self._dtype, self._skip | frozenset(names), self._on_tensor)
+
+    def reporting(self, on_tensor: Callable[[str], None]) -> WeightStream:
+        """The same stream, calling `on_tensor(name)` as each tensor is handed out (progress)."""
+        return WeightStream(self._source, self._dtype, self._skip, on_tensor)
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors = self._source.iter_weights(self._dtype, self._skip)
+        name, tensor = next(self._tensors)
+        if self._on_tensor is not None:
+            self._on_tensor(name)
+        return name, tensor
 
 
 @dataclass(frozen=True)
@@ -59,16 +91,15 @@ class Checkpoint:
     source: str
     weights: WeightSource = field(repr=False, compare=False)
 
-    def iter_weights(
-        self, dtype: torch.dtype = torch.float32
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, dtype: torch.dtype = torch.float32) -> WeightStream:
         """Yield `(hf_name, tensor)` once per parameter, reading one tensor at a time.
 
         Names are HF Llama names (`model.layers.{i}.self_attn.q_proj.weight`, ...); matrices
         are `[out_features, in_features]`; `lm_head.weight` is absent when embeddings are
-        tied. Tensors are fresh CPU tensors of `dtype`, owned by the caller.
+        tied. Tensors are fresh CPU tensors of `dtype`, owned by the caller. See
+        `WeightStream.skipping` to leave some out unread.
         """
-        return self.weights.iter_weights(dtype)
+        return WeightStream(self.weights, dtype)
 
     def iter_weight_blocks(self) -> Iterator[tuple[str, str, torch.Tensor]]:
         """Yield `(hf_name, kind, blocks)` for each matrix the file stores in a block format

@@ -1,7 +1,17 @@
 """GGUF files (llama.cpp's format): metadata -> ModelConfig, tensors -> HF names, float32.
 
 Quantized tensors are dequantized with `gguf.quants.dequantize` (numpy) one at a time; the
-135M SmolLM2 Q4_1 file takes about a second in total. Two layout facts matter:
+135M SmolLM2 Q4_1 file takes about a second in total. Tensors in a block format the CPU
+kernels compute from (`iter_blocks`) are handed over as the file's bytes, never dequantized.
+
+Memory: `GGUFReader` parses the metadata into ~160 MB of Python objects for SmolLM2 (its
+49k-token vocabulary and merges, a numpy view per string), so `load_gguf` keeps only a
+table of the tensors (`GgufTensor`: type, shape, offset) and lets the reader go. Tensor
+bytes are then read with plain file reads into fresh buffers rather than through a memory
+map: mapped file pages count as the process's resident memory for as long as the mapping
+lives, ~the file's size after one pass over it.
+
+Two layout facts matter:
 
 * GGUF lists a tensor's dims innermost first (ggml order); the numpy arrays the reader and
   `dequantize` return are already in row-major order, i.e. HF's `[out_features, in_features]`.
@@ -14,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -133,50 +143,87 @@ def model_config_from_gguf(reader: GGUFReader, source: str) -> ModelConfig:
     )
 
 
-class GgufWeights:
-    """Dequantizes a GGUF's tensors one at a time under HF names. Holds the file's memmap."""
+class GgufTensor(NamedTuple):
+    """Where one tensor of a GGUF file lives and how to read it (the reader's table, kept
+    without the reader)."""
 
-    def __init__(self, reader: GGUFReader, source: str, qk_heads: tuple[int, int] | None) -> None:
-        self._reader = reader
-        self._source = source
+    name: str  # GGUF name, e.g. blk.0.attn_q.weight
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # HF (row-major) order: [out_features, in_features] for matrices
+    array_dtype: np.dtype  # the file's scalar type, or uint8 for block formats
+    array_shape: tuple[int, ...]  # rows x bytes per row for block formats
+    offset: int  # absolute file offset of the data
+    nbytes: int
+
+    @classmethod
+    def of(cls, tensor: Any) -> GgufTensor:
+        """From a `gguf.ReaderTensor` (whose data is a view of the reader's memory map)."""
+        return cls(tensor.name, tensor.tensor_type, tuple(int(d) for d in reversed(tensor.shape)),
+                   tensor.data.dtype, tuple(tensor.data.shape), int(tensor.data_offset),
+                   int(tensor.data.nbytes))
+
+
+class GgufWeights:
+    """A GGUF file's tensors under HF names, read one at a time with file reads."""
+
+    def __init__(self, path: Path, tensors: list[GgufTensor], qk_heads: tuple[int, int] | None) -> None:
+        self._path = path
+        self._tensors = tensors
         self._qk_heads = qk_heads  # (num_heads, num_kv_heads) when q/k rows are permuted
 
-    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        for tensor in self._reader.tensors:
-            name = hf_name(tensor.name)
-            try:
-                array = dequantize(tensor.data, tensor.tensor_type)
-                array = array.reshape(tuple(int(d) for d in reversed(tensor.shape)))
-            except (ValueError, NotImplementedError) as e:
-                raise CheckpointError(f"{self._source}: cannot read tensor {tensor.name} "
-                                      f"({tensor.tensor_type.name}): {e}") from e
-            if self._qk_heads is not None and ".attn_q." in tensor.name:
-                array = unpermute_qk(array, self._qk_heads[0])
-            elif self._qk_heads is not None and ".attn_k." in tensor.name:
-                array = unpermute_qk(array, self._qk_heads[1])
-            if not array.flags.writeable:  # F32 tensors are read-only views of the memmap
-                array = array.copy()
-            yield name, torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(dtype)
+    def _read(self, file: Any, tensor: GgufTensor) -> np.ndarray:
+        """The tensor's bytes as the array the reader's memory map would give (a fresh copy)."""
+        data = np.empty(tensor.nbytes, dtype=np.uint8)
+        file.seek(tensor.offset)
+        view, done = memoryview(data), 0
+        while done < tensor.nbytes:
+            got = file.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{self._path}: tensor {tensor.name} ends past the end of the "
+                                      "file; it is truncated. Re-download it.")
+            done += got
+        return data.view(tensor.array_dtype).reshape(tensor.array_shape)
 
+    def _in_hf_row_order(self, name: str, array: np.ndarray) -> np.ndarray:
+        if self._qk_heads is not None and ".attn_q." in name:
+            return unpermute_qk(array, self._qk_heads[0])
+        if self._qk_heads is not None and ".attn_k." in name:
+            return unpermute_qk(array, self._qk_heads[1])
+        return array
+
+    def _each(self, wanted) -> Iterator[tuple[GgufTensor, np.ndarray]]:
+        with self._path.open("rb", buffering=0) as file:
+            for tensor in self._tensors:
+                if wanted(tensor):
+                    yield tensor, self._read(file, tensor)
+
+    def iter_weights(self, dtype: torch.dtype,
+                     skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        for tensor, data in self._each(lambda t: hf_name(t.name) not in skip):
+            try:
+                array = dequantize(data, tensor.qtype).reshape(tensor.shape)
+            except (ValueError, NotImplementedError) as e:
+                raise CheckpointError(f"{self._path}: cannot read tensor {tensor.name} "
+                                      f"({tensor.qtype.name}): {e}") from e
+            array = self._in_hf_row_order(tensor.name, array)
+            yield hf_name(tensor.name), torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(dtype)
 
     def iter_blocks(self) -> Iterator[tuple[str, str, torch.Tensor]]:
-        """The Q4_1 and Q8_0 matrices as raw blocks [out, in / 32, block bytes] (uint8),
-        q/k rows put back in HF order like `iter_weights` does."""
-        for tensor in self._reader.tensors:
-            kind = _BLOCK_KINDS.get(tensor.tensor_type)
-            if kind is None or len(tensor.shape) != 2:
-                continue
-            rows = int(tensor.shape[1])
-            array = np.asarray(tensor.data).reshape(rows, int(tensor.shape[0]) // 32, -1)
-            if self._qk_heads is not None and ".attn_q." in tensor.name:
-                array = unpermute_qk(array, self._qk_heads[0])
-            elif self._qk_heads is not None and ".attn_k." in tensor.name:
-                array = unpermute_qk(array, self._qk_heads[1])
-            yield hf_name(tensor.name), kind, torch.from_numpy(np.array(array))  # a writable copy
+        """The matrices stored in a block format of `_BLOCK_KINDS`, as the file's blocks
+        [out, in / 32, block bytes] (uint8), q/k rows put back in HF order like
+        `iter_weights` does. Each is read straight from the file into its own buffer."""
+        def wanted(tensor: GgufTensor) -> bool:
+            return tensor.qtype in _BLOCK_KINDS and len(tensor.shape) == 2
+
+        for tensor, data in self._each(wanted):
+            rows, cols = tensor.shape
+            array = self._in_hf_row_order(tensor.name, data.reshape(rows, cols // 32, -1))
+            yield hf_name(tensor.name), _BLOCK_KINDS[tensor.qtype], torch.from_numpy(np.ascontiguousarray(array))
 
 
 def load_gguf(path: Path) -> Checkpoint:
-    """Parse a GGUF's metadata and tensor table (tensor data stays memory-mapped)."""
+    """Parse a GGUF's metadata and tensor table; no tensor data is read, and the reader
+    (with its memory map) is not kept."""
     source = str(path)
     try:
         reader = GGUFReader(path)
@@ -191,7 +238,7 @@ def load_gguf(path: Path) -> Checkpoint:
     eos = {_value(reader, f"tokenizer.ggml.{key}") for key in
            ("eos_token_id", "eot_token_id", "eom_token_id")} - {None}
     permuted = config.architecture == "LlamaForCausalLM"
-    weights = GgufWeights(reader, source,
+    weights = GgufWeights(path, [GgufTensor.of(t) for t in reader.tensors],
                           (config.num_heads, config.num_kv_heads) if permuted else None)
     return Checkpoint(config=config, tokenizer=tokenizer, eos_token_ids=frozenset(eos),
                       bos_token_id=_value(reader, "tokenizer.ggml.bos_token_id"),

@@ -165,12 +165,14 @@ class SafetensorsWeights:
                                   "tensor was found; the checkpoint is incomplete")
         return cls(files)
 
-    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, dtype: torch.dtype,
+                     skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         for shard, names in self._files.items():
             try:
                 with safe_open(str(shard), framework="pt") as f:
                     for name in names:
-                        yield name, f.get_tensor(name).to(dtype)
+                        if name not in skip:
+                            yield name, f.get_tensor(name).to(dtype)
             except SafetensorError as e:
                 raise CheckpointError(f"{shard} is corrupt ({e}); re-download it") from e
 

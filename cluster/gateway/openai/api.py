@@ -78,7 +78,8 @@ def create_app(frontend: Frontend, *, api_key: str | None = None,
             body.check_supported()
             prepared = await frontend.prepare(prompt=body.prompt_input(), sampling=body.sampling(),
                                               timeout=body.timeout, request_id=bodies_for.response_id,
-                                              field_names=body.field_names())
+                                              field_names=body.field_names(), api="completions",
+                                              traceparent=request.headers.get("traceparent"))
             plan = ChoicePlan(bodies_for, bool(body.stream), body.include_usage, body.num_sequences, body.num_choices)
             return await serve(request, frontend, prepared, plan)
 
@@ -95,7 +96,8 @@ def create_app(frontend: Frontend, *, api_key: str | None = None,
             messages, tools = body.template_input(family, frontend.tokenizer.supports_tools)
             prepared = await frontend.prepare(messages=messages, tools=tools, sampling=body.sampling(family),
                                               default_max_tokens=None, timeout=body.timeout,
-                                              request_id=bodies_for.response_id, field_names=body.field_names())
+                                              request_id=bodies_for.response_id, field_names=body.field_names(),
+                                              api="chat", traceparent=request.headers.get("traceparent"))
             plan = ChoicePlan(bodies_for, bool(body.stream), body.include_usage, body.num_sequences, body.num_choices)
             return await serve(request, frontend, prepared, plan)
 

@@ -62,16 +62,25 @@ async def serve(request: Request, frontend: Frontend, prepared: PreparedRequest,
     async def close() -> None:
         await asyncio.gather(*(output.aclose() for output in outputs))
 
-    if plan.stream:
+    if plan.stream:  # the headers tell what is known at the first token: the route, TTFT
         bodies = [plan.bodies_for(i) for i in range(len(outputs))]
-        return EventStreamResponse(_events(outputs, bodies, plan.include_usage), close)
+        return EventStreamResponse(_events(outputs, bodies, plan.include_usage), close, _record_headers(outputs))
     try:
         answer = await until_disconnected(request.receive, _collect(outputs, prepared, plan))
     finally:
         await close()
     if answer is None:
         return Response(status_code=_CLIENT_CLOSED_REQUEST)
-    return json_response(answer)
+    return json_response(answer, headers=_record_headers(outputs))
+
+
+def _record_headers(outputs: list[OutputStream]) -> dict[str, str]:
+    """The request's `x-pdserve-*` headers (sequence 0's, for n > 1) and its traceparent."""
+    record = outputs[0].record
+    headers = record.headers()
+    if record.traceparent:
+        headers["traceparent"] = record.traceparent
+    return headers
 
 
 async def _open(frontend: Frontend, prepared: PreparedRequest, n: int) -> list[OutputStream]:

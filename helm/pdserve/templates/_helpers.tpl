@@ -172,7 +172,12 @@ process as "$@" (see raycluster.yaml), so no value is ever parsed by a shell.
     "--transfer-timeout" (toString $s.transferTimeout)
     "--on-transfer-failure" $s.onTransferFailure
     "--threads" (toString $s.threads)
-    "--quantization" $s.quantization) }}
+    "--quantization" $s.quantization
+    "--kv-cache-dtype" $s.kvCacheDtype
+    "--log-format" $s.logFormat) }}
+{{- with $s.otlpEndpoint }}
+{{- $args = concat $args (list "--otlp-endpoint" .) }}
+{{- end }}
 {{- with $s.kvTransport }}
 {{- $args = concat $args (list "--kv-transport" .) }}
 {{- end }}

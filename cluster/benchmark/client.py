@@ -5,7 +5,7 @@ through an optional concurrency gate after a few warm-up requests.
 A request is a `BenchRequest` (token ids, /v1/completions) or a `ChatRequest` (messages,
 /v1/chat/completions): anything with `path`, `prompt_body()` and `output_len`. Every request
 is streamed, greedy, asks for the usage in its last chunk, and carries the extra fields of
-the server's flavour (`FLAVORS`): the vLLM-named extensions that make it produce exactly
+the server's flavour (flavors.py): the vLLM-named extensions that make it produce exactly
 `max_tokens` tokens where the server has them.
 
 A request that fails (HTTP error, error event, broken stream) is recorded as failed; only
@@ -19,34 +19,15 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import httpx
 import numpy as np
-from serving_stats import RequestRecord
-from serving_workload import BenchError, BenchRequest, token_warmups
 
-
-# return_token_ids: a token whose text the server holds back (part of a UTF-8 character)
-# still arrives as a chunk, so ITL sees every token.
-def pdserve_extras(max_tokens: int) -> dict:
-    """pdserve refuses unknown fields, so only those it implements."""
-    return {"ignore_eos": True, "return_token_ids": True}
-
-
-def vllm_extras(max_tokens: int) -> dict:
-    """vLLM: min_tokens as well, so that no stop token can end a request early."""
-    return {"ignore_eos": True, "min_tokens": max_tokens, "return_token_ids": True}
-
-
-def openai_extras(max_tokens: int) -> dict:
-    """A plain OpenAI-compatible server: no extension (output lengths may then vary)."""
-    return {}
-
-
-Extras = Callable[[int], dict]
-FLAVORS: dict[str, Extras] = {"pdserve": pdserve_extras, "vllm": vllm_extras, "openai": openai_extras}
+from pdserve.cluster.benchmark.flavors import Extras, pdserve_extras
+from pdserve.cluster.benchmark.stats import RequestRecord
+from pdserve.cluster.benchmark.workload import BenchError, BenchRequest, token_warmups
 
 
 def request_payload(request, model: str | None, extras: Extras = pdserve_extras) -> dict:
@@ -117,9 +98,17 @@ def make_client(base_url: str, api_key: str | None, timeout: float) -> httpx.Asy
 
 
 async def served_model(client: httpx.AsyncClient) -> str | None:
-    """The first model of /v1/models, or None (the request then names no model)."""
-    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
+    """The first model of /v1/models, or None (the request then names no model). Raises
+    BenchError when nothing accepts a connection at the client's address."""
+    try:
         response = await client.get("/v1/models")
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        url = str(client.base_url).rstrip("/")
+        raise BenchError(f"cannot connect to {url} ({type(exc).__name__}: {exc}): is the server running "
+                         "there? Start it, or point --url at one that is.") from exc
+    except httpx.HTTPError:
+        return None
+    with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
         if response.status_code == 200:
             return response.json()["data"][0]["id"]
     return None

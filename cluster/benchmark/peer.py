@@ -1,23 +1,26 @@
-"""The peer of a serving benchmark (--peer-url): another OpenAI-compatible server, by
-default vLLM's CPU backend from ../shared/peers/vllm-cpu.sh, that gets the same requests
-on the same schedule after pdserve, and the pdserve/peer ratios.
+"""The peer of a serving benchmark (--peer-url): another OpenAI-compatible server (vLLM,
+say) that gets the same requests on the same schedule after the server under test, and
+the ratios between the two.
 
 `probe_peer` looks at the peer once, before anything is measured, through GET /v1/models
 (which also names the model it serves); it never raises, and a peer that cannot be
-benchmarked comes back with a `problem` that says why and what to do. `peer_comparison` is
-arithmetic on two `RunMetrics`.
+benchmarked comes back with a `problem` that says why and what to do (how to start a
+peer that is not running is the caller's `StartHint`: a source checkout knows a script for
+it, an installed pdserve does not). `peer_comparison` is arithmetic on two `RunMetrics`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
-from serving_report import fmt, fmt_ratio, ratio
-from serving_stats import RunMetrics
 
-PEER_SCRIPT = "../shared/peers/vllm-cpu.sh"
+from pdserve.cluster.benchmark.report import fmt, fmt_ratio, ratio
+from pdserve.cluster.benchmark.stats import RunMetrics
+
+StartHint = Callable[[int], str]  # the peer's port -> a sentence on how to start a peer there
 
 
 class PeerStatus(NamedTuple):
@@ -31,22 +34,25 @@ class PeerStatus(NamedTuple):
         return self.problem is None
 
 
-def not_running(name: str, url: str) -> str:
+def generic_start_hint(port: int) -> str:
+    return (f"Start an OpenAI-compatible server on port {port} (e.g. `vllm serve MODEL --port {port}`) "
+            "and run this again, or leave --peer-url out.")
+
+
+def not_running(name: str, url: str, start_hint: StartHint = generic_start_hint) -> str:
     port = urlsplit(url).port or 8100
     return (f"The peer {name!r} is not running at {url} (connection refused on {url}/v1/models), or "
-            f"it is not installed. To run vLLM's CPU backend as the peer: `{PEER_SCRIPT} setup` once "
-            f"(about 5 minutes), then `{PEER_SCRIPT} serve {port}` in another shell; wait until it "
-            "listens (it compiles the model first, about 3 minutes), then run this again. "
-            "Reporting pdserve alone.")
+            f"it is not installed. {start_hint(port)} Reporting pdserve alone.")
 
 
-def probe_peer(name: str, url: str, api_key: str | None, timeout: float = 10.0) -> PeerStatus:
+def probe_peer(name: str, url: str, api_key: str | None, timeout: float = 10.0,
+               start_hint: StartHint = generic_start_hint) -> PeerStatus:
     """The peer's state: its served model if GET /v1/models answers with one, else a problem."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = httpx.get(f"{url}/v1/models", headers=headers, timeout=timeout, trust_env=False)
     except httpx.ConnectError:
-        return PeerStatus(name, url, None, not_running(name, url))
+        return PeerStatus(name, url, None, not_running(name, url, start_hint))
     except httpx.TimeoutException:
         return PeerStatus(name, url, None, f"The peer {name!r} at {url} did not answer GET /v1/models within "
                           f"{timeout:g} s; is it still starting? Reporting pdserve alone.")

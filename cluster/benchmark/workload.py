@@ -1,7 +1,7 @@
 """What a serving benchmark run sends, and when: seeded datasets of token-id prompts
 (`random`, `shared-prefix`, `mixed`) for /v1/completions, their warm-up prompts and the
 arrival schedule; plus `BenchError`, the error that ends a run. (The chat workloads are in
-serving_chat.py.)
+chat.py.)
 
 The datasets and the schedule are pure functions of their arguments and a numpy Generator:
 the same flags and --seed give the same requests on the same schedule.

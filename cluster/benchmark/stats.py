@@ -3,7 +3,7 @@
 and the per-request records of --result-json.
 
 Pure arithmetic on given times (the definitions are `vllm bench serve`'s, spelled out in
-serving.py): no clock, no I/O.
+the package's docstring): no clock, no I/O.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The serving benchmark's command line: `parse_args` returns the flags with every default
-resolved, a --workload preset's values included (a flag given explicitly wins over the
-preset), or exits with a usage error that names the flag.
+"""The serving benchmark's flags, shared by `pdserve bench serve` and bench/serving.py:
+`add_benchmark_flags` puts them on a parser and `check_args` resolves every default, a
+--workload preset's values included (a flag given explicitly wins over the preset), or
+exits with a usage error that names the flag.
 """
 
 from __future__ import annotations
@@ -8,15 +9,15 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
-from serving_chat import PRESETS
-from serving_client import FLAVORS
-from serving_launch import default_serve_command
-
+from pdserve.cluster.benchmark.chat import PRESETS
+from pdserve.cluster.benchmark.flavors import FLAVORS
+from pdserve.cluster.benchmark.launch import default_serve_command
 from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 
 DESCRIPTION = ("Online serving benchmark: an OpenAI-compatible endpoint driven over HTTP, as "
-               "`vllm bench serve`, optionally beside a peer server (see bench/serving.py)")
+               "`vllm bench serve`, optionally beside a peer server")
 DEFAULT_COMPARE = ("--prefill-workers 1 --decode-workers 1", "--colocated --decode-workers 2")
 DEFAULT_COMPARE_LABELS = ("disagg", "colocated")
 DEFAULT_NUM_PROMPTS = 100
@@ -41,8 +42,9 @@ def positive(kind: type) -> Callable[[str], float]:
     return parse
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it is None (those say in words what they default to)."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None (those say in words what they default to),
+    and the description and epilog with their own line breaks (examples stay one a line)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         return action.help if action.default is None else super()._get_help_string(action)
@@ -51,13 +53,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_target_flags(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", "--base-url", dest="base_url",
-                       help="a running pdserve (or any server), e.g. http://127.0.0.1:8000")
+                       help="a running pdserve or any OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     where.add_argument("--launch", metavar="ARGS", nargs="?", const="",
                        help="start `pdserve serve ARGS` for the run (alone: its defaults)")
     where.add_argument("--compare", nargs="*", metavar="ARGS",
                        help="two quoted `pdserve serve` argument strings, run one after the other; "
                        f"alone: {' vs '.join(repr(a) for a in DEFAULT_COMPARE)}")
     p.add_argument("--labels", nargs=2, help="names of the two --compare servers")
+    p.add_argument("--flavor", choices=sorted(FLAVORS), default="pdserve",
+                   help="the --url server's extra fields that make it produce exactly max_tokens tokens "
+                   "(openai: none, so output lengths may vary); also its label in the output")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="sets the vocabulary and counts chat tokens; passed to launched servers")
     p.add_argument("--api-key", help="sent as a bearer token; passed to launched servers")
@@ -105,9 +110,9 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
                    "--request-rate inf a closed loop")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION,
-                                formatter_class=HelpFormatter)
+def add_benchmark_flags(p: argparse.ArgumentParser, result_json_default: str) -> None:
+    """Every flag of a serving benchmark run; `result_json_default` says in words where the
+    JSON goes without --result-json."""
     add_target_flags(p)
     add_workload_flags(p)
     p.add_argument("--slo-ttft-ms", type=slo_ms, default=2000.0, help="'none' to drop")
@@ -115,12 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-e2el-ms", type=slo_ms, default=None, help="E2E latency SLO")
     p.add_argument("--target-itl-ratio", type=float, default=0.5, help="--compare: p99 ITL A/B at most")
     p.add_argument("--target-goodput-ratio", type=float, default=1.3, help="--compare: goodput A/B at least")
-    p.add_argument("--http-overhead", action="store_true", help="measure the gateway's TTFT overhead only")
-    p.add_argument("--overhead-requests", type=positive(int), default=20, help="--http-overhead: per side")
     p.add_argument("--result-json", metavar="PATH",
-                   help="where to write the config, metrics and per-request records (default: a new "
-                   "file in bench/results/); an existing file is never overwritten (NAME-2.json ...)")
-    return p
+                   help="where to write the config, metrics and per-request records (default: "
+                   f"{result_json_default}); an existing file is never overwritten (NAME-2.json ...)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="also draw the latency distributions and throughputs of every run into this PNG "
+                   "(needs matplotlib: pip install 'pdserve[bench]')")
 
 
 def resolve_workload(args: argparse.Namespace) -> None:
@@ -136,10 +141,17 @@ def resolve_workload(args: argparse.Namespace) -> None:
         args.max_concurrency = preset.max_concurrency
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with the workload's defaults filled in and the --compare labels set; a usage
+    error (SystemExit 2, through `parser`) for flags that do not go together."""
     resolve_workload(args)
+    if args.base_url is not None:
+        url = urlsplit(args.base_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            parser.error(f"--url must be an http:// or https:// address such as http://127.0.0.1:8000, "
+                         f"got {args.base_url!r}")
+    elif args.flavor != "pdserve":
+        parser.error("--flavor describes a --url server: a launched server is pdserve")
     if args.compare is not None:
         if not args.compare:
             args.compare = list(DEFAULT_COMPARE)
@@ -147,10 +159,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if len(args.compare) != 2:
             parser.error(f"--compare takes two quoted server argument strings, got {len(args.compare)}")
         args.labels = args.labels or ["A", "B"]
-        if args.http_overhead:
-            parser.error("--http-overhead measures one server: use --url or --launch")
-    if args.http_overhead and args.peer_url:
-        parser.error("--http-overhead measures pdserve alone: drop --peer-url")
     if args.peer_url:
         args.peer_url = args.peer_url.rstrip("/")
     if not 0 <= args.random_range_ratio < 1:

@@ -1,4 +1,4 @@
-"""The text that the chat workloads (serving_chat.py) are made of: data only, no logic.
+"""The text that the chat workloads (chat.py) are made of: data only, no logic.
 
 `QUESTIONS` are typical chat questions, from a few words to a short paragraph, so that with
 SmolLM2's chat template (which adds a default system prompt of about 30 tokens) a prompt is

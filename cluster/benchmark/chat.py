@@ -8,7 +8,7 @@ The named presets are the loads the project measures against its peer:
                  (1,500) tokens of notes and a task, the rest short questions; the same
                  output length and concurrency
 
-Prompt lengths are counted by a given `count_tokens(messages) -> int` (serving.py passes the
+Prompt lengths are counted by a given `count_tokens(messages) -> int` (the run passes the
 model's tokenizer and chat template; tests pass anything), and a long prompt is the largest
 whole number of note sentences whose templated length stays within the target. Every random
 draw happens before any counting, so a workload is a pure function of its arguments: the
@@ -22,7 +22,15 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
-from serving_prompts import NOTE_TASKS, NOTES_INTRO, PREDICATES, QUESTIONS, SUBJECTS, WARMUP_QUESTIONS
+
+from pdserve.cluster.benchmark.prompts import (
+    NOTE_TASKS,
+    NOTES_INTRO,
+    PREDICATES,
+    QUESTIONS,
+    SUBJECTS,
+    WARMUP_QUESTIONS,
+)
 
 CountTokens = Callable[[list[dict]], int]
 SENTENCES_PER_PARAGRAPH = 6

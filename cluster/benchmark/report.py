@@ -2,8 +2,8 @@
 pdserve configurations (--compare), and the JSON result file, which never replaces an
 existing one.
 
-Formatting only: the numbers come from serving_stats; the pdserve/peer table is in
-serving_peer.py.
+Formatting only: the numbers come from stats.py; the pdserve/peer table is in
+peer.py.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from serving_stats import RunMetrics, Slo
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from pdserve.cluster.benchmark.stats import RunMetrics, Slo
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:

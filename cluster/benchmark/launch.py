@@ -18,8 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
-from serving_workload import BenchError
+from pdserve.cluster.benchmark.workload import BenchError
 
 
 def free_ports(n: int) -> list[int]:
@@ -84,6 +83,8 @@ def launched_server(args: argparse.Namespace, server_args: str,
 
 
 def wait_healthy(process: subprocess.Popen, base_url: str, timeout: float, log_path: str) -> None:
+    import httpx  # here, not at the top: the command line imports this module for its defaults
+
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
