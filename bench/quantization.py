@@ -10,6 +10,9 @@ count: SmolLM2-135M-Instruct from the embedded Q4_1 GGUF,
     gguf    the file's blocks only (no dense copy)
     int8    int8 (Q8_0) blocks made at load from the dense weights
     llama.cpp   the same file as stored
+    gguf-act8   (--modes gguf-act8) gguf with every linear layer computed as llama.cpp's CPU
+                matmul does, activations quantized to 8 bits per 32: a diagnostic of where the
+                greedy tokens part (agreement only)
 
 and reports the process's resident memory after loading (psutil RSS, split into anonymous
 and file-backed pages, and the peak while loading), one stream's decode rate (tokens
@@ -51,6 +54,7 @@ PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in
            "Give three tips for learning a new language.", "Why is the sky blue?",
            "Write a haiku about autumn."]
 AGREEMENT_TOKENS = 32
+ACT8_MODE = "gguf-act8"  # --modes: gguf with llama.cpp's 8-bit activations emulated (agreement only)
 
 
 def _rss_mib() -> float:
@@ -98,6 +102,30 @@ def _floor(what: str, threads: int, timing: bool, kv_blocks: int, results) -> No
         "metadata": "+ GGUF config and tokenizer read (no weights)"}[what]})
 
 
+def _act8_block_linear(x, blocks, kind: str):
+    """x @ W^T as llama.cpp's CPU matmul computes it from the same blocks: x quantized per
+    block of 32 to 8 bits (d = max|x| / 127, q = round half away from zero, d kept as
+    float16: Q8_1 beside q4_1 weights, whose offset term uses the block's float16 sum
+    d * sum(q); Q8_0 beside q8_0), integer dot products scaled per block. A diagnostic of
+    where greedy tokens part from llama.cpp's, not a kernel."""
+    import torch
+
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    d = xb.abs().amax(-1) / 127
+    safe = torch.where(d > 0, d, 1.0)[..., None]
+    q = xb / safe
+    q = torch.where(d[..., None] > 0, torch.sign(q) * torch.floor(q.abs() + 0.5), 0.0)
+    scale = blocks[..., 0:2].contiguous().view(torch.float16).float()[..., 0][None] * d.half().float()[:, None, :]
+    if kind == "q4_1":
+        qs = blocks[..., 4:].int()
+        weights = torch.cat((qs & 0x0F, qs >> 4), dim=-1).float()
+        offset = blocks[..., 2:4].contiguous().view(torch.float16).float()[..., 0]
+        sums = (d * q.sum(-1)).half().float()
+        return ((torch.einsum("nbk,mbk->mnb", weights, q) * scale).sum(-1) + sums @ offset.T).to(x.dtype)
+    weights = blocks[..., 2:].contiguous().view(torch.int8).float()
+    return (torch.einsum("nbk,mbk->mnb", weights, q) * scale).sum(-1).to(x.dtype)
+
+
 def _pdserve(mode: str, threads: int, timing: bool, kv_blocks: int, tokens: int, results) -> None:
     _pin(threads)
     import torch  # noqa: F401
@@ -108,10 +136,17 @@ def _pdserve(mode: str, threads: int, timing: bool, kv_blocks: int, tokens: int,
     from pdserve.runtime.perplexity import perplexity
     from pdserve.runtime.sampling_params import SamplingParams
 
+    act8 = mode == ACT8_MODE  # gguf, its linear layers computed as llama.cpp does (Python layers)
+    if act8:
+        from pdserve.runtime import models
+
+        models.llama.block_linear = _act8_block_linear
+        timing = False
     baseline = _rss_mib()  # the interpreter, torch and pdserve imported; nothing loaded
     started = time.perf_counter()
     loaded = load_model(smollm2_gguf(), cache=CacheConfig(num_blocks=kv_blocks),
-                        device_config=DeviceConfig(device="cpu", quantization=mode))
+                        device_config=DeviceConfig(device="cpu", quantization="gguf" if act8 else mode,
+                                                   kernels="reference" if act8 else "auto"))
     load_s = time.perf_counter() - started
     memory = _memory()
     pool = loaded.runner.pool.kv
@@ -143,10 +178,12 @@ def _pdserve(mode: str, threads: int, timing: bool, kv_blocks: int, tokens: int,
         rates = {"single": statistics.median(single),
                  "concurrent8": sum(len(ids) for ids in out.values()) / (time.perf_counter() - started)}
     _, greedy = run(prompts, AGREEMENT_TOKENS, ignore_eos=False)
-    results.put({"mode": mode, "describe": loaded.runner.describe(), "load_s": load_s, **memory,
+    describe = loaded.runner.describe() + (", activations quantized to 8 bits as llama.cpp does" if act8 else "")
+    results.put({"mode": mode, "describe": describe, "load_s": load_s, **memory,
                  "baseline_mib": baseline, "kv_mib": kv_mib,
                  "weight_mib": loaded.runner.weight_bytes() / 2**20, **rates,
-                 "perplexity": perplexity(loaded.runner, _text_tokens(tokenizer)),
+                 # (act8: [tokens, vocab, blocks] products would not fit; its agreement is the point)
+                 "perplexity": math.nan if act8 else perplexity(loaded.runner, _text_tokens(tokenizer)),
                  "greedy": [greedy[i] for i in range(len(prompts))]})
 
 
@@ -246,7 +283,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
-    parser.add_argument("--modes", nargs="+", default=["none", "auto", "gguf", "int8"])
+    parser.add_argument("--modes", nargs="+", default=["none", "auto", "gguf", "int8"],
+                        help=f"--quantization modes, and {ACT8_MODE}: gguf with llama.cpp's 8-bit activations emulated")
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--skip-timing", action="store_true",
                         help="memory, perplexity and greedy agreement only (no decode rates)")
@@ -290,12 +328,12 @@ def main() -> int:
                       f"weight, KV pool {row['kv_mib']:.0f} MiB, weights {row['weight_mib']:.0f} MiB); "
                       f"perplexity {mode} / none: {row['perplexity'] / none['perplexity']:.4f}")
     if peer:
-        for mode in ("auto", "gguf", "int8"):
+        for mode in ("auto", "gguf", "int8", ACT8_MODE):
             if mode in by_mode:
                 row = by_mode[mode]
                 full, mean_prefix = _agreement(row["greedy"], peer["greedy"])
                 speed = (f"1 stream {row['single'] / peer['single']:.2f}x, 8 streams vs 8 sequential "
-                         f"{row['concurrent8'] / peer['concurrent8']:.2f}x, ") if not args.skip_timing else ""
+                         f"{row['concurrent8'] / peer['concurrent8']:.2f}x, ") if math.isfinite(row["single"]) else ""
                 print(f"{mode} vs llama.cpp: {speed}perplexity {row['perplexity'] / peer['perplexity']:.4f}x, "
                       f"greedy tokens agree on {full}/{len(PROMPTS)} prompts (mean agreeing prefix "
                       f"{mean_prefix:.1f} of {AGREEMENT_TOKENS})")

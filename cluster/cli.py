@@ -50,10 +50,10 @@ def _threads(text: str) -> int | str:
 
 THREADS_HELP = ("torch threads per worker: 'auto' (default) gives each worker an equal share of this "
                 "process's cores, pinned, one thread per core; N: N threads pinned to N cores")
-QUANTIZATION_HELP = ("how weights are held (CPU): auto (a GGUF file's blocks for small batches, dense float32 "
-                     "for large ones), none (dense float32), gguf or q4 (the GGUF file's own blocks for every "
+QUANTIZATION_HELP = ("how weights are held: auto (CPU: a GGUF file's blocks for small batches, dense float32 "
+                     "for large ones; CUDA: dense), none (dense), gguf or q4 (the GGUF file's own blocks for every "
                      "batch, no dense copy: the least memory), int8 (every weight quantized at load to int8 "
-                     "blocks, from any checkpoint)")
+                     "blocks, from any checkpoint), fp8 (FP8 weight blocks, CUDA only)")
 KV_CACHE_DTYPE_HELP = ("how the KV cache is stored: auto (the model's dtype), int8 or fp8 (float8_e4m3fn), "
                        "quantized with one scale per token and KV head: ~3.9x the tokens of float32 in the "
                        "same --kv-cache-memory; prefill and decode workers use the same")

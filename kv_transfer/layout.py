@@ -106,10 +106,14 @@ def stored_values_problem(values: torch.Tensor, scales: torch.Tensor) -> str | N
     scales = scales.float()
     if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
         return "a KV scale is negative, infinite or NaN"
-    if values.dtype == torch.int8 and bool((values == -128).any()):
+    if values.numel() == 0:
+        return None
+    # Reductions, not elementwise compares: ATen's int8 == and float8 -> float conversions
+    # run at ~1 GB/s on the CPU, min / max at memory speed (a chunk of 3 MB: 3 ms vs 0.04).
+    if values.dtype == torch.int8 and int(values.min()) == -128:
         return "an int8 KV value is -128, outside the quantizer's [-127, 127]"
-    if values.dtype != torch.int8 and bool(torch.isnan(values.float()).any()):
-        return "a float8 KV value is NaN"
+    if values.dtype != torch.int8 and int((values.view(torch.uint8) & 0x7F).max()) == 0x7F:
+        return "a float8 KV value is NaN"  # e4m3fn's NaNs are 0x7F and 0xFF
     return None
 
 
@@ -122,9 +126,20 @@ def write_pages(pool: KVPool, layer: int, block_ids: Sequence[int], pages: torch
         pool.kv[layer].index_copy_(1, index, pages.to(pool.kv.device, pool.dtype))
         return
     values, scales = split_chunk(layout_of(pool), len(block_ids), pages.to(pool.kv.device))
-    # As bytes: ATen has no index_copy_ for float8 (the bits are what is stored).
-    pool.kv[layer].view(torch.uint8).index_copy_(1, index, values.view(torch.uint8))
-    pool.scales[layer].index_copy_(1, index, scales)
+    # As words of whole pages: ATen has no index_copy_ for float8 (the bits are what is
+    # stored), and its byte-wise copy is ~7x slower than one of 8-byte words.
+    _page_words(pool.kv[layer]).index_copy_(1, index, _page_words(values))
+    _page_words(pool.scales[layer]).index_copy_(1, index, _page_words(scales))
+
+
+def _page_words(pages: torch.Tensor) -> torch.Tensor:
+    """[2, n, ...] contiguous pages as [2, n, words] of the widest integer type that divides
+    a page's bytes: a view, for copying pages as raw bits."""
+    flat = pages.reshape(2, pages.shape[1], -1).view(torch.uint8)
+    for word in (torch.int64, torch.int32, torch.int16):
+        if flat.shape[2] % word.itemsize == 0:
+            return flat.view(word)
+    return flat
 
 
 def to_bytes(pages: torch.Tensor) -> memoryview:

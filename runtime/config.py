@@ -206,7 +206,7 @@ class SpeculativeConfig:
             raise ConfigError(f"draft_layers must be >= 1, got {self.draft_layers}")
 
 
-QUANTIZATIONS = ("auto", "none", "gguf", "q4", "int8")  # see DeviceConfig.quantization
+QUANTIZATIONS = ("auto", "none", "gguf", "q4", "int8", "fp8")  # see DeviceConfig.quantization
 
 
 @dataclass(frozen=True)
@@ -237,8 +237,12 @@ class DeviceConfig:
         "int8"  every weight quantized at load to Q8_0 blocks (int8, one float16 scale
                 per 32 weights of a row) from the dense weights of any checkpoint; no
                 dense copy.
+        "fp8"   every weight quantized at load to F8_0 blocks (float8_e4m3fn, one float16
+                scale per 32 weights of a row); CUDA only.
         Either way a row's result never depends on the other rows of its batch (no
-        per-batch scales). On CUDA only "auto" and "none" for now.
+        per-batch scales). On CUDA "auto" and "none" are dense; gguf/q4, int8 and fp8 keep
+        the linear layers as blocks only, computed by the Triton kernel (W4A16, W8A16, FP8
+        weights), with the embedding dense.
     """
 
     device: str = "auto"

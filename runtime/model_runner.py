@@ -69,6 +69,8 @@ def _load_cpu_weights(model, quantization: str, weights: Iterable[tuple[str, tor
     process's peak nor its final memory holds it (`WeightStream.skipping`; a plain iterable
     of weights is read in full and the unused tensors thrown away). Every mode ends by
     handing freed heap back to the OS."""
+    if quantization == "fp8":
+        raise ConfigError("quantization 'fp8' (FP8 weights) runs on CUDA, in Triton; on the CPU use int8 or gguf")
     if quantization not in ("none", "auto") and not blocks_computable:
         raise ConfigError(f"quantization {quantization!r} needs the CPU kernels (a C++ compiler) and float32")
     if quantization in ("gguf", "q4"):
@@ -87,6 +89,31 @@ def _load_cpu_weights(model, quantization: str, weights: Iterable[tuple[str, tor
             raise ConfigError("quantization 'int8': no weight of this model splits into blocks of 32; use none")
         model.drop_dense_weights()
     _release_freed_memory()
+
+
+GPU_BLOCK_KINDS = {"int8": "q8_0", "fp8": "f8_0"}  # quantization -> the blocks made at load on CUDA
+
+
+def load_gpu_weights(model, quantization: str, weights: Iterable[tuple[str, torch.Tensor]],
+                     weight_blocks: Iterable[tuple[str, str, torch.Tensor]], device: torch.device) -> None:
+    """Fill a CUDA model's weights as `quantization` says (a mode that keeps no dense copy):
+    every linear layer and the LM head as blocks that the Triton kernel computes from
+    (`block_linear_triton`: the dequantization inside the matmul loop), on `device`.
+    gguf/q4 take the file's own Q4_1/Q8_0 blocks (W4A16 / W8A16); int8 makes Q8_0 blocks
+    (W8A16) and fp8 F8_0 blocks (FP8 weights, one float16 scale per 32) from the dense
+    weights. The embedding stays dense (a lookup reads one row per token)."""
+    model.load_weights(weights)
+    if quantization in ("gguf", "q4"):
+        if not model.load_blocks(weight_blocks):
+            raise ConfigError(f"quantization {quantization!r}: this checkpoint has no GGUF blocks the kernels "
+                              f"compute from (Q4_1 or Q8_0); use int8, fp8 or none")
+    else:
+        kind = GPU_BLOCK_KINDS[quantization]
+        if not model.quantize_weights(kind, lambda w: quantize_blocks(w, kind), quantizable):
+            raise ConfigError(f"quantization {quantization!r}: no weight of this model splits into blocks of 32")
+    model.embed_blocks = None  # the embedding keeps its dense rows (the LM head may still use blocks)
+    model.drop_dense_weights()
+    model.blocks_to(device)
 
 
 def _release_freed_memory() -> None:
@@ -146,8 +173,7 @@ class ModelRunner:
             if kernels.name == "cpu" and not placement.compiled:
                 model.fuse_layers()  # last: it holds the weights and blocks as they are now
         elif device_config.blocks_only:
-            raise ConfigError(f"quantization {device_config.quantization!r} runs on the CPU only for now; "
-                              f"use auto or none on {placement.device}")
+            load_gpu_weights(model, device_config.quantization, weights, weight_blocks, placement.device)
         else:
             model.load_weights(weights)
         pool = KVPool.for_model(config, cache, placement.device)

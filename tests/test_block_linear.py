@@ -89,27 +89,17 @@ def test_smollm2_blocks_are_the_dense_weights_bit_for_bit():
 
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_are_the_same_with_blocks_on_and_off():
-    from pdserve.engine.engine import EngineCore
-    from pdserve.runtime.config import DeviceConfig, SchedulerConfig
+    from engine_runs import greedy_chat_answers
+
+    from pdserve.runtime.config import DeviceConfig
     from pdserve.runtime.loader import load_model
-    from pdserve.runtime.sampling_params import SamplingParams
 
     def greedy(weight_blocks: bool) -> dict[str, list[int]]:
         loaded = load_model("smollm2-135m-instruct", device_config=DeviceConfig(
             device="cpu", compile=False, quantization="auto" if weight_blocks else "none"))
         uses_blocks = "GGUF blocks" in loaded.runner.describe()
         assert uses_blocks == weight_blocks
-        engine = EngineCore(loaded.runner, loaded.info, SchedulerConfig(), enable_prefix_caching=False)
-        tokenizer = loaded.tokenizer
-        for i, question in enumerate(["What is the capital of France?", "Name three colours.",
-                                      "Write a haiku about the sea.", "What is 12 times 12?"]):
-            engine.add_request(str(i), tokenizer.encode_chat([{"role": "user", "content": question}]),
-                               SamplingParams(max_tokens=24, temperature=0.0))
-        out: dict[str, list[int]] = {}
-        while engine.has_unfinished:
-            for chunk in engine.step():
-                out.setdefault(chunk.request_id, []).extend(chunk.token_ids)
-        return out
+        return greedy_chat_answers(loaded)
 
     assert greedy(True) == greedy(False)
 

@@ -158,9 +158,7 @@ def test_a_plain_iterable_of_weights_loads_the_same_model(tiny_quantized_gguf):
 @pytest.mark.slow
 @needs_cpu_kernels
 def test_smollm2_gguf_mode_computes_like_auto_and_greedy_like_none():
-    from pdserve.engine.engine import EngineCore
-    from pdserve.runtime.config import SchedulerConfig
-    from pdserve.runtime.sampling_params import SamplingParams
+    from engine_runs import CHAT_QUESTIONS, greedy_chat_answers
 
     loaded = {mode: _load("smollm2-135m-instruct", mode) for mode in ("gguf", "auto", "none")}
     prompt = loaded["gguf"].tokenizer.encode("The lighthouse keeper climbed the stairs at dusk and")
@@ -168,17 +166,7 @@ def test_smollm2_gguf_mode_computes_like_auto_and_greedy_like_none():
     assert torch.equal(prompt_logits(loaded["gguf"].runner, prompt), prompt_logits(loaded["auto"].runner, prompt))
 
     def greedy(mode: str) -> dict[str, list[int]]:
-        runner, info = loaded[mode].runner, loaded[mode].info
-        engine = EngineCore(runner, info, SchedulerConfig(), enable_prefix_caching=False)
-        for i, question in enumerate(["What is the capital of France?", "Name three colours.",
-                                      "Write a haiku about the sea."]):
-            engine.add_request(str(i), loaded[mode].tokenizer.encode_chat([{"role": "user", "content": question}]),
-                               SamplingParams(max_tokens=24, temperature=0.0))
-        out: dict[str, list[int]] = {}
-        while engine.has_unfinished:
-            for chunk in engine.step():
-                out.setdefault(chunk.request_id, []).extend(chunk.token_ids)
-        return out
+        return greedy_chat_answers(loaded[mode], CHAT_QUESTIONS[:3])
 
     # The same weights, bit for bit; only the order of float32 sums differs from dense.
     assert greedy("gguf") == greedy("none")

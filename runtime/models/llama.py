@@ -195,8 +195,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.kernels) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype, self.kernels)
         self.lm_head = None if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
-        self.head_blocks: WeightBlocks | None = None  # the LM head in GGUF blocks, on the CPU
-        self.embed_blocks: WeightBlocks | None = None  # the embedding in GGUF blocks, on the CPU
+        self.head_blocks: WeightBlocks | None = None  # the LM head in blocks (block_linear: C++ or Triton)
+        self.embed_blocks: WeightBlocks | None = None  # the embedding in blocks (CPU: no dense copy)
         self.fused_layers = None  # the layers as one C++ call, see fuse_layers
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer(
@@ -290,6 +290,19 @@ class LlamaForCausalLM(nn.Module):
         elif quantizable(self.lm_head):
             self.head_blocks = WeightBlocks(kind, quantize(self.lm_head))
         return count + int(self.head_blocks is not None)
+
+    def blocks_to(self, device: torch.device | str) -> None:
+        """Move every block tensor (linear layers, embedding, LM head) to `device`."""
+        for module in self.modules():
+            if isinstance(module, Linear) and module.block_kind is not None:
+                module.block_data = module.block_data.to(device)
+        tied = self.head_blocks is self.embed_blocks
+        if self.embed_blocks is not None:
+            self.embed_blocks = WeightBlocks(self.embed_blocks.kind, self.embed_blocks.data.to(device))
+        if tied:
+            self.head_blocks = self.embed_blocks
+        elif self.head_blocks is not None:
+            self.head_blocks = WeightBlocks(self.head_blocks.kind, self.head_blocks.data.to(device))
 
     def drop_dense_weights(self) -> frozenset[str]:
         """Free the dense copy of every weight that has blocks (the blocks then serve every

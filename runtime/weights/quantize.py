@@ -6,6 +6,10 @@ Q8_0 is the int8 weight-only format: per row, blocks of 32 weights as int8 with 
 float16 scale d = max|w| / 127, weight = d * q. Quantization is per row and per block,
 never across rows, so it needs no calibration data and a row's output depends on its own
 inputs only.
+
+F8_0 (CUDA) has Q8_0's layout with float8_e4m3fn values: d = max|w| / 448 per block of 32
+(float16), q = e4m3(w / d) rounded to nearest even, weight = d * q; made here with torch,
+on the weight's own device.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
 BLOCK = 32
-_KINDS = {"q8_0": GGMLQuantizationType.Q8_0}
+_KINDS = {"q8_0": GGMLQuantizationType.Q8_0, "f8_0": None}
+F8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 def quantizable(weight: torch.Tensor) -> bool:
@@ -31,6 +36,18 @@ def quantize_blocks(weight: torch.Tensor, kind: str = "q8_0") -> torch.Tensor:
         raise ValueError(f"cannot quantize to {kind!r}; kinds: {', '.join(_KINDS)}")
     if not quantizable(weight):
         raise ValueError(f"a weight of shape {tuple(weight.shape)} does not split into blocks of {BLOCK}")
+    if kind == "f8_0":
+        return _quantize_f8_0(weight.detach())
     rows = weight.detach().to("cpu", torch.float32).contiguous().numpy()
     data = quantize(rows, _KINDS[kind])  # [out, in / 32 * bytes]
     return torch.from_numpy(np.ascontiguousarray(data)).view(weight.shape[0], weight.shape[1] // BLOCK, -1)
+
+
+def _quantize_f8_0(weight: torch.Tensor) -> torch.Tensor:
+    w = weight.float().reshape(weight.shape[0], -1, BLOCK)
+    d = (w.abs().amax(dim=-1) / F8_MAX).to(torch.float16)
+    d32 = d.float()[..., None]
+    # v = w / d with the rounded d, clamped: float16 rounding may leave |v| a hair over 448
+    v = torch.where(d32 > 0, w / torch.where(d32 > 0, d32, 1.0), 0.0).clamp(-F8_MAX, F8_MAX)
+    q = v.to(torch.float8_e4m3fn)
+    return torch.cat((d[..., None].view(torch.uint8), q.view(torch.uint8)), dim=-1).contiguous()
