@@ -19,6 +19,9 @@ the measured targets (its prediction targets: the median request's TTFT target) 
 worker counts are sampled from /metrics every second; the vLLM peer
 (`../shared/peers/vllm-cpu.sh serve PORT`) gets the same sweep when --peer-url answers.
 
+`--config NAME=FLAGS` adds (or replaces) a configuration; `--targets-from JSON` reuses an
+earlier run's targets, so configurations measured in separate runs meet the same ones.
+
 Workloads (token-id prompts to /v1/completions, every request exactly its output length):
     mixed      a fifth ~1,500-token prompts, the rest 64..256, 64 output tokens
     summarize  1,200..1,800-token prompts, 24..40 output tokens (prompt >> output)
@@ -69,14 +72,19 @@ from pdserve.runtime.weights.checkpoint import DEFAULT_MODEL
 ATTAINMENT = 0.9  # DistServe's: the share of requests that must meet both targets
 VOCAB = 49152  # SmolLM2's; prompts draw ordinary pieces above the special tokens
 CALIBRATION_PROMPTS = 8
+# Deadline order on every worker (a short prompt overtakes a long one) and prefill steps of
+# at most 256 prompt tokens per request: measured on the mixed load, what lets one prefill
+# worker meet the short prompts' TTFT without spilling them onto the decode worker.
+DEADLINE = "--prompt-deadline-factor 4 --max-prefill-chunk 256"
 CONFIGS = {
     "colocated": "--colocated --decode-workers 2",
     "1P+1D": "--prefill-workers 1 --decode-workers 1",
+    "1P+1D-deadline": f"--prefill-workers 1 --decode-workers 1 {DEADLINE} --spill-backlog-tokens 1000000000",
     # the planner at the same two cores: one prefill worker or none, one decode worker;
-    # it also sets the local-prefill threshold and the decode batch cap
+    # it also sets the local-prefill threshold, spilling and the decode batch cap
     "planner": ("--prefill-workers 1 --decode-workers 1 --autoscale slo --min-prefill 0 --max-prefill 1 "
                 "--min-decode 1 --max-decode 1 --autoscale-window 10 --autoscale-up-cooldown 10 "
-                "--autoscale-down-delay 30"),
+                f"--autoscale-down-delay 30 {DEADLINE}"),
 }
 
 
@@ -125,6 +133,17 @@ class Targets:
     def to_json(self) -> dict:
         return {"ttft_a_s": self.a, "ttft_b_s_per_token": self.b, "tpot0_s": self.tpot0,
                 "k_ttft": self.k_ttft, "k_tpot": self.k_tpot, "tpot_target_s": self.tpot}
+
+
+def targets_from(path: Path, workload_name: str) -> Targets:
+    """The targets an earlier run measured for the workload (its --result-json)."""
+    import json
+
+    try:
+        t = json.loads(path.read_text())["results"][workload_name]["targets"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise BenchError(f"--targets-from {path}: no targets for workload {workload_name!r} ({exc})") from exc
+    return Targets(t["ttft_a_s"], t["ttft_b_s_per_token"], t["tpot0_s"], t["k_ttft"], t["k_tpot"])
 
 
 def fit_targets(records: Sequence[RequestRecord], k_ttft: float, k_tpot: float) -> Targets:
@@ -244,13 +263,19 @@ def run_workload(args: argparse.Namespace, name: str, peer) -> dict:
     result = {"configs": {}, "timeline": []}
     targets = None
     for label in args.configs:
-        server_args = CONFIGS[label]
-        if label == "planner":
+        server_args = args.config_flags[label]
+        planned = "--autoscale slo" in server_args
+        if planned:
             if targets is None:
                 raise BenchError("the planner needs the targets: put another configuration first")
             median_len = int(np.median([r.prompt_len for r in base]))
             server_args += f" --ttft-slo {targets.ttft(median_len):.3f} --tpot-slo {targets.tpot:.4f}"
         with launched_server(args, server_args) as base_url:
+            if targets is None and args.targets_from is not None:
+                targets = targets_from(args.targets_from, name)
+                print(f"  targets from {args.targets_from}: TTFT {targets.k_ttft:g} x ({targets.a * 1e3:.0f} ms + "
+                      f"{targets.b * 1e3:.3f} ms/token), TPOT {targets.tpot * 1e3:.0f} ms", flush=True)
+                result["targets"] = targets.to_json()
             if targets is None:
                 calibration = calibration_set(base)
                 run = asyncio.run(run_load(base_url, calibration, np.zeros(len(calibration)), 1, args.api_key,
@@ -261,7 +286,7 @@ def run_workload(args: argparse.Namespace, name: str, peer) -> dict:
                       f"TPOT {targets.tpot0 * 1e3:.1f} ms -> targets TTFT {args.k_ttft:g}x, TPOT {args.k_tpot:g}x "
                       f"= {targets.tpot * 1e3:.0f} ms", flush=True)
                 result["targets"] = targets.to_json()
-            timeline = WorkerTimeline(base_url, time.monotonic()) if label == "planner" else None
+            timeline = WorkerTimeline(base_url, time.monotonic()) if planned else None
             if timeline is not None:
                 timeline.start()
             try:
@@ -290,9 +315,11 @@ def report(name: str, result: dict) -> None:
     for label, entry in configs.items():
         versus = "" if not base or label == "colocated" else f"  {entry['goodput_interpolated'] / base:.2f}x colocated"
         print(f"  {label:10s} {entry['goodput']:7.3g} req/s (interpolated {entry['goodput_interpolated']:.3g}){versus}")
-    fixed = [e["goodput_interpolated"] for label, e in configs.items() if label in ("colocated", "1P+1D")]
-    if "planner" in configs and fixed and max(fixed) > 0:
-        print(f"  planner / best fixed: {configs['planner']['goodput_interpolated'] / max(fixed):.2f}x")
+    fixed = [e["goodput_interpolated"] for e in configs.values()
+             if e["server_args"] and "--autoscale slo" not in e["server_args"]]
+    for label, entry in configs.items():
+        if entry["server_args"] and "--autoscale slo" in entry["server_args"] and fixed and max(fixed) > 0:
+            print(f"  {label} / best fixed: {entry['goodput_interpolated'] / max(fixed):.2f}x")
 
 
 def plot(results: dict, path: Path) -> list[Path]:
@@ -341,13 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workloads", nargs="+", choices=("mixed", "summarize", "multiturn"),
                    default=["mixed", "summarize", "multiturn"])
-    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
-                   help="in order; the first is calibrated on (the planner needs one before it)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                   help=f"in order, of {', '.join(CONFIGS)} and those --config names; the first is "
+                        "calibrated on (a planner needs one before it)")
+    p.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
+                   help="name another configuration (or replace one): `pdserve serve` flags at the same "
+                        "cores, e.g. '1P+1D-k4=--prefill-workers 1 --decode-workers 1 --prompt-deadline-factor 4'")
     p.add_argument("--rates", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.4], help="req/s, swept")
     p.add_argument("--duration", type=float, default=120.0, help="s of arrivals per rate (at least --min-prompts)")
     p.add_argument("--min-prompts", type=int, default=12)
     p.add_argument("--k-ttft", type=float, default=4.0, help="TTFT target / unloaded TTFT")
     p.add_argument("--k-tpot", type=float, default=4.0, help="TPOT target / unloaded TPOT")
+    p.add_argument("--targets-from", type=Path, default=None, metavar="JSON",
+                   help="take the targets an earlier run measured (its --result-json) instead of calibrating: "
+                        "runs that add configurations to it then compare against the same targets")
     p.add_argument("--seed", type=int, default=0, help="of the calibration prompts, and of the runs without --seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run each rate once per seed (its own prompts and arrivals) and pool the records")
@@ -370,9 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.seeds = args.seeds or [args.seed]
+    args.config_flags = dict(CONFIGS)
+    for entry in args.config:
+        name, sep, flags = entry.partition("=")
+        if not (sep and name and flags):
+            raise SystemExit(f"--config: NAME=FLAGS, got {entry!r}")
+        args.config_flags[name] = flags
+    if unknown := [c for c in args.configs if c not in args.config_flags]:
+        raise SystemExit(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(args.config_flags)})")
     if any(not r > 0 or math.isinf(r) for r in args.rates):
         raise SystemExit("--rates: finite request rates > 0")
-    if "planner" in args.configs and args.configs[0] == "planner":
+    if "--autoscale slo" in args.config_flags[args.configs[0]] and args.targets_from is None:
         raise SystemExit("--configs: the planner needs the targets measured on another configuration first")
     peer = probe_peer(args.peer_name, args.peer_url, args.peer_api_key) if args.peer_url else None
     print(f"goodput: {shlex.join(sys.argv[1:]) or '(defaults)'}", flush=True)

@@ -25,8 +25,16 @@ Two more fresh processes measure what no weight mode can go below: `imports` (th
 interpreter with torch and pdserve imported, nothing loaded) and `metadata` (the GGUF's
 config and tokenizer read, no weights).
 
+`--agreement-floor` measures instead how far greedy agreement falls when nothing but the
+arithmetic changes: llama.cpp's greedy tokens on the same prompts, 32 tokens, each in a fresh
+process, under its default settings (float16 KV cache, --threads threads, n_batch 512) and
+variants that change one thing (the same settings again, float32 KV cache, another thread
+count, the prompt fed 8 tokens at a time, flash attention), each against the default; then
+pdserve `gguf` against every llama.cpp variant and pdserve `none` (dense float32) against
+`gguf`. Only the agreement is printed.
+
     python bench/quantization.py [--threads 2] [--tokens 128] [--modes none auto gguf int8]
-                                 [--skip-timing] [--kv-blocks 256]
+                                 [--skip-timing] [--kv-blocks 256] [--agreement-floor]
 
 `--skip-timing` leaves out the decode rates (the correctness and memory parts only: they
 mean the same on a busy machine, timings do not).
@@ -152,7 +160,7 @@ def _pdserve(mode: str, threads: int, timing: bool, kv_blocks: int, tokens: int,
     pool = loaded.runner.pool.kv
     kv_mib = pool.numel() * pool.element_size() / 2**20
     tokenizer = loaded.tokenizer
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    prompts = _chat_prompts(tokenizer)
 
     def run(batch: list[list[int]], max_tokens: int, ignore_eos: bool = True):
         engine = EngineCore(loaded.runner, loaded.info, SchedulerConfig(), enable_prefix_caching=False)
@@ -187,6 +195,10 @@ def _pdserve(mode: str, threads: int, timing: bool, kv_blocks: int, tokens: int,
                  "greedy": [greedy[i] for i in range(len(prompts))]})
 
 
+def _chat_prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+
+
 def _text_tokens(tokenizer) -> list[int]:
     return tokenizer.encode(TEXT.read_text(), add_special_tokens=False)[:PERPLEXITY_TOKENS]
 
@@ -205,20 +217,10 @@ def _llama_cpp(threads: int, timing: bool, kv_blocks: int, tokens: int, results)
                 logits_all=True, verbose=False)
     load_s = time.perf_counter() - started
     memory = _memory()
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    prompts = _chat_prompts(tokenizer)
 
     def greedy(prompt: list[int], count: int, stop_at_eos: bool) -> tuple[list[int], list[float]]:
-        llm.reset()
-        llm.eval(prompt)
-        out, stamps = [], []
-        for _ in range(count):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            out.append(token)
-            stamps.append(time.perf_counter())
-            if stop_at_eos and token == llm.token_eos():
-                break
-            llm.eval([token])
-        return out, stamps
+        return _llama_greedy(llm, prompt, count, stop_at_eos)
 
     rates = {"single": float("nan"), "concurrent8": float("nan")}
     if timing:
@@ -237,6 +239,86 @@ def _llama_cpp(threads: int, timing: bool, kv_blocks: int, tokens: int, results)
     results.put({"mode": "llama.cpp", "describe": "llama-cpp-python, the file as stored", "load_s": load_s,
                  **memory, "weight_mib": os.path.getsize(smollm2_gguf()) / 2**20, **rates,
                  "perplexity": perplexity, "greedy": [greedy(p, AGREEMENT_TOKENS, True)[0] for p in prompts]})
+
+
+def _llama_greedy(llm, prompt: list[int], count: int, stop_at_eos: bool) -> tuple[list[int], list[float]]:
+    """llama.cpp's greedy tokens after `prompt` (argmax of its logits, the prompt fed by
+    `Llama.eval` in batches of n_batch) and when each came."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    out, stamps = [], []
+    for _ in range(count):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        stamps.append(time.perf_counter())
+        if stop_at_eos and token == llm.token_eos():
+            break
+        llm.eval([token])
+    return out, stamps
+
+
+def _floor_variants(threads: int) -> dict[str, dict]:
+    """--agreement-floor: llama.cpp's settings, the default first, then one change each
+    (`threads` for n_threads and n_threads_batch and the cores pinned; `type_*` by the name
+    of the llama_cpp constant)."""
+    other = 1 if threads > 1 else 2
+    return {"default": {}, "repeat": {}, "f32 KV": {"type_k": "GGML_TYPE_F32", "type_v": "GGML_TYPE_F32"},
+            f"{other} thread{'s' if other > 1 else ''}": {"threads": other}, "n_batch 8": {"n_batch": 8},
+            "flash attn": {"flash_attn": True}}
+
+
+def _llama_cpp_greedy(variant: str, settings: dict, threads: int, results) -> None:
+    """llama.cpp's greedy tokens on PROMPTS (AGREEMENT_TOKENS, up to EOS) as `_llama_cpp`
+    makes them, under `settings` (one of `_floor_variants`), and the logits each prompt ends
+    with (whether a setting changes the arithmetic at all)."""
+    settings = dict(settings)
+    threads = settings.pop("threads", threads)
+    _pin(threads)
+    import llama_cpp
+
+    from pdserve.runtime.weights.checkpoint import load_checkpoint
+
+    prompts = _chat_prompts(load_checkpoint(smollm2_gguf()).tokenizer)
+    settings = {k: getattr(llama_cpp, v) if k.startswith("type_") else v for k, v in settings.items()}
+    llm = llama_cpp.Llama(model_path=smollm2_gguf(), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                          logits_all=True, verbose=False, **settings)
+    greedy, logits = [], []
+    for prompt in prompts:
+        greedy.append(_llama_greedy(llm, prompt, AGREEMENT_TOKENS, True)[0])
+        logits.append(llm.scores[len(prompt) - 1].copy())  # kept: logits_all
+    results.put({"mode": variant, "greedy": greedy, "logits": logits})
+
+
+def _agreement_floor(threads: int, kv_blocks: int) -> int:
+    """--agreement-floor: each llama.cpp variant against llama.cpp's default, pdserve gguf
+    against each variant, pdserve none against pdserve gguf."""
+    import numpy as np
+
+    variants = _floor_variants(threads)
+    rows = {f"llama.cpp {name}": row for name, settings in variants.items()
+            if (row := _in_child(_llama_cpp_greedy, name, settings, threads))}
+    greedy = {name: row["greedy"] for name, row in rows.items()}
+    for mode in ("gguf", "none"):  # no timing: load, perplexity, greedy
+        if row := _in_child(_pdserve, mode, threads, False, kv_blocks, AGREEMENT_TOKENS):
+            greedy[f"pdserve {mode}"] = row["greedy"]
+    llama = [f"llama.cpp {name}" for name in variants]
+    pairs = ([(name, llama[0]) for name in llama[1:]] + [("pdserve gguf", name) for name in llama]
+             + [("pdserve none", "pdserve gguf")])
+    print(f"settings: llama.cpp default = float16 KV, {threads} thread(s), n_batch 512, no flash attention; "
+          f"each variant changes one")
+    for ours, theirs in pairs:
+        if ours in greedy and theirs in greedy:
+            full, mean_prefix = _agreement(greedy[ours], greedy[theirs])
+            prefixes = " ".join(f"{_agreeing_prefix(a, b):2d}" for a, b in zip(greedy[ours], greedy[theirs]))
+            differ = ""
+            if ours in rows and theirs in rows:  # llama.cpp against itself: the first token's logits
+                gap = max(float(np.abs(a - b).max()) for a, b in zip(rows[ours]["logits"], rows[theirs]["logits"]))
+                differ = f"; first-token logits differ by up to {gap:.3g}"
+            print(f"{ours:20s} vs {theirs:20s}: greedy tokens agree on {full}/{len(PROMPTS)} prompts "
+                  f"(mean agreeing prefix {mean_prefix:4.1f} of {AGREEMENT_TOKENS}); per prompt {prefixes}{differ}")
+    return 0
 
 
 def _in_child(target, *args) -> dict | None:
@@ -289,11 +371,16 @@ def main() -> int:
     parser.add_argument("--skip-timing", action="store_true",
                         help="memory, perplexity and greedy agreement only (no decode rates)")
     parser.add_argument("--kv-blocks", type=int, default=256, help="KV pool blocks of 16 tokens")
+    parser.add_argument("--agreement-floor", action="store_true",
+                        help="greedy agreement of llama.cpp with itself under changed arithmetic, and of "
+                             "pdserve gguf and none with it (agreement only; needs llama-cpp-python)")
     args = parser.parse_args()
     if args.kv_blocks * 16 < PERPLEXITY_TOKENS:
         parser.error(f"--kv-blocks must hold the {PERPLEXITY_TOKENS} perplexity tokens: at least "
                      f"{PERPLEXITY_TOKENS // 16}")
     print(machine_line(args.threads))
+    if args.agreement_floor:
+        return _agreement_floor(args.threads, args.kv_blocks)
     common = (args.threads, not args.skip_timing, args.kv_blocks)
     floors = [row for what in ("imports", "metadata") if (row := _in_child(_floor, what, *common))]
     rows = [row for mode in args.modes if (row := _in_child(_pdserve, mode, *common, args.tokens))]

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import math
 import os
 import sys
 import time
@@ -135,6 +136,11 @@ def _add_serve_parser(sub) -> None:
                        help="prompt tokens a decode worker computes per step while it also decodes, "
                             "bounding the inter-token latency its local prefills add (default: 64 with "
                             "prefill workers, no limit with --colocated)")
+    serve.add_argument("--prompt-deadline-factor", type=_non_negative_float, default=0.0, metavar="K",
+                       help="order prompts by deadline on each worker: a prompt of L tokens falls due once "
+                            "the worker has computed K x L prompt tokens since it arrived, and the earliest "
+                            "due is computed first (short prompts overtake long ones by at most that); "
+                            "0: first come, first served")
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--max-queued-requests", type=_positive_int, default=256,
                        help="per worker: past this many queued requests, new ones get 429")
@@ -218,6 +224,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -306,7 +319,7 @@ def _serve(args: argparse.Namespace) -> int:
             kv_cache_memory_bytes=args.kv_cache_memory * 1024**2, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
             max_prefill_tokens_while_decoding=_decode_prefill_tokens(args),
-            enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
+            prompt_deadline_factor=args.prompt_deadline_factor, enable_prefix_caching=not args.no_prefix_caching, threads=args.threads,
             max_queued_requests=args.max_queued_requests, transfer_timeout=args.transfer_timeout,
             on_transfer_failure=args.on_transfer_failure, kv_transport=args.kv_transport,
             kv_host="127.0.0.1" if args.address is None else None, speculative=speculative,

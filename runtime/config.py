@@ -8,6 +8,7 @@ discovered while starting up (how many KV blocks fit, which ids end a sequence) 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -155,8 +156,16 @@ class SchedulerConfig:
     # limit but the above. Bounds the inter-token latency that a prompt prefilled beside
     # running requests adds to them (a disaggregated decode worker's local prefills).
     max_prefill_tokens_while_decoding: int | None = None
+    # The order in which prompts get compute (`BatchScheduler`): 0 is first come, first
+    # served; K > 0 serves the earliest due first, a prompt of L tokens falling due once
+    # the worker has computed K x L prompt tokens since it arrived (shorter prompts overtake
+    # longer ones, never by more than that).
+    prompt_deadline_factor: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.prompt_deadline_factor, (int, float)) and 0 <= self.prompt_deadline_factor < math.inf):
+            raise ConfigError(f"scheduler config prompt_deadline_factor must be a number >= 0, "
+                              f"got {self.prompt_deadline_factor!r}")
         names = ["max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk"]
         if self.max_prefill_tokens_while_decoding is not None:
             names.append("max_prefill_tokens_while_decoding")

@@ -67,8 +67,9 @@ def _load_cpu_weights(model, quantization: str, weights: Iterable[tuple[str, tor
     is written, then read only the remaining tensors (norms, biases, matrices in formats
     without blocks): the float32 copy of a blocked weight is never made, so neither the
     process's peak nor its final memory holds it (`WeightStream.skipping`; a plain iterable
-    of weights is read in full and the unused tensors thrown away). Every mode ends by
-    handing freed heap back to the OS."""
+    of weights is read in full and the unused tensors thrown away). int8 quantizes each
+    matrix as it is read (`load_weights_quantized`): one checkpoint tensor in float32 at a
+    time, never the whole dense model. Every mode ends by handing freed heap back to the OS."""
     if quantization == "fp8":
         raise ConfigError("quantization 'fp8' (FP8 weights) runs on CUDA, in Triton; on the CPU use int8 or gguf")
     if quantization not in ("none", "auto") and not blocks_computable:
@@ -82,12 +83,12 @@ def _load_cpu_weights(model, quantization: str, weights: Iterable[tuple[str, tor
         weights = skipping(held) if skipping else ((n, t) for n, t in weights if n not in held)
     elif quantization == "auto" and blocks_computable:
         model.load_blocks(weight_blocks)
-    model.load_weights(weights)
-    model.store_weights_input_major()
     if quantization == "int8":
-        if not model.quantize_weights("q8_0", quantize_blocks, quantizable):
+        if not model.load_weights_quantized(weights, "q8_0", quantize_blocks, quantizable):
             raise ConfigError("quantization 'int8': no weight of this model splits into blocks of 32; use none")
-        model.drop_dense_weights()
+    else:
+        model.load_weights(weights)
+    model.store_weights_input_major()
     _release_freed_memory()
 
 

@@ -75,6 +75,9 @@ class Request:
     num_preemptions: int = 0
     # Arrival order: lower is older. Scheduling priority and preemption order use it.
     arrival: int = field(default_factory=lambda: next(_arrival_counter))
+    # When its prompt falls due on the worker's prompt clock, set by the scheduler at `add`:
+    # prompts get compute in (prompt_due, arrival) order (0 for all: first come, first served).
+    prompt_due: float = 0.0
     # Output tokens generated before this request started here (a migrated request carries
     # them at the end of its prompt): its own outputs continue from that position.
     output_offset: int = 0

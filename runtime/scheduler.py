@@ -21,10 +21,20 @@ One step, in order:
      `max_prefill_chunk` tokens. Together they stay within `max_num_batched_tokens`, and
      when anybody decodes in the step, its prompt tokens within
      `max_prefill_tokens_while_decoding`.
-  2. If nobody was preempted, waiting requests are admitted first come, first served
+  2. If nobody was preempted, waiting requests are admitted in their order (below)
      while sequences, tokens and blocks allow; a request reuses the longest cached
      prefix of its tokens and computes only the rest (a request that wants prompt
      logprobs computes its whole prompt: cached pages have no logits).
+Prompt order: first come, first served by default. With `prompt_deadline_factor` K > 0 the
+earliest due goes first, a prompt of L tokens falling due once this scheduler has
+scheduled K x L prompt tokens since it arrived (the prompt clock: time measured in the
+worker's own prompt work, so the order does not depend on how fast the machine is). A short
+prompt then overtakes a long one queued or half computed before it (the long one's chunks
+yield it the step's budget first) instead of waiting behind all of it; and every prompt is
+served once the clock passes its due, whatever arrives later. And a step that finishes a
+prompt carries after it only prompts it finishes too (no chunk of a longer one due later):
+a short prompt's first token waits for its own compute, not a long one's chunk. Resumed and
+preempted requests keep their place ahead of new arrivals in either order.
 Blocks are allocated on demand for the tokens scheduled. When none are free, the prefix
 cache evicts unlocked entries; when that is not enough, the youngest running request is
 preempted: its computed pages go to the prefix cache, its blocks are released, and it
@@ -35,6 +45,7 @@ request eventually runs to completion (no starvation).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -153,6 +164,11 @@ class StepLogits:
                                                     top_ids.tolist(), top_values.tolist())]
 
 
+def _prompt_order(request: Request) -> tuple[float, int]:
+    """Who gets prompt compute first: the earliest due, then the oldest."""
+    return request.prompt_due, request.arrival
+
+
 class _Step:
     """The chunks of the step being built and the token budgets they leave: all tokens,
     and prompt tokens (`prefill_budget`)."""
@@ -163,6 +179,7 @@ class _Step:
         self.chunks: list[ScheduledChunk] = []
         self.prefills: set[str] = set()  # ids of the requests whose chunk is prompt tokens
         self.preempted = False
+        self.finishes_prompt = False  # a prefill chunk in it is its prompt's last
 
     def add(self, chunk: ScheduledChunk, prefill: bool) -> None:
         self.chunks.append(chunk)
@@ -170,6 +187,7 @@ class _Step:
         if prefill:
             self.prefill_budget -= chunk.num_tokens
             self.prefills.add(chunk.request.request_id)
+            self.finishes_prompt |= chunk.num_tokens == chunk.request.num_uncomputed_tokens
 
     def remove(self, request: Request) -> None:
         for chunk in self.chunks:
@@ -197,6 +215,8 @@ class BatchScheduler:
         self.requests: dict[str, Request] = {}
         self.prefix_query_tokens = 0  # prompt tokens looked up at first admission
         self.prefix_hit_tokens = 0  # ... of which the prefix cache held
+        self.prompt_clock = 0  # prompt tokens scheduled so far (the deadline order's clock)
+        self.num_finished = 0  # requests ended here, whatever the reason
 
     # ----------------------------------------------------------------- intake and exit
 
@@ -204,10 +224,12 @@ class BatchScheduler:
         """Queue a request for local prefill. Raises RequestRejected if it can never run."""
         self.validate(request)
         self.requests[request.request_id] = request
+        factor = self.config.prompt_deadline_factor
         if request.is_resumed:
-            self._requeue(request)  # it keeps its place ahead of new arrivals
-        else:
-            self.waiting.append(request)
+            request.prompt_due = -math.inf  # ahead of new arrivals, as its arrival says
+        elif factor:
+            request.prompt_due = self.prompt_clock + factor * request.num_prompt_tokens
+        self._requeue(request)
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
         """End a request in any state and release its blocks now. Finished requests'
@@ -215,6 +237,7 @@ class BatchScheduler:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        self.num_finished += 1
         self._unqueue(request)
         self._release(request, cache_pages=self._pages_are_valid(request))
         request.state = RequestState.FINISHED
@@ -284,6 +307,7 @@ class BatchScheduler:
         self._release(request, cache_pages=False)
         request.num_computed_tokens = 0
         request.state = RequestState.WAITING
+        self._put_ahead(request)
         self._requeue(request)
         return request
 
@@ -299,7 +323,7 @@ class BatchScheduler:
         tokens) adds speculative tokens to decoding requests, cut to what the budget,
         the context and max_tokens leave."""
         decoding = [r for r in self.running if not r.is_prefilling]
-        prefilling = [r for r in self.running if r.is_prefilling]
+        prefilling = sorted((r for r in self.running if r.is_prefilling), key=_prompt_order)
         limit = self.config.max_prefill_tokens_while_decoding
         step = _Step(self.config.max_num_batched_tokens,
                      limit if decoding and limit is not None else self.config.max_num_batched_tokens)
@@ -309,10 +333,14 @@ class BatchScheduler:
             if request not in self.running:
                 continue  # preempted earlier in this step
             prefill = request.is_prefilling
+            if prefill and not step.preempted:
+                self._admit(step, ahead_of=request)  # waiting prompts due before it go first
+                if step.budget == 0:
+                    break
             n = min(request.num_uncomputed_tokens, self.config.max_prefill_chunk, step.budget)
             if prefill:
                 n = min(n, step.prefill_budget)
-                if n == 0:
+                if n == 0 or self._holds_back(step, request, n):
                     continue
             draft = ()
             if drafts and not prefill:
@@ -321,25 +349,36 @@ class BatchScheduler:
                 step.add(ScheduledChunk(request, request.num_computed_tokens, n, draft), prefill)
         if not step.preempted:
             self._admit(step)
+        self.prompt_clock += sum(c.num_tokens for c in step.chunks if c.request.request_id in step.prefills)
         return step.chunks
 
-    def _admit(self, step: _Step) -> None:
+    def _admit(self, step: _Step, ahead_of: Request | None = None) -> None:
+        """Admit waiting requests in prompt order (all of them that fit, or only those
+        ordered before `ahead_of`)."""
         while (self.waiting and step.budget > 0 and step.prefill_budget > 0
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) < self.config.max_num_seqs
+               and (ahead_of is None or _prompt_order(self.waiting[0]) < _prompt_order(ahead_of))):
             request = self.waiting[0]
             self._attach_prefix(request)
             if self._prefix_in_flight(request):
                 self._detach(request)
                 break  # its prefix will be in the cache in a step or two: wait for it
             n = min(request.num_uncomputed_tokens, self.config.max_prefill_chunk, step.budget, step.prefill_budget)
-            if not self._allocate_for(request, request.num_computed_tokens + n):
+            if self._holds_back(step, request, n) or not self._allocate_for(request, request.num_computed_tokens + n):
                 self._detach(request)
-                break  # first come, first served: nobody overtakes the head of the queue
+                break  # nobody overtakes the head of the queue
             self.waiting.popleft()
             request.state = RequestState.RUNNING
             self.running.append(request)
             step.add(ScheduledChunk(request, request.num_computed_tokens, n), prefill=True)
         self.running.sort(key=lambda r: r.arrival)
+
+    def _holds_back(self, step: _Step, request: Request, n: int) -> bool:
+        """In deadline order, a step that finishes a prompt carries after it only prompts it
+        finishes too, no part of a longer one due later: the finished prompt's first token
+        then waits for no more than its own compute (and that of prompts like it), and the
+        longer one resumes a step later."""
+        return bool(self.config.prompt_deadline_factor) and step.finishes_prompt and n < request.num_uncomputed_tokens
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int, step: _Step) -> bool:
         """Grow `request`'s block table to `num_tokens`, preempting younger running
@@ -361,11 +400,22 @@ class BatchScheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.state = RequestState.PREEMPTED
+        self._put_ahead(request)
         self._requeue(request)
 
+    def _put_ahead(self, request: Request) -> None:
+        """Order a request that was served once (preempted, or its transfer failed) ahead of
+        every new arrival: first come, first served does by its older arrival already."""
+        if self.config.prompt_deadline_factor:
+            request.prompt_due = -math.inf
+
     def _requeue(self, request: Request) -> None:
-        """Back to the front of the waiting queue, but behind older requeued requests."""
-        index = next((i for i, r in enumerate(self.waiting) if r.arrival > request.arrival), len(self.waiting))
+        """Into the waiting queue at its place in prompt order (the queue stays sorted: a
+        preempted request goes back ahead of the newer arrivals)."""
+        key = _prompt_order(request)
+        index = len(self.waiting)  # new arrivals mostly go last: search from the back
+        while index and _prompt_order(self.waiting[index - 1]) > key:
+            index -= 1
         self.waiting.insert(index, request)
 
     def _fit_draft(self, request: Request, draft: Sequence[int], budget: int) -> tuple[int, ...]:

@@ -251,12 +251,13 @@ def test_serve_arguments_parse_with_the_cli(chart):
                   "prefixCaching": False, "speculative": "ngram", "numSpeculativeTokens": 5,
                   "transferTimeout": 12.5, "onTransferFailure": "fail", "quantization": "int8",
                   "kvCacheDtype": "fp8", "otlpEndpoint": "otel-collector:4317", "logFormat": "json",
-                  "extraArgs": ["--threads", "4"]},
+                  "promptDeadlineFactor": 4, "extraArgs": ["--threads", "4"]},
         "gateway": {"httpPort": 9000, "grpcPort": 9001},
         "prefill": {"maxReplicas": 2}, "decode": {"maxReplicas": 3}})))
     assert (custom.prefill_workers, custom.decode_workers, custom.router) == (2, 3, "least_load")
     assert (custom.kv_transport, custom.no_prefix_caching, custom.quantization) == ("nccl", True, "int8")
     assert (custom.kv_cache_dtype, custom.otlp_endpoint, custom.log_format) == ("fp8", "otel-collector:4317", "json")
+    assert custom.prompt_deadline_factor == 4
     assert (custom.speculative, custom.num_speculative_tokens) == ("ngram", 5)
     assert (custom.draft_model, custom.draft_layers) == (None, None)
 

@@ -115,6 +115,53 @@ def test_cpp_refuses_mismatched_scales():
         paged_attention_cpu(q, k_q, v_q, tables, starts, lens, 0.1, k_s, None)
 
 
+@pytest.mark.parametrize("dtype", QUANT_DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 64), (6, 1, 128), (4, 4, 32), (4, 2, 48)])
+def test_quantized_decode_at_every_length_matches_ref_and_ignores_the_batch(dtype, heads, kv_heads, head_dim):
+    # Decode rows only (the C++ decode kernel): lengths on both sides of its 16-position
+    # groups and of a page, groups of 1 to 6 query heads, head_dims with and without the
+    # vectorised path. Each row's result must be bit-identical alone and in the batch.
+    contexts = [1, 15, 16, 17, 31, 33, 100]
+    shapes = [(1, c) for c in contexts]
+    q, (k_q, v_q, k_s, v_s), tables = _quantized_batch(shapes, dtype, kv_heads=kv_heads, heads=heads,
+                                                       head_dim=head_dim, seed=3)
+    scale = head_dim ** -0.5
+    lens = torch.tensor(contexts)
+    ref = paged_attention_ref(q, k_q, v_q, tables, [1] * len(contexts), contexts, scale, k_s, v_s)
+    got = paged_attention_cpu(q, k_q, v_q, tables, torch.arange(len(contexts) + 1), lens, scale, k_s, v_s)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for b in range(len(contexts)):
+        alone = paged_attention_cpu(q[b:b + 1], k_q, v_q, tables[b:b + 1], torch.tensor([0, 1]), lens[b:b + 1],
+                                    scale, k_s, v_s)
+        assert torch.equal(alone, got[b:b + 1])
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True])
+@pytest.mark.parametrize("dtype", QUANT_DTYPES)
+def test_quantized_decode_dequantizes_every_bit_pattern_exactly(dtype, flush_denormal):
+    # One cached token: softmax weight 1, so each head's output is its V row dequantized.
+    # The row holds all 256 bit patterns (e4m3's subnormals and NaN among them); scale 1
+    # and 2^-3 keep every value exact. Flushing denormals (MXCSR FTZ/DAZ) must not
+    # change e4m3's subnormals.
+    kv_heads, head_dim = 2, 128
+    bits = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(1, 1, kv_heads, head_dim)
+    v_q = bits.view(dtype).clone()
+    k_q = torch.zeros_like(v_q)
+    v_s = torch.tensor([[[1.0, 0.125]]], dtype=torch.float16)
+    k_s = torch.ones_like(v_s)
+    q = torch.randn(1, kv_heads * 3, head_dim)
+    expected = dequantize_kv_ref(v_q, v_s)[0, 0].repeat_interleave(3, dim=0)[None]
+    tables, starts, lens = torch.tensor([[0]]), torch.tensor([0, 1]), torch.tensor([1])
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        got = paged_attention_cpu(q, k_q, v_q, tables, starts, lens, 0.1, k_s, v_s)
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
+    assert bool(expected.isnan().any()) == (dtype == torch.float8_e4m3fn)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0, equal_nan=True)
+
+
 SMOL = ModelConfig("LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                    num_heads=9, num_kv_heads=3, head_dim=64, max_position_embeddings=8192)
 

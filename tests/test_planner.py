@@ -126,6 +126,7 @@ class SimDecode(SimWorker):
         self.running: list[Req] = []
         self.incoming: list[tuple[float, Req]] = []  # (KV arrival, request)
         self.assigned = 0  # requests routed here and not finished
+        self.finished = 0
 
     @property
     def idle(self) -> bool:
@@ -152,13 +153,14 @@ class SimDecode(SimWorker):
                 if request.emitted == request.output:
                     request.finished = done
                     self.assigned -= 1
+                    self.finished += 1
             self.running = [r for r in self.running if r.finished is None]
 
     def stats(self) -> WorkerStats:
         waiting_for_kv = sum(1 for at, _ in self.incoming if at > self.clock)
         return WorkerStats("decode", self.worker_id, len(self.incoming) - waiting_for_kv, 0, len(self.running),
                            waiting_for_kv, 0.0, 0, 0, 0, self.transfer_seconds, {"succeeded": self.transfers},
-                           self.steps, self.step_seconds, 0, self.batch_stepped)
+                           self.steps, self.step_seconds, 0, self.batch_stepped, requests_finished=self.finished)
 
 
 class SimCluster:

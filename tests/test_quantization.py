@@ -8,6 +8,7 @@ bench/quantization.py); these tests need only torch and the gguf package."""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ from pdserve.kernels.block_linear import block_linear, dequantize_blocks_ref
 from pdserve.kernels.cpu_extension import cpu_kernels_available
 from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, SchedulerConfig
 from pdserve.runtime.loader import load_model
+from pdserve.runtime.models import LlamaForCausalLM
 from pdserve.runtime.perplexity import perplexity, prompt_logits
 from pdserve.runtime.sampling_params import SamplingParams
-from pdserve.runtime.weights.quantize import quantize_blocks
+from pdserve.runtime.weights import load_checkpoint
+from pdserve.runtime.weights.quantize import quantizable, quantize_blocks
 
 TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
 needs_cpu_kernels = pytest.mark.skipif(not cpu_kernels_available(),
@@ -56,6 +59,22 @@ def test_int8_blocks_are_gguf_q8_0_within_half_a_step_of_the_weights():
     # Half a step of rounding, plus d's own rounding to float16 (2^-11 relative) times q <= 127.
     assert (error <= step * (0.5 + 127 * 2**-11)).all()
     assert (error > step * 0.45).any()  # and it is a real int8 grid, not a finer one
+
+
+def _q8_0_in_one_call(weight: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks from one call of the gguf quantizer over the whole weight (how
+    `quantize_blocks` made them before it went a few rows at a time)."""
+    from gguf.quants import quantize
+
+    data = quantize(weight.float().contiguous().numpy(), GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(np.ascontiguousarray(data)).view(weight.shape[0], weight.shape[1] // 32, -1)
+
+
+def test_int8_blocks_made_a_few_rows_at_a_time_are_those_of_one_call():
+    weight = torch.randn(2500, 1024) * torch.linspace(0.01, 3.0, 1024)  # 3 calls, the last partial
+    weight[7, 64:96] = 0.0  # an all-zero block (d = 0)
+    assert torch.equal(quantize_blocks(weight), _q8_0_in_one_call(weight))
+    assert torch.equal(quantize_blocks(weight[:1]), _q8_0_in_one_call(weight[:1]))
 
 
 def test_a_weight_that_does_not_split_into_blocks_is_refused():
@@ -99,6 +118,93 @@ def test_int8_weights_keep_the_dense_models_logits_and_no_dense_copy(fixture, re
     ours, theirs = _logits(int8, prompt), _logits(dense, prompt)
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.95
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+
+
+def _int8_model_the_dense_way(model: str) -> LlamaForCausalLM:
+    """int8 as it was made before loading streamed: the whole model loaded in float32,
+    then every weight quantized (in one quantizer call each), then the dense copies dropped."""
+    checkpoint = load_checkpoint(model)
+    dense = LlamaForCausalLM(checkpoint.config.with_dtype(torch.float32))
+    dense.load_weights(checkpoint.iter_weights())
+    dense.store_weights_input_major()
+    assert dense.quantize_weights("q8_0", _q8_0_in_one_call, quantizable)
+    dense.drop_dense_weights()
+    return dense
+
+
+def _assert_same_weights(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """Same blocks, byte for byte, and the same dense parameters, in every module."""
+    theirs_modules = dict(theirs.named_modules())
+    for name, module in ours.named_modules():
+        other = theirs_modules[name]
+        if hasattr(module, "block_kind"):
+            assert (module.block_kind, module.weight) == (other.block_kind, other.weight) == ("q8_0", None), name
+            assert torch.equal(module.block_data, other.block_data), name
+    for attr in ("embed_blocks", "head_blocks"):
+        assert getattr(ours, attr).kind == getattr(theirs, attr).kind == "q8_0", attr
+        assert torch.equal(getattr(ours, attr).data, getattr(theirs, attr).data), attr
+    assert (ours.head_blocks is ours.embed_blocks) == ours.config.tie_word_embeddings
+    ours_params, theirs_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert ours_params.keys() == theirs_params.keys()
+    assert all(torch.equal(ours_params[n], theirs_params[n]) for n in ours_params)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"], ids=["untied-head", "tied-qwen2"])
+def test_int8_quantized_while_loading_is_the_dense_models_quantization_exactly(fixture, request):
+    path = str(request.getfixturevalue(fixture))
+    _assert_same_weights(_load(path, "int8").runner.model, _int8_model_the_dense_way(path))
+
+
+@pytest.mark.slow
+@needs_cpu_kernels
+def test_smollm2_int8_quantized_while_loading_is_the_dense_models_quantization_exactly():
+    model = "smollm2-135m-instruct"
+    _assert_same_weights(_load(model, "int8", num_blocks=16).runner.model, _int8_model_the_dense_way(model))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"], ids=["untied-head", "tied-qwen2"])
+def test_int8_loading_holds_one_float_matrix_at_a_time(fixture, request):
+    """While the stream is read, the float copies of matrices alive (tensors handed out
+    earlier and dense parameters of the model) are never more than the one being read."""
+    checkpoint = load_checkpoint(str(request.getfixturevalue(fixture)))
+    model = LlamaForCausalLM(checkpoint.config.with_dtype(torch.float32))
+    handed_out: list[weakref.ref] = []
+    most_alive = 0
+
+    def watched():
+        nonlocal most_alive
+        for name, tensor in checkpoint.iter_weights():
+            earlier = [ref() for ref in handed_out]
+            dense = [p for p in model.parameters() if p.dim() == 2]
+            most_alive = max(most_alive, sum(t is not None for t in earlier) + len(dense))
+            del earlier
+            if tensor.dim() == 2:
+                handed_out.append(weakref.ref(tensor))
+            yield name, tensor
+
+    layers = model.load_weights_quantized(watched(), "q8_0", quantize_blocks, quantizable)
+    assert layers == 4 * checkpoint.config.num_layers + 1  # qkv, o, gate_up, down; the head
+    assert len(handed_out) == 7 * checkpoint.config.num_layers + 1 + (not checkpoint.config.tie_word_embeddings)
+    assert most_alive == 0  # the one being read is only made after the check
+    assert not [p for p in model.parameters() if p.dim() == 2]
+
+
+def test_int8_loading_names_a_missing_or_misshapen_weight(tiny_llama_dir):
+    checkpoint = load_checkpoint(str(tiny_llama_dir))
+
+    def load(weights):
+        model = LlamaForCausalLM(checkpoint.config.with_dtype(torch.float32))
+        return model.load_weights_quantized(weights, "q8_0", quantize_blocks, quantizable)
+
+    k_proj = "model.layers.1.self_attn.k_proj.weight"
+    with pytest.raises(ValueError, match=r"lacks weights for: layers\.1\.self_attn\.qkv_proj\.weight"):
+        load((n, t) for n, t in checkpoint.iter_weights() if n != k_proj)
+    with pytest.raises(ValueError, match=f"{k_proj}' has shape \\(64, 64\\), expected \\(32, 64\\)"):
+        load((n, torch.zeros(64, 64) if n == k_proj else t) for n, t in checkpoint.iter_weights())
+    with pytest.raises(ValueError, match="lm_head.weight' comes twice"):
+        load((n, t) for n, t in [*checkpoint.iter_weights(), *[(n, t) for n, t in checkpoint.iter_weights()
+                                                              if n == "lm_head.weight"]])
 
 
 def test_gguf_blocks_only_needs_a_checkpoint_that_has_them(tiny_llama_dir):

@@ -96,6 +96,21 @@ def test_a_prompt_spills_to_the_decode_worker_when_it_waits_less_there():
     assert router.route(long_prompt, [view("d0")], [view("p0", tokens=3000)]).prefill is None
 
 
+def test_spilling_stops_at_the_decode_workers_prompt_limit():
+    router = Router(RoundRobin(), BLOCK, local_prefill_tokens=8, spill_backlog_tokens=1000,
+                    local_prefill_slowdown=2.0)
+    router.tune(8, 1000, 200, None)  # the decode worker may take on 200 prompt tokens
+    short, long_prompt = list(range(100, 180)), list(range(1000, 2500))
+    assert router.route(short, [view("d0")], [view("p0", tokens=3000)]).prefill is None
+    # its own backlog counts: 150 + 80 > 200
+    assert router.route(short, [view("d0", tokens=150)], [view("p0", tokens=3000)]).prefill == "p0"
+    assert router.route(long_prompt, [view("d0")], [view("p0", tokens=3000)]).prefill == "p0"
+    router.tune(8, 1000, 0, None)  # no room at all
+    assert router.route(short, [view("d0")], [view("p0", tokens=3000)]).prefill == "p0"
+    router.tune(8, 1000, None, None)  # no limit: the spill rule alone
+    assert router.route(long_prompt, [view("d0")], [view("p0", tokens=3000)]).prefill is None
+
+
 def test_local_prefill_slowdown_follows_the_decode_workers_prompt_budget():
     from pdserve.cluster.control.router import DECODE_STEP_PROMPT_TOKENS, local_prefill_slowdown
 

@@ -13,7 +13,7 @@ import pytest
 
 from pdserve.cluster.cli import DECODE_PREFILL_TOKENS, _scaling_policy, build_parser
 from pdserve.cluster.control.autoscaler import ScalingPolicy
-from pdserve.cluster.control.planner import NO_SPILL_BACKLOG, PlannerPolicy, SLOPlanner
+from pdserve.cluster.control.planner import PlannerPolicy, SLOPlanner
 from pdserve.cluster.control.router import PrefixIndex, RoundRobin, Router, WorkerView
 from pdserve.cluster.control.slo_control import MAX_LOCAL_PREFILL_TOKENS, SLOControl, predicted_ttft
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
@@ -32,45 +32,89 @@ def _prefill(queued_tokens=0, computed=0, step_seconds=0.0, jobs=0, tail_seconds
                        step_seconds, computed, jobs, kv_tail_seconds=tail_seconds)
 
 
-def _decode(running=0, steps=0, step_seconds=0.0, stepped=0) -> WorkerStats:
-    return WorkerStats("decode", "decode-0", 0, 0, running, 0, 0.0, 0, 0, 0, 0.0, {}, steps, step_seconds, 0,
-                       stepped)
-
-
 def _planned(queued_tokens=2000) -> SLOPlanner:
     """A planner that has seen 10 s of a prefill worker computing 2,000 tokens/s (plus its
     prior), transfers of 50 ms, and decode steps of 30 ms at a batch of 4."""
     planner = SLOPlanner(POLICY)
     planner.observe(0.0, [_prefill()], [_decode()])
     planner.observe(10.0, [_prefill(queued_tokens, computed=10_000, step_seconds=5.0, jobs=10, tail_seconds=0.5)],
-                    [_decode(running=4, steps=100, step_seconds=3.0, stepped=400)])
+                    [_decode(running=4, steps=100, step_seconds=3.0, stepped=400, finished=10)])
     return planner
 
 
-@pytest.mark.parametrize(("chunk", "spills"), [(None, True), (64, True), (128, False)])
-def test_spilling_is_priced_in_the_decode_steps_tpot(chunk, spills, caplog):
+def _decode(running=0, steps=0, step_seconds=0.0, stepped=0, finished=0) -> WorkerStats:
+    return WorkerStats("decode", "decode-0", 0, 0, running, 0, 0.0, 0, 0, 0, 0.0, {}, steps, step_seconds, 0,
+                       stepped, requests_finished=finished)
+
+
+@pytest.mark.parametrize(("chunk", "finished", "spill_max"), [
+    (None, 0, "room"),  # n unknown: as if a request lived one step
+    (None, 10, "room x 39"),  # 400 request-steps over 10 requests: n = 40
+    (64, 10, None),  # a step computes 64 prompt tokens, within the room: no limit
+    (128, 10, "room x 39"),
+])
+def test_spilling_is_priced_in_the_running_requests_mean_tpot(chunk, finished, spill_max, caplog):
     """Decode steps of ~30 ms against 0.8 x 100 ms leave ~50 ms, ~95 prompt tokens at the
-    measured rate: a spilled prompt computed 64 tokens a step fits, 128 would push every
-    running request over its TPOT target, so the plan spills nothing. The local-prefill
-    threshold (h r, ~100 tokens here) is capped at that room too."""
+    measured rate, in each of a request's n - 1 steps: a decode worker may take on that many
+    prompt tokens per step of a request's life. The local-prefill threshold (h r, ~100
+    tokens here) is capped at the same limit."""
     planner = SLOPlanner(dataclasses.replace(POLICY, decode_prefill_tokens=chunk))
     planner.observe(0.0, [_prefill()], [_decode()])
     planner.observe(10.0, [_prefill(2000, computed=10_000, step_seconds=5.0, jobs=10, tail_seconds=0.5)],
-                    [_decode(running=4, steps=100, step_seconds=3.0, stepped=400)])
+                    [_decode(running=4, steps=100, step_seconds=3.0, stepped=400, finished=finished)])
     plan = planner.last_plan
     room = (0.8 * 0.1 - plan.tpot) * plan.forecast.prefill_rate
     assert 64 < room < 128
-    budget = round(plan.forecast.queue_budget(1)[0] * plan.forecast.prefill_rate)
-    assert plan.spill_backlog_tokens == (budget if spills else NO_SPILL_BACKLOG)
-    # the local-prefill threshold is priced the same way: h r (~100 tokens here), capped at the room
+    expected = {"room": math.floor(room), "room x 39": math.floor(room * 39), None: None}[spill_max]
+    assert plan.spill_max_tokens == expected
+    # the spill backlog: what the TTFT budget leaves a queue, whatever the limit
+    assert plan.spill_backlog_tokens == round(plan.forecast.queue_budget(1)[0] * plan.forecast.prefill_rate)
     hop_tokens = round(plan.forecast.transfer_seconds * plan.forecast.prefill_rate)
     assert hop_tokens > room
-    assert plan.local_prefill_threshold == (hop_tokens if chunk is None else math.floor(room))  # None: unpriced
+    assert plan.local_prefill_threshold == (hop_tokens if expected is None else min(hop_tokens, expected))
     router = _router()
     with caplog.at_level(logging.INFO, logger="pdserve.cluster.control.slo_control"):
         SLOControl(planner, router, GatewayMetrics()).apply()
-    assert router.spill_backlog_tokens == plan.spill_backlog_tokens
-    assert ("no spilling" in caplog.text) == (not spills)
+    assert (router.spill_backlog_tokens, router.spill_max_tokens) == (plan.spill_backlog_tokens, expected)
+    assert ("prompt tokens on a decode worker" in caplog.text) == (expected is not None)
+
+
+def test_no_spilling_while_the_prefill_workers_carry_the_load():
+    """1,000 prompt tokens/s offered to a worker computing 2,000: the prefill want stays
+    below the one serving, so nothing spills (a spill would cost the decode batch TPOT for
+    a TTFT the prefill worker meets anyway); the local-prefill threshold is still h r."""
+    planner = SLOPlanner(POLICY)
+    planner.observe(0.0, [_prefill()], [_decode()])
+    planner.observe(10.0, [_prefill(0, computed=10_000, step_seconds=5.0, jobs=10, tail_seconds=0.5)],
+                    [_decode(running=4, steps=100, step_seconds=3.0, stepped=400, finished=10)])
+    plan = planner.last_plan
+    assert plan.want["prefill"] < 1
+    assert plan.spill_max_tokens == 0
+    assert plan.local_prefill_threshold == round(0.05 * plan.forecast.prefill_rate)
+    # the same worker with a backlog the TTFT target cannot wait for: spill, priced in TPOT
+    planner.observe(20.0, [_prefill(20_000, computed=20_000, step_seconds=10.0, jobs=20, tail_seconds=1.0)],
+                    [_decode(running=4, steps=200, step_seconds=6.0, stepped=800, finished=20)])
+    plan = planner.last_plan
+    assert plan.want["prefill"] > 1
+    assert plan.spill_max_tokens > 0
+
+
+def test_no_room_in_the_decode_steps_no_spilling(caplog):
+    """Decode steps already over 0.8 x the TPOT target: nothing spills, nothing is local."""
+    planner = SLOPlanner(POLICY)
+    planner.observe(0.0, [_prefill()], [_decode()])
+    planner.observe(10.0, [_prefill(2000, computed=10_000, step_seconds=5.0, jobs=10, tail_seconds=0.5)],
+                    [_decode(running=4, steps=100, step_seconds=9.0, stepped=400, finished=10)])
+    plan = planner.last_plan
+    assert plan.tpot > 0.08
+    assert (plan.spill_max_tokens, plan.local_prefill_threshold) == (0, 0)
+    router = _router()
+    with caplog.at_level(logging.INFO, logger="pdserve.cluster.control.slo_control"):
+        SLOControl(planner, router, GatewayMetrics()).apply()
+    assert "no spilling" in caplog.text
+    busy_prefill = WorkerView("p", 1, 50_000, 0.1)
+    idle_decode = WorkerView("d", 0, 0, 0.1)
+    assert not router._waits_less_locally(200, idle_decode, busy_prefill)
 
 
 def _router() -> Router:
@@ -109,7 +153,7 @@ def test_a_slow_measured_hop_does_not_turn_every_prompt_local():
     planner = SLOPlanner(POLICY)
     planner.observe(0.0, [_prefill()], [_decode()])
     planner.observe(10.0, [_prefill(computed=10_000, step_seconds=5.0, jobs=1, tail_seconds=30.0)],
-                    [_decode()])  # one transfer, 30 s after its last step
+                    [_decode(steps=100, step_seconds=2.0, stepped=100, finished=1)])  # one transfer, 30 s after its last step
     router = _router()
     SLOControl(planner, router, GatewayMetrics()).apply()
     assert router.local_prefill_tokens == MAX_LOCAL_PREFILL_TOKENS

@@ -19,6 +19,7 @@ Models, fitted only from what the workers' counters grew by between two observat
           worker's acceptance (`kv_tail_seconds`; the earlier layers went while later ones
           were computed, so this is what the hop adds to TTFT)
     s     prompt tokens per prefill job; S = s / r seconds to compute one
+    n     output tokens per request: decode request-steps per request that ended on decode
 The load, over the last `window_seconds`:
     lam   prompt tokens per second offered to prefill: computed + growth of the queued ones
           + those routed with no prefill worker up (`unmet_prefill_tokens`)
@@ -60,20 +61,28 @@ Suggestions, in the plan (the controller applies them):
                              compute and saves the decode worker the prompt's compute, L / r
                              seconds of its steps (a decode worker computes a prompt about as
                              fast as a prefill worker: same model, same cores per worker);
-                             below L = h r it costs more than it saves. Capped, when the
-                             step's prompt chunk is known, at the room f tpot_slo - t(c)
-                             leaves for prompt tokens in a step (as spilling, below).
+                             below L = h r it costs more than it saves. At most
+                             spill_max_tokens (below): a local prompt costs the running
+                             requests what a spilled one does.
     spill_backlog_tokens     B r prompt tokens, B the queue wait the TTFT budget leaves: from
                              a prefill backlog that long, a prompt routed behind it would
                              miss its target, so the router may prefill it on its decode
-                             worker when it waits less there (the router's spill rule). A
-                             spilled prompt is computed `decode_prefill_tokens` per decode
-                             step, which lengthens every running request's step by that
-                             many tokens' compute: while f tpot_slo - t(c) leaves less
-                             room than that (in tokens at rate r), no spilling
-                             (NO_SPILL_BACKLOG): the TTFT one prompt saves would cost the
-                             whole decode batch its TPOT target (measured: past the knee,
-                             spills made most misses TPOT misses).
+                             worker when it waits less there (the router's spill rule).
+    spill_max_tokens         0 (no spilling) while the serving prefill workers are as many
+                             as the prefill want; else the prompt tokens a decode worker may
+                             have to compute (those it has queued and the new prompt's) and
+                             keep its running requests within their TPOT target. TPOT is a request's mean over its
+                             n - 1 steps: L prompt tokens computed during them add
+                             L / (r (n - 1)) to it, and each step has room for
+                             R = (f tpot_slo - t(c)) r prompt tokens, so L <= R (n - 1). A
+                             request sees at most d (n - 1) of them (d: the prompt tokens a
+                             decode step computes, `decode_prefill_tokens`), so with d <= R
+                             no prompt is too long: None, no limit. 0: no spilling (no room;
+                             measured before: past the knee, unpriced spills made most
+                             misses TPOT misses). Priced per step instead (L <= R), as an
+                             inter-token-latency target would need, it allowed ~9 tokens
+                             here and the plan never spilled: short prompts then waited
+                             behind long ones and missed TTFT.
 """
 
 from __future__ import annotations
@@ -88,7 +97,6 @@ from pdserve.cluster.control.autoscaler import CountDamper, CountPolicy, Decisio
 from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.runtime.config import ConfigError
 
-NO_SPILL_BACKLOG = 1 << 40  # prompt tokens: a prefill backlog no worker reaches, so no spilling
 PRIOR_STEP_SECONDS = 1.0  # the prefill-rate prior weighs as much as this much measured step time
 # The step-time slope's prior weighs as much as two points two requests either side of
 # the mean batch: a steady load's own wander soon outweighs it.
@@ -110,7 +118,7 @@ class PlannerPolicy(CountPolicy):
     prior_step_seconds: float = 0.02  # decode: t(batch) = this + the next * batch, until measured
     prior_step_seconds_per_request: float = 0.002
     # Prompt tokens a decode worker computes in a step beside its decodes (its local
-    # prefills and spills); None: spilling is not priced in TPOT.
+    # prefills and spills); None: unknown (a whole prompt may go in one step).
     decode_prefill_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -171,6 +179,7 @@ class Forecast(NamedTuple):
     batches: tuple[int, ...]  # requests running or waiting on each serving decode worker now, least first
     least_batch: float  # the least of them averaged over the window, or now if less (a fresh worker)
     decode_tokens_per_second: float  # g
+    output_tokens: float  # n; 0 before any request ended on decode
 
     def decode_batch(self, decode_workers: int) -> float:
         """c: the batch each of `decode_workers` steps (inf: they cannot keep up)."""
@@ -268,6 +277,7 @@ class Plan(NamedTuple):
     batch_limit: int | None  # decode; None: the step time does not grow with the batch
     local_prefill_threshold: int | None  # prompt tokens; None: no transfer measured yet
     spill_backlog_tokens: int  # prefill backlog from which prompts may be prefilled on decode
+    spill_max_tokens: int | None  # prompt tokens a decode worker may have to compute; None: no limit
 
 
 class _Growth(NamedTuple):
@@ -283,6 +293,7 @@ class _Growth(NamedTuple):
     transfers_sent: int = 0
     transfer_tail_seconds: float = 0.0
     decode_requests_stepped: int = 0  # decode
+    decode_requests_finished: int = 0
 
 
 class _Sample(NamedTuple):
@@ -380,7 +391,9 @@ class SLOPlanner:
             queues=queues, least_queue=min(sum(sample.least_queue for sample in window) / len(window), window[-1].least_queue),
             offered_tokens_per_second=max(0.0, offered / load.seconds) if load.seconds else 0.0,
             batches=batches, least_batch=min(sum(sample.least_batch for sample in window) / len(window), window[-1].least_batch),
-            decode_tokens_per_second=load.decode_requests_stepped / load.seconds if load.seconds else 0.0)
+            decode_tokens_per_second=load.decode_requests_stepped / load.seconds if load.seconds else 0.0,
+            output_tokens=(fit.decode_requests_stepped / fit.decode_requests_finished
+                           if fit.decode_requests_finished else 0.0))
 
     def _growth_since_last(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats],
                            unmet_tokens: int) -> tuple[_Growth, list[tuple[WorkerStats, WorkerStats]]]:
@@ -399,6 +412,7 @@ class SLOPlanner:
         decode_pairs = _pairs(self._last["decode"], decode)
         for before, after in decode_pairs:
             fields["decode_requests_stepped"] += after.batch_requests_stepped - before.batch_requests_stepped
+            fields["decode_requests_finished"] += after.requests_finished - before.requests_finished
         return _Growth(**fields), decode_pairs
 
     def _add_points(self, now: float, decode_pairs: list[tuple[WorkerStats, WorkerStats]],
@@ -420,46 +434,47 @@ class SLOPlanner:
 
     # ------------------------------------------------------------------ plan
 
-    def _decode_room_tokens(self, forecast: Forecast, decode_workers: int) -> float | None:
-        """Prompt tokens a decode step can compute beside its decodes and stay within
-        f tpot_slo: (f tpot_slo - t(c)) r. None when not priced (no chunk size known or no
-        decode worker)."""
-        p = self.policy
-        if not (p.decode_prefill_tokens and decode_workers):
+    def _spill_max_tokens(self, forecast: Forecast, decode_workers: int) -> int | None:
+        """The prompt tokens a decode worker can take on within its requests' TPOT target:
+        R (n - 1), or None when a decode step's prompt chunk fits R (module docstring);
+        before a request has ended (n unknown), R: as if each request lived one step."""
+        if not decode_workers:
             return None
-        return (p.target_fraction * p.tpot_slo - forecast.tpot(decode_workers)) * forecast.prefill_rate
+        p = self.policy
+        room = (p.target_fraction * p.tpot_slo - forecast.tpot(decode_workers)) * forecast.prefill_rate
+        if room <= 0:
+            return 0
+        if p.decode_prefill_tokens is not None and p.decode_prefill_tokens <= room:
+            return None
+        return math.floor(room * max(1.0, forecast.output_tokens - 1))
 
-    def _spill_backlog(self, forecast: Forecast, decode_workers: int) -> int:
-        """The plan's spill backlog (module docstring): B r, or NO_SPILL_BACKLOG while the
-        decode steps have no room for a spilled prompt's chunk within f tpot_slo."""
-        room = self._decode_room_tokens(forecast, decode_workers)
-        if room is not None and room < self.policy.decode_prefill_tokens:
-            return NO_SPILL_BACKLOG
-        return max(0, round(forecast.queue_budget(decode_workers)[0] * forecast.prefill_rate))
-
-    def _local_prefill_threshold(self, forecast: Forecast, decode_workers: int) -> int | None:
+    def _local_prefill_threshold(self, forecast: Forecast, spill_max_tokens: int | None) -> int | None:
         """h r, the prompt a decode worker computes in the time the hop would take (module
-        docstring), but no more than the room its steps leave within f tpot_slo: a local
-        prompt that short runs in one step beside the decodes, and a longer one would stretch
-        every running request's step past its TPOT target, as a spilled prompt would."""
+        docstring), at most what its running requests' TPOT allows."""
         if not forecast.transfer_seconds:
             return None
         threshold = round(forecast.transfer_seconds * forecast.prefill_rate)
-        room = self._decode_room_tokens(forecast, decode_workers)
-        return threshold if room is None else min(threshold, max(0, math.floor(room)))
+        return threshold if spill_max_tokens is None else min(threshold, spill_max_tokens)
 
     def _plan(self, now: float, forecast: Forecast, prefill_workers: int, decode_workers: int,
               want: dict[str, float]) -> Plan:
         p = self.policy
         limit = forecast.step.largest_batch(p.tpot_slo)
+        # Spill only while the serving prefill workers are fewer than the load wants: a spill
+        # costs the decode batch TPOT, and with enough prefill workers the prompts meet their
+        # TTFT there (a prefill worker serving prompts by deadline lets a short one overtake
+        # a long backlog; measured: spilling then turned TTFT hits into TPOT misses).
+        absorbable = self._spill_max_tokens(forecast, decode_workers)
+        spill_max = absorbable if want["prefill"] > prefill_workers else 0
         plan = Plan(
             now, forecast,
             ttft=forecast.ttft(prefill_workers, decode_workers) if prefill_workers else None,
             tpot=forecast.tpot(decode_workers) if decode_workers else None,
             want=want,
             batch_limit=None if math.isinf(limit) else max(1, math.floor(limit)),
-            local_prefill_threshold=self._local_prefill_threshold(forecast, decode_workers),
-            spill_backlog_tokens=self._spill_backlog(forecast, decode_workers))
+            local_prefill_threshold=self._local_prefill_threshold(forecast, absorbable),
+            spill_backlog_tokens=max(0, round(forecast.queue_budget(decode_workers)[0] * forecast.prefill_rate)),
+            spill_max_tokens=spill_max)
         self.last_plan = plan
         self._plans.append(plan)
         while self._plans and self._plans[0].at < now - p.window_seconds:

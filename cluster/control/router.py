@@ -23,9 +23,11 @@ prefill worker's backlog + the prompt. Local prefill runs in chunks between deco
 hence the slowdown factor (`local_prefill_slowdown`: from the decode worker's prompt-token
 budget per step); the backlog floor keeps light loads fully disaggregated. So a
 short prompt no longer queues behind long ones, and two long prompts run side by side.
+With `spill_max_tokens` set, a prompt spills only while the decode worker's own backlog
+plus the prompt stays within it (what its running requests' TPOT can absorb).
 
-With the SLO planner, `local_prefill_tokens` follows its plan, and `decode_batch_cap` (None
-otherwise) keeps new requests off decode workers that hold that many while another holds
+With the SLO planner, `local_prefill_tokens`, the spill backlog and `spill_max_tokens`
+follow its plan, and `decode_batch_cap` (None otherwise) keeps new requests off decode workers that hold that many while another holds
 fewer (`slo_control`).
 """
 
@@ -185,11 +187,15 @@ class Router:
         self.local_prefill_slowdown = local_prefill_slowdown
         # Prefer decode workers holding fewer requests than this (None: no cap; see `tune`).
         self.decode_batch_cap: int | None = None
+        # Spill only while the decode worker's prompt backlog stays within this (None: no limit).
+        self.spill_max_tokens: int | None = None
 
-    def tune(self, local_prefill_tokens: int, spill_backlog_tokens: int, decode_batch_cap: int | None) -> None:
+    def tune(self, local_prefill_tokens: int, spill_backlog_tokens: int, spill_max_tokens: int | None,
+             decode_batch_cap: int | None) -> None:
         """New thresholds for the routes that follow (the SLO planner's, `slo_control`)."""
         self.local_prefill_tokens = local_prefill_tokens
         self.spill_backlog_tokens = spill_backlog_tokens
+        self.spill_max_tokens = spill_max_tokens
         self.decode_batch_cap = decode_batch_cap
 
     def route(self, prompt_ids: Sequence[int], decode: Sequence[WorkerView],
@@ -218,6 +224,8 @@ class Router:
     def _waits_less_locally(self, uncached: int, decode: WorkerView, prefill: WorkerView) -> bool:
         """The spill rule (module docstring), in prompt tokens ahead of this one plus its own."""
         if prefill.in_flight_tokens < self.spill_backlog_tokens:
+            return False
+        if self.spill_max_tokens is not None and decode.in_flight_tokens + uncached > self.spill_max_tokens:
             return False
         local = self.local_prefill_slowdown * (decode.in_flight_tokens + uncached)
         return local < prefill.in_flight_tokens + uncached

@@ -19,6 +19,8 @@ What each suggestion does here:
                              wants more decode workers then)
     spill_backlog_tokens     the router's: from a prefill backlog that would cost a prompt its
                              TTFT target, it may be prefilled on its decode worker instead
+    spill_max_tokens         the router's: ... while that worker's prompt backlog and the
+                             prompt stay within what its running requests' TPOT can absorb
 
 Prediction error (`pdserve_planner_prediction_error{slo}`): the planner's mean prediction
 over its last window against the mean TTFT and TPOT the gateway measured for requests that
@@ -37,7 +39,7 @@ import logging
 import math
 import time
 
-from pdserve.cluster.control.planner import NO_SPILL_BACKLOG, Plan, SLOPlanner
+from pdserve.cluster.control.planner import Plan, SLOPlanner
 from pdserve.cluster.control.router import Router
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
 from pdserve.cluster.gateway.metrics import GatewayMetrics
@@ -64,10 +66,13 @@ class SLOControl:
             return
         local = self.router.local_prefill_tokens if plan.local_prefill_threshold is None else \
             min(plan.local_prefill_threshold, MAX_LOCAL_PREFILL_TOKENS)
-        knobs = (local, plan.spill_backlog_tokens, plan.batch_limit)
+        knobs = (local, plan.spill_backlog_tokens, plan.spill_max_tokens, plan.batch_limit)
         if knobs != (self.router.local_prefill_tokens, self.router.spill_backlog_tokens,
-                     self.router.decode_batch_cap):
-            spill = "no spilling" if knobs[1] >= NO_SPILL_BACKLOG else f"spill from a {knobs[1]}-token backlog"
+                     self.router.spill_max_tokens, self.router.decode_batch_cap):
+            spill = ("no spilling" if plan.spill_max_tokens == 0 else
+                     f"spill from a {plan.spill_backlog_tokens}-token backlog"
+                     + ("" if plan.spill_max_tokens is None else
+                        f" up to {plan.spill_max_tokens} prompt tokens on a decode worker"))
             log.info("planner: local prefill up to %d uncached tokens, %s, decode batch cap %s (predicted "
                      "TTFT %s s, TPOT %s s)", local, spill, plan.batch_limit,
                      *(f"{value:.3f}" if value is not None else "-" for value in (plan.ttft, plan.tpot)))

@@ -149,7 +149,7 @@ class _Worker:
         held = allocator.num_used - scheduler.prefix_cache.num_evictable_blocks
         return WorkerStats(
             role=self.role, worker_id=self.worker_id,
-            num_waiting=len(waiting),
+            num_waiting=len(waiting), requests_finished=scheduler.num_finished,
             num_waiting_tokens=sum(r.num_uncomputed_tokens for r in waiting),
             num_running=len(scheduler.running),
             kv_usage=held / self.loaded.info.num_blocks,

@@ -29,6 +29,7 @@ class WorkerSpec:
     # Prompt tokens per step while the worker also decodes (None: no limit); see
     # SchedulerConfig.max_prefill_tokens_while_decoding.
     max_prefill_tokens_while_decoding: int | None = None
+    prompt_deadline_factor: float = 0.0  # see SchedulerConfig.prompt_deadline_factor
     enable_prefix_caching: bool = True
     threads: Threads = AUTO  # torch threads per worker: "auto" (one per core it is pinned to) or N
     max_queued_requests: int = 256  # a worker refuses new requests past this many queued
@@ -83,4 +84,5 @@ class WorkerSpec:
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                max_prefill_chunk=min(self.max_prefill_chunk, self.max_num_batched_tokens),
-                               max_prefill_tokens_while_decoding=self.max_prefill_tokens_while_decoding)
+                               max_prefill_tokens_while_decoding=self.max_prefill_tokens_while_decoding,
+                               prompt_deadline_factor=self.prompt_deadline_factor)

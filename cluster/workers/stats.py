@@ -25,6 +25,7 @@ class WorkerStats(NamedTuple):
     # what the steps computed (the SLO planner fits its models from these counters' growth)
     prompt_tokens_computed: int = 0  # tokens of prefill chunks (prompts; on a decode worker, local prefills)
     batch_requests_stepped: int = 0  # sum over steps of the requests in the step
+    requests_finished: int = 0  # requests that ended here (done, aborted or failed)
     # prefill: over transfers sent, seconds from the prompt's last step to the decode
     # worker's acceptance (the part of the hop that layer-by-layer sending did not hide)
     kv_tail_seconds: float = 0.0

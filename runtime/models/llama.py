@@ -11,7 +11,7 @@ construction; every module calls its functions and knows nothing of either famil
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -329,66 +329,105 @@ class LlamaForCausalLM(nn.Module):
         soon as its last part arrives (so at most one layer's parts wait at a time for a
         file stored layer by layer). Returns how many layers (head included) now compute
         from blocks. CPU float32 only."""
-        parts: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
-        modules = dict(self.named_modules())
-        count = 0
+        assembler = _BlockAssembler(self)
         for hf_name, kind, data in blocks:
-            name = hf_name.removeprefix("model.").removesuffix(".weight")
-            if name in ("embed_tokens", "lm_head"):
-                if name == "embed_tokens":
-                    self.embed_blocks = WeightBlocks(kind, data)
-                if (name == "lm_head") != self.config.tie_word_embeddings:
-                    self.head_blocks = WeightBlocks(kind, data)
-                continue
-            index = 0
-            for hf_suffix, (fused, part) in _FUSED.items():
-                if name.endswith(f".{hf_suffix}"):
-                    name, index = name.removesuffix(hf_suffix) + fused, part
-                    break
-            pieces = parts.setdefault(name, {})
-            pieces[index] = (kind, data)
-            linear = modules.get(name)
-            if not isinstance(linear, Linear) or len(pieces) != _fused_parts(name):
-                continue
-            del parts[name]
-            kinds = {kind for kind, _ in pieces.values()}
-            if len(kinds) != 1:
-                continue
-            data = torch.cat([pieces[i][1] for i in range(len(pieces))]) if len(pieces) > 1 else pieces[0][1]
-            out_features, in_features = linear.out_features, linear.in_features
-            if data.shape[0] != out_features or data.shape[1] * 32 != in_features:
-                raise ValueError(f"GGUF blocks for {name} have shape {tuple(data.shape)}, which does not "
-                                 f"match its weight {(out_features, in_features)}")
-            linear.use_blocks(WeightBlocks(kinds.pop(), data))
-            count += 1
-        return count + int(self.head_blocks is not None)
+            assembler.add(hf_name, kind, data)
+        return assembler.count + int(self.head_blocks is not None)
+
+    def load_weights_quantized(self, weights: Iterable[tuple[str, torch.Tensor]], kind: str,
+                               quantize: Callable[[torch.Tensor], torch.Tensor],
+                               quantizable: Callable[[torch.Tensor], bool]) -> int:
+        """`load_weights`, `quantize_weights` and `drop_dense_weights` in one pass over
+        `weights`: each checkpoint tensor of a weight that gets blocks (every `quantizable`
+        linear layer, the embedding, the LM head) is quantized by `quantize` as it is read
+        and let go, and the dense parameter it would fill is never written (it is freed
+        first). So at most one such tensor exists in float at a time, besides the blocks
+        made so far, never the whole dense model. The blocks are those `quantize_weights`
+        makes from the loaded weights, byte for byte: quantizing is per row, so q, k and v
+        (gate and up) quantized apart and stacked are the fused weight quantized whole.
+        Everything else is loaded as `load_weights` does, with its checks. Returns how many
+        layers (head included) got blocks; with none, the model is loaded dense."""
+        params = dict(self.named_parameters())
+        held = {f"{name}.weight" for name, module in self.named_modules()
+                if isinstance(module, Linear) and quantizable(module.weight)}
+        held |= {name for name in ("embed_tokens", "lm_head")
+                 if params.get(name) is not None and quantizable(params[name])}
+        if not held:
+            self.load_weights(weights)
+            return 0
+        shapes = {name: tuple(params[name].shape) for name in held}
+        del params  # the dense parameters below go now, before any tensor is read
+        for name, module in self.named_modules():
+            if f"{name}.weight" in held:
+                module.weight = None
+        self.embed_tokens = None if "embed_tokens" in held else self.embed_tokens
+        self.lm_head = None if "lm_head" in held else self.lm_head
+        assembler = _BlockAssembler(self)
+        dtype, sizes = self.config.dtype, self._slice_sizes()
+        quantized: set[str] = set()
+
+        def dense() -> Iterator[tuple[str, torch.Tensor]]:
+            """The tensors left to `load_weights`; quantizes the others on the way."""
+            for hf_name, tensor in weights:
+                target, part = self._parameter_of(hf_name)
+                if target not in held:
+                    yield hf_name, tensor
+                    continue
+                if hf_name in quantized:
+                    raise ValueError(f"checkpoint tensor {hf_name!r} comes twice")
+                quantized.add(hf_name)
+                expected = shapes[target]
+                if part is not None:
+                    expected = (sizes[part[0]][part[1]], *expected[1:])
+                if tuple(tensor.shape) != expected:
+                    raise ValueError(
+                        f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                        f"expected {expected}; the config does not match the weights"
+                    )
+                blocks = quantize(tensor.to(dtype))
+                del tensor  # before the next tensor is read
+                assembler.add(hf_name, kind, blocks)
+
+        self.load_weights(dense())
+        missing = [f"{name}.weight" for name, module in self.named_modules() if f"{name}.weight" in held
+                   and module.block_kind is None]
+        missing += [name for name, blocks in (("embed_tokens", self.embed_blocks), ("lm_head", self.head_blocks))
+                    if name in held and blocks is None]
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
+        return assembler.count + int(self.head_blocks is not None)
+
+    def _slice_sizes(self) -> dict[str, list[int]]:
+        """Rows of each part of the fused layers, in the order of `_FUSED`."""
+        return {
+            "self_attn.qkv_proj": [self.config.q_size, self.config.kv_size, self.config.kv_size],
+            "mlp.gate_up_proj": [self.config.intermediate_size] * 2,
+        }
+
+    @staticmethod
+    def _parameter_of(hf_name: str) -> tuple[str, tuple[str, int] | None]:
+        """The parameter a checkpoint tensor fills, and which part of it for a fused layer
+        (e.g. model.layers.0.self_attn.k_proj.weight -> layers.0.self_attn.qkv_proj.weight,
+        part 1 of the qkv_proj)."""
+        name = hf_name.removeprefix("model.")
+        for hf_suffix, (fused, index) in _FUSED.items():
+            marker = f".{hf_suffix}."
+            if marker in name:
+                return name.replace(marker, f".{fused}."), (fused, index)
+        return {"embed_tokens.weight": "embed_tokens", "lm_head.weight": "lm_head"}.get(name, name), None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the (fused) parameters; every parameter must be set
         exactly once and every tensor must be used, or ValueError names the culprit."""
         params = dict(self.named_parameters())
-        slice_sizes = {
-            "self_attn.qkv_proj": [self.config.q_size, self.config.kv_size, self.config.kv_size],
-            "mlp.gate_up_proj": [self.config.intermediate_size] * 2,
-        }
+        slice_sizes = self._slice_sizes()
         filled: dict[str, int] = {}
         for hf_name, tensor in weights:
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue  # derived from the config, not a weight
-            name = hf_name.removeprefix("model.")
-            if name == "lm_head.weight" and self.lm_head is None:
+            if hf_name.removeprefix("model.") == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints store the copy anyway
-            target, part = name, None
-            for hf_suffix, (fused, index) in _FUSED.items():
-                marker = f".{hf_suffix}."
-                if marker in name:
-                    target = name.replace(marker, f".{fused}.")
-                    part = (fused, index)
-                    break
-            if target == "embed_tokens.weight":
-                target = "embed_tokens"
-            elif target == "lm_head.weight":
-                target = "lm_head"
+            target, part = self._parameter_of(hf_name)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {self.config.architecture}")
             param = params[target]
@@ -408,3 +447,46 @@ class LlamaForCausalLM(nn.Module):
         missing = [n for n, count in expected_counts.items() if filled.get(n, 0) != count]
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
+
+
+class _BlockAssembler:
+    """Hands HF-named blocks to a model's linear layers, embedding and LM head, as
+    `load_blocks` describes: a fused layer takes them once all its parts have come."""
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.parts: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}  # fused layers still waiting
+        self.count = 0  # linear layers given blocks
+
+    def add(self, hf_name: str, kind: str, data: torch.Tensor) -> None:
+        model = self.model
+        name = hf_name.removeprefix("model.").removesuffix(".weight")
+        if name in ("embed_tokens", "lm_head"):
+            blocks = WeightBlocks(kind, data)
+            if name == "embed_tokens":
+                model.embed_blocks = blocks
+            if (name == "lm_head") != model.config.tie_word_embeddings:
+                model.head_blocks = blocks  # tied: the embedding's own (see blocks_to)
+            return
+        index = 0
+        for hf_suffix, (fused, part) in _FUSED.items():
+            if name.endswith(f".{hf_suffix}"):
+                name, index = name.removesuffix(hf_suffix) + fused, part
+                break
+        pieces = self.parts.setdefault(name, {})
+        pieces[index] = (kind, data)
+        linear = self.modules.get(name)
+        if not isinstance(linear, Linear) or len(pieces) != _fused_parts(name):
+            return
+        del self.parts[name]
+        kinds = {kind for kind, _ in pieces.values()}
+        if len(kinds) != 1:
+            return
+        data = torch.cat([pieces[i][1] for i in range(len(pieces))]) if len(pieces) > 1 else pieces[0][1]
+        out_features, in_features = linear.out_features, linear.in_features
+        if data.shape[0] != out_features or data.shape[1] * 32 != in_features:
+            raise ValueError(f"GGUF blocks for {name} have shape {tuple(data.shape)}, which does not "
+                             f"match its weight {(out_features, in_features)}")
+        linear.use_blocks(WeightBlocks(kinds.pop(), data))
+        self.count += 1

@@ -205,8 +205,13 @@ class GgufWeights:
             except (ValueError, NotImplementedError) as e:
                 raise CheckpointError(f"{self._path}: cannot read tensor {tensor.name} "
                                       f"({tensor.qtype.name}): {e}") from e
-            array = self._in_hf_row_order(tensor.name, array)
-            yield hf_name(tensor.name), torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(dtype)
+            del data
+            dense = [torch.from_numpy(np.ascontiguousarray(self._in_hf_row_order(tensor.name, array),
+                                                           dtype=np.float32)).to(dtype)]
+            del array
+            # Hand over the only reference: a consumer that lets the tensor go before asking
+            # for the next one (int8 quantizing at load) then never holds two at once.
+            yield hf_name(tensor.name), dense.pop()
 
     def iter_blocks(self) -> Iterator[tuple[str, str, torch.Tensor]]:
         """The matrices stored in a block format of `_BLOCK_KINDS`, as the file's blocks

@@ -22,6 +22,7 @@ from gguf.quants import quantize
 BLOCK = 32
 _KINDS = {"q8_0": GGMLQuantizationType.Q8_0, "f8_0": None}
 F8_MAX = 448.0  # the largest finite float8_e4m3fn
+_CHUNK_ELEMENTS = 1 << 20  # weights quantized per call to the gguf quantizer
 
 
 def quantizable(weight: torch.Tensor) -> bool:
@@ -39,8 +40,16 @@ def quantize_blocks(weight: torch.Tensor, kind: str = "q8_0") -> torch.Tensor:
     if kind == "f8_0":
         return _quantize_f8_0(weight.detach())
     rows = weight.detach().to("cpu", torch.float32).contiguous().numpy()
-    data = quantize(rows, _KINDS[kind])  # [out, in / 32 * bytes]
-    return torch.from_numpy(np.ascontiguousarray(data)).view(weight.shape[0], weight.shape[1] // BLOCK, -1)
+    # A few rows at a time: the quantizer's float temporaries (several times its input)
+    # then stay small even for an embedding. Blocks never span rows, so the bytes are the
+    # same as from one call over the whole weight.
+    step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
+    first = quantize(rows[:step], _KINDS[kind])  # [rows, in / 32 * bytes]
+    data = np.empty((rows.shape[0], first.shape[1]), dtype=np.uint8)
+    data[:step] = first
+    for start in range(step, rows.shape[0], step):
+        data[start:start + step] = quantize(rows[start:start + step], _KINDS[kind])
+    return torch.from_numpy(data).view(weight.shape[0], weight.shape[1] // BLOCK, -1)
 
 
 def _quantize_f8_0(weight: torch.Tensor) -> torch.Tensor:

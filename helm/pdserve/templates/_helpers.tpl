@@ -167,6 +167,7 @@ process as "$@" (see raycluster.yaml), so no value is ever parsed by a shell.
     "--max-num-seqs" (toString $s.maxNumSeqs)
     "--max-num-batched-tokens" (toString $s.maxNumBatchedTokens)
     "--max-prefill-chunk" (toString $s.maxPrefillChunk)
+    "--prompt-deadline-factor" (toString $s.promptDeadlineFactor)
     "--max-queued-requests" (toString $s.maxQueuedRequests)
     "--max-in-flight" (toString $s.maxInFlight)
     "--transfer-timeout" (toString $s.transferTimeout)
