@@ -123,13 +123,14 @@ def _pool_in_use(engine: AsyncEngine) -> int:
     return scheduler.allocator.num_used - scheduler.prefix_cache.num_cached_blocks
 
 
-def _wait_until(condition, what: str) -> None:
-    """Poll `condition`; the bound only keeps a broken build from hanging the suite."""
+def _wait_until(condition, what) -> None:
+    """Poll `condition`; the bound only keeps a broken build from hanging the suite.
+    `what` (a string, or a callable run on failure) says what never happened."""
     for _ in range(3000):
         if condition():
             return
         time.sleep(0.01)
-    raise AssertionError(f"gave up waiting until {what}")
+    raise AssertionError(f"gave up waiting until {what() if callable(what) else what}")
 
 
 def _released_after_hold(cluster, runner: SteppedRunner, baseline: int, frontend: Frontend | None = None) -> None:
@@ -140,8 +141,10 @@ def _released_after_hold(cluster, runner: SteppedRunner, baseline: int, frontend
     executed = runner.num_executed
     runner.unlimit()
     engine = cluster["engine"]
-    _wait_until(lambda: not engine.core.scheduler.requests and _pool_in_use(engine) == baseline,
-                "the engine dropped the request and its KV blocks")
+    scheduler = engine.core.scheduler
+    _wait_until(lambda: not scheduler.requests and _pool_in_use(engine) == baseline,
+                lambda: f"the engine dropped the request and its KV blocks (still held: requests "
+                        f"{sorted(scheduler.requests)}, {_pool_in_use(engine)} blocks against {baseline} before)")
     assert runner.num_executed - executed <= 2
 
 
@@ -245,10 +248,26 @@ def test_abort_ends_the_stream_with_abort_and_frees_the_kv(cluster, runner, stub
     assert not stub.Abort(serving_pb2.AbortRequest(request_id="abort-me"), timeout=60).found
 
 
+class _RecordingBackend:
+    """A frontend's backend that records the ids of the requests sent to it."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+        self.request_ids: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def generate(self, request_id, *args, **kwargs):
+        self.request_ids.append(request_id)
+        return self._backend.generate(request_id, *args, **kwargs)
+
+
 def test_abort_reaches_a_call_whose_prompt_is_being_tokenized(cluster):
     hold = threading.Event()
     frontend = _frontend(cluster["engine"], cluster["loaded"])
     frontend.prompt_tokens = CountingPromptTokens(cluster["tokenizer"], hold)
+    frontend.backend = backend = _RecordingBackend(frontend.backend)
     with grpc.insecure_channel(cluster["gateway"].serve(frontend)) as channel:
         stub = serving_pb2_grpc.GenerationStub(channel)
         call = stub.Generate(serving_pb2.GenerateRequest(text="Hello", request_id="early", max_tokens=500),
@@ -264,6 +283,7 @@ def test_abort_reaches_a_call_whose_prompt_is_being_tokenized(cluster):
     assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (
         len(cluster["tokenizer"].encode("Hello", add_special_tokens=True)), 0)
     assert frontend.num_in_flight == 0 and frontend.num_preparing == 0
+    assert backend.request_ids == []  # the aborted request never reached the engine
     frontend.close()
 
 

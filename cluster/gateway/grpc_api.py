@@ -212,9 +212,6 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
         source = request.WhichOneof("input")
         if source is None:
             raise invalid("the request has no input; set one of text, token_ids or chat", "input")
-        if source == "chat":
-            messages = [_chat_message(i, m) for i, m in enumerate(request.chat.messages)]
-            # A chat reply may run to the end of the context unless max_tokens says otherwise.
         traced = {"api": "grpc", "traceparent": _metadata_value(context, "traceparent")}
         if source == "chat":
             messages = [_chat_message(i, m) for i, m in enumerate(request.chat.messages)]
@@ -245,7 +242,8 @@ class GenerationService(serving_pb2_grpc.GenerationServicer):
     async def _stream(self, call: _OpenCall, aborted: asyncio.Future, context: grpc.aio.ServicerContext) -> None:
         """Write one response per delta until the request finishes or is aborted."""
         request_id = call.request.request_id
-        if await _unless_aborted(self._open_stream(call), aborted) is _ABORTED:
+        # Aborted while its prompt was prepared: it never reaches a worker.
+        if call.aborted.is_set() or await _unless_aborted(self._open_stream(call), aborted) is _ABORTED:
             await context.write(_abort_response(call))
             return
         while True:
