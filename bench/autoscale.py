@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -223,7 +224,7 @@ def phase_metrics(m: Measured, w: Workload, slo: Slo) -> dict[str, RunMetrics]:
 
 
 def autoscale_args(args: argparse.Namespace) -> str:
-    common = (f"--min-prefill 1 --max-prefill {args.max_prefill} --min-decode 1 --max-decode {args.max_decode} "
+    common = (f"--min-prefill {args.min_prefill} --max-prefill {args.max_prefill} --min-decode 1 --max-decode {args.max_decode} "
               f"--autoscale-window {args.autoscale_window:g} --autoscale-up-cooldown {args.autoscale_up_cooldown:g} "
               f"--autoscale-down-delay {args.autoscale_down_delay:g} "
               f"--autoscale-down-cooldown {args.autoscale_down_cooldown:g}")
@@ -250,6 +251,49 @@ def describe_signals(signals: dict[str, int]) -> str:
     return (f"prefill {get('prefill', 'queue_requests')} queued ({get('prefill', 'queue_tokens')} tok) "
             f"{get('prefill', 'running_requests')} running; decode {get('decode', 'queue_requests')} queued "
             f"{get('decode', 'waiting_for_kv_requests')} for KV {get('decode', 'running_requests')} running")
+
+
+class Decision(NamedTuple):
+    at: float  # s since the first request was due (to within one --sample-interval)
+    role: str
+    direction: str  # "up" or "down"
+
+
+def decisions(m: Measured) -> list[Decision]:
+    """The autoscaler's decisions, in order, from the rises of its decision counters."""
+    out = []
+    for before, now in itertools.pairwise(m.samples):
+        for key, count in now.decisions.items():
+            role, direction = key.split()
+            out += [Decision(now.at - m.run.started, role, direction)] * (count - before.decisions.get(key, 0))
+    return out
+
+
+def step_responses(made: Sequence[Decision], steps: Sequence[tuple[str, float]]) -> list[dict]:
+    """Per load step (name, s since the first request was due): the first decision after
+    it, before the next step, and its delay; None when the autoscaler made none."""
+    out = []
+    for i, (name, at) in enumerate(steps):
+        until = steps[i + 1][1] if i + 1 < len(steps) else math.inf
+        first = next((d for d in made if at <= d.at < until), None)
+        out.append({"step": name, "at_s": at, "decision": None if first is None else f"{first.role} {first.direction}",
+                    "delay_s": None if first is None else first.at - at})
+    return out
+
+
+def flaps(made: Sequence[Decision], args: argparse.Namespace) -> list[dict]:
+    """Reversals of a role's direction sooner than its rules allow on a steady load: down
+    within --autoscale-down-delay of an up, or up within --autoscale-up-cooldown of a down."""
+    out = []
+    for role in ROLES:
+        mine = [d for d in made if d.role == role]
+        for before, after in itertools.pairwise(mine):
+            if before.direction == after.direction:
+                continue
+            allowed = args.autoscale_down_delay if after.direction == "down" else args.autoscale_up_cooldown
+            if after.at - before.at < allowed:
+                out.append({"role": role, "first": before._asdict(), "then": after._asdict()})
+    return out
 
 
 def most_serving(m: Measured, role: str) -> int:
@@ -282,6 +326,28 @@ def print_report(runs: Sequence[Measured], metrics: Sequence[dict[str, RunMetric
         rows.append(row)
         print(f"{phase:<20}{fmt_ratio(row['goodput']):>10}{fmt_ratio(row['ttft_p50']):>10}"
               f"{fmt_ratio(row['ttft_p99']):>10}")
+    return rows
+
+
+def print_decisions(m: Measured, w: Workload, args: argparse.Namespace) -> dict:
+    """The autoscaled run's decisions, how soon it answered each load step (in decision
+    windows), and its flaps; returned for the JSON."""
+    made = decisions(m)
+    steps = [("burst starts", 0.0), ("chats start", w.chats_start), ("load ends", m.run.duration_s)]
+    responses = step_responses(made, steps)
+    flapped = flaps(made, args)
+    window = args.autoscale_window
+    print(f"{m.label} decisions (s since the first request was due, +-{args.sample_interval:g} s): "
+          + (", ".join(f"{d.role} {d.direction} {d.at:.1f}" for d in made) or "none"))
+    for r in responses:
+        answer = ("no decision" if r["decision"] is None else
+                  f"{r['decision']} after {r['delay_s']:.1f} s = {r['delay_s'] / window:.1f} windows of {window:g} s")
+        print(f"  {r['step']} at {r['at_s']:.1f} s: {answer}")
+    print(f"  flaps (a reversal sooner than the down delay / up cooldown allow): {len(flapped)}")
+    return {"decisions": [d._asdict() for d in made], "step_responses": responses, "flaps": flapped}
+
+
+def print_timelines(runs: Sequence[Measured]) -> None:
     for m in runs:
         changes = timeline(m)
         if len(changes) > 1:
@@ -290,7 +356,6 @@ def print_report(runs: Sequence[Measured], metrics: Sequence[dict[str, RunMetric
             for s in changes:
                 print(f"  {s.at - m.run.started:7.1f}  {describe_workers(s.workers):<46} | "
                       f"{describe_signals(s.signals)}")
-    return rows
 
 
 def plot(path: str, auto: Measured, fixed: Measured, w: Workload) -> None:
@@ -331,7 +396,7 @@ def plot(path: str, auto: Measured, fixed: Measured, w: Workload) -> None:
 
 
 def result_json(args: argparse.Namespace, vocab: int, w: Workload, runs: Sequence[Measured],
-                metrics: Sequence[dict[str, RunMetrics]], rows: list[dict]) -> dict:
+                metrics: Sequence[dict[str, RunMetrics]], rows: list[dict], scaling: dict) -> dict:
     out = []
     for m, per_phase in zip(runs, metrics):
         samples = [{"t": round(s.at - m.run.started, 3), **s.workers, "decisions": s.decisions, "routes": s.routes,
@@ -342,7 +407,7 @@ def result_json(args: argparse.Namespace, vocab: int, w: Workload, runs: Sequenc
                     "phases": {p: pm.to_json() for p, pm in per_phase.items()},
                     "worker_samples": samples, "scrape_failures": m.scrape_failures, "requests": requests})
     return {"config": vars(args), "vocab_size": vocab, "cpus": os.cpu_count(), "chats_start_s": w.chats_start,
-            "runs": out, "ratios": {"labels": [m.label for m in runs], "by_phase": rows}}
+            "runs": out, "ratios": {"labels": [m.label for m in runs], "by_phase": rows}, "scaling": scaling}
 
 
 # ------------------------------------------------------------------------------ main
@@ -373,9 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-ttft-ms", type=slo_ms, default=2000.0, help="'none' to drop")
     p.add_argument("--slo-tpot-ms", type=slo_ms, default=100.0, help="'none' to drop")
     p.add_argument("--slo-e2el-ms", type=slo_ms, default=None, help="E2E latency SLO")
-    scale = p.add_argument_group("the autoscaled cluster (starts at, and never goes below, 1 + 1)")
+    scale = p.add_argument_group("the autoscaled cluster (starts at 1 + 1, never below --min-prefill + 1)")
     scale.add_argument("--autoscale-mode", choices=["queue", "slo"], default="queue",
                        help="queue depth (--autoscale), or the SLO planner aiming at --slo-ttft-ms/--slo-tpot-ms")
+    scale.add_argument("--min-prefill", type=int, choices=(0, 1), default=1,
+                       help="0: the autoscaler may drain the prefill worker (prompts then run on the decode worker)")
     scale.add_argument("--max-prefill", type=pos_int, default=2)
     scale.add_argument("--max-decode", type=pos_int, default=2)
     scale.add_argument("--autoscale-prefill-tokens", type=pos_int, default=1500,
@@ -429,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     metrics = [phase_metrics(m, w, slo) for m in runs]
     rows = print_report(runs, metrics, slo)
+    scaling = print_decisions(runs[0], w, args)
+    print_timelines(runs)
     for m in runs:
         for error in sorted({r.error for r in m.run.records if r.error})[:3]:
             print(f"  {m.label} failure: {error}")
@@ -436,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(args.plot, *runs, w)
         print(f"wrote {args.plot}")
     if args.result_json:
-        result = result_json(args, vocab, w, runs, metrics, rows)
+        result = result_json(args, vocab, w, runs, metrics, rows, scaling)
         Path(args.result_json).write_text(json.dumps(json_safe(result), indent=1, allow_nan=False))
         print(f"wrote {args.result_json}")
     return 0

@@ -153,8 +153,10 @@ def fit_targets(records: Sequence[RequestRecord], k_ttft: float, k_tpot: float) 
     lengths = np.array([r.prompt_len for r in ok], dtype=float)
     ttfts = np.array([r.ttft for r in ok])
     b, a = np.polyfit(lengths, ttfts, 1) if np.ptp(lengths) > 0 else (0.0, float(ttfts.mean()))
-    if a <= 0:  # a line through the origin's far side: keep it positive at short prompts
-        a = float(ttfts.min())
+    if a < 0:
+        # Long prompts only: attention's quadratic cost bends the line, and its intercept
+        # falls below zero. The least-squares line with a >= 0 then goes through the origin.
+        a, b = 0.0, float(lengths @ ttfts / (lengths @ lengths))
     tpots = [r.tpot for r in ok if r.tpot is not None]
     return Targets(float(a), max(0.0, float(b)), statistics.median(tpots), k_ttft, k_tpot)
 

@@ -37,6 +37,16 @@ def test_targets_scale_the_unloaded_line_and_tpot():
     assert targets.misses(records) == {"failed": 2, "ttft": 2, "tpot": 2}
 
 
+def test_a_negative_intercept_gives_the_best_line_through_the_origin():
+    # Long prompts only: the TTFT grows faster than linearly, and a free line would cross
+    # zero at ~560 tokens (TTFT 3.8 s at 1,200 tokens, 6.2 s at 1,780, as measured).
+    unloaded = [_record(n, t, t + 8 * 0.02) for n, t in ((1200, 3.8), (1500, 5.0), (1780, 6.2))]
+    targets = goodput.fit_targets(unloaded, k_ttft=4, k_tpot=4)
+    lengths, ttfts = np.array([1200, 1500, 1780.0]), np.array([3.8, 5.0, 6.2])
+    assert targets.a == 0 and targets.b == pytest.approx(lengths @ ttfts / (lengths @ lengths))
+    assert targets.ttft(1500) == pytest.approx(4 * 5.0, rel=0.02)  # near the measured unloaded TTFT
+
+
 def test_calibration_needs_two_answers():
     with pytest.raises(goodput.BenchError, match="only 1 of 2"):
         goodput.fit_targets([_record(10, 0.1, 0.2), RequestRecord(10, 9, error="boom")], 4, 4)
