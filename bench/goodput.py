@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import shlex
 import statistics
@@ -137,8 +138,6 @@ class Targets:
 
 def targets_from(path: Path, workload_name: str) -> Targets:
     """The targets an earlier run measured for the workload (its --result-json)."""
-    import json
-
     try:
         t = json.loads(path.read_text())["results"][workload_name]["targets"]
     except (OSError, ValueError, KeyError) as exc:
@@ -264,6 +263,11 @@ def run_workload(args: argparse.Namespace, name: str, peer) -> dict:
     print(f"\n##### workload {name}: rates {', '.join(f'{r:g}' for r in args.rates)}/s", flush=True)
     result = {"configs": {}, "timeline": []}
     targets = None
+    if args.targets_from is not None:
+        targets = targets_from(args.targets_from, name)
+        print(f"  targets from {args.targets_from}: TTFT {targets.k_ttft:g} x ({targets.a * 1e3:.0f} ms + "
+              f"{targets.b * 1e3:.3f} ms/token), TPOT {targets.tpot * 1e3:.0f} ms", flush=True)
+        result["targets"] = targets.to_json()
     for label in args.configs:
         server_args = args.config_flags[label]
         planned = "--autoscale slo" in server_args
@@ -273,11 +277,6 @@ def run_workload(args: argparse.Namespace, name: str, peer) -> dict:
             median_len = int(np.median([r.prompt_len for r in base]))
             server_args += f" --ttft-slo {targets.ttft(median_len):.3f} --tpot-slo {targets.tpot:.4f}"
         with launched_server(args, server_args) as base_url:
-            if targets is None and args.targets_from is not None:
-                targets = targets_from(args.targets_from, name)
-                print(f"  targets from {args.targets_from}: TTFT {targets.k_ttft:g} x ({targets.a * 1e3:.0f} ms + "
-                      f"{targets.b * 1e3:.3f} ms/token), TPOT {targets.tpot * 1e3:.0f} ms", flush=True)
-                result["targets"] = targets.to_json()
             if targets is None:
                 calibration = calibration_set(base)
                 run = asyncio.run(run_load(base_url, calibration, np.zeros(len(calibration)), 1, args.api_key,
@@ -370,9 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workloads", nargs="+", choices=("mixed", "summarize", "multiturn"),
                    default=["mixed", "summarize", "multiturn"])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS),
+    p.add_argument("--configs", nargs="*", default=list(CONFIGS),
                    help=f"in order, of {', '.join(CONFIGS)} and those --config names; the first is "
-                        "calibrated on (a planner needs one before it)")
+                        "calibrated on (a planner needs one before it); none: only the peer, on --targets-from")
     p.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
                    help="name another configuration (or replace one): `pdserve serve` flags at the same "
                         "cores, e.g. '1P+1D-k4=--prefill-workers 1 --decode-workers 1 --prompt-deadline-factor 4'")
@@ -416,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(args.config_flags)})")
     if any(not r > 0 or math.isinf(r) for r in args.rates):
         raise SystemExit("--rates: finite request rates > 0")
-    if "--autoscale slo" in args.config_flags[args.configs[0]] and args.targets_from is None:
+    if not args.configs and not (args.peer_url and args.targets_from):
+        raise SystemExit("--configs: none given; measuring only the peer needs --peer-url and --targets-from")
+    if args.configs and "--autoscale slo" in args.config_flags[args.configs[0]] and args.targets_from is None:
         raise SystemExit("--configs: the planner needs the targets measured on another configuration first")
     peer = probe_peer(args.peer_name, args.peer_url, args.peer_api_key) if args.peer_url else None
     print(f"goodput: {shlex.join(sys.argv[1:]) or '(defaults)'}", flush=True)

@@ -3,6 +3,7 @@ goodput read off a sweep (no server: the records are built here)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -100,3 +101,33 @@ def test_several_seeds_pool_their_records_per_rate(monkeypatch):
     point = points[0.5]
     assert point["requests"] == 8 and point["attainment"] == 0.5 and point["attainment_per_seed"] == [1.0, 0.0]
     assert point["misses"]["tpot"] == 4
+
+
+def test_the_peer_alone_on_an_earlier_runs_targets(monkeypatch, tmp_path):
+    """`--configs` with none: no pdserve server starts, and the peer meets the targets the
+    earlier run measured."""
+    from types import SimpleNamespace
+
+    earlier = goodput.Targets(0.2, 0.003, 0.0125, 4.0, 4.0)
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps({"results": {"mixed": {"targets": earlier.to_json()}}}))
+    sent_to = []
+
+    async def fake_run_load(base_url, requests, offsets, concurrency, api_key, timeout, label, **kwargs):
+        sent_to.append(base_url)
+        return SimpleNamespace(records=[RequestRecord(r.prompt_len, 2, sent=0.0, chunk_times=[0.1, 0.12],
+                                                      finished=0.12, usage_tokens=2) for r in requests])
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("no pdserve configuration was asked for")
+
+    monkeypatch.setattr(goodput, "run_load", fake_run_load)
+    monkeypatch.setattr(goodput, "launched_server", no_server)
+    args = goodput.build_parser().parse_args(["--configs", "--rates", "0.5", "--min-prompts", "2", "--duration",
+                                              "1", "--targets-from", str(path), "--peer-url", "http://peer"])
+    args.seeds, args.config_flags = [0], dict(goodput.CONFIGS)
+    result = goodput.run_workload(args, "mixed", SimpleNamespace(available=True, url="http://peer"))
+    assert list(result["configs"]) == ["vllm"] and result["targets"] == earlier.to_json()
+    assert sent_to == ["http://peer"] and result["configs"]["vllm"]["points"][0.5]["attainment"] == 1.0
+    with pytest.raises(SystemExit, match="only the peer needs --peer-url and --targets-from"):
+        goodput.main(["--configs", "--peer-url", "http://peer"])
