@@ -269,7 +269,7 @@ def run_workload(args: argparse.Namespace, name: str, peer) -> dict:
               f"{targets.b * 1e3:.3f} ms/token), TPOT {targets.tpot * 1e3:.0f} ms", flush=True)
         result["targets"] = targets.to_json()
     for label in args.configs:
-        server_args = args.config_flags[label]
+        server_args = f"{args.config_flags[label]} {args.server_args}".strip()
         planned = "--autoscale slo" in server_args
         if planned:
             if targets is None:
@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS",
                    help="name another configuration (or replace one): `pdserve serve` flags at the same "
                         "cores, e.g. '1P+1D-k4=--prefill-workers 1 --decode-workers 1 --prompt-deadline-factor 4'")
+    p.add_argument("--server-args", default="", metavar="FLAGS",
+                   help="more `pdserve serve` flags for every configuration, e.g. '--kv-cache-memory 2048'")
     p.add_argument("--rates", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.4], help="req/s, swept")
     p.add_argument("--duration", type=float, default=120.0, help="s of arrivals per rate (at least --min-prompts)")
     p.add_argument("--min-prompts", type=int, default=12)

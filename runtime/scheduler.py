@@ -31,9 +31,13 @@ scheduled K x L prompt tokens since it arrived (the prompt clock: time measured 
 worker's own prompt work, so the order does not depend on how fast the machine is). A short
 prompt then overtakes a long one queued or half computed before it (the long one's chunks
 yield it the step's budget first) instead of waiting behind all of it; and every prompt is
-served once the clock passes its due, whatever arrives later. And a step that finishes a
-prompt carries after it only prompts it finishes too (no chunk of a longer one due later):
-a short prompt's first token waits for its own compute, not a long one's chunk. Resumed and
+served once the clock passes its due, whatever arrives later. In this order a step carries
+at most `max_prefill_chunk` prompt tokens in all, not per prompt: prompts are computed one
+after another rather than side by side (each then finishes as early as its place allows,
+instead of all of them late together), and a prompt arriving waits for at most one chunk's
+step. And a step that finishes a prompt carries after it only prompts it finishes too (no
+chunk of a longer one due later): a short prompt's first token waits for its own compute,
+not a long one's chunk. Resumed and
 preempted requests keep their place ahead of new arrivals in either order.
 Blocks are allocated on demand for the tokens scheduled. When none are free, the prefix
 cache evicts unlocked entries; when that is not enough, the youngest running request is
@@ -325,8 +329,10 @@ class BatchScheduler:
         decoding = [r for r in self.running if not r.is_prefilling]
         prefilling = sorted((r for r in self.running if r.is_prefilling), key=_prompt_order)
         limit = self.config.max_prefill_tokens_while_decoding
-        step = _Step(self.config.max_num_batched_tokens,
-                     limit if decoding and limit is not None else self.config.max_num_batched_tokens)
+        prefill_budget = limit if decoding and limit is not None else self.config.max_num_batched_tokens
+        if self.config.prompt_deadline_factor:  # one chunk's worth of prompt tokens in all
+            prefill_budget = min(prefill_budget, self.config.max_prefill_chunk)
+        step = _Step(self.config.max_num_batched_tokens, prefill_budget)
         for request in decoding + prefilling:
             if step.budget == 0:
                 break

@@ -70,6 +70,37 @@ def test_a_short_prompt_overtakes_a_long_one_half_computed():
     assert scheduler.prompt_clock == 64 + 16 + 64
 
 
+def _prompt_clock_at_first_token(scheduler: BatchScheduler, steps: int) -> dict[str, int]:
+    """Step `steps` times; the prompt tokens computed by the end of the step in which each
+    request's prompt was computed in full (time, measured in prompt work)."""
+    done: dict[str, int] = {}
+    for _ in range(steps):
+        _step(scheduler)
+        for request in scheduler.running:
+            if not request.is_prefilling:
+                done.setdefault(request.request_id, scheduler.prompt_clock)
+    return done
+
+
+def test_deadline_order_computes_queued_prompts_one_after_another():
+    """Two 256-token prompts queued together, a budget of 256 and chunks of 64: first come,
+    first served computes them side by side, both done after 512 prompt tokens; deadline
+    order computes a chunk's worth per step, the first done after 256 and the second after
+    512."""
+    for factor, expected in ((0.0, {"a": 512, "b": 512}), (4.0, {"a": 256, "b": 512})):
+        scheduler = _scheduler(factor, budget=256, chunk=64)
+        scheduler.add(_request("a", 256))
+        scheduler.add(_request("b", 256))
+        assert _prompt_clock_at_first_token(scheduler, 8) == expected
+    # a step in deadline order: one chunk's worth, several prompts when they are short
+    # (not a part of the third: the step finishes prompts, so it carries only finished ones)
+    scheduler = _scheduler(4.0, budget=256, chunk=64)
+    for name in ("c", "d", "e"):
+        scheduler.add(_request(name, 24))
+    assert _step(scheduler) == [("c", 24), ("d", 24)]
+    assert ("e", 24) in _step(scheduler)  # the next step
+
+
 def test_prompts_finished_in_a_step_batch_together():
     scheduler = _scheduler(4.0, budget=256, chunk=256)
     scheduler.add(_request("long", 1000))
