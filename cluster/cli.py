@@ -139,8 +139,8 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--prompt-deadline-factor", type=_non_negative_float, default=0.0, metavar="K",
                        help="order prompts by deadline on each worker: a prompt of L tokens falls due once "
                             "the worker has computed K x L prompt tokens since it arrived, and the earliest "
-                            "due is computed first (short prompts overtake long ones by at most that); "
-                            "0: first come, first served")
+                            "due is computed first, --max-prefill-chunk prompt tokens per step in all "
+                            "(short prompts overtake long ones by at most that); 0: first come, first served")
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--max-queued-requests", type=_positive_int, default=256,
                        help="per worker: past this many queued requests, new ones get 429")

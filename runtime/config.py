@@ -159,7 +159,7 @@ class SchedulerConfig:
     # The order in which prompts get compute (`BatchScheduler`): 0 is first come, first
     # served; K > 0 serves the earliest due first, a prompt of L tokens falling due once
     # the worker has computed K x L prompt tokens since it arrived (shorter prompts overtake
-    # longer ones, never by more than that).
+    # longer ones, never by more than that), `max_prefill_chunk` prompt tokens per step in all.
     prompt_deadline_factor: float = 0.0
 
     def __post_init__(self) -> None:

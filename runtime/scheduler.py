@@ -37,8 +37,8 @@ after another rather than side by side (each then finishes as early as its place
 instead of all of them late together), and a prompt arriving waits for at most one chunk's
 step. And a step that finishes a prompt carries after it only prompts it finishes too (no
 chunk of a longer one due later): a short prompt's first token waits for its own compute,
-not a long one's chunk. Resumed and
-preempted requests keep their place ahead of new arrivals in either order.
+not a long one's chunk. Resumed and preempted requests keep their place ahead of new
+arrivals in either order.
 Blocks are allocated on demand for the tokens scheduled. When none are free, the prefix
 cache evicts unlocked entries; when that is not enough, the youngest running request is
 preempted: its computed pages go to the prefix cache, its blocks are released, and it
