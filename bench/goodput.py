@@ -81,10 +81,11 @@ CONFIGS = {
     "colocated": "--colocated --decode-workers 2",
     "1P+1D": "--prefill-workers 1 --decode-workers 1",
     "1P+1D-deadline": f"--prefill-workers 1 --decode-workers 1 {DEADLINE} --spill-backlog-tokens 1000000000",
-    # the planner at the same two cores: one prefill worker or none, one decode worker;
-    # it also sets the local-prefill threshold, spilling and the decode batch cap
+    # the planner at the same two cores: a budget of two workers it splits between the
+    # roles (1P+1D, or 0P+2D: colocated's shape); it also sets the local-prefill
+    # threshold, spilling and the decode batch cap
     "planner": ("--prefill-workers 1 --decode-workers 1 --autoscale slo --min-prefill 0 --max-prefill 1 "
-                "--min-decode 1 --max-decode 1 --autoscale-window 10 --autoscale-up-cooldown 10 "
+                "--min-decode 1 --max-decode 2 --max-workers 2 --autoscale-window 10 --autoscale-up-cooldown 10 "
                 f"--autoscale-down-delay 30 {DEADLINE}"),
 }
 

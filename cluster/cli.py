@@ -196,6 +196,13 @@ def _add_serve_parser(sub) -> None:
     scale.add_argument("--max-prefill", type=_non_negative_int, default=4)
     scale.add_argument("--min-decode", type=_positive_int, default=1)
     scale.add_argument("--max-decode", type=_positive_int, default=4)
+    scale.add_argument("--max-workers", type=_positive_int, default=None, metavar="N",
+                       help="a budget: at most N prefill and decode workers together (the cores or GPUs "
+                            "they share). Workers are then traded between the roles, drained from one before "
+                            "they start in the other: by queue depth, to the role with the most load per "
+                            "worker; with --autoscale slo, to the split whose predicted TTFT and TPOT are "
+                            "nearest their targets (prefill workers may go to 0 with --min-prefill 0: decode "
+                            "workers then prefill every prompt, as --colocated)")
     scale.add_argument("--autoscale-prefill-tokens", type=_positive_int, default=4096,
                        help="pending prompt tokens per prefill worker before adding one")
     scale.add_argument("--autoscale-decode-waiting", type=_positive_int, default=4,
@@ -339,7 +346,8 @@ def _serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
-    most = (scaling.max_prefill, scaling.max_decode) if scaling else (num_prefill, args.decode_workers)
+    most = (scaling.max_prefill, scaling.max_decode, scaling.most_workers) if scaling else \
+        (num_prefill, args.decode_workers, num_prefill + args.decode_workers)
     ray = _start_ray(args.address, *most, threads=args.threads)
     try:
         return asyncio.run(_run_gateway(config))
@@ -364,7 +372,7 @@ def _scaling_policy(args: argparse.Namespace):
         return None
     counts = {"min_prefill": 0 if args.colocated else args.min_prefill,
               "max_prefill": 0 if args.colocated else args.max_prefill,
-              "min_decode": args.min_decode, "max_decode": args.max_decode,
+              "min_decode": args.min_decode, "max_decode": args.max_decode, "max_workers": args.max_workers,
               "window_seconds": args.autoscale_window, "up_cooldown": args.autoscale_up_cooldown,
               "down_delay": args.autoscale_down_delay, "down_cooldown": args.autoscale_down_cooldown}
     if args.autoscale == "queue":
@@ -374,7 +382,8 @@ def _scaling_policy(args: argparse.Namespace):
     if missing:
         raise ConfigError(f"--autoscale slo needs its targets: {' and '.join(missing)} SECONDS")
     return PlannerPolicy(ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo,
-                         decode_prefill_tokens=_decode_prefill_tokens(args), **counts)
+                         decode_prefill_tokens=_decode_prefill_tokens(args),
+                         local_prefill_tokens=args.local_prefill_tokens, **counts)
 
 
 async def _run_gateway(config) -> int:
@@ -419,10 +428,12 @@ def prepare_local_ray(address: str | None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def _start_ray(address: str | None, num_prefill: int, num_decode: int, threads: int | str = "auto"):
+def _start_ray(address: str | None, num_prefill: int, num_decode: int, workers: int,
+               threads: int | str = "auto"):
     """Join `address`, or start a local Ray bound to 127.0.0.1 with room for the
     workers (and their replacements) under the role resources they ask for: each asks
-    for as many CPUs as the cores it is pinned to (`pdserve.runtime.threads`)."""
+    for as many CPUs as the cores it is pinned to (`pdserve.runtime.threads`); at most
+    `workers` run at once, at most `num_prefill` and `num_decode` of each role."""
     import ray
 
     from pdserve.runtime.threads import available_cores, cores_per_worker
@@ -430,7 +441,6 @@ def _start_ray(address: str | None, num_prefill: int, num_decode: int, threads: 
     if address is not None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        workers = num_prefill + num_decode
         cores = len(available_cores())
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  num_cpus=max(cores, 2 * workers * cores_per_worker(cores, workers, threads)),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
-from pdserve.cluster.control.autoscaler import Autoscaler, ScalingPolicy
+from pdserve.cluster.control.autoscaler import Autoscaler, ScalingPolicy, split_budget
 from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.runtime.config import ConfigError
 
@@ -106,6 +107,8 @@ def test_bad_policies_are_refused():
         ScalingPolicy(down_delay=-1)
     with pytest.raises(ConfigError, match="decode_kv_usage_high"):
         ScalingPolicy(decode_kv_usage_high=1.5)
+    with pytest.raises(ConfigError, match="max_workers .* at least min_prefill"):
+        ScalingPolicy(min_prefill=2, max_workers=2)
 
 
 def test_requests_waiting_for_their_kv_are_a_prefill_backlog_not_a_decode_one():
@@ -113,3 +116,41 @@ def test_requests_waiting_for_their_kv_are_a_prefill_backlog_not_a_decode_one():
     for t in range(10):
         decisions = autoscaler.observe(float(t), stats("prefill", 1, tokens=2500), stats("decode", 1, for_kv=40))
         assert all(d.role == "prefill" for d in decisions)
+
+
+# ------------------------------------------------------------------ a worker budget
+
+BUDGET = dataclasses.replace(POLICY, max_workers=3)
+
+
+def test_a_split_is_the_least_scored_of_the_total_the_wants_ask_for():
+    scores = {(1, 2): 2.0, (2, 1): 1.0}
+    wants = {"prefill": 2.5, "decode": 2.5}  # 3 + 3 asked, 3 in the budget
+    assert split_budget(BUDGET, wants, (1, 1), lambda p, d: scores[(p, d)]) == (2, 1)
+    assert split_budget(BUDGET, wants, (1, 2), lambda p, d: 1.0) == (1, 2)  # a tie keeps the serving split
+    assert split_budget(BUDGET, {"prefill": 0.5, "decode": 0.5}, (1, 1), lambda p, d: 0.0) == (1, 1)  # within budget
+    assert split_budget(POLICY, wants, (1, 1), lambda p, d: 0.0) is None  # no budget
+
+
+def test_a_worker_budget_goes_to_the_role_with_the_most_load_per_worker_and_is_traded_by_draining_first():
+    cluster = Cluster(BUDGET)
+    held = []
+
+    def run(start: int, seconds: int, **load) -> None:
+        for t in range(start, start + seconds):
+            cluster.run(t, 1, **load)
+            held.append(sum(cluster.count.values()))
+
+    # prefill wants 2.5 workers, decode 1.25: (2, 1) carries 1.25 a worker, (1, 2) 2.5
+    run(0, 60, tokens=lambda t: 2500, waiting=lambda t: 5)
+    assert cluster.count == {"prefill": 2, "decode": 1}
+    # the load turns: decode now wants 2.5 and prefill 1.5; (1, 2) is better but decode
+    # has no room until a prefill worker is gone, which waits like any scale-down
+    turned = len(cluster.history)
+    run(60, 120, tokens=lambda t: 1500, waiting=lambda t: 10)
+    assert cluster.count == {"prefill": 1, "decode": 2}
+    assert max(held) <= 3
+    (t_down, role_down, _, why), (t_up, role_up, _, _) = cluster.history[turned:]
+    assert (role_down, role_up) == ("prefill", "decode") and t_down < t_up
+    assert t_down >= 60 + BUDGET.down_delay
+    assert "share of the 3-worker budget: 1" in why  # prefill's own want (1.5) would have kept 2

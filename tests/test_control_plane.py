@@ -521,13 +521,18 @@ class _RecordingAutoscaler:
 
     def __init__(self) -> None:
         self.unmet: list[int] = []
+        self.prompts: list[list[int]] = []
+        self.draining: list[dict[str, int]] = []
 
-    def observe(self, now, prefill, decode, counts, unmet_prefill_tokens=0):
+    def observe(self, now, prefill, decode, counts, unmet_prefill_tokens=0, draining=None, prompts=()):
         self.unmet.append(unmet_prefill_tokens)
+        self.prompts.append(list(prompts))
+        self.draining.append(dict(draining))
         return []
 
 
 def test_prompts_that_find_no_prefill_worker_reach_the_autoscaler_once():
+    """... and every routed prompt's uncached size, whatever its route, reaches it once."""
     from pdserve.cluster.control.controller import WorkerHandle
 
     autoscaler = _RecordingAutoscaler()
@@ -546,6 +551,8 @@ def test_prompts_that_find_no_prefill_worker_reach_the_autoscaler_once():
     controller._autoscale()
     controller._autoscale()
     assert autoscaler.unmet == [100, 0]
+    assert autoscaler.prompts == [[100, 3], []]
+    assert autoscaler.draining == [{"prefill": 0, "decode": 0}] * 2
     assert 'pdserve_routes_total{decode_worker="decode-0",prefill="local"} 2.0' in metrics.render().decode()
 
 

@@ -276,6 +276,9 @@ def test_autoscaling_flags(chart):
     assert tuned.autoscale
     assert (tuned.autoscale_prefill_tokens, tuned.autoscale_decode_waiting, tuned.autoscale_window) == (1000, 2, 5.0)
     assert (tuned.autoscale_up_cooldown, tuned.autoscale_down_delay, tuned.autoscale_down_cooldown) == (7, 90, 120)
+    assert tuned.max_workers is None  # no budget unless asked
+    budget = parse_serve(serve_args(render(chart, {"autoscaling": {"maxWorkers": 3}})))
+    assert budget.max_workers == 3
 
     off = render(chart, {"autoscaling": {"enabled": False}})
     assert not parse_serve(serve_args(off)).autoscale

@@ -9,6 +9,7 @@ one takes no new request and leaves once empty. Time is simulated: nothing here 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -19,18 +20,25 @@ from collections.abc import Callable
 
 import pytest
 
-from pdserve.cluster.control.planner import PlannerPolicy, SLOPlanner, StepTimeModel, fit_step_time
+from pdserve.cluster.control.planner import (
+    SPLIT_MARGIN,
+    PlannerPolicy,
+    SLOPlanner,
+    StepTimeModel,
+    fit_step_time,
+)
 from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.runtime.config import ConfigError
 
 PREFILL_RATE = 2000.0  # prompt tokens per second of one prefill worker
 CHUNK = 512  # prompt tokens per prefill step
-STEP = StepTimeModel(0.02, 0.004)  # decode step seconds for a batch
+STEP = StepTimeModel(0.02, 0.004, 1 / PREFILL_RATE)  # decode step seconds: a batch, local prompt tokens
 TRANSFER = 0.1  # seconds from a prompt's last chunk to its KV on the decode worker
 NOISE = 0.1  # every step takes its nominal time times uniform(1 - NOISE, 1 + NOISE)
 INTERVAL = 2.0  # seconds between observations
 STARTUP = 4.0  # seconds before a new worker serves
 TICK = 0.05
+LOCAL_CHUNK = 64  # prompt tokens a decode worker computes per step beside its decodes
 
 POLICY = PlannerPolicy(ttft_slo=1.5, tpot_slo=0.1, min_prefill=1, max_prefill=6, min_decode=1, max_decode=6,
                        window_seconds=30, up_cooldown=15, down_delay=60, down_cooldown=30, fit_seconds=60)
@@ -119,12 +127,16 @@ class SimPrefill(SimWorker):
 class SimDecode(SimWorker):
     """Continuous batching: each step gives every running request one token; a request
     joins at the first step after its KV arrived (its first token, sampled by the
-    prefill worker, is emitted then)."""
+    prefill worker, is emitted then). A prompt routed here (local) is computed FCFS,
+    LOCAL_CHUNK tokens a step beside the decodes, at the prefill workers' rate; it joins
+    the batch when done."""
 
     def __init__(self, *args) -> None:
         super().__init__("decode", *args)
         self.running: list[Req] = []
         self.incoming: list[tuple[float, Req]] = []  # (KV arrival, request)
+        self.local: deque[Req] = deque()  # prompts to compute here, first one in progress
+        self.local_done = 0  # tokens of the first one computed
         self.assigned = 0  # requests routed here and not finished
         self.finished = 0
 
@@ -135,6 +147,11 @@ class SimDecode(SimWorker):
     def kv_arrives(self, request: Req, at: float) -> None:
         self.incoming.append((at, request))
 
+    def add_local(self, request: Req, now: float) -> None:
+        if not self.running and not self.local:
+            self.clock = max(self.clock, now)
+        self.local.append(request)
+
     def run_until(self, end: float) -> None:
         while self.clock < end:
             arrived = [r for at, r in self.incoming if at <= self.clock]
@@ -144,28 +161,51 @@ class SimDecode(SimWorker):
                 self.transfers += 1
                 self.transfer_seconds += TRANSFER
             self.running += arrived
-            if not self.running:
+            if not self.running and not self.local:
                 self.clock = min([end] + [at for at, _ in self.incoming])
                 continue
-            done = self._step(STEP(len(self.running)), len(self.running))
+            chunk = min(LOCAL_CHUNK, self.local[0].prompt - self.local_done) if self.local else 0
+            done = self._step(STEP(len(self.running), chunk), len(self.running))
+            self.prompt_tokens += chunk
+            self.local_done += chunk
+            prompted = []
+            if self.local and self.local_done == self.local[0].prompt:
+                prompted, self.local_done = [self.local.popleft()], 0
+                prompted[0].first_token, prompted[0].emitted = done, 1
             for request in self.running:
                 request.emitted += 1
                 if request.emitted == request.output:
                     request.finished = done
                     self.assigned -= 1
                     self.finished += 1
-            self.running = [r for r in self.running if r.finished is None]
+            self.running = [r for r in self.running if r.finished is None] + prompted
 
     def stats(self) -> WorkerStats:
         waiting_for_kv = sum(1 for at, _ in self.incoming if at > self.clock)
-        return WorkerStats("decode", self.worker_id, len(self.incoming) - waiting_for_kv, 0, len(self.running),
+        return WorkerStats("decode", self.worker_id, len(self.incoming) - waiting_for_kv + len(self.local),
+                           sum(r.prompt for r in self.local) - self.local_done, len(self.running),
                            waiting_for_kv, 0.0, 0, 0, 0, self.transfer_seconds, {"succeeded": self.transfers},
-                           self.steps, self.step_seconds, 0, self.batch_stepped, requests_finished=self.finished)
+                           self.steps, self.step_seconds, self.prompt_tokens, self.batch_stepped,
+                           requests_finished=self.finished)
+
+
+def uniform_requests(rng: random.Random) -> tuple[int, int]:
+    """(prompt tokens, output tokens) of the default load."""
+    return rng.randint(600, 1400), rng.randint(60, 140)
 
 
 class SimCluster:
-    def __init__(self, policy: PlannerPolicy = POLICY, prefill: int = 1, decode: int = 1, seed: int = 0) -> None:
+    """Routes as the gateway does: prompts up to the plan's local-prefill threshold (the
+    router's default before there is one), and all while no prefill worker serves, are
+    computed on their decode worker."""
+
+    def __init__(self, policy: PlannerPolicy = POLICY, prefill: int = 1, decode: int = 1, seed: int = 0,
+                 requests: Callable[[random.Random], tuple[int, int]] = uniform_requests) -> None:
         self.planner = SLOPlanner(policy)
+        self.make_request = requests
+        self.routed: list[int] = []  # prompt tokens routed since the last observation
+        self.most_held = 0  # the most workers held at once (starting, serving, draining)
+        self.unmet = 0  # prompt tokens since the last observation that wanted a prefill worker and found none
         self.rng = random.Random(seed)
         self.now = 0.0
         self.workers: list[SimWorker] = []
@@ -196,7 +236,7 @@ class SimCluster:
         next_observation = math.floor(self.now / INTERVAL) * INTERVAL + INTERVAL
         while self.now < until:
             while self._next_arrival <= self.now:
-                self._route(Req(self._next_arrival, self.rng.randint(600, 1400), self.rng.randint(60, 140)))
+                self._route(Req(self._next_arrival, *self.make_request(self.rng)))
                 self._next_arrival += self.rng.expovariate(rate(self._next_arrival))
             end = self.now + TICK
             for worker in self.workers:
@@ -211,16 +251,31 @@ class SimCluster:
                 next_observation += INTERVAL
 
     def _route(self, request: Req) -> None:
-        prefill = min(self.serving("prefill"), key=lambda w: w.load)
         decode = min(self.serving("decode"), key=lambda w: w.assigned)
         decode.assigned += 1
-        prefill.add(request, decode, self.now)
+        plan = self.planner.last_plan
+        local = self.planner.policy.local_prefill_tokens if plan is None or plan.local_prefill_threshold is None \
+            else plan.local_prefill_threshold
+        if not self.serving("prefill") or request.prompt <= local:
+            decode.add_local(request, self.now)
+            if request.prompt > local:  # it wanted a prefill worker
+                self.unmet += request.prompt
+        else:
+            min(self.serving("prefill"), key=lambda w: w.load).add(request, decode, self.now)
+        self.routed.append(request.prompt)
         self.requests.append(request)
+
+    def held(self) -> int:
+        """Workers holding their share of a budget: starting, serving and draining."""
+        return len(self.workers) + len(self.starting)
 
     def _observe(self) -> None:
         counts = {role: self.count(role) for role in ("prefill", "decode")}
+        draining = {role: sum(1 for w in self.workers if w.role == role and w.draining) for role in counts}
         decisions = self.planner.observe(self.now, [w.stats() for w in self.serving("prefill")],
-                                         [w.stats() for w in self.serving("decode")], counts)
+                                         [w.stats() for w in self.serving("decode")], counts,
+                                         unmet_prefill_tokens=self.unmet, draining=draining, prompts=self.routed)
+        self.routed, self.unmet = [], 0
         self.plans.append(self.planner.last_plan)
         for d in decisions:
             assert d.current == counts[d.role]
@@ -232,6 +287,7 @@ class SimCluster:
                 for worker in victims[:d.current - d.desired]:
                     worker.draining = True
         self.timeline.append((self.now, {role: self.count(role) for role in ("prefill", "decode")}))
+        self.most_held = max(self.most_held, self.held())
 
     def counts_at(self, when: float) -> dict[str, int]:
         return next(counts for t, counts in self.timeline if t >= when)
@@ -370,18 +426,37 @@ def test_the_fit_recovers_a_and_b_from_noisy_points():
     are several standard errors wide."""
     rng = random.Random(0)
     truth = StepTimeModel(0.02, 0.004)
-    points = [(x, truth(x) + rng.gauss(0, 0.003)) for x in (rng.randint(1, 32) for _ in range(200))]
+    points = [(x, 0, truth(x) + rng.gauss(0, 0.003)) for x in (rng.randint(1, 32) for _ in range(200))]
     fitted = fit_step_time(points, StepTimeModel(0.1, 0.0))
     assert fitted.b == pytest.approx(truth.b, rel=0.05)
     assert fitted.a == pytest.approx(truth.a, rel=0.10)
 
 
+def test_the_fit_separates_the_cost_of_local_prompt_tokens_from_the_batch():
+    """Steps of 1..32 requests, some carrying 0..128 prompt tokens of a local prefill at
+    6 ms a token (twice the prior's 3 ms): e comes out near 6 ms, b and a stay where
+    they were; the batch and the prompt tokens vary independently, so neither slope
+    takes the other's time."""
+    rng = random.Random(1)
+    truth = StepTimeModel(0.02, 0.004, 0.006)
+    points = []
+    for _ in range(300):
+        x, z = rng.randint(1, 32), rng.choice([0, 0, 0, rng.randint(1, 128)])
+        points.append((x, z, truth(x, z) + rng.gauss(0, 0.003)))
+    fitted = fit_step_time(points, StepTimeModel(0.1, 0.0, 0.003))
+    assert fitted.e == pytest.approx(truth.e, rel=0.05)
+    assert fitted.b == pytest.approx(truth.b, rel=0.05)
+    assert fitted.a == pytest.approx(truth.a, rel=0.15)
+
+
 def test_the_fit_keeps_the_prior_slope_until_the_batch_varies():
-    prior = StepTimeModel(0.05, 0.003)
+    prior = StepTimeModel(0.05, 0.003, 0.001)
     assert fit_step_time([], prior) == prior
-    fitted = fit_step_time([(8, 0.06), (8, 0.062), (8, 0.058)], prior)
-    assert fitted.b == pytest.approx(prior.b) and fitted(8) == pytest.approx(0.06)
-    assert fit_step_time([(1, 0.001), (2, 0.0005)], prior).b >= 0  # never a falling step time
+    fitted = fit_step_time([(8, 0, 0.06), (8, 0, 0.062), (8, 0, 0.058)], prior)
+    assert fitted.b == pytest.approx(prior.b) and fitted.e == pytest.approx(prior.e)
+    assert fitted(8) == pytest.approx(0.06)
+    falling = fit_step_time([(1, 0, 0.001), (2, 0, 0.0005), (1, 50, 0.001), (2, 60, 0.0001)], prior)
+    assert falling.b >= 0 and falling.e >= 0 and falling.a >= 0  # never a falling step time
 
 
 def test_decode_points_leave_out_the_time_of_local_prefills():
@@ -474,6 +549,8 @@ def test_prediction_error_compares_the_last_windows_predictions_with_the_observe
     ({"ttft_slo": 1, "tpot_slo": 0.1, "min_decode": 0}, "min_decode"),
     ({"ttft_slo": 1, "tpot_slo": 0.1, "min_prefill": 3, "max_prefill": 2}, "min_prefill"),
     ({"ttft_slo": 1, "tpot_slo": 0.1, "down_headroom": 0}, "down_headroom"),
+    ({"ttft_slo": 1, "tpot_slo": 0.1, "max_workers": 1}, "max_workers .* at least min_prefill"),
+    ({"ttft_slo": 1, "tpot_slo": 0.1, "attainment": 1.0}, "attainment must be in"),
 ])
 def test_bad_policies_are_refused(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -483,3 +560,89 @@ def test_bad_policies_are_refused(bad, message):
 def test_the_targets_have_no_default():
     with pytest.raises(TypeError, match="ttft_slo"):
         PlannerPolicy(tpot_slo=0.1)
+
+
+# ---------------------------------------------------------------------------- a worker budget
+
+BUDGET = dataclasses.replace(POLICY, min_prefill=0, max_prefill=2, max_decode=2, max_workers=2)
+
+
+def short_prompts(rng: random.Random) -> tuple[int, int]:
+    """Multi-turn chat with its history cached: little to compute per prompt, long answers."""
+    return rng.randint(50, 150), rng.randint(100, 200)
+
+
+def some_long_prompts(rng: random.Random) -> tuple[int, int]:
+    """One prompt in ten of 4,000 tokens (2 s of compute), short answers."""
+    return (4000 if rng.random() < 0.1 else 100), rng.randint(20, 40)
+
+
+def attainment(cluster: SimCluster, since: float) -> float:
+    served = [r for r in cluster.requests if r.arrival > since and r.finished is not None]
+    return sum(1 for r in served if r.ttft <= POLICY.ttft_slo and r.tpot <= POLICY.tpot_slo) / len(served)
+
+
+def fixed(prefill: int, decode: int) -> PlannerPolicy:
+    return dataclasses.replace(POLICY, min_prefill=prefill, max_prefill=prefill, min_decode=decode, max_decode=decode)
+
+
+@pytest.mark.parametrize("requests, rate, better, worse", [
+    (short_prompts, 1.5, (0, 2), (1, 1)),  # decode-bound: one decode worker cannot keep up
+    (some_long_prompts, 1.0, (1, 1), (0, 2)),  # a 4,000-token prompt on a decode worker spoils TPOT
+])
+def test_the_split_the_planner_scores_better_serves_more_requests_within_target(requests, rate, better, worse):
+    """The budget's score (`Forecast.split_score`) against the simulator: each split run
+    with fixed counts on the same load; the one scored lower meets both targets for more
+    requests."""
+    runs = {}
+    for split in (better, worse):
+        cluster = SimCluster(fixed(*split), *split, seed=5, requests=requests)
+        cluster.run(400, steady(rate))
+        runs[split] = cluster
+    plan = runs[better].plans[-1]
+    local = POLICY.local_prefill_tokens if plan.local_prefill_threshold is None else plan.local_prefill_threshold
+    scores = {split: plan.forecast.split_score(*split, local) for split in (better, worse)}
+    assert scores[better] < scores[worse]
+    assert attainment(runs[better], 100) > attainment(runs[worse], 100)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_worker_budget_goes_to_decode_when_the_prompts_are_short(seed):
+    """1.5 requests/s of short prompts and long answers (~225 decode tokens/s: one decode
+    worker cannot step that many within TPOT, two can, and the prompts are cheap to
+    compute beside the decodes). From 1P+1D on a budget of 2, the prefill worker is
+    drained first and a second decode worker starts once it has gone: never more than 2
+    workers held. Then TPOT is met."""
+    cluster = SimCluster(BUDGET, seed=seed, requests=short_prompts)
+    cluster.run(400, steady(1.5))
+    assert (cluster.count("prefill"), cluster.count("decode")) == (0, 2), cluster.history
+    assert cluster.most_held <= 2
+    [(drained_at, _)], [(added_at, _)] = cluster.changes("prefill"), cluster.changes("decode")
+    assert drained_at < added_at
+    assert drained_at >= BUDGET.down_delay  # a trade waits like any scale-down
+    reason = next(why for _, role, _, why in cluster.history if role == "decode")
+    assert "share of the 2-worker budget: 2" in reason
+    served = [r for r in cluster.requests if r.arrival > added_at + 60 and r.finished is not None]
+    assert statistics.quantiles([r.tpot for r in served], n=10)[-1] <= POLICY.tpot_slo
+
+
+@pytest.mark.parametrize("start", [(1, 1), (0, 2)])
+def test_a_worker_budget_keeps_a_prefill_worker_while_long_prompts_would_spoil_tpot(start):
+    """1 request/s, one prompt in ten 4,000 tokens: on a decode worker such a prompt takes
+    more than a running request's whole TPOT slack (20-40 tokens at ~30 ms), and about one
+    request in five would meet one. From 1P+1D nothing changes; from 0P+2D a decode worker
+    is traded for a prefill worker."""
+    cluster = SimCluster(BUDGET, *start, seed=1, requests=some_long_prompts)
+    cluster.run(400, steady(1.0))
+    assert (cluster.count("prefill"), cluster.count("decode")) == (1, 1), cluster.history
+    assert cluster.most_held <= 2
+    if start == (1, 1):
+        assert cluster.history == []
+    scores = cluster.plans[-1].split_scores
+    assert scores[(1, 1)] < SPLIT_MARGIN * scores[(0, 2)]
+
+
+def test_without_a_budget_no_split_is_scored():
+    cluster = SimCluster(seed=0)
+    cluster.run(60, steady(2.0))
+    assert all(plan.split is None and plan.split_scores is None for plan in cluster.plans)

@@ -149,6 +149,23 @@ def test_a_plan_sets_the_routers_threshold_and_batch_cap_and_the_gauges(caplog):
     assert f'pdserve_planner_prediction_error{{slo="ttft"}} {errors["ttft"]}' in text
 
 
+def test_a_worker_budgets_split_is_logged_when_it_changes(caplog):
+    planner = SLOPlanner(dataclasses.replace(POLICY, min_prefill=0, max_decode=2, max_workers=2))
+    control = SLOControl(planner, _router(), GatewayMetrics())
+    with caplog.at_level(logging.INFO, logger="pdserve.cluster.control.slo_control"):
+        planner.observe(0.0, [_prefill()], [_decode()])
+        control.apply()
+        planner.observe(10.0, [_prefill(0, computed=10_000, step_seconds=5.0, jobs=10, tail_seconds=0.5)],
+                        [_decode(running=4, steps=100, step_seconds=3.0, stepped=400, finished=10)],
+                        prompts=[1000] * 10)
+        control.apply()
+        control.apply()
+    splits = [r.getMessage() for r in caplog.records if "worker budget split" in r.getMessage()]
+    assert planner.last_plan.split is not None and len(splits) == 2  # (0, 1) with no load, then the plan's
+    split = planner.last_plan.split
+    assert f"split {split[0]}P+{split[1]}D" in splits[-1] and "0P+2D" in splits[-1] and "1P+1D" in splits[-1]
+
+
 def test_a_slow_measured_hop_does_not_turn_every_prompt_local():
     planner = SLOPlanner(POLICY)
     planner.observe(0.0, [_prefill()], [_decode()])

@@ -136,7 +136,7 @@ def test_the_worker_spec_checks_threads_too():
 def local_ray():
     from pdserve.cluster.cli import _start_ray
 
-    ray = _start_ray(None, 1, 1, threads="auto")
+    ray = _start_ray(None, 1, 1, 2, threads="auto")
     yield ray
     ray.shutdown()
 

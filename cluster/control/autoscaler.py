@@ -28,13 +28,25 @@ Against flapping (`CountDamper`), per role:
       the count (the hysteresis band) changes nothing;
     - counts stay within [min, max] per role; a count outside (e.g. at start) is corrected
       at once, without waiting for a cooldown.
+
+A worker budget (`max_workers`, the workers the cluster's cores or GPUs hold at once) caps
+the two roles together. Each observation splits it (`split_budget`): the total the wants
+ask for (at most the budget) goes to the split the caller's score finds best, the current
+split on a tie. A role's share is then the damper's count for it: below the count, the
+role comes down one worker at a time after `down_delay` (when its own want would keep the
+count, the hysteresis band does not hold it: the budget moved, not the load); above, it
+goes up only into room no other worker holds (draining ones hold theirs until they stop).
+So a worker is traded from one role to the other by draining first and starting after,
+never above the budget. Here (queue depth)
+the score is the larger averaged want per worker; the SLO planner scores splits by its
+predictions.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -56,6 +68,7 @@ class CountPolicy:
     down_delay: float = 60.0
     down_cooldown: float = 60.0
     down_headroom: float = 0.7
+    max_workers: int | None = None  # prefill + decode workers at once, draining ones included; None: no budget
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -70,9 +83,58 @@ class CountPolicy:
                 raise ConfigError(f"{knob} must be >= 0 seconds, got {getattr(self, knob)}")
         if not 0 < self.down_headroom <= 1:
             raise ConfigError(f"down_headroom must be in (0, 1], got {self.down_headroom}")
+        if self.max_workers is not None and self.max_workers < self.min_prefill + self.min_decode:
+            raise ConfigError(f"max_workers ({self.max_workers}) must be at least min_prefill + min_decode "
+                              f"({self.min_prefill + self.min_decode})")
 
     def bounds(self, role: str) -> tuple[int, int]:
         return getattr(self, f"min_{role}"), getattr(self, f"max_{role}")
+
+    @property
+    def most_workers(self) -> int:
+        """The most workers that may run at once."""
+        both = self.max_prefill + self.max_decode
+        return both if self.max_workers is None else min(both, self.max_workers)
+
+
+Split = tuple[int, int]  # (prefill workers, decode workers)
+
+
+def split_budget(policy: CountPolicy, wants: Mapping[str, float], current: Split,
+                 score: Callable[[int, int], float]) -> Split | None:
+    """The budget's split for this observation (module docstring); None without a budget.
+    The total is what the wants ask for, each within its bounds, at most the budget; of
+    the splits of that total within the bounds, the one of least `score` (the current
+    split when it scores no worse than the best)."""
+    if policy.max_workers is None:
+        return None
+    (low_p, high_p), (low_d, high_d) = policy.bounds("prefill"), policy.bounds("decode")
+    asked = (min(max(math.ceil(wants["prefill"] - 1e-9), low_p), high_p)
+             + min(max(math.ceil(wants["decode"] - 1e-9), low_d), high_d))
+    total = min(asked, policy.max_workers)
+    splits = [(p, total - p) for p in range(low_p, high_p + 1) if low_d <= total - p <= high_d]
+    best = min(splits, key=lambda split: score(*split))
+    return current if current in splits and score(*current) <= score(*best) else best
+
+
+def load_per_worker(wants: Mapping[str, float]) -> Callable[[int, int], float]:
+    """The queue-depth score: the larger want per worker of the two roles (a role
+    with a want and no worker: unbounded)."""
+    def score(prefill: int, decode: int) -> float:
+        return max(wants[role] / count if count else (math.inf if wants[role] > 0 else 0.0)
+                   for role, count in (("prefill", prefill), ("decode", decode)))
+    return score
+
+
+def budget_shares(policy: CountPolicy, split: Split | None, held: Mapping[str, int]) -> dict[str, int | None]:
+    """Per role, the count the budget gives it now: its part of `split`, but no more than
+    the room the other role's workers leave (`held`: starting, serving and draining).
+    None per role without a budget."""
+    if policy.max_workers is None or split is None:
+        return dict.fromkeys(ROLES, None)
+    shares = dict(zip(("prefill", "decode"), split))
+    return {role: min(shares[role], policy.max_workers - sum(n for other, n in held.items() if other != role))
+            for role in ROLES}
 
 
 @dataclass(frozen=True)
@@ -108,28 +170,44 @@ class _RoleState:
 
 
 class CountDamper:
-    """Turns each role's wanted worker count, sampled at every observation, into at most
-    one change per role and call, by the rules in the module docstring. It holds the
-    samples and the times of past changes; `decide` is its only mutator."""
+    """Turns each role's wanted worker count, sampled at every observation (`record`),
+    into at most one change per role and observation (`decide`), by the rules in the module
+    docstring. It holds the samples and the times of past changes."""
 
     def __init__(self, policy: CountPolicy) -> None:
         self.policy = policy
         self._roles = {role: _RoleState() for role in ROLES}
 
-    def decide(self, role: str, now: float, current: int, wanted: float, why: str) -> Decision | None:
-        """Record `wanted` (workers, a float) at `now`; the change of `role`'s count to make
-        now, if any, its reason being `why` and the averaged want. Calls come in time order."""
+    def record(self, role: str, now: float, wanted: float) -> float:
+        """Record `wanted` (workers, a float) at `now`; the want averaged over the window.
+        Calls come in time order, one per role and observation, before `decide`."""
+        state = self._roles[role]
+        state.samples.append((now, wanted))
+        while state.samples and state.samples[0][0] < now - self.policy.window_seconds:
+            state.samples.popleft()
+        return self.average(role)
+
+    def average(self, role: str) -> float:
+        samples = self._roles[role].samples
+        return sum(w for _, w in samples) / len(samples) if samples else 0.0
+
+    def decide(self, role: str, now: float, current: int, why: str, share: int | None = None) -> Decision | None:
+        """The change of `role`'s count to make now, if any, from the wants recorded over
+        the window; its reason is `why` and the averaged want. `share`: the role's count in
+        the budget's split, None without a budget (module docstring)."""
         p, state = self.policy, self._roles[role]
         low, high = p.bounds(role)
-        state.samples.append((now, wanted))
-        while state.samples and state.samples[0][0] < now - p.window_seconds:
-            state.samples.popleft()
         if not low <= current <= high:
             state.last_change = now
             return Decision(role, current, min(max(current, low), high), f"outside [{low}, {high}]")
-        average = sum(w for _, w in state.samples) / len(state.samples)
+        average = self.average(role)
         desired = min(max(math.ceil(average - 1e-9), low), high)
-        if desired < current and average > (current - 1) * p.down_headroom:
+        # Down because the budget moved, not the load: the hysteresis band does not hold it.
+        traded = share is not None and share < current <= desired
+        if share is not None:
+            desired = min(max(share, low), high)
+            why = f"{why}; its share of the {p.max_workers}-worker budget: {desired}"
+        if desired < current and not traded and average > (current - 1) * p.down_headroom:
             desired = current  # inside the hysteresis band
         if desired > current:
             state.below_since = None
@@ -154,16 +232,24 @@ class Autoscaler:
         self._damper = CountDamper(policy)
 
     def observe(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats],
-                counts: dict[str, int] | None = None, unmet_prefill_tokens: int = 0) -> list[Decision]:
+                counts: dict[str, int] | None = None, unmet_prefill_tokens: int = 0,
+                draining: Mapping[str, int] | None = None, prompts: Sequence[int] = ()) -> list[Decision]:
         """Take one snapshot of the serving workers' stats; return the changes to make now
         (at most one per role). The current count of a role is `counts[role]` if given
         (workers still starting count as there), else the number of its stats.
-        `unmet_prefill_tokens`: see the prefill signal in the module docstring."""
+        `unmet_prefill_tokens`: see the prefill signal in the module docstring; `draining`:
+        workers per role being drained (they hold their share of the budget until they
+        stop); `prompts` (the planner's signal) is not read here."""
+        current = {"prefill": counts["prefill"] if counts is not None else len(prefill),
+                   "decode": counts["decode"] if counts is not None else len(decode)}
+        wants = {"prefill": self._prefill_want(prefill, unmet_prefill_tokens), "decode": self._decode_want(decode)}
+        averaged = {role: self._damper.record(role, now, want) for role, (want, _) in wants.items()}
+        split = split_budget(self.policy, averaged, (current["prefill"], current["decode"]), load_per_worker(averaged))
+        held = {role: current[role] + (draining or {}).get(role, 0) for role in ROLES}
+        shares = budget_shares(self.policy, split, held)
         decisions = []
-        for role, stats, (wanted, why) in (("prefill", prefill, self._prefill_want(prefill, unmet_prefill_tokens)),
-                                            ("decode", decode, self._decode_want(decode))):
-            current = counts[role] if counts is not None else len(stats)
-            decision = self._damper.decide(role, now, current, wanted, why)
+        for role, (_, why) in wants.items():
+            decision = self._damper.decide(role, now, current[role], why, shares[role])
             if decision is not None:
                 decisions.append(decision)
         return decisions

@@ -180,6 +180,7 @@ class ClusterBackend:
             raise RequestError(ErrorKind.UNAVAILABLE, "no decode worker is ready; retry shortly", retry_after=1)
         if route.unmet_prefill_tokens:
             self.controller.note_unmet_prefill(route.unmet_prefill_tokens)
+        self.controller.note_routed_prompt(len(prompt_ids) - route.cached_tokens)
         decode = self.controller.workers[route.decode]
         prefill = self.controller.workers.get(route.prefill) if route.prefill else None
         path = "remote" if prefill is not None else "local"

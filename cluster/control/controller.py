@@ -133,6 +133,7 @@ class Controller:
         self.num_errors = 0  # monitor-loop failures (logged, counted, survived)
         self.unmet_prefill_tokens = 0  # routed prompt tokens that found no prefill worker (autoscaler)
         self._unmet_seen = 0  # the part of it the autoscaler has seen
+        self._routed_prompts: list[int] = []  # uncached tokens per prompt routed since the last scaling round
         self._link_tasks: dict[tuple[str, str], asyncio.Task] = {}
         self._departures: collections.OrderedDict[str, str] = collections.OrderedDict()  # worker -> reason
         self._next_id = {"prefill": 0, "decode": 0}
@@ -165,6 +166,12 @@ class Controller:
         none: the autoscaler's prefill signal counts them."""
         self.unmet_prefill_tokens += tokens
 
+    def note_routed_prompt(self, uncached_tokens: int) -> None:
+        """The gateway routed a prompt with this many tokens to compute, by any route (the
+        SLO planner sizes the load a split of a worker budget would put where)."""
+        if self.autoscaler is not None:
+            self._routed_prompts.append(uncached_tokens)
+
     def all_stats(self) -> list[WorkerStats]:
         return [w.stats for w in self.workers.values() if w.stats is not None]
 
@@ -195,7 +202,7 @@ class Controller:
                  if node["Alive"] and any(node["Resources"].get(role) for role in ROLES)}
         if here is not None and set(hosts) == {here}:
             scaling = self.autoscaler.policy if self.autoscaler is not None else None
-            most = scaling.max_prefill + scaling.max_decode if scaling else sum(self.target.values())
+            most = scaling.most_workers if scaling else sum(self.target.values())
             ledger = CoreLedger(available_cores(), self.spec.threads, most, node_id=here)
             log.info("workers on this node: %d core(s) each of %s (threads: %s)", ledger.cores_per_worker,
                      format_cores(ledger.cores), self.spec.threads)
@@ -378,9 +385,12 @@ class Controller:
     def _autoscale(self) -> None:
         serving = {role: [w.stats for w in self.members(role) if w.stats is not None] for role in self.target}
         counts = {role: len(self.members(role)) + self._starting[role] for role in self.target}
+        draining = {role: sum(1 for w in self.workers.values() if w.role == role and w.draining)
+                    for role in self.target}
         unmet, self._unmet_seen = self.unmet_prefill_tokens - self._unmet_seen, self.unmet_prefill_tokens
+        prompts, self._routed_prompts = self._routed_prompts, []
         for decision in self.autoscaler.observe(time.monotonic(), serving["prefill"], serving["decode"], counts,
-                                                unmet_prefill_tokens=unmet):
+                                                unmet_prefill_tokens=unmet, draining=draining, prompts=prompts):
             log.info("%s: %s %s %d -> %d: %s", type(self.autoscaler).__name__, decision.role, decision.direction,
                      decision.current, decision.desired, decision.reason)
             if self.on_decision is not None:

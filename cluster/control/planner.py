@@ -11,20 +11,26 @@ Models, fitted only from what the workers' counters grew by between two observat
 (`WorkerStats`), pooled over the last `fit_seconds`:
     r     prefill throughput: prompt tokens computed per second of step time, per worker
           (a prior of `prior_prefill_tokens_per_second` counts as one second of step time)
-    t     decode step time, t(batch) = a + b * batch: least squares over one point per decode
-          worker and observation (requests per step, seconds per step, the time of its local
-          prefill chunks taken out at rate r); the slope is shrunk towards the prior's, so
-          points all at one batch size (a steady load) fix the intercept and keep that slope
+    t     decode step time, t(batch, z) = a + b * batch + e * z for a step that also computes
+          z prompt tokens (local prefills): least squares over one point per decode worker
+          and observation (requests, prompt tokens and seconds per step); the slopes are
+          shrunk towards the priors' (e's: 1 / r, what a prompt token costs a prefill
+          worker), so points all at one batch size (a steady load) fix the intercept and
+          keep the prior's slope
     h     the hop: seconds per transfer sent from a prompt's last prefill step to the decode
           worker's acceptance (`kv_tail_seconds`; the earlier layers went while later ones
           were computed, so this is what the hop adds to TTFT)
     s     prompt tokens per prefill job; S = s / r seconds to compute one
     n     output tokens per request: decode request-steps per request that ended on decode
+r and h are the last measured while no prefill worker serves (before any has: r = 1 / e
+when decode workers computed prompts, the prior otherwise).
 The load, over the last `window_seconds`:
     lam   prompt tokens per second offered to prefill: computed + growth of the queued ones
           + those routed with no prefill worker up (`unmet_prefill_tokens`)
     g     decode tokens per second: requests stepped per second (one token per request-step;
           speculation makes more, so TPOT comes out lower than predicted)
+    z     prompt tokens per second the decode workers compute (local prefills); a share
+          u = e z / nd of each decode worker's time
     q, m  prompt tokens queued on the least busy prefill worker, requests running or
           waiting on the least busy decode worker: averaged over the window, or now if less
           (a worker that just started takes the next requests at once)
@@ -36,9 +42,10 @@ added after it, and what a new request meets is the least busy worker's queue.
 Predictions at the serving counts, for a request arriving now (f = `target_fraction`):
     TTFT = q_now / r + S + h + t(c)   the least busy prefill worker's queue, its own prompt,
            the transfer, and the decode step that emits the first token
-    TPOT = t(c), c = the batch per decode worker: the largest of 1, the requests on decode
-           over the workers, and the steady batch that carries g on them (c / t(c) = g / nd,
-           so c = a g' / (1 - b g'), g' = g / nd; unbounded when b g' >= 1)
+    TPOT = t(c) / (1 - u), c = the batch per decode worker: the largest of 1, the requests
+           on decode over the workers, and the steady batch that carries g on them in the
+           time prompts leave (c (1 - u) / t(c) = g / nd, so c = a g' / (1 - u - b g'),
+           g' = g / nd; unbounded when u + b g' >= 1)
 Wanted workers, the fewest that keep the predictions within f x target at the load, as a
 continuous number (the damper averages it and compares it with the count, as the
 autoscaler's want):
@@ -47,9 +54,9 @@ autoscaler's want):
              share of the prompts), W = u S / (2 (1 - u)) <= B, so u = 2 B / (S + 2 B),
              never above `max_utilization`; and one more than serving while q > B r (the
              next prompts need an empty worker)
-    decode   g f tpot_slo / c_max, c_max = (f tpot_slo - a) / b: a worker at that batch
-             steps in f tpot_slo and carries c_max / (f tpot_slo) tokens per second; and
-             one more than serving while m + 1 > c_max
+    decode   g f tpot_slo / c_max, c_max = (f tpot_slo (1 - u) - a) / b: a worker at that
+             batch emits a token every f tpot_slo and carries c_max / (f tpot_slo) tokens
+             per second; and one more than serving while m + 1 > c_max
 A target no count can reach (one prompt alone, or one request alone, takes longer) wants the
 role's max while there is load, and says so. Each decision's reason names the prediction
 now and the one at the count it chose (prefill: the mean TTFT at the load, q aside).
@@ -83,17 +90,44 @@ Suggestions, in the plan (the controller applies them):
                              inter-token-latency target would need, it allowed ~9 tokens
                              here and the plan never spilled: short prompts then waited
                              behind long ones and missed TTFT.
+
+A worker budget (`max_workers`: the cores or GPUs both roles share). The wants above set
+how many workers in all (at most the budget); which split of them is the question a fixed
+pool asks: a prefill worker spares the decode workers the prompts, a decode worker more
+room per batch. Each split (p, d) of the total is scored at the load of the window, from
+the uncached size of every prompt routed in it (whatever its route), at steady state
+(today's backlogs are the serving split's, not the load's):
+    on decode  every prompt when p = 0, else those up to the local-prefill threshold; their
+               tokens per second are the z of d workers: TPOT as above
+    TTFT       the mean over the prompts: a remote one waits M/D/1 behind the mean prompt on
+               p workers at r, then the hop and one step (as the prefill want; deadline
+               order lets short prompts pass long ones, so a mixed load's FCFS tail is not
+               what they wait); a local one waits M/D/1 on the decode worker's prompt share
+               u and takes e s plus one decode step per chunk of `decode_prefill_tokens`
+    overlap    a long prompt on a decode worker stretches every request running there: a
+               request of n tokens at TPOT T has slack (f tpot_slo - T) (n - 1) seconds, so
+               a prompt over that much compute (at e per token) makes it miss. Such prompts
+               reach a worker at rate k / d; a request meets one with probability
+               1 - exp(-rate (n T + the prompt's time)): the share of requests missing TPOT
+               though the mean is met. The mean alone cannot see this: a load of mostly short
+               prompts with a few long ones colocates well on average and badly at the
+               attainment percentile.
+    score      the largest of TTFT / (f ttft_slo), TPOT / (f tpot_slo) and the overlap share
+               over (1 - attainment): below 1 is within the plan
+The split of least score wins; the serving split's score counts SPLIT_MARGIN less (a trade
+costs a drain and a start). The damper then moves workers to it (autoscaler.py: drained
+from one role after `down_delay`, started in the other once the room is free).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pdserve.cluster.control.autoscaler import CountDamper, CountPolicy, Decision
+from pdserve.cluster.control.autoscaler import CountDamper, CountPolicy, Decision, budget_shares, split_budget
 from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.runtime.config import ConfigError
 
@@ -101,6 +135,15 @@ PRIOR_STEP_SECONDS = 1.0  # the prefill-rate prior weighs as much as this much m
 # The step-time slope's prior weighs as much as two points two requests either side of
 # the mean batch: a steady load's own wander soon outweighs it.
 SLOPE_PRIOR_WEIGHT = 2 * 2.0 ** 2
+# The prompt-token slope's, as much as two points 32 prompt tokens either side.
+PROMPT_PRIOR_WEIGHT = 2 * 32.0 ** 2
+# The router's local-prefill threshold is the plan's h r, at most this: a slow measured
+# hop must not turn every prompt local.
+MAX_LOCAL_PREFILL_TOKENS = 1024
+# With a worker budget, the workers move to another split only when it scores below this
+# fraction of the serving split's score (the models are estimates; a trade costs a drain
+# and a start).
+SPLIT_MARGIN = 0.9
 MAX_DECODE_POINTS = 512
 
 
@@ -120,6 +163,11 @@ class PlannerPolicy(CountPolicy):
     # Prompt tokens a decode worker computes in a step beside its decodes (its local
     # prefills and spills); None: unknown (a whole prompt may go in one step).
     decode_prefill_tokens: int | None = None
+    # The router's local-prefill threshold until the plan sets one (no hop measured yet).
+    local_prefill_tokens: int = 32
+    # With a worker budget: the share of requests a split must keep within TPOT when long
+    # prompts are computed on decode workers (DistServe's attainment).
+    attainment: float = 0.9
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +178,10 @@ class PlannerPolicy(CountPolicy):
             raise ConfigError(f"prior_step_seconds_per_request must be >= 0, got {self.prior_step_seconds_per_request}")
         if not 0 < self.target_fraction <= 1:
             raise ConfigError(f"target_fraction must be in (0, 1], got {self.target_fraction}")
+        if not 0 < self.attainment < 1:
+            raise ConfigError(f"attainment must be in (0, 1), got {self.attainment}")
+        if self.local_prefill_tokens < 0:
+            raise ConfigError(f"local_prefill_tokens must be >= 0, got {self.local_prefill_tokens}")
         if not 0 < self.max_utilization < 1:
             raise ConfigError(f"max_utilization must be in (0, 1), got {self.max_utilization}")
         if self.fit_seconds < self.window_seconds:
@@ -138,31 +190,44 @@ class PlannerPolicy(CountPolicy):
 
 
 class StepTimeModel(NamedTuple):
-    """A decode step's seconds for a batch of requests: a + b * batch."""
+    """A decode step's seconds for a batch of requests and the prompt tokens it computes
+    beside them (local prefills): a + b * batch + e * prompt_tokens."""
 
     a: float
     b: float
+    e: float = 0.0  # seconds per prompt token computed on a decode worker
 
-    def __call__(self, batch: float) -> float:
-        return self.a + self.b * batch
+    def __call__(self, batch: float, prompt_tokens: float = 0.0) -> float:
+        return self.a + self.b * batch + self.e * prompt_tokens
 
     def largest_batch(self, seconds: float) -> float:
         """The batch whose step takes `seconds` (inf when the step does not grow with it)."""
         return math.inf if self.b <= 0 else (seconds - self.a) / self.b
 
 
-def fit_step_time(points: Sequence[tuple[float, float]], prior: StepTimeModel) -> StepTimeModel:
-    """Least squares over (batch, step seconds) points, the slope shrunk towards the
-    prior's by SLOPE_PRIOR_WEIGHT (ridge on the slope only: any one point fixes the
-    intercept). The prior itself without points; a and b never negative."""
+def fit_step_time(points: Sequence[tuple[float, float, float]], prior: StepTimeModel) -> StepTimeModel:
+    """Least squares over (batch, prompt tokens, step seconds) points, the slopes b and e
+    shrunk towards the prior's by SLOPE_PRIOR_WEIGHT and PROMPT_PRIOR_WEIGHT (ridge on the
+    slopes only: any one point fixes the intercept). The prior itself without points; a,
+    b and e never negative (a slope that comes out negative is held at 0 and the other
+    refitted)."""
     if not points:
         return prior
-    xs, ys = zip(*points)
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mean_x) ** 2 for x in xs)
-    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
-    b = max(0.0, (sxy + SLOPE_PRIOR_WEIGHT * prior.b) / (sxx + SLOPE_PRIOR_WEIGHT))
-    return StepTimeModel(max(0.0, mean_y - b * mean_x), b)
+    n = len(points)
+    mean_x, mean_z, mean_y = (sum(column) / n for column in zip(*points))
+    dx, dz, dy = ([v - mean for v in column] for column, mean in zip(zip(*points), (mean_x, mean_z, mean_y)))
+    sxx, szz, sxz = (sum(u * v for u, v in zip(us, vs)) for us, vs in ((dx, dx), (dz, dz), (dx, dz)))
+    sxy, szy = (sum(u * v for u, v in zip(us, dy)) for us in (dx, dz))
+    # the normal equations of the ridge fit: [sxx + wb, sxz; sxz, szz + we] [b; e] = rhs
+    xx, zz = sxx + SLOPE_PRIOR_WEIGHT, szz + PROMPT_PRIOR_WEIGHT
+    rx, rz = sxy + SLOPE_PRIOR_WEIGHT * prior.b, szy + PROMPT_PRIOR_WEIGHT * prior.e
+    det = xx * zz - sxz * sxz
+    b, e = (rx * zz - sxz * rz) / det, (xx * rz - sxz * rx) / det
+    if b < 0:
+        b, e = 0.0, max(0.0, rz / zz)
+    elif e < 0:
+        b, e = max(0.0, rx / xx), 0.0
+    return StepTimeModel(max(0.0, mean_y - b * mean_x - e * mean_z), b, e)
 
 
 class Forecast(NamedTuple):
@@ -180,17 +245,34 @@ class Forecast(NamedTuple):
     least_batch: float  # the least of them averaged over the window, or now if less (a fresh worker)
     decode_tokens_per_second: float  # g
     output_tokens: float  # n; 0 before any request ended on decode
+    decode_prompt_tokens_per_second: float = 0.0  # z: prompt tokens the decode workers compute (local prefills)
+    prompts: tuple[int, ...] = ()  # uncached tokens of each prompt routed over the window (any route)
+    window_seconds: float = 0.0  # the time `prompts` and the load cover
 
-    def decode_batch(self, decode_workers: int) -> float:
-        """c: the batch each of `decode_workers` steps (inf: they cannot keep up)."""
+    def prompt_share(self, decode_workers: int, prompt_tokens_per_second: float | None = None) -> float:
+        """The share of each decode worker's time that goes to computing prompts:
+        e z / workers (z: the measured local prefills unless given)."""
+        z = self.decode_prompt_tokens_per_second if prompt_tokens_per_second is None else prompt_tokens_per_second
+        return self.step.e * z / decode_workers
+
+    def decode_batch(self, decode_workers: int, prompt_tokens_per_second: float | None = None,
+                     steady: bool = False) -> float:
+        """c: the batch each of `decode_workers` steps (inf: they cannot keep up). Of each
+        second, a share u goes to prompts, and the rest steps the batch: c (1 - u) / t(c) = g'.
+        At least the requests on decode now over the workers, unless `steady` (the load's
+        own batch, a backlog aside)."""
         per_worker = self.decode_tokens_per_second / decode_workers
-        if self.step.b * per_worker >= 1:
+        free = 1 - self.prompt_share(decode_workers, prompt_tokens_per_second) - self.step.b * per_worker
+        if free <= 0:
             return math.inf
-        steady = self.step.a * per_worker / (1 - self.step.b * per_worker)
-        return max(1.0, sum(self.batches) / decode_workers, steady)
+        return max(1.0, 0.0 if steady else sum(self.batches) / decode_workers, self.step.a * per_worker / free)
 
-    def tpot(self, decode_workers: int) -> float:
-        return self.step(self.decode_batch(decode_workers))
+    def tpot(self, decode_workers: int, prompt_tokens_per_second: float | None = None, steady: bool = False) -> float:
+        """t(c) / (1 - u): a token per step, the steps spread over the time prompts leave."""
+        share = self.prompt_share(decode_workers, prompt_tokens_per_second)
+        if share >= 1:
+            return math.inf
+        return self.step(self.decode_batch(decode_workers, prompt_tokens_per_second, steady)) / (1 - share)
 
     def queue_ahead(self, prefill_workers: int) -> int:
         """Prompt tokens a prompt routed now waits behind with `prefill_workers` workers:
@@ -212,7 +294,7 @@ class Forecast(NamedTuple):
         """Mean queue wait on a prefill worker busy `busy` of the time: M/D/1 (a Poisson share
         of the prompts, each taking S = s / r), W = busy S / (2 (1 - busy)). A least-loaded
         router waits less, so this errs towards more workers."""
-        return math.inf if busy >= 1 else busy * self.prompt_tokens / self.prefill_rate / (2 * (1 - busy))
+        return _queue_wait(busy, self.prompt_tokens / self.prefill_rate)
 
     def _busiest(self, budget: float) -> float:
         """The utilization whose `_wait` is `budget`: 2 budget / (S + 2 budget); at most
@@ -252,7 +334,8 @@ class Forecast(NamedTuple):
     def decode_want(self) -> tuple[float, str]:
         p = self.policy
         seconds = p.target_fraction * p.tpot_slo
-        most = self.step.largest_batch(seconds)
+        # the batch whose steps, spread over the time local prefills leave, come every `seconds`
+        most = self.step.largest_batch(seconds * (1 - self.prompt_share(max(len(self.batches), 1))))
         if most < 1:
             if not (any(self.batches) or self.decode_tokens_per_second):
                 return 0.0, "no requests"
@@ -263,7 +346,56 @@ class Forecast(NamedTuple):
             want = max(want, len(self.batches) + 1)
         return want, (f"{self.decode_tokens_per_second:.0f} tok/s, step {self.step.a * 1e3:.1f} ms + "
                       f"{self.step.b * 1e3:.2f} ms/request, {sum(self.batches)} requests on decode "
-                      f"({self.least_batch:.1f} on the least busy worker)")
+                      f"({self.least_batch:.1f} on the least busy worker), "
+                      f"{self.decode_prompt_tokens_per_second:.0f} prompt tok/s prefilled there")
+
+    def split_score(self, prefill_workers: int, decode_workers: int, local_tokens: int) -> float:
+        """How far from the plan a split of the worker budget would be (module docstring,
+        "A worker budget"): the largest of the mean TTFT over f ttft_slo, the TPOT over
+        f tpot_slo, and the share of requests a long prompt computed beside them would push
+        over TPOT, over the share the attainment allows. 0 without prompts in the window.
+        At the load's steady state: the backlogs now are the serving split's, not the load's."""
+        p = self.policy
+        if not (self.prompts and self.window_seconds):
+            return 0.0
+        local = [s for s in self.prompts if not prefill_workers or s <= local_tokens]
+        remote = [s for s in self.prompts if prefill_workers and s > local_tokens]
+        local_rate = sum(local) / self.window_seconds
+        tpot = self.tpot(decode_workers, local_rate, steady=True)
+        if math.isinf(tpot):
+            return math.inf
+        ttfts = []
+        if remote:
+            service = sum(remote) / len(remote) / self.prefill_rate
+            busy = sum(remote) / self.window_seconds / (prefill_workers * self.prefill_rate)
+            ttfts += [(len(remote), _queue_wait(busy, service) + service + self.transfer_seconds + tpot)]
+        if local:
+            # each prompt chunk rides on a decode step: the prompt also waits for those steps
+            chunk = p.decode_prefill_tokens or max(local)
+            mean = sum(local) / len(local)
+            step = self.step(self.decode_batch(decode_workers, local_rate, steady=True))
+            service = self.step.e * mean + math.ceil(mean / chunk) * step
+            busy = self.prompt_share(decode_workers, local_rate)
+            ttfts += [(len(local), _queue_wait(busy, service) + service + tpot)]
+        ttft = sum(n * t for n, t in ttfts) / len(self.prompts)
+        return max(ttft / (p.target_fraction * p.ttft_slo), tpot / (p.target_fraction * p.tpot_slo),
+                   self._overlap_misses(local, decode_workers, tpot) / (1 - p.attainment))
+
+    def _overlap_misses(self, local: Sequence[int], decode_workers: int, tpot: float) -> float:
+        """The share of requests whose mean TPOT a long prompt computed on their decode worker
+        during their life pushes over the target: a request of n tokens at `tpot` has
+        (f tpot_slo - tpot) (n - 1) seconds of slack; prompts longer than that slack's worth
+        (at e per token) come to each worker at rate k / workers, and a request meets one
+        with probability 1 - exp(-rate (n tpot + the prompt's time)). 0 before n is known."""
+        p, n = self.policy, self.output_tokens
+        if n <= 1 or not self.step.e or not local:
+            return 0.0
+        slack_tokens = (p.target_fraction * p.tpot_slo - tpot) * (n - 1) / self.step.e
+        long = [s for s in local if s > slack_tokens]
+        if not long:
+            return 0.0
+        rate = len(long) / self.window_seconds / decode_workers
+        return 1 - math.exp(-rate * (n * tpot + self.step.e * sum(long) / len(long)))
 
 
 class Plan(NamedTuple):
@@ -278,6 +410,9 @@ class Plan(NamedTuple):
     local_prefill_threshold: int | None  # prompt tokens; None: no transfer measured yet
     spill_backlog_tokens: int  # prefill backlog from which prompts may be prefilled on decode
     spill_max_tokens: int | None  # prompt tokens a decode worker may have to compute; None: no limit
+    # with a worker budget: each split's score (`Forecast.split_score`) and the one chosen
+    split_scores: dict[tuple[int, int], float] | None = None
+    split: tuple[int, int] | None = None
 
 
 class _Growth(NamedTuple):
@@ -294,6 +429,7 @@ class _Growth(NamedTuple):
     transfer_tail_seconds: float = 0.0
     decode_requests_stepped: int = 0  # decode
     decode_requests_finished: int = 0
+    decode_prompt_tokens: int = 0  # computed on decode workers (local prefills)
 
 
 class _Sample(NamedTuple):
@@ -327,28 +463,67 @@ class SLOPlanner:
         self._last: dict[str, dict[str, WorkerStats]] = {"prefill": {}, "decode": {}}
         self._last_time: float | None = None
         self._samples: deque[_Sample] = deque()  # over fit_seconds
-        self._points: deque[tuple[float, float, float]] = deque(maxlen=MAX_DECODE_POINTS)  # (time, batch, step s)
+        # (time, requests per step, prompt tokens per step, seconds per step)
+        self._points: deque[tuple[float, float, float, float]] = deque(maxlen=MAX_DECODE_POINTS)
+        self._prompts: deque[tuple[float, int]] = deque()  # (routed at, uncached tokens) over window_seconds
         self._plans: deque[Plan] = deque()  # over window_seconds
         self.last_plan: Plan | None = None
+        # The last prefill rate and hop measured: kept while no prefill worker serves (a
+        # budget that traded them all away still prices their return by what they did).
+        self._measured_rate: float | None = None
+        self._measured_hop: float | None = None
 
     def observe(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats],
-                counts: dict[str, int] | None = None, unmet_prefill_tokens: int = 0) -> list[Decision]:
+                counts: dict[str, int] | None = None, unmet_prefill_tokens: int = 0,
+                draining: Mapping[str, int] | None = None, prompts: Sequence[int] = ()) -> list[Decision]:
         """Take one snapshot of the serving workers' stats (calls in time order); update the
         models and `last_plan`; return the changes to make now (at most one per role). The
         current count of a role is `counts[role]` if given (workers still starting count as
-        there), else the number of its stats."""
+        there), else the number of its stats; `draining`: workers per role being drained
+        (they hold their part of a worker budget until they stop); `prompts`: the uncached
+        tokens of each prompt routed since the last call, whatever its route."""
+        self._prompts.extend((now, tokens) for tokens in prompts)
         forecast = self._forecast(now, prefill, decode, unmet_prefill_tokens)
         wants = {"prefill": forecast.prefill_want(len(decode)), "decode": forecast.decode_want()}
         plan = self._plan(now, forecast, len(prefill), len(decode), {role: w for role, (w, _) in wants.items()})
+        current = {"prefill": counts["prefill"] if counts is not None else len(prefill),
+                   "decode": counts["decode"] if counts is not None else len(decode)}
+        averaged = {role: self._damper.record(role, now, want) for role, (want, _) in wants.items()}
+        shares = self._budget(plan, averaged, current, draining or {})
+        plan = self.last_plan
+        splits = "" if not plan.split_scores else "; splits scored " + ", ".join(
+            f"{p}P+{d}D {score:.2f}" for (p, d), score in sorted(plan.split_scores.items()))
         decisions = []
-        for role, stats in (("prefill", prefill), ("decode", decode)):
-            want, why = wants[role]
-            current = counts[role] if counts is not None else len(stats)
-            decision = self._damper.decide(role, now, current, want, f"{self._predicted(plan, role)}: {why}")
+        for role, (_, why) in wants.items():
+            decision = self._damper.decide(role, now, current[role], f"{self._predicted(plan, role)}: {why}",
+                                           shares[role])
             if decision is not None:
-                decisions.append(decision._replace(
-                    reason=f"{decision.reason}; {_predicted_at(forecast, role, decision.desired, len(decode))}"))
+                decisions.append(decision._replace(reason=f"{decision.reason}; "
+                                                   f"{_predicted_at(forecast, role, decision.desired, len(decode))}"
+                                                   f"{splits}"))
         return decisions
+
+    def _budget(self, plan: Plan, averaged: dict[str, float], current: dict[str, int],
+                draining: Mapping[str, int]) -> dict[str, int | None]:
+        """Each role's share of the worker budget now (None: no budget); the split and its
+        scores go into `plan`."""
+        p, forecast = self.policy, plan.forecast
+        local = min(MAX_LOCAL_PREFILL_TOKENS, plan.local_prefill_threshold
+                    if plan.local_prefill_threshold is not None else p.local_prefill_tokens)
+        serving = (current["prefill"], current["decode"])
+        scores: dict[tuple[int, int], float] = {}
+
+        def score(prefill_workers: int, decode_workers: int) -> float:
+            scores[(prefill_workers, decode_workers)] = value = forecast.split_score(
+                prefill_workers, decode_workers, local)
+            return value * (SPLIT_MARGIN if (prefill_workers, decode_workers) == serving else 1.0)
+
+        split = split_budget(p, averaged, serving, score)
+        if split is not None:
+            self.last_plan = plan = plan._replace(split_scores=scores, split=split)
+            self._plans[-1] = plan
+        held = {role: current[role] + draining.get(role, 0) for role in current}
+        return budget_shares(p, split, held)
 
     def prediction_error(self, observed_ttft: float | None, observed_tpot: float | None) -> dict[str, float | None]:
         """Relative error (predicted / observed - 1) of the mean of the last window's
@@ -378,22 +553,37 @@ class SLOPlanner:
         fit = _total(sample.growth for sample in self._samples)
         window = [sample for sample in self._samples if sample.at > now - p.window_seconds]
         load = _total(sample.growth for sample in window)
-        rate = ((fit.prompt_tokens + p.prior_prefill_tokens_per_second * PRIOR_STEP_SECONDS)
-                / (fit.prefill_step_seconds + PRIOR_STEP_SECONDS))
-        self._add_points(now, decode_pairs, rate)
+        self._add_points(now, decode_pairs)
+        points = [(x, z, y) for _, x, z, y in self._points]
+        prior_rate = self._measured_rate or p.prior_prefill_tokens_per_second
+        if self._measured_rate is None and any(z for _, z, _ in points):
+            # No prefill worker has served yet, but decode workers computed prompts: a
+            # prompt token costs about the same on either (same model, same cores per worker).
+            local_cost = fit_step_time(points, StepTimeModel(p.prior_step_seconds, p.prior_step_seconds_per_request,
+                                                             1 / prior_rate)).e
+            prior_rate = 1 / local_cost if local_cost > 0 else prior_rate
+        rate = ((fit.prompt_tokens + prior_rate * PRIOR_STEP_SECONDS) / (fit.prefill_step_seconds + PRIOR_STEP_SECONDS))
+        if fit.prefill_step_seconds:
+            self._measured_rate = rate
+        if fit.transfers_sent:
+            self._measured_hop = fit.transfer_tail_seconds / fit.transfers_sent
+        while self._prompts and self._prompts[0][0] <= now - p.window_seconds:
+            self._prompts.popleft()
         offered = load.prompt_tokens + load.pending_tokens + load.unmet_tokens
         return Forecast(
             p, rate,
-            fit_step_time([(x, y) for _, x, y in self._points],
-                          StepTimeModel(p.prior_step_seconds, p.prior_step_seconds_per_request)),
-            transfer_seconds=fit.transfer_tail_seconds / fit.transfers_sent if fit.transfers_sent else 0.0,
+            # a prompt token on a decode worker costs what it does on a prefill worker until measured
+            fit_step_time(points, StepTimeModel(p.prior_step_seconds, p.prior_step_seconds_per_request, 1 / rate)),
+            transfer_seconds=self._measured_hop or 0.0,
             prompt_tokens=fit.prompt_tokens / fit.prefill_jobs if fit.prefill_jobs else 0.0,
             queues=queues, least_queue=min(sum(sample.least_queue for sample in window) / len(window), window[-1].least_queue),
             offered_tokens_per_second=max(0.0, offered / load.seconds) if load.seconds else 0.0,
             batches=batches, least_batch=min(sum(sample.least_batch for sample in window) / len(window), window[-1].least_batch),
             decode_tokens_per_second=load.decode_requests_stepped / load.seconds if load.seconds else 0.0,
             output_tokens=(fit.decode_requests_stepped / fit.decode_requests_finished
-                           if fit.decode_requests_finished else 0.0))
+                           if fit.decode_requests_finished else 0.0),
+            decode_prompt_tokens_per_second=load.decode_prompt_tokens / load.seconds if load.seconds else 0.0,
+            prompts=tuple(tokens for _, tokens in self._prompts), window_seconds=load.seconds)
 
     def _growth_since_last(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats],
                            unmet_tokens: int) -> tuple[_Growth, list[tuple[WorkerStats, WorkerStats]]]:
@@ -413,22 +603,19 @@ class SLOPlanner:
         for before, after in decode_pairs:
             fields["decode_requests_stepped"] += after.batch_requests_stepped - before.batch_requests_stepped
             fields["decode_requests_finished"] += after.requests_finished - before.requests_finished
+            fields["decode_prompt_tokens"] += after.prompt_tokens_computed - before.prompt_tokens_computed
         return _Growth(**fields), decode_pairs
 
-    def _add_points(self, now: float, decode_pairs: list[tuple[WorkerStats, WorkerStats]],
-                    prefill_rate: float) -> None:
-        """One (requests per step, seconds per step) point per decode worker that stepped
-        since the last observation, its local prefill chunks' time taken out at
-        `prefill_rate`; points older than fit_seconds leave."""
+    def _add_points(self, now: float, decode_pairs: list[tuple[WorkerStats, WorkerStats]]) -> None:
+        """One (requests per step, prompt tokens per step, seconds per step) point per
+        decode worker that stepped since the last observation; points older than
+        fit_seconds leave."""
         for before, after in decode_pairs:
             steps = after.num_steps - before.num_steps
-            if steps <= 0:
-                continue
-            local_prefill = (after.prompt_tokens_computed - before.prompt_tokens_computed) / prefill_rate
-            seconds = (after.step_seconds - before.step_seconds - local_prefill) / steps
+            seconds = (after.step_seconds - before.step_seconds) / steps if steps > 0 else 0.0
             if seconds > 0:
                 self._points.append((now, (after.batch_requests_stepped - before.batch_requests_stepped) / steps,
-                                     seconds))
+                                     (after.prompt_tokens_computed - before.prompt_tokens_computed) / steps, seconds))
         while self._points and self._points[0][0] < now - self.policy.fit_seconds:
             self._points.popleft()
 
@@ -494,6 +681,11 @@ def _predicted_at(forecast: Forecast, role: str, count: int, decode_workers: int
     if role == "prefill":
         return f"TTFT {_seconds(forecast.steady_ttft(count, decode_workers))} expected with {count} prefill workers"
     return f"TPOT {_seconds(forecast.tpot(count))} expected with {count} decode workers"
+
+
+def _queue_wait(busy: float, service: float) -> float:
+    """M/D/1: the mean wait in a queue busy `busy` of the time with jobs of `service` seconds."""
+    return math.inf if busy >= 1 else busy * service / (2 * (1 - busy))
 
 
 def _seconds(value: float) -> str:

@@ -39,16 +39,12 @@ import logging
 import math
 import time
 
-from pdserve.cluster.control.planner import Plan, SLOPlanner
+from pdserve.cluster.control.planner import MAX_LOCAL_PREFILL_TOKENS, Plan, SLOPlanner
 from pdserve.cluster.control.router import Router
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
 from pdserve.cluster.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
-
-# The planner's local-prefill threshold is h r (module docstring of planner.py); a slow
-# measured hop must not turn every prompt local.
-MAX_LOCAL_PREFILL_TOKENS = 1024
 
 
 class SLOControl:
@@ -58,6 +54,7 @@ class SLOControl:
         self.metrics = metrics
         self.shed = shed
         self.num_shed = 0
+        self._last_split: tuple[int, int] | None = None  # the worker budget's split last logged
 
     def apply(self) -> None:
         """Write the planner's last plan into the router and the gauges."""
@@ -67,6 +64,10 @@ class SLOControl:
         local = self.router.local_prefill_tokens if plan.local_prefill_threshold is None else \
             min(plan.local_prefill_threshold, MAX_LOCAL_PREFILL_TOKENS)
         knobs = (local, plan.spill_backlog_tokens, plan.spill_max_tokens, plan.batch_limit)
+        if plan.split is not None and plan.split != self._last_split:
+            self._last_split = plan.split
+            log.info("planner: worker budget split %dP+%dD; splits scored %s", *plan.split,
+                     ", ".join(f"{p}P+{d}D {score:.2f}" for (p, d), score in sorted(plan.split_scores.items())))
         if knobs != (self.router.local_prefill_tokens, self.router.spill_backlog_tokens,
                      self.router.spill_max_tokens, self.router.decode_batch_cap):
             spill = ("no spilling" if plan.spill_max_tokens == 0 else

@@ -214,6 +214,9 @@ process as "$@" (see raycluster.yaml), so no value is ever parsed by a shell.
     "--autoscale-up-cooldown" (toString .upCooldownSeconds)
     "--autoscale-down-delay" (toString .downDelaySeconds)
     "--autoscale-down-cooldown" (toString .downCooldownSeconds)) }}
+{{- if not (kindIs "invalid" .maxWorkers) }}
+{{- $args = concat $args (list "--max-workers" (toString .maxWorkers)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- range $s.extraArgs }}
