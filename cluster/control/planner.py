@@ -485,12 +485,13 @@ class SLOPlanner:
         self._prompts.extend((now, tokens) for tokens in prompts)
         forecast = self._forecast(now, prefill, decode, unmet_prefill_tokens)
         wants = {"prefill": forecast.prefill_want(len(decode)), "decode": forecast.decode_want()}
-        plan = self._plan(now, forecast, len(prefill), len(decode), {role: w for role, (w, _) in wants.items()})
         current = {"prefill": counts["prefill"] if counts is not None else len(prefill),
                    "decode": counts["decode"] if counts is not None else len(decode)}
         averaged = {role: self._damper.record(role, now, want) for role, (want, _) in wants.items()}
-        shares = self._budget(plan, averaged, current, draining or {})
-        plan = self.last_plan
+        plan = self._plan(now, forecast, len(prefill), len(decode), {role: w for role, (w, _) in wants.items()})
+        plan = self._keep(self._split(plan, averaged, current))
+        held = {role: current[role] + (draining or {}).get(role, 0) for role in current}
+        shares = budget_shares(self.policy, plan.split, held)
         splits = "" if not plan.split_scores else "; splits scored " + ", ".join(
             f"{p}P+{d}D {score:.2f}" for (p, d), score in sorted(plan.split_scores.items()))
         decisions = []
@@ -503,10 +504,9 @@ class SLOPlanner:
                                                    f"{splits}"))
         return decisions
 
-    def _budget(self, plan: Plan, averaged: dict[str, float], current: dict[str, int],
-                draining: Mapping[str, int]) -> dict[str, int | None]:
-        """Each role's share of the worker budget now (None: no budget); the split and its
-        scores go into `plan`."""
+    def _split(self, plan: Plan, averaged: dict[str, float], current: dict[str, int]) -> Plan:
+        """`plan` with the worker budget's split and the scores of the splits weighed (as
+        it was without a budget)."""
         p, forecast = self.policy, plan.forecast
         local = min(MAX_LOCAL_PREFILL_TOKENS, plan.local_prefill_threshold
                     if plan.local_prefill_threshold is not None else p.local_prefill_tokens)
@@ -519,11 +519,7 @@ class SLOPlanner:
             return value * (SPLIT_MARGIN if (prefill_workers, decode_workers) == serving else 1.0)
 
         split = split_budget(p, averaged, serving, score)
-        if split is not None:
-            self.last_plan = plan = plan._replace(split_scores=scores, split=split)
-            self._plans[-1] = plan
-        held = {role: current[role] + draining.get(role, 0) for role in current}
-        return budget_shares(p, split, held)
+        return plan if split is None else plan._replace(split_scores=scores, split=split)
 
     def prediction_error(self, observed_ttft: float | None, observed_tpot: float | None) -> dict[str, float | None]:
         """Relative error (predicted / observed - 1) of the mean of the last window's
@@ -662,9 +658,13 @@ class SLOPlanner:
             local_prefill_threshold=self._local_prefill_threshold(forecast, absorbable),
             spill_backlog_tokens=max(0, round(forecast.queue_budget(decode_workers)[0] * forecast.prefill_rate)),
             spill_max_tokens=spill_max)
+        return plan
+
+    def _keep(self, plan: Plan) -> Plan:
+        """Make `plan` the last; plans older than a window leave."""
         self.last_plan = plan
         self._plans.append(plan)
-        while self._plans and self._plans[0].at < now - p.window_seconds:
+        while self._plans and self._plans[0].at < plan.at - self.policy.window_seconds:
             self._plans.popleft()
         return plan
 
