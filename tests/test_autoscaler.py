@@ -123,6 +123,12 @@ def test_requests_waiting_for_their_kv_are_a_prefill_backlog_not_a_decode_one():
 BUDGET = dataclasses.replace(POLICY, max_workers=3)
 
 
+def test_the_most_workers_at_once_is_the_budget_when_it_binds():
+    assert POLICY.most_workers == 6  # 3 + 3
+    assert BUDGET.most_workers == 3
+    assert dataclasses.replace(POLICY, max_workers=10).most_workers == 6
+
+
 def test_a_split_is_the_least_scored_of_the_total_the_wants_ask_for():
     scores = {(1, 2): 2.0, (2, 1): 1.0}
     wants = {"prefill": 2.5, "decode": 2.5}  # 3 + 3 asked, 3 in the budget

@@ -37,9 +37,8 @@ role comes down one worker at a time after `down_delay` (when its own want would
 count, the hysteresis band does not hold it: the budget moved, not the load); above, it
 goes up only into room no other worker holds (draining ones hold theirs until they stop).
 So a worker is traded from one role to the other by draining first and starting after,
-never above the budget. Here (queue depth)
-the score is the larger averaged want per worker; the SLO planner scores splits by its
-predictions.
+never above the budget. Here (queue depth) the score is the larger averaged want per
+worker; the SLO planner scores splits by its predictions.
 """
 
 from __future__ import annotations
