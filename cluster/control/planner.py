@@ -42,10 +42,11 @@ added after it, and what a new request meets is the least busy worker's queue.
 Predictions at the serving counts, for a request arriving now (f = `target_fraction`):
     TTFT = q_now / r + S + h + t(c)   the least busy prefill worker's queue, its own prompt,
            the transfer, and the decode step that emits the first token
-    TPOT = t(c) / (1 - u), c = the batch per decode worker: the largest of 1, the requests
-           on decode over the workers, and the steady batch that carries g on them in the
-           time prompts leave (c (1 - u) / t(c) = g / nd, so c = a g' / (1 - u - b g'),
-           g' = g / nd; unbounded when u + b g' >= 1)
+    TPOT = t(c) / (1 - u), c = the batch a request steps in: the larger of the requests on
+           decode over the workers, and itself plus the steady batch k that carries g on
+           them in the time prompts leave (k (1 - u) / t(k) = g / nd, so
+           k = a g' / (1 - u - b g'), g' = g / nd; unbounded when u + b g' >= 1; with
+           Poisson arrivals the others a request sees number k on average)
 Wanted workers, the fewest that keep the predictions within f x target at the load, as a
 continuous number (the damper averages it and compares it with the count, as the
 autoscaler's want):
@@ -114,8 +115,8 @@ the uncached size of every prompt routed in it (whatever its route), at steady s
                attainment percentile.
     score      the largest of TTFT / (f ttft_slo), TPOT / (f tpot_slo) and the overlap share
                over (1 - attainment): below 1 is within the plan
-The split of least score wins; the serving split's score counts SPLIT_MARGIN less (a trade
-costs a drain and a start). The damper then moves workers to it (autoscaler.py: drained
+Scores are averaged over the window, as the wants are. The split of least score wins; the
+serving split's score counts SPLIT_MARGIN less (a trade costs a drain and a start). The damper then moves workers to it (autoscaler.py: drained
 from one role after `down_delay`, started in the other once the room is free).
 """
 
@@ -257,15 +258,17 @@ class Forecast(NamedTuple):
 
     def decode_batch(self, decode_workers: int, prompt_tokens_per_second: float | None = None,
                      steady: bool = False) -> float:
-        """c: the batch each of `decode_workers` steps (inf: they cannot keep up). Of each
-        second, a share u goes to prompts, and the rest steps the batch: c (1 - u) / t(c) = g'.
-        At least the requests on decode now over the workers, unless `steady` (the load's
-        own batch, a backlog aside)."""
+        """c: the batch a request steps in on each of `decode_workers` (inf: they cannot keep
+        up). Of each second, a share u goes to prompts and the rest steps the batch: its
+        time-average k carries g', k (1 - u) / t(k) = g'. A request steps with itself and
+        the others, k of them on average (Poisson arrivals: the others a request sees are
+        the time-average), so c = 1 + k. At least the requests on decode now over the
+        workers, unless `steady` (the load's own batch, a backlog aside)."""
         per_worker = self.decode_tokens_per_second / decode_workers
         free = 1 - self.prompt_share(decode_workers, prompt_tokens_per_second) - self.step.b * per_worker
         if free <= 0:
             return math.inf
-        return max(1.0, 0.0 if steady else sum(self.batches) / decode_workers, self.step.a * per_worker / free)
+        return max(0.0 if steady else sum(self.batches) / decode_workers, 1 + self.step.a * per_worker / free)
 
     def tpot(self, decode_workers: int, prompt_tokens_per_second: float | None = None, steady: bool = False) -> float:
         """t(c) / (1 - u): a token per step, the steps spread over the time prompts leave."""
@@ -466,6 +469,7 @@ class SLOPlanner:
         # (time, requests per step, prompt tokens per step, seconds per step)
         self._points: deque[tuple[float, float, float, float]] = deque(maxlen=MAX_DECODE_POINTS)
         self._prompts: deque[tuple[float, int]] = deque()  # (routed at, uncached tokens) over window_seconds
+        self._split_scores: deque[tuple[float, tuple[int, int], float]] = deque()  # (at, split, score) over the window
         self._plans: deque[Plan] = deque()  # over window_seconds
         self.last_plan: Plan | None = None
         # The last prefill rate and hop measured: kept while no prefill worker serves (a
@@ -505,8 +509,8 @@ class SLOPlanner:
         return decisions
 
     def _split(self, plan: Plan, averaged: dict[str, float], current: dict[str, int]) -> Plan:
-        """`plan` with the worker budget's split and the scores of the splits weighed (as
-        it was without a budget)."""
+        """`plan` with the worker budget's split and the scores of the splits weighed, each
+        averaged over the window as the wants are (as it was without a budget)."""
         p, forecast = self.policy, plan.forecast
         local = min(MAX_LOCAL_PREFILL_TOKENS, plan.local_prefill_threshold
                     if plan.local_prefill_threshold is not None else p.local_prefill_tokens)
@@ -514,9 +518,15 @@ class SLOPlanner:
         scores: dict[tuple[int, int], float] = {}
 
         def score(prefill_workers: int, decode_workers: int) -> float:
-            scores[(prefill_workers, decode_workers)] = value = forecast.split_score(
-                prefill_workers, decode_workers, local)
-            return value * (SPLIT_MARGIN if (prefill_workers, decode_workers) == serving else 1.0)
+            split = (prefill_workers, decode_workers)
+            if split not in scores:
+                self._split_scores.append((plan.at, split, forecast.split_score(prefill_workers, decode_workers, local)))
+                over_window = [value for _, seen, value in self._split_scores if seen == split]
+                scores[split] = sum(over_window) / len(over_window)
+            return scores[split] * (SPLIT_MARGIN if split == serving else 1.0)
+
+        while self._split_scores and self._split_scores[0][0] <= plan.at - p.window_seconds:
+            self._split_scores.popleft()
 
         split = split_budget(p, averaged, serving, score)
         return plan if split is None else plan._replace(split_scores=scores, split=split)
