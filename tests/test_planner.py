@@ -646,3 +646,19 @@ def test_without_a_budget_no_split_is_scored():
     cluster = SimCluster(seed=0)
     cluster.run(60, steady(2.0))
     assert all(plan.split is None and plan.split_scores is None for plan in cluster.plans)
+
+
+def test_a_burst_that_overloads_the_prefill_worker_for_a_window_scores_its_cost_not_infinity():
+    """Three 4,000-token prompts in a 30 s window on a prefill worker of 2,000 tok/s would be
+    20% busy; thirty are 2x its rate. The split keeps a finite score that grows with the
+    burst, so a split that pools the same prompts over more workers does not win by default."""
+    def scores(long_prompts: int) -> dict:
+        cluster = SimCluster(BUDGET, seed=2, requests=some_long_prompts)
+        cluster.run(100, steady(1.0))
+        cluster.planner.observe(cluster.now + 1, [w.stats() for w in cluster.serving("prefill")],
+                                [w.stats() for w in cluster.serving("decode")],
+                                prompts=[4000] * long_prompts)
+        return cluster.planner.last_plan.split_scores
+
+    calm, burst = scores(3), scores(30)
+    assert math.isfinite(burst[(1, 1)]) and burst[(1, 1)] > calm[(1, 1)]

@@ -101,7 +101,8 @@ the uncached size of every prompt routed in it (whatever its route), at steady s
     on decode  every prompt when p = 0, else those up to the local-prefill threshold; their
                tokens per second are the z of d workers: TPOT as above
     TTFT       the mean over the prompts: a remote one waits M/D/1 behind the mean prompt on
-               p workers at r, then the hop and one step (as the prefill want; deadline
+               p workers at r (over OVERLOAD_BUSY, a burst: plus half the excess work of the
+               window, not an unbounded wait), then the hop and one step (as the prefill want; deadline
                order lets short prompts pass long ones, so a mixed load's FCFS tail is not
                what they wait); a local one waits M/D/1 on the decode worker's prompt share
                u and takes e s plus one decode step per chunk of `decode_prefill_tokens`
@@ -145,6 +146,8 @@ MAX_LOCAL_PREFILL_TOKENS = 1024
 # fraction of the serving split's score (the models are estimates; a trade costs a drain
 # and a start).
 SPLIT_MARGIN = 0.9
+# A queue busier than this over the window scores a wait that grows with the excess (a burst).
+OVERLOAD_BUSY = 0.9
 MAX_DECODE_POINTS = 512
 
 
@@ -371,7 +374,7 @@ class Forecast(NamedTuple):
         if remote:
             service = sum(remote) / len(remote) / self.prefill_rate
             busy = sum(remote) / self.window_seconds / (prefill_workers * self.prefill_rate)
-            ttfts += [(len(remote), _queue_wait(busy, service) + service + self.transfer_seconds + tpot)]
+            ttfts += [(len(remote), self._split_wait(busy, service) + service + self.transfer_seconds + tpot)]
         if local:
             # each prompt chunk rides on a decode step: the prompt also waits for those steps
             chunk = p.decode_prefill_tokens or max(local)
@@ -379,10 +382,20 @@ class Forecast(NamedTuple):
             step = self.step(self.decode_batch(decode_workers, local_rate, steady=True))
             service = self.step.e * mean + math.ceil(mean / chunk) * step
             busy = self.prompt_share(decode_workers, local_rate)
-            ttfts += [(len(local), _queue_wait(busy, service) + service + tpot)]
+            ttfts += [(len(local), self._split_wait(busy, service) + service + tpot)]
         ttft = sum(n * t for n, t in ttfts) / len(self.prompts)
         return max(ttft / (p.target_fraction * p.ttft_slo), tpot / (p.target_fraction * p.tpot_slo),
                    self._overlap_misses(local, decode_workers, tpot) / (1 - p.attainment))
+
+    def _split_wait(self, busy: float, service: float) -> float:
+        """The mean queue wait of `_queue_wait`, but finite when a burst of the window
+        overloads the queue: past OVERLOAD_BUSY, it grows by the work the window brings
+        beyond what the workers compute, half of it waited on average. A burst then
+        weighs what it costs instead of ruling a split out (splits that pool the same
+        prompts over more workers would always win it)."""
+        if busy <= OVERLOAD_BUSY:
+            return _queue_wait(busy, service)
+        return _queue_wait(OVERLOAD_BUSY, service) + (busy - OVERLOAD_BUSY) * self.window_seconds / 2
 
     def _overlap_misses(self, local: Sequence[int], decode_workers: int, tpot: float) -> float:
         """The share of requests whose mean TPOT a long prompt computed on their decode worker
