@@ -202,7 +202,7 @@ def _add_serve_parser(sub) -> None:
                             "they start in the other: by queue depth, to the role with the most load per "
                             "worker; with --autoscale slo, to the split whose predicted TTFT and TPOT are "
                             "nearest their targets (prefill workers may go to 0 with --min-prefill 0: decode "
-                            "workers then prefill every prompt, as --colocated)")
+                            "workers then prefill every prompt themselves)")
     scale.add_argument("--autoscale-prefill-tokens", type=_positive_int, default=4096,
                        help="pending prompt tokens per prefill worker before adding one")
     scale.add_argument("--autoscale-decode-waiting", type=_positive_int, default=4,

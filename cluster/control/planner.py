@@ -509,8 +509,7 @@ class SLOPlanner:
         plan = self._keep(self._split(plan, averaged, current))
         held = {role: current[role] + (draining or {}).get(role, 0) for role in current}
         shares = budget_shares(self.policy, plan.split, held)
-        splits = "" if not plan.split_scores else "; splits scored " + ", ".join(
-            f"{p}P+{d}D {score:.2f}" for (p, d), score in sorted(plan.split_scores.items()))
+        splits = "" if not plan.split_scores else f"; splits scored {format_splits(plan.split_scores)}"
         decisions = []
         for role, (_, why) in wants.items():
             decision = self._damper.decide(role, now, current[role], f"{self._predicted(plan, role)}: {why}",
@@ -704,6 +703,11 @@ def _predicted_at(forecast: Forecast, role: str, count: int, decode_workers: int
     if role == "prefill":
         return f"TTFT {_seconds(forecast.steady_ttft(count, decode_workers))} expected with {count} prefill workers"
     return f"TPOT {_seconds(forecast.tpot(count))} expected with {count} decode workers"
+
+
+def format_splits(scores: dict[tuple[int, int], float]) -> str:
+    """A budget's split scores for a log line: "0P+2D 0.50, 1P+1D 0.65"."""
+    return ", ".join(f"{p}P+{d}D {score:.2f}" for (p, d), score in sorted(scores.items()))
 
 
 def _queue_wait(busy: float, service: float) -> float:

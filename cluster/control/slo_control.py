@@ -39,7 +39,7 @@ import logging
 import math
 import time
 
-from pdserve.cluster.control.planner import MAX_LOCAL_PREFILL_TOKENS, Plan, SLOPlanner
+from pdserve.cluster.control.planner import MAX_LOCAL_PREFILL_TOKENS, Plan, SLOPlanner, format_splits
 from pdserve.cluster.control.router import Router
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
 from pdserve.cluster.gateway.metrics import GatewayMetrics
@@ -67,7 +67,7 @@ class SLOControl:
         if plan.split is not None and plan.split != self._last_split:
             self._last_split = plan.split
             log.info("planner: worker budget split %dP+%dD; splits scored %s", *plan.split,
-                     ", ".join(f"{p}P+{d}D {score:.2f}" for (p, d), score in sorted(plan.split_scores.items())))
+                     format_splits(plan.split_scores))
         if knobs != (self.router.local_prefill_tokens, self.router.spill_backlog_tokens,
                      self.router.spill_max_tokens, self.router.decode_batch_cap):
             spill = ("no spilling" if plan.spill_max_tokens == 0 else
