@@ -125,12 +125,22 @@ def load_per_worker(wants: Mapping[str, float]) -> Callable[[int, int], float]:
     return score
 
 
-def budget_shares(policy: CountPolicy, split: Split | None, held: Mapping[str, int]) -> dict[str, int | None]:
+def current_counts(counts: Mapping[str, int] | None, prefill: Sequence[WorkerStats],
+                   decode: Sequence[WorkerStats]) -> dict[str, int]:
+    """Each role's count as `observe` takes it: `counts[role]` if given (workers still
+    starting count as there), else the number of its stats."""
+    return {"prefill": counts["prefill"] if counts is not None else len(prefill),
+            "decode": counts["decode"] if counts is not None else len(decode)}
+
+
+def budget_shares(policy: CountPolicy, split: Split | None, current: Mapping[str, int],
+                  draining: Mapping[str, int] | None) -> dict[str, int | None]:
     """Per role, the count the budget gives it now: its part of `split`, but no more than
-    the room the other role's workers leave (`held`: starting, serving and draining).
-    None per role without a budget."""
+    the room the other role's workers leave (`current` and `draining`: they hold theirs
+    until they stop). None per role without a budget."""
     if policy.max_workers is None or split is None:
         return dict.fromkeys(ROLES, None)
+    held = {role: current[role] + (draining or {}).get(role, 0) for role in ROLES}
     shares = dict(zip(("prefill", "decode"), split))
     return {role: min(shares[role], policy.max_workers - sum(n for other, n in held.items() if other != role))
             for role in ROLES}
@@ -239,13 +249,11 @@ class Autoscaler:
         `unmet_prefill_tokens`: see the prefill signal in the module docstring; `draining`:
         workers per role being drained (they hold their share of the budget until they
         stop); `prompts` (the planner's signal) is not read here."""
-        current = {"prefill": counts["prefill"] if counts is not None else len(prefill),
-                   "decode": counts["decode"] if counts is not None else len(decode)}
+        current = current_counts(counts, prefill, decode)
         wants = {"prefill": self._prefill_want(prefill, unmet_prefill_tokens), "decode": self._decode_want(decode)}
         averaged = {role: self._damper.record(role, now, want) for role, (want, _) in wants.items()}
         split = split_budget(self.policy, averaged, (current["prefill"], current["decode"]), load_per_worker(averaged))
-        held = {role: current[role] + (draining or {}).get(role, 0) for role in ROLES}
-        shares = budget_shares(self.policy, split, held)
+        shares = budget_shares(self.policy, split, current, draining)
         decisions = []
         for role, (_, why) in wants.items():
             decision = self._damper.decide(role, now, current[role], why, shares[role])

@@ -385,8 +385,8 @@ class Controller:
     def _autoscale(self) -> None:
         serving = {role: [w.stats for w in self.members(role) if w.stats is not None] for role in self.target}
         counts = {role: len(self.members(role)) + self._starting[role] for role in self.target}
-        draining = {role: sum(1 for w in self.workers.values() if w.role == role and w.draining)
-                    for role in self.target}
+        states = self.counts()
+        draining = {role: states.get((role, "draining"), 0) for role in self.target}
         unmet, self._unmet_seen = self.unmet_prefill_tokens - self._unmet_seen, self.unmet_prefill_tokens
         prompts, self._routed_prompts = self._routed_prompts, []
         for decision in self.autoscaler.observe(time.monotonic(), serving["prefill"], serving["decode"], counts,

@@ -129,7 +129,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pdserve.cluster.control.autoscaler import CountDamper, CountPolicy, Decision, budget_shares, split_budget
+from pdserve.cluster.control.autoscaler import (
+    CountDamper,
+    CountPolicy,
+    Decision,
+    budget_shares,
+    current_counts,
+    split_budget,
+)
 from pdserve.cluster.workers.stats import WorkerStats
 from pdserve.runtime.config import ConfigError
 
@@ -370,6 +377,7 @@ class Forecast(NamedTuple):
         tpot = self.tpot(decode_workers, local_rate, steady=True)
         if math.isinf(tpot):
             return math.inf
+        prompt_share = self.prompt_share(decode_workers, local_rate)
         ttfts = []
         if remote:
             service = sum(remote) / len(remote) / self.prefill_rate
@@ -379,10 +387,9 @@ class Forecast(NamedTuple):
             # each prompt chunk rides on a decode step: the prompt also waits for those steps
             chunk = p.decode_prefill_tokens or max(local)
             mean = sum(local) / len(local)
-            step = self.step(self.decode_batch(decode_workers, local_rate, steady=True))
+            step = tpot * (1 - prompt_share)  # t(c), the step itself
             service = self.step.e * mean + math.ceil(mean / chunk) * step
-            busy = self.prompt_share(decode_workers, local_rate)
-            ttfts += [(len(local), self._split_wait(busy, service) + service + tpot)]
+            ttfts += [(len(local), self._split_wait(prompt_share, service) + service + tpot)]
         ttft = sum(n * t for n, t in ttfts) / len(self.prompts)
         return max(ttft / (p.target_fraction * p.ttft_slo), tpot / (p.target_fraction * p.tpot_slo),
                    self._overlap_misses(local, decode_workers, tpot) / (1 - p.attainment))
@@ -502,13 +509,11 @@ class SLOPlanner:
         self._prompts.extend((now, tokens) for tokens in prompts)
         forecast = self._forecast(now, prefill, decode, unmet_prefill_tokens)
         wants = {"prefill": forecast.prefill_want(len(decode)), "decode": forecast.decode_want()}
-        current = {"prefill": counts["prefill"] if counts is not None else len(prefill),
-                   "decode": counts["decode"] if counts is not None else len(decode)}
+        current = current_counts(counts, prefill, decode)
         averaged = {role: self._damper.record(role, now, want) for role, (want, _) in wants.items()}
         plan = self._plan(now, forecast, len(prefill), len(decode), {role: w for role, (w, _) in wants.items()})
         plan = self._keep(self._split(plan, averaged, current))
-        held = {role: current[role] + (draining or {}).get(role, 0) for role in current}
-        shares = budget_shares(self.policy, plan.split, held)
+        shares = budget_shares(self.policy, plan.split, current, draining)
         splits = "" if not plan.split_scores else f"; splits scored {format_splits(plan.split_scores)}"
         decisions = []
         for role, (_, why) in wants.items():
