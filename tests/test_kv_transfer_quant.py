@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import time
 
 import pytest
@@ -162,3 +163,54 @@ def test_a_pusher_of_another_dtype_is_refused_with_the_reason():
         state, reason = _push(pusher, ticket, listener.address, [3, 4], SHAPE["num_layers"])
     assert state is SendState.FAILED and "dtype float32 != pool dtype int8" in reason
     eventually(lambda: receiver.poll(ticket.ticket_id).state is TransferState.FAILED, "the ticket failing")
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 3.0e38, -0.0, -1e-3, float("inf"), float("-inf"), float("nan")])
+def test_a_scale_passes_only_when_finite_and_not_negative(scale_dtype, scale):
+    # The check reads the scales' bits: every float dtype a scale may have, at its edges
+    # (as stored: 3e38 is float16's infinity, 1e-30 its +0).
+    values = torch.zeros(2, 3, 16, 4, 64, dtype=torch.int8)
+    scales = torch.full((2, 3, 16, 4), 0.5, dtype=scale_dtype)
+    scales[1, 2, 15, 3] = scale
+    stored = float(scales[1, 2, 15, 3])
+    passes = math.isfinite(stored) and math.copysign(1.0, stored) > 0
+    problem = layout.stored_values_problem(values, scales)
+    assert problem == (None if passes else "a KV scale is negative, infinite or NaN")
+
+
+@pytest.mark.parametrize("dtype,code,problem", [
+    (torch.int8, -128, "an int8 KV value is -128"), (torch.int8, 127, None), (torch.int8, -127, None),
+    (torch.float8_e4m3fn, 0x7F, "a float8 KV value is NaN"), (torch.float8_e4m3fn, 0xFF, "a float8 KV value is NaN"),
+    (torch.float8_e4m3fn, 0x7E, None), (torch.float8_e4m3fn, 0xFE, None)])
+def test_a_value_the_quantizer_never_writes_is_found_anywhere(dtype, code, problem):
+    scales = torch.ones(2, 3, 16, 4, dtype=torch.float16)
+    for where in [(0, 0, 0, 0, 0), (1, 2, 15, 3, 63), (1, 0, 7, 2, 31)]:
+        values = torch.zeros(2, 3, 16, 4, 64, dtype=torch.int8)
+        values[where] = code if code < 128 else code - 256
+        found = layout.stored_values_problem(values.view(dtype), scales)
+        assert (found is None) if problem is None else found.startswith(problem)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8, torch.float8_e4m3fn])
+def test_pages_written_on_the_host_and_by_index_copy_agree(dtype):
+    # The CPU pool's write (numpy, page by page) and the device path's (ATen index_copy_
+    # of page words), run here on CPU tensors: scattered, unordered blocks, bit-exact.
+    source = _pool(dtype, seed=5)
+    blocks = [17, 3, 9, 10, 11, 0, 23]
+    pages = layout.read_pages(source, 1, [2, 4, 6, 8, 12, 14, 16])
+    host, device = _pool(dtype), _pool(dtype)
+    layout.write_pages(host, 1, blocks, pages)
+    parts = layout.split_chunk(layout.layout_of(device), len(blocks), pages) if device.quantized else (pages,)
+    layout._index_copy_pages(device, 1, blocks, parts)
+    assert _layer_bytes(host) == _layer_bytes(device)
+    assert _layer_bytes(host, 1, blocks) == _layer_bytes(source, 1, [2, 4, 6, 8, 12, 14, 16])
+    assert not host.kv[0].view(torch.uint8).any() and not host.kv[2].view(torch.uint8).any()  # other layers untouched
+
+
+def _layer_bytes(pool: KVPool, layer: int | None = None, blocks: list[int] | None = None) -> list[bytes]:
+    """The bytes of the pool's values (and scales): all, or one layer's blocks."""
+    parts = [pool.kv] + ([pool.scales] if pool.quantized else [])
+    if layer is not None:
+        parts = [part[layer][:, blocks] for part in parts]
+    return [part.contiguous().view(torch.uint8).numpy().tobytes() for part in parts]
