@@ -6,7 +6,8 @@ functions of the same family. Layers call them and know nothing of either family
 runner picks the family once from its `DeviceConfig` (`select_kernels`): on the CPU in
 float32 the C++ kernels (kernels/cpu_attention.py, kernels/cpu_layer_ops.py), or the
 PyTorch references where they cannot be built; the Triton kernels on CUDA; or any family
-forced (Triton on the CPU needs TRITON_INTERPRET=1).
+forced (Triton on the CPU needs TRITON_INTERPRET=1). Only the Triton family imports Triton
+(~70 MiB of a process's memory), when it is chosen.
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from pdserve.kernels.attention import paged_attention_ref
 from pdserve.kernels.cpu_attention import paged_attention_cpu
 from pdserve.kernels.cpu_extension import cpu_kernels_available
 from pdserve.kernels.cpu_layer_ops import rms_norm_cpu, rope_cpu, silu_mul_cpu, store_kv_cpu
-from pdserve.kernels.decode_attention import decode_attention
-from pdserve.kernels.extend_attention import extend_attention
-from pdserve.kernels.kv_store import store_kv, store_kv_ref
-from pdserve.kernels.rmsnorm import rms_norm, rms_norm_ref
-from pdserve.kernels.rope import rope, rope_ref
-from pdserve.kernels.triton_utils import INTERPRETED
+from pdserve.kernels.kv_store import store_kv_ref
+from pdserve.kernels.rmsnorm import rms_norm_ref
+from pdserve.kernels.rope import rope_ref
 from pdserve.runtime.config import ConfigError
 from pdserve.runtime.forward_batch import ForwardBatch
 from pdserve.runtime.kv_pool import LayerCache
@@ -132,6 +130,11 @@ class TritonAttention:
     name = "triton"
 
     def __init__(self) -> None:
+        from pdserve.kernels.decode_attention import decode_attention
+        from pdserve.kernels.extend_attention import extend_attention
+        from pdserve.kernels.kv_store_triton import store_kv
+
+        self._store_kv, self._decode, self._extend = store_kv, decode_attention, extend_attention
         self._batch: ForwardBatch | None = None
         self._metadata: _DecodeMetadata | _ExtendMetadata | None = None
 
@@ -162,12 +165,12 @@ class TritonAttention:
     ) -> torch.Tensor:
         """See `AttentionBackend.forward`."""
         assert batch is self._batch, "prepare(batch) must run before the layers"
-        store_kv(k, v, cache.k, cache.v, batch.slot_mapping, cache.k_scale, cache.v_scale)
+        self._store_kv(k, v, cache.k, cache.v, batch.slot_mapping, cache.k_scale, cache.v_scale)
         meta = self._metadata
         if isinstance(meta, _DecodeMetadata):
-            return decode_attention(q, cache.k, cache.v, batch.block_tables, meta.seq_lens, scale,
+            return self._decode(q, cache.k, cache.v, batch.block_tables, meta.seq_lens, scale,
                                     k_scale=cache.k_scale, v_scale=cache.v_scale)
-        return extend_attention(q, cache.k, cache.v, batch.block_tables, meta.query_start,
+        return self._extend(q, cache.k, cache.v, batch.block_tables, meta.query_start,
                                 meta.seq_lens, meta.max_query_len, scale,
                                 k_scale=cache.k_scale, v_scale=cache.v_scale)
 
@@ -195,6 +198,9 @@ def cpu_kernels(compiled: bool = False) -> Kernels:
 
 
 def triton_kernels() -> Kernels:
+    from pdserve.kernels.rmsnorm_triton import rms_norm
+    from pdserve.kernels.rope_triton import rope
+
     return Kernels("triton", TritonAttention(), rms_norm, rope, silu_mul_ref)
 
 
@@ -226,6 +232,8 @@ def select_kernels(kernels: str, device: torch.device, dtype: torch.dtype = torc
         return cpu_kernels(compiled)
     if kernels != "triton":
         raise ConfigError(f"kernels must be auto, cpu, triton or reference, got {kernels!r}")
+    from pdserve.kernels.triton_utils import INTERPRETED
+
     if device.type == "cuda" and INTERPRETED:
         raise ConfigError("Triton kernels were imported with TRITON_INTERPRET=1, which runs "
                           "them on the CPU only; unset it to use them on CUDA")

@@ -13,7 +13,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
-from pdserve.kernels.block_linear import block_linear_ref, block_linear_triton, dequantize_blocks_ref
+from pdserve.kernels.block_linear import block_linear_ref, dequantize_blocks_ref
+from pdserve.kernels.block_linear_triton import block_linear_triton
 from pdserve.runtime.weights.quantize import quantize_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

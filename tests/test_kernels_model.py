@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from pdserve.engine.engine import EngineCore
-from pdserve.runtime import attention_backend
 from pdserve.runtime.config import CacheConfig, ConfigError, DeviceConfig, SchedulerConfig
 from pdserve.runtime.forward_batch import ForwardBatch, SeqChunk
 from pdserve.runtime.loader import load_model
@@ -62,10 +61,9 @@ def test_triton_kernels_give_the_reference_greedy_tokens(runners, monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(attention_backend, "decode_attention",
-                        counted("decode", attention_backend.decode_attention))
-    monkeypatch.setattr(attention_backend, "extend_attention",
-                        counted("extend", attention_backend.extend_attention))
+    attention = triton.runner.model.kernels.attention
+    monkeypatch.setattr(attention, "_decode", counted("decode", attention._decode))
+    monkeypatch.setattr(attention, "_extend", counted("extend", attention._extend))
     g = torch.Generator().manual_seed(99)
     prompts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (5, 11)]
     expected = _greedy(reference, prompts, 6)

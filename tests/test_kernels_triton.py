@@ -16,9 +16,12 @@ import torch
 from pdserve.kernels.decode_attention import decode_attention, decode_attention_ref
 from pdserve.kernels.extend_attention import extend_attention, extend_attention_ref
 from pdserve.kernels.kv_pack import pack_kv, pack_kv_ref, unpack_kv, unpack_kv_ref
-from pdserve.kernels.kv_store import store_kv, store_kv_ref
-from pdserve.kernels.rmsnorm import rms_norm, rms_norm_ref
-from pdserve.kernels.rope import rope, rope_cos_sin_cache, rope_ref
+from pdserve.kernels.kv_store import store_kv_ref
+from pdserve.kernels.kv_store_triton import store_kv
+from pdserve.kernels.rmsnorm import rms_norm_ref
+from pdserve.kernels.rmsnorm_triton import rms_norm
+from pdserve.kernels.rope import rope_cos_sin_cache, rope_ref
+from pdserve.kernels.rope_triton import rope
 from pdserve.kernels.triton_utils import INTERPRETED
 from pdserve.runtime.config import RopeScaling
 from pdserve.runtime.rotary import rope_inv_freq

@@ -17,7 +17,8 @@ from test_kernels_triton import DEVICE, HEAD_SHAPES, TOLERANCE, paged_tables
 from pdserve.kernels.decode_attention import decode_attention, decode_attention_ref
 from pdserve.kernels.extend_attention import extend_attention, extend_attention_ref
 from pdserve.kernels.kv_quant import quantize_kv_ref
-from pdserve.kernels.kv_store import store_kv, store_kv_ref
+from pdserve.kernels.kv_store import store_kv_ref
+from pdserve.kernels.kv_store_triton import store_kv
 
 QUANT_DTYPES = [torch.int8, torch.float8_e4m3fn]
 

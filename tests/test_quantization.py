@@ -8,6 +8,8 @@ bench/quantization.py); these tests need only torch and the gguf package."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -278,3 +280,30 @@ def test_smollm2_greedy_tokens_do_not_depend_on_the_batch(smollm2_modes, mode):
     together = run(list(range(len(prompts))))
     for index in range(len(prompts)):
         assert run([index])[index] == together[index], questions[index]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_a_cpu_worker_never_imports_triton(tiny_llama_dir, kv_cache_dtype):
+    # Triton holds ~70 MiB of a process: a CPU worker (C++ kernels, int8 block weights,
+    # float or int8 KV) loads and generates without importing it. A fresh interpreter: this
+    # one has imported Triton for other tests.
+    code = f"""
+import sys
+from pdserve.engine.engine import EngineCore
+from pdserve.runtime.config import CacheConfig, DeviceConfig, SchedulerConfig
+from pdserve.runtime.loader import load_model
+from pdserve.runtime.sampling_params import SamplingParams
+loaded = load_model(sys.argv[1], cache=CacheConfig(block_size=4, num_blocks=32, kv_cache_dtype={kv_cache_dtype!r}),
+                    device_config=DeviceConfig(device="cpu", compile=False, quantization="int8"))
+assert loaded.runner.model.kernels.name == "cpu", loaded.runner.model.kernels.name
+engine = EngineCore(loaded.runner, loaded.info, SchedulerConfig())
+engine.add_request("a", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+tokens = [t for _ in range(8) for chunk in engine.step() for t in chunk.token_ids]
+assert len(tokens) == 4, tokens
+print("triton imported:", "triton" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", code, tiny_llama_dir], check=False, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("triton imported: False"), result.stdout
