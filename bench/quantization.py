@@ -10,6 +10,8 @@ count: SmolLM2-135M-Instruct from the embedded Q4_1 GGUF,
     gguf    the file's blocks only (no dense copy)
     int8    int8 (Q8_0) blocks made at load from the dense weights
     llama.cpp   the same file as stored
+    gguf-kv8    (--modes gguf-kv8) gguf with the KV cache in int8 too (--kv-cache-dtype int8):
+                the whole worker quantized
     gguf-act8   (--modes gguf-act8) gguf with every linear layer computed as llama.cpp's CPU
                 matmul does, activations quantized to 8 bits per 32: a diagnostic of where the
                 greedy tokens part (agreement only)
@@ -63,6 +65,7 @@ PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in
            "Write a haiku about autumn."]
 AGREEMENT_TOKENS = 32
 ACT8_MODE = "gguf-act8"  # --modes: gguf with llama.cpp's 8-bit activations emulated (agreement only)
+KV8_MODE = "gguf-kv8"  # --modes: gguf with an int8 KV cache
 
 
 def _rss_mib() -> float:
@@ -152,13 +155,14 @@ def _pdserve(mode: str, threads: int, timing: bool, kv_blocks: int, tokens: int,
         timing = False
     baseline = _rss_mib()  # the interpreter, torch and pdserve imported; nothing loaded
     started = time.perf_counter()
-    loaded = load_model(smollm2_gguf(), cache=CacheConfig(num_blocks=kv_blocks),
-                        device_config=DeviceConfig(device="cpu", quantization="gguf" if act8 else mode,
+    quantization = "gguf" if mode in (ACT8_MODE, KV8_MODE) else mode
+    loaded = load_model(smollm2_gguf(), cache=CacheConfig(num_blocks=kv_blocks,
+                                                          kv_cache_dtype="int8" if mode == KV8_MODE else "auto"),
+                        device_config=DeviceConfig(device="cpu", quantization=quantization,
                                                    kernels="reference" if act8 else "auto"))
     load_s = time.perf_counter() - started
     memory = _memory()
-    pool = loaded.runner.pool.kv
-    kv_mib = pool.numel() * pool.element_size() / 2**20
+    kv_mib = loaded.runner.pool.nbytes / 2**20  # values, and an int8 pool's scales
     tokenizer = loaded.tokenizer
     prompts = _chat_prompts(tokenizer)
 
@@ -366,7 +370,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--modes", nargs="+", default=["none", "auto", "gguf", "int8"],
-                        help=f"--quantization modes, and {ACT8_MODE}: gguf with llama.cpp's 8-bit activations emulated")
+                        help=f"--quantization modes, {KV8_MODE}: gguf with an int8 KV cache, and {ACT8_MODE}: gguf "
+                             "with llama.cpp's 8-bit activations emulated")
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--skip-timing", action="store_true",
                         help="memory, perplexity and greedy agreement only (no decode rates)")
@@ -403,8 +408,8 @@ def main() -> int:
     if "none" in by_mode:
         none = by_mode["none"]
         before = by_mode.get("metadata", by_mode.get("imports"))
-        for mode in ("auto", "gguf", "int8", "llama.cpp"):
-            if mode in by_mode and mode != "llama.cpp":
+        for mode in ("auto", "gguf", "int8", KV8_MODE):
+            if mode in by_mode:
                 row = by_mode[mode]
                 # The floor: what a process holds with the metadata read (or torch and
                 # pdserve imported) and no weights, plus the KV pool and the weights themselves.
@@ -415,7 +420,7 @@ def main() -> int:
                       f"weight, KV pool {row['kv_mib']:.0f} MiB, weights {row['weight_mib']:.0f} MiB); "
                       f"perplexity {mode} / none: {row['perplexity'] / none['perplexity']:.4f}")
     if peer:
-        for mode in ("auto", "gguf", "int8", ACT8_MODE):
+        for mode in ("auto", "gguf", "int8", KV8_MODE, ACT8_MODE):
             if mode in by_mode:
                 row = by_mode[mode]
                 full, mean_prefix = _agreement(row["greedy"], peer["greedy"])
