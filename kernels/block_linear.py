@@ -4,16 +4,17 @@ block_linear_triton.py, W4A16 / W8A16 with the dequantization in the loop) and i
 A weight [N, K] quantized by llama.cpp is stored as N rows of K / 32 blocks; `blocks` is
 that data as a uint8 tensor [N, K / 32, BLOCK_BYTES[kind]]. Kinds:
 
+    q4_0   18 bytes: float16 d, 16 bytes of 4-bit q              weight = d * (q - 8)
     q4_1   20 bytes: float16 d, float16 m, 16 bytes of 4-bit q   weight = d * q + m
-           (byte i holds weight i in its low nibble, weight i + 16 in its high one)
+           (in both, byte i holds weight i in its low nibble, weight i + 16 in its high one)
     q8_0   34 bytes: float16 d, 32 int8 q                        weight = d * q
     f8_0   34 bytes: float16 d, 32 float8_e4m3fn q               weight = d * q
            (Q8_0's layout with FP8 values: pdserve's own, made at load; CUDA only)
 
 `dequantize_blocks_ref` rebuilds the float32 weights exactly as the GGUF reader does (d * q
-is exact in float32), so a model computing from blocks uses bit-identical weights to the
+and d * (q - 8) are exact in float32), so a model computing from blocks uses bit-identical weights to the
 same model loaded dense; `block_linear` computes x @ W^T from the blocks without building W,
-reading 5 (q4_1) or 8.5 (q8_0) bits per weight instead of 32. It matches
+reading 4.5 (q4_0), 5 (q4_1) or 8.5 (q8_0) bits per weight instead of 32. It matches
 `block_linear_ref` up to float32 summation order.
 """
 
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from pdserve.kernels.cpu_extension import built_cpu_extension
 
 BLOCK = 32
-BLOCK_BYTES = {"q4_1": 20, "q8_0": 34, "f8_0": 34}
-CPU_KINDS = ("q4_1", "q8_0")  # what the C++ kernel computes from
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "f8_0": 34}
+CPU_KINDS = ("q4_0", "q4_1", "q8_0")  # what the C++ kernel computes from
 
 
 def dequantize_blocks_ref(blocks: torch.Tensor, kind: str) -> torch.Tensor:
@@ -36,11 +37,13 @@ def dequantize_blocks_ref(blocks: torch.Tensor, kind: str) -> torch.Tensor:
                          f"got {tuple(blocks.shape)}")
     n, num_blocks, _ = blocks.shape
     d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [N, B, 1]
-    if kind == "q4_1":
-        m = blocks[..., 2:4].contiguous().view(torch.float16).float()
-        qs = blocks[..., 4:].int()
-        q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).float()  # low nibbles are weights 0..15
-        weight = d * q + m
+    if kind in ("q4_0", "q4_1"):
+        qs = blocks[..., 4 if kind == "q4_1" else 2:].int()
+        q = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # low nibbles are weights 0..15
+        if kind == "q4_1":
+            weight = d * q.float() + blocks[..., 2:4].contiguous().view(torch.float16).float()
+        else:
+            weight = d * (q - 8).float()
     else:
         values = torch.int8 if kind == "q8_0" else torch.float8_e4m3fn
         q = blocks[..., 2:].contiguous().view(values).float()

@@ -1,5 +1,5 @@
 """`block_linear_triton`: `pdserve.kernels.block_linear.block_linear_ref`'s contract on CUDA
-(W4A16 / W8A16 / FP8 weights, the dequantization inside the matmul loop). Apart from
+(W4A16 from Q4_0 or Q4_1 blocks, W8A16, FP8 weights, the dequantization inside the matmul loop). Apart from
 block_linear.py so that CPU workers never import Triton."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import triton.language as tl
 from pdserve.kernels.block_linear import BLOCK, BLOCK_BYTES
 from pdserve.kernels.triton_utils import check_launchable, dot_precision
 
-_KIND_CODES = {"q8_0": 0, "q4_1": 1, "f8_0": 2}
+_KIND_CODES = {"q8_0": 0, "q4_1": 1, "f8_0": 2, "q4_0": 3}
 
 
 @triton.jit
@@ -53,12 +53,17 @@ def _block_linear_kernel(
         w_ok = (rn[:, None] < N) & (b[None, :] < NUM_BLOCKS)  # [BN, NB]
         base = Blocks + (rn[:, None].to(tl.int64) * NUM_BLOCKS + b[None, :]) * BLOCK_BYTES
         d = _load_f16(base, w_ok)[:, :, None]  # [BN, NB, 1]
-        if KIND == 1:  # q4_1: byte i holds weights i (low nibble) and i + 16 (high)
+        if KIND == 1 or KIND == 3:  # q4_1 / q4_0: byte i holds weights i (low nibble) and i + 16 (high)
             i = tl.arange(0, 16)
-            qs = tl.load(base[:, :, None] + 4 + i[None, None, :], mask=w_ok[:, :, None], other=0).to(tl.int32)
-            m = _load_f16(base + 2, w_ok)[:, :, None]
-            w_lo = tl.reshape((qs & 0xF).to(tl.float32) * d + m, (BN, NB * 16))
-            w_hi = tl.reshape((qs >> 4).to(tl.float32) * d + m, (BN, NB * 16))
+            if KIND == 1:  # d * q + m
+                qs = tl.load(base[:, :, None] + 4 + i[None, None, :], mask=w_ok[:, :, None], other=0).to(tl.int32)
+                m = _load_f16(base + 2, w_ok)[:, :, None]
+                w_lo = tl.reshape((qs & 0xF).to(tl.float32) * d + m, (BN, NB * 16))
+                w_hi = tl.reshape((qs >> 4).to(tl.float32) * d + m, (BN, NB * 16))
+            else:  # d * (q - 8)
+                qs = tl.load(base[:, :, None] + 2 + i[None, None, :], mask=w_ok[:, :, None], other=0).to(tl.int32)
+                w_lo = tl.reshape(((qs & 0xF) - 8).to(tl.float32) * d, (BN, NB * 16))
+                w_hi = tl.reshape(((qs >> 4) - 8).to(tl.float32) * d, (BN, NB * 16))
             cols = tl.reshape(b[:, None] * 32 + i[None, :], (NB * 16,))
             col_ok = tl.reshape((b[:, None] < NUM_BLOCKS) & (i[None, :] < 16), (NB * 16,))
             x_ok = row_ok[:, None] & col_ok[None, :]

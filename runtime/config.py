@@ -235,14 +235,14 @@ class DeviceConfig:
         ignores it.
     quantization: how the weights of linear layers (and the embedding) are held, on the
         CPU in float32 arithmetic (the blocks are pdserve.kernels.block_linear's):
-        "auto"  a GGUF checkpoint's Q4_1/Q8_0 blocks for batches of up to
+        "auto"  a GGUF checkpoint's Q4_0/Q4_1/Q8_0 blocks for batches of up to
                 BLOCK_LINEAR_MAX_ROWS rows (bit-identical weights, 4-6x fewer bytes
                 streamed per decode step), the dense float32 copy for larger ones (the
                 fastest prefill, the most memory); dense only for other checkpoints;
         "none"  the dense float32 weights only;
         "gguf"  the GGUF file's own blocks for every batch and no dense copy of what they
                 hold (the least memory; "q4" is the same); an error for a checkpoint with
-                no Q4_1/Q8_0 blocks;
+                no Q4_0/Q4_1/Q8_0 blocks;
         "int8"  every weight quantized at load to Q8_0 blocks (int8, one float16 scale
                 per 32 weights of a row) from the dense weights of any checkpoint; no
                 dense copy.

@@ -77,7 +77,7 @@ def _load_cpu_weights(model, quantization: str, weights: Iterable[tuple[str, tor
     if quantization in ("gguf", "q4"):
         if not model.load_blocks(weight_blocks):
             raise ConfigError(f"quantization {quantization!r}: this checkpoint has no GGUF blocks the CPU "
-                              f"kernels compute from (Q4_1 or Q8_0); use int8 or none")
+                              f"kernels compute from (Q4_0, Q4_1 or Q8_0); use int8 or none")
         held = model.drop_dense_weights()
         skipping = getattr(weights, "skipping", None)
         weights = skipping(held) if skipping else ((n, t) for n, t in weights if n not in held)
@@ -100,14 +100,14 @@ def load_gpu_weights(model, quantization: str, weights: Iterable[tuple[str, torc
     """Fill a CUDA model's weights as `quantization` says (a mode that keeps no dense copy):
     every linear layer and the LM head as blocks that the Triton kernel computes from
     (`block_linear_triton`: the dequantization inside the matmul loop), on `device`.
-    gguf/q4 take the file's own Q4_1/Q8_0 blocks (W4A16 / W8A16); int8 makes Q8_0 blocks
+    gguf/q4 take the file's own Q4_0/Q4_1/Q8_0 blocks (W4A16 / W8A16); int8 makes Q8_0 blocks
     (W8A16) and fp8 F8_0 blocks (FP8 weights, one float16 scale per 32) from the dense
     weights. The embedding stays dense (a lookup reads one row per token)."""
     model.load_weights(weights)
     if quantization in ("gguf", "q4"):
         if not model.load_blocks(weight_blocks):
             raise ConfigError(f"quantization {quantization!r}: this checkpoint has no GGUF blocks the kernels "
-                              f"compute from (Q4_1 or Q8_0); use int8, fp8 or none")
+                              f"compute from (Q4_0, Q4_1 or Q8_0); use int8, fp8 or none")
     else:
         kind = GPU_BLOCK_KINDS[quantization]
         if not model.quantize_weights(kind, lambda w: quantize_blocks(w, kind), quantizable):

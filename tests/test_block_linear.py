@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf import GGUFReader
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize, quantize
 
 from pdserve.kernels.block_linear import (
     BLOCK_BYTES,
@@ -41,7 +41,7 @@ def test_kernel_builds_on_this_machine():
     assert cpu_kernels_available()
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17])
 def test_block_linear_matches_dense(kind, rows):
     blocks = _random_blocks(kind, 200, 576)
@@ -85,6 +85,17 @@ def test_smollm2_blocks_are_the_dense_weights_bit_for_bit():
     expected = dequantize(tensor.data, tensor.tensor_type).reshape(1536, 576).astype(np.float32)
     assert torch.equal(dequantize_blocks_ref(blocks["model.layers.3.mlp.up_proj.weight"][1], "q4_1"),
                        torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("qtype,kind", [(GGMLQuantizationType.Q4_0, "q4_0"), (GGMLQuantizationType.Q4_1, "q4_1"),
+                                        (GGMLQuantizationType.Q8_0, "q8_0")])
+def test_the_reference_dequantizes_as_the_gguf_package_does(qtype, kind):
+    # Blocks from llama.cpp's quantizer (via gguf-py), every nibble and sign exercised.
+    weight = (torch.randn(40, 256, generator=torch.Generator().manual_seed(3)) * 0.3).numpy()
+    data = quantize(weight, qtype)
+    blocks = torch.from_numpy(np.ascontiguousarray(data)).view(40, 8, BLOCK_BYTES[kind])
+    expected = torch.from_numpy(dequantize(data, qtype).reshape(40, 256).astype(np.float32))
+    assert torch.equal(dequantize_blocks_ref(blocks, kind), expected)
 
 
 @pytest.mark.slow

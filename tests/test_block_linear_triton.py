@@ -25,14 +25,14 @@ SHAPES = [(1, 70, 32), (5, 64, 96), (33, 20, 256)]  # (M, N, K)
 
 
 def _blocks(kind: str, weight: torch.Tensor) -> torch.Tensor:
-    if kind == "q4_1":  # as a GGUF file stores them (llama.cpp's quantizer, via gguf-py)
-        data = quantize(weight.numpy(), GGMLQuantizationType.Q4_1)
+    if kind in ("q4_0", "q4_1"):  # as a GGUF file stores them (llama.cpp's quantizer, via gguf-py)
+        data = quantize(weight.numpy(), GGMLQuantizationType.Q4_1 if kind == "q4_1" else GGMLQuantizationType.Q4_0)
         return torch.from_numpy(np.ascontiguousarray(data)).view(weight.shape[0], weight.shape[1] // 32, -1)
     return quantize_blocks(weight, kind)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "f8_0"])
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "f8_0"])
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES)
 def test_block_linear_triton_matches_the_reference(kind, dtype, m, n, k):
     generator = torch.Generator().manual_seed(m * 1000 + n + k)

@@ -42,12 +42,18 @@ def _q4_1_matrices_q8_0_embeddings(name: str, array: np.ndarray):
         else GGMLQuantizationType.Q4_1
 
 
-@pytest.fixture(params=[("tiny_llama_dir", "smollm"), ("tiny_qwen2_dir", "qwen2")],
-                ids=["llama-untied-permuted", "qwen2-tied-biases"])
+def _q4_0_everywhere(name: str, array: np.ndarray):
+    """A Q4_0 file: every matrix, the embedding included, in Q4_0 blocks."""
+    return GGMLQuantizationType.Q4_0 if array.ndim == 2 else None
+
+
+@pytest.fixture(params=[("tiny_llama_dir", "smollm", _q4_1_matrices_q8_0_embeddings),
+                        ("tiny_qwen2_dir", "qwen2", _q4_1_matrices_q8_0_embeddings),
+                        ("tiny_llama_dir", "smollm", _q4_0_everywhere)],
+                ids=["llama-untied-permuted", "qwen2-tied-biases", "llama-q4_0"])
 def tiny_quantized_gguf(request, tmp_path):
-    fixture, pre = request.param
-    return write_tiny_gguf(request.getfixturevalue(fixture), tmp_path / "tiny-q.gguf", pre,
-                           qtype_of=_q4_1_matrices_q8_0_embeddings)
+    fixture, pre, qtype_of = request.param
+    return write_tiny_gguf(request.getfixturevalue(fixture), tmp_path / "tiny-q.gguf", pre, qtype_of=qtype_of)
 
 
 def _load(path, quantization: str):
@@ -62,7 +68,7 @@ def _reader_blocks(path) -> dict[str, torch.Tensor]:
     permuted = config.architecture == "LlamaForCausalLM"
     out = {}
     for tensor in reader.tensors:
-        if tensor.tensor_type not in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0):
+        if tensor.tensor_type not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0):
             continue
         rows, cols = int(tensor.shape[1]), int(tensor.shape[0])
         array = np.asarray(tensor.data).reshape(rows, cols // 32, -1)
@@ -139,6 +145,15 @@ def test_gguf_mode_dequantizes_no_blocked_tensor_and_computes_like_auto(tiny_qua
     # Up to 24 rows both compute from the same blocks with the same kernels: equal logits.
     prompt = list(range(3, 23))
     assert torch.equal(prompt_logits(gguf.runner, prompt), prompt_logits(auto.runner, prompt))
+
+
+@needs_cpu_kernels
+def test_gguf_mode_computes_what_the_dense_weights_do(tiny_quantized_gguf):
+    # The blocks dequantize to the dense weights exactly; the kernel sums in its own order.
+    prompt = list(range(3, 43))  # past 24 rows too
+    blocks = prompt_logits(_load(tiny_quantized_gguf, "gguf").runner, prompt)
+    dense = prompt_logits(_load(tiny_quantized_gguf, "none").runner, prompt)
+    torch.testing.assert_close(blocks, dense, atol=1e-4, rtol=1e-4)
 
 
 @needs_cpu_kernels

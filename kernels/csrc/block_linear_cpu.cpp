@@ -2,16 +2,17 @@
 //
 //   x       [M, K] float32, contiguous
 //   blocks  [N, K / 32, B] uint8: row n of W as consecutive GGML blocks of 32 weights
-//   kind    "q4_1" (B = 20: f16 d, f16 m, 16 bytes of nibbles) or "q8_0" (B = 34: f16 d, 32 int8)
+//   kind    "q4_0" (B = 18: f16 d, 16 bytes of nibbles), "q4_1" (B = 20: f16 d, f16 m, 16 bytes of
+//           nibbles) or "q8_0" (B = 34: f16 d, 32 int8)
 //   returns [M, N] float32
 //
-// Each weight is rebuilt in float32 exactly as the GGUF reader dequantizes it: Q4_1
-// d * q + m, Q8_0 d * q, where d * q is exact in float32 (an 11-bit significand times a
-// 4- or 8-bit integer), so the weights are bit-identical to the dense float32 tensors;
+// Each weight is rebuilt in float32 exactly as the GGUF reader dequantizes it: Q4_0
+// d * (q - 8), Q4_1 d * q + m, Q8_0 d * q, where the products are exact in float32 (an
+// 11-bit significand times a 4- or 8-bit integer), so the weights are bit-identical to the dense float32 tensors;
 // only the order of the dot products' additions differs from a dense GEMM. Reading 5 or
 // 8.5 bits per weight instead of 32 is the point: decode-sized batches are bound by how
-// fast the weights stream from memory. Nibble order within a Q4_1 block: byte j holds
-// weight j in its low half and weight j + 16 in its high half.
+// fast the weights stream from memory. Nibble order within a Q4_0 / Q4_1 block: byte j
+// holds weight j in its low half and weight j + 16 in its high half.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -53,6 +54,26 @@ inline Weights load_q4_1(const uint8_t* block) {
   for (int j = 0; j < 16; ++j) {
     out.w[j] = d * static_cast<float>(block[4 + j] & 0x0F) + m;
     out.w[j + 16] = d * static_cast<float>(block[4 + j] >> 4) + m;
+  }
+#endif
+  return out;
+}
+
+inline Weights load_q4_0(const uint8_t* block) {
+  const float d = half_to_float(block);
+  Weights out;
+#ifdef __AVX512F__
+  const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m512i eight = _mm512_set1_epi32(8);
+  const __m512i q_lo = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(qs, mask)), eight);
+  const __m512i q_hi = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), mask)), eight);
+  out.lo = _mm512_mul_ps(_mm512_cvtepi32_ps(q_lo), _mm512_set1_ps(d));
+  out.hi = _mm512_mul_ps(_mm512_cvtepi32_ps(q_hi), _mm512_set1_ps(d));
+#else
+  for (int j = 0; j < 16; ++j) {
+    out.w[j] = d * static_cast<float>((block[2 + j] & 0x0F) - 8);
+    out.w[j + 16] = d * static_cast<float>((block[2 + j] >> 4) - 8);
   }
 #endif
   return out;
@@ -134,16 +155,19 @@ torch::Tensor block_linear(torch::Tensor x, torch::Tensor blocks, const std::str
               "blocks must be a contiguous uint8 [N, K / 32, block_bytes] tensor");
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0), block_bytes = blocks.size(2);
   TORCH_CHECK(K == blocks.size(1) * kBlock, "x has ", K, " features but the blocks hold ", blocks.size(1) * kBlock);
-  const bool q4 = kind == "q4_1";
-  TORCH_CHECK(q4 || kind == "q8_0", "block kind must be q4_1 or q8_0, got ", kind);
-  TORCH_CHECK(block_bytes == (q4 ? 20 : 34), kind, " blocks are ", q4 ? 20 : 34, " bytes, got ", block_bytes);
+  TORCH_CHECK(kind == "q4_0" || kind == "q4_1" || kind == "q8_0", "block kind must be q4_0, q4_1 or q8_0, got ",
+              kind);
+  const int64_t expected_bytes = kind == "q4_0" ? 18 : kind == "q4_1" ? 20 : 34;
+  TORCH_CHECK(block_bytes == expected_bytes, kind, " blocks are ", expected_bytes, " bytes, got ", block_bytes);
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   const float* x_ptr = x.data_ptr<float>();
   const uint8_t* b_ptr = blocks.data_ptr<uint8_t>();
   float* y_ptr = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    if (q4)
+    if (kind == "q4_0")
+      rows<load_q4_0>(x_ptr, M, K, b_ptr, block_bytes, N, begin, end, y_ptr);
+    else if (kind == "q4_1")
       rows<load_q4_1>(x_ptr, M, K, b_ptr, block_bytes, N, begin, end, y_ptr);
     else
       rows<load_q8_0>(x_ptr, M, K, b_ptr, block_bytes, N, begin, end, y_ptr);

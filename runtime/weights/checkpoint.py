@@ -103,7 +103,7 @@ class Checkpoint:
 
     def iter_weight_blocks(self) -> Iterator[tuple[str, str, torch.Tensor]]:
         """Yield `(hf_name, kind, blocks)` for each matrix the file stores in a block format
-        the CPU kernels compute from (`pdserve.kernels.block_linear`: q4_1, q8_0), in the
+        the CPU kernels compute from (`pdserve.kernels.block_linear`: q4_0, q4_1, q8_0), in the
         same row order as `iter_weights` gives it; nothing for other formats."""
         return self.weights.iter_blocks()
 

@@ -45,7 +45,8 @@ _PER_LAYER = {
     "ffn_norm": "post_attention_layernorm",
 }
 # GGML block formats the CPU kernels compute from (pdserve.kernels.block_linear).
-_BLOCK_KINDS = {GGMLQuantizationType.Q4_1: "q4_1", GGMLQuantizationType.Q8_0: "q8_0"}
+_BLOCK_KINDS = {GGMLQuantizationType.Q4_0: "q4_0", GGMLQuantizationType.Q4_1: "q4_1",
+                GGMLQuantizationType.Q8_0: "q8_0"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
