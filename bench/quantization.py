@@ -37,6 +37,11 @@ pdserve `gguf` against every llama.cpp variant and pdserve `none` (dense float32
 
     python bench/quantization.py [--threads 2] [--tokens 128] [--modes none auto gguf int8]
                                  [--skip-timing] [--kv-blocks 256] [--agreement-floor]
+                                 [--requantize q4_0|q8_0]
+
+`--requantize` runs it all on a copy of the file whose Q4_1 matrices are requantized to
+another GGML type (pdserve and llama.cpp on the same copy): the other block formats
+against the same oracle.
 
 `--skip-timing` leaves out the decode rates (the correctness and memory parts only: they
 mean the same on a busy machine, timings do not).
@@ -51,6 +56,7 @@ import os
 import queue
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,6 +72,7 @@ PROMPTS = ["Write a short story about a lighthouse keeper who finds a message in
 AGREEMENT_TOKENS = 32
 ACT8_MODE = "gguf-act8"  # --modes: gguf with llama.cpp's 8-bit activations emulated (agreement only)
 KV8_MODE = "gguf-kv8"  # --modes: gguf with an int8 KV cache
+REQUANTIZE_TYPES = ("q4_0", "q8_0")  # --requantize: GGML types
 
 
 def _rss_mib() -> float:
@@ -95,7 +102,7 @@ def _pin(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _floor(what: str, threads: int, timing: bool, kv_blocks: int, results) -> None:
+def _floor(what: str, model: str, threads: int, timing: bool, kv_blocks: int, results) -> None:
     """What a process holds before any weight: `imports` (what `_pdserve` imports) or
     `metadata` (plus the GGUF's config and tokenizer)."""
     _pin(threads)
@@ -103,7 +110,7 @@ def _floor(what: str, threads: int, timing: bool, kv_blocks: int, results) -> No
     from pdserve.runtime.loader import load_model  # noqa: F401
     from pdserve.runtime.weights.checkpoint import load_checkpoint
 
-    checkpoint = load_checkpoint(smollm2_gguf()) if what == "metadata" else None
+    checkpoint = load_checkpoint(model) if what == "metadata" else None
     if checkpoint is not None:
         from pdserve.runtime.model_runner import _release_freed_memory
 
@@ -137,7 +144,7 @@ def _act8_block_linear(x, blocks, kind: str):
     return (torch.einsum("nbk,mbk->mnb", weights, q) * scale).sum(-1).to(x.dtype)
 
 
-def _pdserve(mode: str, threads: int, timing: bool, kv_blocks: int, tokens: int, results) -> None:
+def _pdserve(mode: str, model: str, threads: int, timing: bool, kv_blocks: int, tokens: int, results) -> None:
     _pin(threads)
     import torch  # noqa: F401
 
@@ -156,7 +163,7 @@ def _pdserve(mode: str, threads: int, timing: bool, kv_blocks: int, tokens: int,
     baseline = _rss_mib()  # the interpreter, torch and pdserve imported; nothing loaded
     started = time.perf_counter()
     quantization = "gguf" if mode in (ACT8_MODE, KV8_MODE) else mode
-    loaded = load_model(smollm2_gguf(), cache=CacheConfig(num_blocks=kv_blocks,
+    loaded = load_model(model, cache=CacheConfig(num_blocks=kv_blocks,
                                                           kv_cache_dtype="int8" if mode == KV8_MODE else "auto"),
                         device_config=DeviceConfig(device="cpu", quantization=quantization,
                                                    kernels="reference" if act8 else "auto"))
@@ -207,7 +214,7 @@ def _text_tokens(tokenizer) -> list[int]:
     return tokenizer.encode(TEXT.read_text(), add_special_tokens=False)[:PERPLEXITY_TOKENS]
 
 
-def _llama_cpp(threads: int, timing: bool, kv_blocks: int, tokens: int, results) -> None:
+def _llama_cpp(model: str, threads: int, timing: bool, kv_blocks: int, tokens: int, results) -> None:
     _pin(threads)
     import numpy as np
     from llama_cpp import Llama
@@ -215,9 +222,9 @@ def _llama_cpp(threads: int, timing: bool, kv_blocks: int, tokens: int, results)
     from pdserve.runtime.perplexity import perplexity_from_logits
     from pdserve.runtime.weights.checkpoint import load_checkpoint
 
-    tokenizer = load_checkpoint(smollm2_gguf()).tokenizer  # the same token ids on both sides
+    tokenizer = load_checkpoint(model).tokenizer  # the same token ids on both sides
     started = time.perf_counter()
-    llm = Llama(model_path=smollm2_gguf(), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+    llm = Llama(model_path=model, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                 logits_all=True, verbose=False)
     load_s = time.perf_counter() - started
     memory = _memory()
@@ -241,7 +248,7 @@ def _llama_cpp(threads: int, timing: bool, kv_blocks: int, tokens: int, results)
     llm.eval(text)
     perplexity = perplexity_from_logits(np.asarray(llm.scores[:len(text) - 1], dtype=np.float32), text)
     results.put({"mode": "llama.cpp", "describe": "llama-cpp-python, the file as stored", "load_s": load_s,
-                 **memory, "weight_mib": os.path.getsize(smollm2_gguf()) / 2**20, **rates,
+                 **memory, "weight_mib": os.path.getsize(model) / 2**20, **rates,
                  "perplexity": perplexity, "greedy": [greedy(p, AGREEMENT_TOKENS, True)[0] for p in prompts]})
 
 
@@ -273,7 +280,7 @@ def _floor_variants(threads: int) -> dict[str, dict]:
             "flash attn": {"flash_attn": True}}
 
 
-def _llama_cpp_greedy(variant: str, settings: dict, threads: int, results) -> None:
+def _llama_cpp_greedy(variant: str, settings: dict, model: str, threads: int, results) -> None:
     """llama.cpp's greedy tokens on PROMPTS (AGREEMENT_TOKENS, up to EOS) as `_llama_cpp`
     makes them, under `settings` (one of `_floor_variants`), and the logits each prompt ends
     with (whether a setting changes the arithmetic at all)."""
@@ -284,9 +291,9 @@ def _llama_cpp_greedy(variant: str, settings: dict, threads: int, results) -> No
 
     from pdserve.runtime.weights.checkpoint import load_checkpoint
 
-    prompts = _chat_prompts(load_checkpoint(smollm2_gguf()).tokenizer)
+    prompts = _chat_prompts(load_checkpoint(model).tokenizer)
     settings = {k: getattr(llama_cpp, v) if k.startswith("type_") else v for k, v in settings.items()}
-    llm = llama_cpp.Llama(model_path=smollm2_gguf(), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+    llm = llama_cpp.Llama(model_path=model, n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                           logits_all=True, verbose=False, **settings)
     greedy, logits = [], []
     for prompt in prompts:
@@ -295,17 +302,17 @@ def _llama_cpp_greedy(variant: str, settings: dict, threads: int, results) -> No
     results.put({"mode": variant, "greedy": greedy, "logits": logits})
 
 
-def _agreement_floor(threads: int, kv_blocks: int) -> int:
+def _agreement_floor(model: str, threads: int, kv_blocks: int) -> int:
     """--agreement-floor: each llama.cpp variant against llama.cpp's default, pdserve gguf
     against each variant, pdserve none against pdserve gguf."""
     import numpy as np
 
     variants = _floor_variants(threads)
     rows = {f"llama.cpp {name}": row for name, settings in variants.items()
-            if (row := _in_child(_llama_cpp_greedy, name, settings, threads))}
+            if (row := _in_child(_llama_cpp_greedy, name, settings, model, threads))}
     greedy = {name: row["greedy"] for name, row in rows.items()}
     for mode in ("gguf", "none"):  # no timing: load, perplexity, greedy
-        if row := _in_child(_pdserve, mode, threads, False, kv_blocks, AGREEMENT_TOKENS):
+        if row := _in_child(_pdserve, mode, model, threads, False, kv_blocks, AGREEMENT_TOKENS):
             greedy[f"pdserve {mode}"] = row["greedy"]
     llama = [f"llama.cpp {name}" for name in variants]
     pairs = ([(name, llama[0]) for name in llama[1:]] + [("pdserve gguf", name) for name in llama]
@@ -323,6 +330,33 @@ def _agreement_floor(threads: int, kv_blocks: int) -> int:
             print(f"{ours:20s} vs {theirs:20s}: greedy tokens agree on {full}/{len(PROMPTS)} prompts "
                   f"(mean agreeing prefix {mean_prefix:4.1f} of {AGREEMENT_TOKENS}); per prompt {prefixes}{differ}")
     return 0
+
+
+def _requantized_copy(source: str, kind: str, path: str) -> str:
+    """`source` written to `path` with every Q4_1 tensor requantized to GGML type `kind`
+    from its dequantized weights (all metadata and other tensors as they are)."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(path, arch=str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # the writer writes these itself
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        data, raw = np.asarray(tensor.data), tensor.tensor_type
+        if tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1:
+            weights = gguf.quants.dequantize(data, raw).reshape(int(tensor.shape[1]), int(tensor.shape[0]))
+            data, raw = gguf.quants.quantize(weights.astype(np.float32), qtype), qtype
+        writer.add_tensor(tensor.name, data, raw_dtype=None if raw == gguf.GGMLQuantizationType.F32 else raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def _in_child(target, *args) -> dict | None:
@@ -379,14 +413,27 @@ def main() -> int:
     parser.add_argument("--agreement-floor", action="store_true",
                         help="greedy agreement of llama.cpp with itself under changed arithmetic, and of "
                              "pdserve gguf and none with it (agreement only; needs llama-cpp-python)")
+    parser.add_argument("--requantize", choices=REQUANTIZE_TYPES,
+                        help="first write a copy of the SmolLM2 file with its Q4_1 matrices requantized to this GGML "
+                             "type (gguf-py's quantizer, from the dequantized Q4_1 weights); run everything on it")
     args = parser.parse_args()
     if args.kv_blocks * 16 < PERPLEXITY_TOKENS:
         parser.error(f"--kv-blocks must hold the {PERPLEXITY_TOKENS} perplexity tokens: at least "
                      f"{PERPLEXITY_TOKENS // 16}")
     print(machine_line(args.threads))
+    with tempfile.TemporaryDirectory() as scratch:
+        model = smollm2_gguf()
+        if args.requantize:
+            model = _requantized_copy(model, args.requantize, os.path.join(scratch, "model.gguf"))
+            print(f"model: SmolLM2-135M-Instruct with its Q4_1 matrices requantized to {args.requantize.upper()} "
+                  f"({os.path.getsize(model) / 2**20:.1f} MiB)")
+        return _run(args, model)
+
+
+def _run(args, model: str) -> int:
     if args.agreement_floor:
-        return _agreement_floor(args.threads, args.kv_blocks)
-    common = (args.threads, not args.skip_timing, args.kv_blocks)
+        return _agreement_floor(model, args.threads, args.kv_blocks)
+    common = (model, args.threads, not args.skip_timing, args.kv_blocks)
     floors = [row for what in ("imports", "metadata") if (row := _in_child(_floor, what, *common))]
     rows = [row for mode in args.modes if (row := _in_child(_pdserve, mode, *common, args.tokens))]
     peer = None
