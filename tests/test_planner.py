@@ -21,6 +21,8 @@ from collections.abc import Callable
 import pytest
 
 from pdserve.cluster.control.planner import (
+    CORRECTION_RANGE,
+    MIN_CALIBRATION_REQUESTS,
     SPLIT_MARGIN,
     PlannerPolicy,
     SLOPlanner,
@@ -131,6 +133,10 @@ class SimDecode(SimWorker):
     LOCAL_CHUNK tokens a step beside the decodes, at the prefill workers' rate; it joins
     the batch when done."""
 
+    # Seconds between steps, per second of step, that no step counts (taking in transfers,
+    # handing out tokens, a machine shared with the gateway): TPOT sees it, the model not.
+    outside_steps = 0.0
+
     def __init__(self, *args) -> None:
         super().__init__("decode", *args)
         self.running: list[Req] = []
@@ -166,6 +172,8 @@ class SimDecode(SimWorker):
                 continue
             chunk = min(LOCAL_CHUNK, self.local[0].prompt - self.local_done) if self.local else 0
             done = self._step(STEP(len(self.running), chunk), len(self.running))
+            if self.outside_steps:
+                self.clock = done = done + STEP(len(self.running)) * self.outside_steps
             self.prompt_tokens += chunk
             self.local_done += chunk
             prompted = []
@@ -200,8 +208,10 @@ class SimCluster:
     computed on their decode worker."""
 
     def __init__(self, policy: PlannerPolicy = POLICY, prefill: int = 1, decode: int = 1, seed: int = 0,
-                 requests: Callable[[random.Random], tuple[int, int]] = uniform_requests) -> None:
+                 requests: Callable[[random.Random], tuple[int, int]] = uniform_requests,
+                 calibrate: bool = False) -> None:
         self.planner = SLOPlanner(policy)
+        self.calibrate = calibrate  # hand the planner the TPOT measured over each window, as SLOControl does
         self.make_request = requests
         self.routed: list[int] = []  # prompt tokens routed since the last observation
         self.most_held = 0  # the most workers held at once (starting, serving, draining)
@@ -277,6 +287,10 @@ class SimCluster:
                                          unmet_prefill_tokens=self.unmet, draining=draining, prompts=self.routed)
         self.routed, self.unmet = [], 0
         self.plans.append(self.planner.last_plan)
+        if self.calibrate:
+            window = [r.tpot for r in self.requests
+                      if r.finished is not None and r.finished >= self.now - self.planner.policy.window_seconds]
+            self.planner.calibrate(statistics.mean(window) if window else None, len(window))
         for d in decisions:
             assert d.current == counts[d.role]
             self.history.append((self.now, d.role, d.desired, d.reason))
@@ -524,6 +538,63 @@ def test_a_target_out_of_reach_wants_the_most_workers_and_says_so():
     assert [(d.role, d.desired) for d in decisions] == [("decode", policy.max_decode)]
     assert "TPOT target 0.02 s out of reach" in decisions[0].reason
     assert planner.last_plan.batch_limit == 1
+
+
+def _tpot_per_window(cluster: SimCluster, start: float, end: float) -> list[tuple[float, float]]:
+    """(mean predicted, mean observed) TPOT of each window in [start, end)."""
+    out = []
+    for at in range(int(start), int(end), int(POLICY.window_seconds)):
+        plans = [p.tpot for p in cluster.plans if at <= p.at < at + POLICY.window_seconds]
+        out.append((statistics.mean(plans), cluster.observed(at, at + POLICY.window_seconds)[1]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_the_tpot_requests_see_corrects_the_model(seed, monkeypatch):
+    # Decode workers lose 0.8 s between steps per second of step: requests see TPOT 1.8x
+    # what the step times say. Told what the gateway measured, the planner predicts what
+    # requests see and holds the decode workers that keep TPOT within target; not told,
+    # it predicts ~45% low and holds too few.
+    monkeypatch.setattr(SimDecode, "outside_steps", 0.8)
+    rate = 3.0
+    runs = {}
+    for calibrate in (False, True):
+        cluster = SimCluster(seed=seed, calibrate=calibrate)
+        cluster.run(600, steady(rate))
+        runs[calibrate] = cluster
+    windows = {calibrate: _tpot_per_window(cluster, 300, 600) for calibrate, cluster in runs.items()}
+    assert all(predicted / observed < 0.7 for predicted, observed in windows[False]), windows[False]
+    assert all(abs(predicted / observed - 1) < 0.25 for predicted, observed in windows[True]), windows[True]
+    assert runs[True].planner.tpot_correction == pytest.approx(1.8, rel=0.2)
+    within = {calibrate: statistics.mean(r.tpot <= POLICY.tpot_slo for r in cluster.requests
+                                         if r.finished is not None and r.finished >= 300)
+              for calibrate, cluster in runs.items()}
+    assert runs[True].counts_at(590)["decode"] > runs[False].counts_at(590)["decode"]
+    assert within[True] >= 0.9 > within[False], within
+    reasons = [reason for _, role, _, reason in runs[True].history if role == "decode"]
+    assert any("TPOT as measured" in reason for reason in reasons), reasons
+
+
+def test_the_correction_needs_enough_requests_is_bounded_and_does_not_feed_on_itself():
+    cluster = SimCluster(seed=1)
+    cluster.run(120, steady(3.0))
+    planner = cluster.planner
+    model = statistics.mean(p.tpot for p in planner._plans)
+    planner.calibrate(model * 2, MIN_CALIBRATION_REQUESTS - 1)
+    assert planner.tpot_correction == 1.0  # too few requests measured
+    planner.calibrate(None, 50)
+    assert planner.tpot_correction == 1.0
+    planner.calibrate(model * 2, MIN_CALIBRATION_REQUESTS)
+    assert planner.tpot_correction == pytest.approx(2.0, rel=0.01)
+    cluster.run(240, steady(3.0))  # plans made with k = 2 predict twice the model
+    assert cluster.plans[-1].tpot_correction == planner.tpot_correction
+    observed = statistics.mean(p.tpot for p in planner._plans)
+    planner.calibrate(observed, 50)  # what it predicts is what was seen: k stays, it does not double
+    assert planner.tpot_correction == pytest.approx(2.0, rel=0.15)
+    planner.calibrate(model * 100, 50)
+    assert planner.tpot_correction == CORRECTION_RANGE[1]
+    planner.calibrate(model / 100, 50)
+    assert planner.tpot_correction == CORRECTION_RANGE[0]
 
 
 def test_prediction_error_compares_the_last_windows_predictions_with_the_observed():

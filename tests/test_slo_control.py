@@ -13,7 +13,7 @@ import pytest
 
 from pdserve.cluster.cli import DECODE_PREFILL_TOKENS, _scaling_policy, build_parser
 from pdserve.cluster.control.autoscaler import ScalingPolicy
-from pdserve.cluster.control.planner import PlannerPolicy, SLOPlanner
+from pdserve.cluster.control.planner import MIN_CALIBRATION_REQUESTS, PlannerPolicy, SLOPlanner
 from pdserve.cluster.control.router import PrefixIndex, RoundRobin, Router, WorkerView
 from pdserve.cluster.control.slo_control import MAX_LOCAL_PREFILL_TOKENS, SLOControl, predicted_ttft
 from pdserve.cluster.gateway.errors import ErrorKind, RequestError
@@ -149,6 +149,23 @@ def test_a_plan_sets_the_routers_threshold_and_batch_cap_and_the_gauges(caplog):
     assert f'pdserve_planner_prediction_error{{slo="ttft"}} {errors["ttft"]}' in text
 
 
+def test_the_tpot_the_gateway_measured_corrects_the_planners_next_plan():
+    planner, metrics = _planned(), GatewayMetrics()
+    control = SLOControl(planner, _router(), metrics)
+    model = (0.022 + 0.03) / 2  # the window's predictions: the prior's at 0 s, 30 ms at 10 s
+    for _ in range(MIN_CALIBRATION_REQUESTS - 1):
+        metrics.finished("stop", 1.0, ttft=0.5, tpot=0.06, num_tokens=10)
+    control.apply()
+    assert planner.tpot_correction == 1.0  # too few requests measured yet
+    metrics.finished("stop", 1.0, ttft=0.5, tpot=0.06, num_tokens=10)
+    control.apply()
+    assert planner.tpot_correction == pytest.approx(0.06 / model)
+    before = planner.last_plan.tpot
+    planner.observe(20.0, [_prefill(computed=20_000, step_seconds=10.0, jobs=20, tail_seconds=1.0)],
+                    [_decode(running=4, steps=200, step_seconds=6.0, stepped=800, finished=20)])
+    assert planner.last_plan.tpot == pytest.approx(before * 0.06 / model, rel=0.05)
+
+
 def test_a_worker_budgets_split_is_logged_when_it_changes(caplog):
     planner = SLOPlanner(dataclasses.replace(POLICY, min_prefill=0, max_decode=2, max_workers=2))
     control = SLOControl(planner, _router(), GatewayMetrics())
@@ -210,11 +227,11 @@ def test_a_local_prefill_pays_no_hop():
 
 def test_recent_latencies_are_means_over_the_requests_finished_since():
     metrics = GatewayMetrics()
-    assert metrics.recent_latencies(0.0) == (None, None)
+    assert metrics.recent_latencies(0.0) == (None, None, 0, 0)
     metrics.finished("stop", 1.0, ttft=1.0, tpot=None, num_tokens=1)  # one token: no TPOT
     metrics.finished("stop", 1.0, ttft=3.0, tpot=0.2, num_tokens=5)
-    assert metrics.recent_latencies(0.0) == (2.0, 0.2)
-    assert metrics.recent_latencies(math.inf) == (None, None)
+    assert metrics.recent_latencies(0.0) == (2.0, 0.2, 2, 1)
+    assert metrics.recent_latencies(math.inf) == (None, None, 0, 0)
 
 
 def test_the_decode_batch_cap_is_soft():

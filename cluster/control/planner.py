@@ -2,6 +2,8 @@
 
     SLOPlanner.observe(now, prefill stats, decode stats, counts, unmet_prefill_tokens) -> [Decision]
 
+    SLOPlanner.calibrate(observed mean TPOT, requests)   the gateway's, over the last window
+
 The same call as `Autoscaler.observe` (the controller holds either), with the same bounds
 and anti-flap rules (`CountPolicy`, `CountDamper`: averaged want, up at once per cooldown,
 down one at a time after a delay, hysteresis). What it predicted is `last_plan`;
@@ -24,6 +26,14 @@ Models, fitted only from what the workers' counters grew by between two observat
     n     output tokens per request: decode request-steps per request that ended on decode
 r and h are the last measured while no prefill worker serves (before any has: r = 1 / e
 when decode workers computed prompts, the prior otherwise).
+    k     TPOT correction: the mean TPOT the gateway measured over the window over the mean
+          the model predicted for it (`calibrate`, from MIN_CALIBRATION_REQUESTS requests;
+          within CORRECTION_RANGE; 1 before). A decode worker's tokens come further apart
+          than its steps last: between steps it takes in KV transfers, hands out tokens,
+          and shares the machine with the gateway (measured on a multi-turn load with one
+          decode worker: 66 ms seen, 31 ms predicted). The step model's a and b are
+          multiplied by k, so every TPOT prediction, the decode want and the batch limit
+          are priced at what requests see; e (prompt tokens) is measured apart.
 The load, over the last `window_seconds`:
     lam   prompt tokens per second offered to prefill: computed + growth of the queued ones
           + those routed with no prefill worker up (`unmet_prefill_tokens`)
@@ -155,6 +165,10 @@ MAX_LOCAL_PREFILL_TOKENS = 1024
 SPLIT_MARGIN = 0.9
 # A queue busier than this over the window scores a wait that grows with the excess (a burst).
 OVERLOAD_BUSY = 0.9
+# The TPOT correction k: measured over at least this many requests of the window, and held
+# within this range (a model that far off is a bug to fix, not a factor to learn).
+MIN_CALIBRATION_REQUESTS = 8
+CORRECTION_RANGE = (0.5, 3.0)
 MAX_DECODE_POINTS = 512
 
 
@@ -259,6 +273,7 @@ class Forecast(NamedTuple):
     decode_prompt_tokens_per_second: float = 0.0  # z: prompt tokens the decode workers compute (local prefills)
     prompts: tuple[int, ...] = ()  # uncached tokens of each prompt routed over the window (any route)
     window_seconds: float = 0.0  # the time `prompts` and the load cover
+    tpot_correction: float = 1.0  # k: `step`'s a and b are the fit's times this
 
     def prompt_share(self, decode_workers: int, prompt_tokens_per_second: float | None = None) -> float:
         """The share of each decode worker's time that goes to computing prompts:
@@ -357,8 +372,9 @@ class Forecast(NamedTuple):
         want = self.decode_tokens_per_second * seconds / most
         if self.batches and self.least_batch + 1 > most:  # the next requests need a fresh worker
             want = max(want, len(self.batches) + 1)
+        corrected = "" if self.tpot_correction == 1 else f" (x{self.tpot_correction:.2f}: TPOT as measured)"
         return want, (f"{self.decode_tokens_per_second:.0f} tok/s, step {self.step.a * 1e3:.1f} ms + "
-                      f"{self.step.b * 1e3:.2f} ms/request, {sum(self.batches)} requests on decode "
+                      f"{self.step.b * 1e3:.2f} ms/request{corrected}, {sum(self.batches)} requests on decode "
                       f"({self.least_batch:.1f} on the least busy worker), "
                       f"{self.decode_prompt_tokens_per_second:.0f} prompt tok/s prefilled there")
 
@@ -436,6 +452,7 @@ class Plan(NamedTuple):
     # with a worker budget: each split's score (`Forecast.split_score`) and the one chosen
     split_scores: dict[tuple[int, int], float] | None = None
     split: tuple[int, int] | None = None
+    tpot_correction: float = 1.0  # k, by which `tpot` (and the forecast's step model) was corrected
 
 
 class _Growth(NamedTuple):
@@ -496,6 +513,19 @@ class SLOPlanner:
         # budget that traded them all away still prices their return by what they did).
         self._measured_rate: float | None = None
         self._measured_hop: float | None = None
+        self.tpot_correction = 1.0  # k (module docstring); `calibrate` sets it
+
+    def calibrate(self, observed_tpot: float | None, requests: int) -> None:
+        """Set k from the mean TPOT the gateway measured over the last window (`requests`
+        of them measured it) against the model's mean prediction over that window (before
+        any correction, so k does not feed on itself). Fewer requests, or no prediction:
+        k stays as it is."""
+        model = [plan.tpot / plan.tpot_correction for plan in self._plans
+                 if plan.tpot is not None and math.isfinite(plan.tpot) and plan.tpot > 0]
+        if observed_tpot is None or observed_tpot <= 0 or requests < MIN_CALIBRATION_REQUESTS or not model:
+            return
+        low, high = CORRECTION_RANGE
+        self.tpot_correction = min(high, max(low, observed_tpot / (sum(model) / len(model))))
 
     def observe(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats],
                 counts: dict[str, int] | None = None, unmet_prefill_tokens: int = 0,
@@ -593,10 +623,11 @@ class SLOPlanner:
         while self._prompts and self._prompts[0][0] <= now - p.window_seconds:
             self._prompts.popleft()
         offered = load.prompt_tokens + load.pending_tokens + load.unmet_tokens
+        # a prompt token on a decode worker costs what it does on a prefill worker until measured
+        step = fit_step_time(points, StepTimeModel(p.prior_step_seconds, p.prior_step_seconds_per_request, 1 / rate))
+        k = self.tpot_correction
         return Forecast(
-            p, rate,
-            # a prompt token on a decode worker costs what it does on a prefill worker until measured
-            fit_step_time(points, StepTimeModel(p.prior_step_seconds, p.prior_step_seconds_per_request, 1 / rate)),
+            p, rate, step._replace(a=step.a * k, b=step.b * k),
             transfer_seconds=self._measured_hop or 0.0,
             prompt_tokens=fit.prompt_tokens / fit.prefill_jobs if fit.prefill_jobs else 0.0,
             queues=queues, least_queue=min(sum(sample.least_queue for sample in window) / len(window), window[-1].least_queue),
@@ -606,7 +637,7 @@ class SLOPlanner:
             output_tokens=(fit.decode_requests_stepped / fit.decode_requests_finished
                            if fit.decode_requests_finished else 0.0),
             decode_prompt_tokens_per_second=load.decode_prompt_tokens / load.seconds if load.seconds else 0.0,
-            prompts=tuple(tokens for _, tokens in self._prompts), window_seconds=load.seconds)
+            prompts=tuple(tokens for _, tokens in self._prompts), window_seconds=load.seconds, tpot_correction=k)
 
     def _growth_since_last(self, now: float, prefill: Sequence[WorkerStats], decode: Sequence[WorkerStats],
                            unmet_tokens: int) -> tuple[_Growth, list[tuple[WorkerStats, WorkerStats]]]:
@@ -684,7 +715,7 @@ class SLOPlanner:
             batch_limit=None if math.isinf(limit) else max(1, math.floor(limit)),
             local_prefill_threshold=self._local_prefill_threshold(forecast, absorbable),
             spill_backlog_tokens=max(0, round(forecast.queue_budget(decode_workers)[0] * forecast.prefill_rate)),
-            spill_max_tokens=spill_max)
+            spill_max_tokens=spill_max, tpot_correction=self.tpot_correction)
         return plan
 
     def _keep(self, plan: Plan) -> Plan:

@@ -3,6 +3,7 @@
     controller poll round -> SLOPlanner.observe -> SLOControl.apply(plan)
                                                     -> router: local-prefill threshold, decode batch cap
                                                     -> gauges: predictions, their error
+                                                    -> SLOPlanner.calibrate: the TPOT measured
     gateway, routing a new request -> SLOControl.admit(...) -> 429 + Retry-After (--shed-on-slo)
 
 It owns no worker and no model: the plan (`planner.Plan`) is the planner's, the router's
@@ -25,6 +26,8 @@ What each suggestion does here:
 Prediction error (`pdserve_planner_prediction_error{slo}`): the planner's mean prediction
 over its last window against the mean TTFT and TPOT the gateway measured for requests that
 finished in that window (`GatewayMetrics.recent_latencies`), as predicted / observed - 1.
+The measured TPOT also goes back to the planner (`SLOPlanner.calibrate`): its TPOT model is
+corrected by what requests saw, from the next round on.
 
 Shedding (`--shed-on-slo`): a new request (not a migration) whose TTFT, predicted from the
 prompt tokens ahead of it on the worker that will prefill it, its own uncached tokens, the
@@ -79,9 +82,10 @@ class SLOControl:
                      *(f"{value:.3f}" if value is not None else "-" for value in (plan.ttft, plan.tpot)))
         self.router.tune(*knobs)
         window = self.planner.policy.window_seconds
-        observed_ttft, observed_tpot = self.metrics.recent_latencies(time.monotonic() - window)
-        errors = self.planner.prediction_error(observed_ttft, observed_tpot)
+        observed = self.metrics.recent_latencies(time.monotonic() - window)
+        errors = self.planner.prediction_error(observed.ttft, observed.tpot)
         self.metrics.planned(plan.ttft, plan.tpot, errors)
+        self.planner.calibrate(observed.tpot, observed.tpot_requests)  # for the next round's plan
 
     def admit(self, request_id: str, uncached_tokens: int, tokens_ahead: int, remote: bool) -> None:
         """Raise RequestError(OVERLOADED) with Retry-After when shedding is on and the

@@ -21,6 +21,15 @@ from pdserve.cluster.workers.stats import WorkerStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 RECENT_SECONDS = 600.0  # how far back `recent_latencies` can look (the SLO planner's window)
+
+
+class RecentLatencies(NamedTuple):
+    """`GatewayMetrics.recent_latencies`: the means (None: nothing measured) and counts."""
+
+    ttft: float | None
+    tpot: float | None
+    ttft_requests: int = 0
+    tpot_requests: int = 0
 TTFT_STAGES = ("prefill_queue", "prefill_compute", "kv_transfer", "first_decode_step")
 
 
@@ -99,9 +108,10 @@ class GatewayMetrics:
         while self._recent[0][0] < now - RECENT_SECONDS:
             self._recent.popleft()
 
-    def recent_latencies(self, since: float) -> tuple[float | None, float | None]:
+    def recent_latencies(self, since: float) -> RecentLatencies:
         """Mean TTFT and mean TPOT of the requests that finished since `since` (monotonic
-        time, at most RECENT_SECONDS ago); None where none measured it."""
+        time, at most RECENT_SECONDS ago), None where none measured it, and how many
+        measured each."""
         sums, counts = [0.0, 0.0], [0, 0]
         for finished, *latencies in reversed(self._recent):  # newest first: stop at `since`
             if finished < since:
@@ -111,7 +121,7 @@ class GatewayMetrics:
                     sums[column] += value
                     counts[column] += 1
         ttft, tpot = (total / n if n else None for total, n in zip(sums, counts))
-        return ttft, tpot
+        return RecentLatencies(ttft, tpot, *counts)
 
     def planned(self, ttft: float | None, tpot: float | None, errors: dict[str, float | None]) -> None:
         """The SLO planner's latest predictions and their errors (`SLOPlanner.prediction_error`)."""
