@@ -167,7 +167,7 @@ SPLIT_MARGIN = 0.9
 OVERLOAD_BUSY = 0.9
 # The TPOT correction k: measured over at least this many requests of the window, and held
 # within this range (a model that far off is a bug to fix, not a factor to learn).
-MIN_CALIBRATION_REQUESTS = 8
+MIN_CALIBRATION_REQUESTS = 6
 CORRECTION_RANGE = (0.5, 3.0)
 MAX_DECODE_POINTS = 512
 
