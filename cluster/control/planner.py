@@ -517,9 +517,9 @@ class SLOPlanner:
 
     def calibrate(self, observed_tpot: float | None, requests: int) -> None:
         """Set k from the mean TPOT the gateway measured over the last window (`requests`
-        of them measured it) against the model's mean prediction over that window (before
-        any correction, so k does not feed on itself). Fewer requests, or no prediction:
-        k stays as it is."""
+        of them measured it) against the mean of that window's predictions, each divided
+        by the k it was made with: k does not compound, and it settles where the corrected
+        prediction is what was measured. Fewer requests, or no prediction: k stays."""
         model = [plan.tpot / plan.tpot_correction for plan in self._plans
                  if plan.tpot is not None and math.isfinite(plan.tpot) and plan.tpot > 0]
         if observed_tpot is None or observed_tpot <= 0 or requests < MIN_CALIBRATION_REQUESTS or not model:
