@@ -86,10 +86,11 @@ def test_a_weight_that_does_not_split_into_blocks_is_refused():
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("kind", ["q8_0", "q4_1"])
-def test_a_rows_product_is_the_same_whatever_else_is_in_the_batch(kind):
-    weight = torch.randn(80, 128)
+@pytest.mark.parametrize("features", [128, 1600])  # 1600: 8 rows of x walk K in chunks, 1 row in one pass
+def test_a_rows_product_is_the_same_whatever_else_is_in_the_batch(kind, features):
+    weight = torch.randn(80, features)
     blocks = quantize_blocks(weight) if kind == "q8_0" else _q4_1(weight)
-    x = torch.randn(64, 128)
+    x = torch.randn(64, features)
     together = block_linear(x, blocks, kind)
     for rows in (1, 3, 8, 25, 64):
         assert torch.equal(block_linear(x[:rows], blocks, kind), together[:rows]), rows

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -94,36 +95,66 @@ inline Weights load_q8_0(const uint8_t* block) {
 }
 
 // Rows [row0, row0 + R) of y for output features [n_begin, n_end): R accumulators stay in
-// registers while the weights stream past once.
+// registers while the weights stream past once. K is walked in chunks of at most
+// kChunkFloats values per row for kOutTile outputs at a time, so the chunk of x (R rows,
+// <= 20 KB) stays in L1 while those outputs' weights stream past (at K = 1536, 8 rows of
+// x are 48 KB: read whole for every output they spilled to L2). Between chunks an output's
+// accumulators wait in `saved`; each still adds its blocks in order from zero, so y is
+// what one pass over K computes, bit for bit.
+constexpr int64_t kChunkFloats = 5120;
+constexpr int64_t kOutTile = 16;
+
 template <int R, Weights (*Load)(const uint8_t*)>
 void tile(const float* x, int64_t K, const uint8_t* blocks, int64_t block_bytes, int64_t N,
           int64_t n_begin, int64_t n_end, int64_t row0, float* y) {
   const int64_t num_blocks = K / kBlock;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* row = blocks + n * num_blocks * block_bytes;
+  const int64_t most = std::max<int64_t>(1, kChunkFloats / (R * kBlock));
+  const int64_t chunks = (num_blocks + most - 1) / most;
+  const int64_t chunk = (num_blocks + chunks - 1) / chunks;  // blocks per chunk, even split
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kOutTile) {
+    const int64_t n1 = std::min(n_end, n0 + kOutTile);
 #ifdef __AVX512F__
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      const Weights w = Load(row + b * block_bytes);
-      for (int r = 0; r < R; ++r) {
-        const float* xr = x + (row0 + r) * K + b * kBlock;
-        acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w.lo, acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w.hi, acc[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) y[(row0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]);
+    __m512 saved[kOutTile][R];
 #else
-    float acc[R] = {};
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      const Weights w = Load(row + b * block_bytes);
-      for (int r = 0; r < R; ++r) {
-        const float* xr = x + (row0 + r) * K + b * kBlock;
-        for (int j = 0; j < kBlock; ++j) acc[r] += xr[j] * w.w[j];
+    float saved[kOutTile][R];
+#endif
+    for (int64_t b0 = 0; b0 < num_blocks; b0 += chunk) {
+      const int64_t b1 = std::min(num_blocks, b0 + chunk);
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* row = blocks + n * num_blocks * block_bytes;
+#ifdef __AVX512F__
+        __m512 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = b0 == 0 ? _mm512_setzero_ps() : saved[n - n0][r];
+        for (int64_t b = b0; b < b1; ++b) {
+          const Weights w = Load(row + b * block_bytes);
+          for (int r = 0; r < R; ++r) {
+            const float* xr = x + (row0 + r) * K + b * kBlock;
+            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w.lo, acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w.hi, acc[r]);
+          }
+        }
+        if (b1 == num_blocks) {
+          for (int r = 0; r < R; ++r) y[(row0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]);
+        } else {
+          for (int r = 0; r < R; ++r) saved[n - n0][r] = acc[r];
+        }
+#else
+        float acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = b0 == 0 ? 0.0f : saved[n - n0][r];
+        for (int64_t b = b0; b < b1; ++b) {
+          const Weights w = Load(row + b * block_bytes);
+          for (int r = 0; r < R; ++r) {
+            const float* xr = x + (row0 + r) * K + b * kBlock;
+            for (int j = 0; j < kBlock; ++j) acc[r] += xr[j] * w.w[j];
+          }
+        }
+        for (int r = 0; r < R; ++r) {
+          if (b1 == num_blocks) y[(row0 + r) * N + n] = acc[r];
+          else saved[n - n0][r] = acc[r];
+        }
+#endif
       }
     }
-    for (int r = 0; r < R; ++r) y[(row0 + r) * N + n] = acc[r];
-#endif
   }
 }
 
