@@ -6,7 +6,7 @@ PyTorch reference with the same signature and contract:
     decode_attention   decode_attention / decode_attention_ref   one query per sequence, split-K
     extend_attention   extend_attention / extend_attention_ref   new tokens over a paged prefix
     kv_store           store_kv / store_kv_ref                   scatter new K/V into pages
-    kv_pack            pack_kv, unpack_kv / *_ref                pages <-> contiguous, int8/fp8
+    kv_pack            pack_kv, unpack_kv / *_ref                pages <-> contiguous (exact copies)
     kv_quant           quantize_kv_ref, dequantize_kv_ref        an int8/fp8 KV cache's rows and scales
                                                                  (what store_kv and attention repeat)
     rmsnorm            rms_norm / rms_norm_ref                   with fused residual add

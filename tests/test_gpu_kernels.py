@@ -140,23 +140,13 @@ def test_rope_bf16_llama3():
         torch.testing.assert_close(got, want, **ELEMENTWISE_TOL)
 
 
-@pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn])
-def test_quantized_pack_round_trip_bf16_pool(qdtype):
+@pytest.mark.parametrize("dtype", [BF16, torch.int8])
+def test_pack_round_trip_is_exact_on_a_large_pool(dtype):
     g = torch.Generator().manual_seed(4)
-    kv = torch.randn(4, 2, 256, 16, 8, 128, generator=g).to("cuda", BF16)
+    kv = (torch.randn(4, 2, 256, 16, 8, 128, generator=g) * 50).to("cuda", dtype)
     block_ids = torch.randperm(256, generator=g)[:64].cuda()
-    data, scales = pack_kv(kv, block_ids, qdtype)
-    ref_data, ref_scales = pack_kv_ref(kv, block_ids, qdtype)
-    torch.testing.assert_close(scales, ref_scales, atol=0, rtol=1.2e-7)
-    codes, ref_codes = data.float(), ref_data.float()
-    # Fused multiply-adds on the GPU may move a value on a rounding boundary by one code.
-    step = 1.0 if qdtype == torch.int8 else torch.maximum(ref_codes.abs() / 8, torch.tensor(2.0 ** -9))
-    assert bool(((codes - ref_codes).abs() <= step).all())
+    data = pack_kv(kv, block_ids)
+    assert torch.equal(data, pack_kv_ref(kv, block_ids))
     out = torch.zeros_like(kv)
-    unpack_kv(data, scales, out, block_ids)
-    x, x_back = kv[:, :, block_ids].float(), out[:, :, block_ids].float()
-    scale = scales[..., None, None, None]
-    half_step = scale / 2 if qdtype == torch.int8 else torch.maximum(x.abs() / 16, scale / 1024)
-    # Plus float32 slack, and the final rounding of x' to the bf16 pool (half a bf16 step).
-    bound = half_step + 4 * 2.0 ** -23 * scale * 448 + x.abs() * 2.0 ** -8
-    assert bool(((x - x_back).abs() <= bound).all())
+    unpack_kv(data, out, block_ids)
+    assert torch.equal(out[:, :, block_ids], kv[:, :, block_ids])

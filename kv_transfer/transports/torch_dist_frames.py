@@ -112,7 +112,7 @@ def pool_chunk(pool: KVPool, layer: int, block_ids: Sequence[int]) -> tuple[torc
     if pool.kv.is_cuda:
         from pdserve.kernels.kv_pack import pack_kv  # Triton: loaded only where a CUDA pool sends
 
-        packed = pack_kv(pool.kv[layer:layer + 1], index)[0][0]
+        packed = pack_kv(pool.kv[layer:layer + 1], index)[0]
     else:
         packed = pool.kv[layer].index_select(1, index)
     return packed[0], packed[1]
