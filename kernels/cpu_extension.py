@@ -26,6 +26,17 @@ _SOURCES = [_CSRC / name for name in ("bindings.cpp", "paged_attention_cpu.cpp",
 _HEADERS = [_CSRC / "vec_math.h", _CSRC / "kernels.h"]
 
 
+def build_directory_name(csrc: Path) -> str:
+    """The build directory of the sources in `csrc`: one per source content and checkout
+    path, so checkouts at other paths or versions never rebuild each other's copy (ninja's
+    build file names the sources by path: two checkouts of the same content sharing a
+    directory rebuilt it in turn, minutes each)."""
+    names = [s.name for s in _SOURCES + _HEADERS]
+    digest = hashlib.sha256(b"".join((csrc / name).read_bytes() for name in names)
+                            + str(csrc.resolve()).encode()).hexdigest()[:16]
+    return f"pdserve_cpu_kernels_{digest}"
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_extension():
     """The compiled module, or None (with the reason logged) when it cannot be built."""
@@ -36,11 +47,8 @@ def cpu_extension():
     bin_dir = os.path.dirname(sys.executable)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-    # One build directory per source content, so checkouts at other paths or versions
-    # never rebuild each other's copy.
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES + _HEADERS)).hexdigest()[:16]
     build_dir = Path(cpp_extension._get_build_directory("pdserve_cpu_kernels", verbose=False)).parent
-    build_dir = build_dir / f"pdserve_cpu_kernels_{digest}"
+    build_dir = build_dir / build_directory_name(_CSRC)
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         # torch guards a build with a `lock` file that a process killed mid-build leaves

@@ -15,7 +15,7 @@ import torch
 
 from pdserve.kernels.attention import paged_attention_ref
 from pdserve.kernels.cpu_attention import paged_attention_cpu
-from pdserve.kernels.cpu_extension import cpu_kernels_available
+from pdserve.kernels.cpu_extension import build_directory_name, cpu_kernels_available
 
 
 def _batch(shapes, block_size, kv_heads, heads, head_dim, seed=0):
@@ -51,6 +51,22 @@ def test_kernel_builds_on_this_machine():
     # The CPU default depends on it; a machine that cannot build it falls back to the
     # reference, but CI's machines must build it.
     assert cpu_kernels_available()
+
+
+def test_each_checkout_and_source_content_builds_in_its_own_directory(tmp_path):
+    import shutil
+
+    from pdserve.kernels import cpu_extension
+
+    first, second = tmp_path / "a" / "csrc", tmp_path / "b" / "csrc"
+    for copy in (first, second):
+        shutil.copytree(cpu_extension._CSRC, copy)
+    assert build_directory_name(first) == build_directory_name(first)
+    # The same sources at another path: ninja's build file would name other paths.
+    assert build_directory_name(first) != build_directory_name(second)
+    names = {build_directory_name(first)}
+    (first / "block_linear_cpu.cpp").write_text((first / "block_linear_cpu.cpp").read_text() + "\n")
+    assert build_directory_name(first) not in names  # an edited source builds anew
 
 
 # Groups of 3, 1, 8 and 7 query heads per KV head: the decode kernel takes a group in
