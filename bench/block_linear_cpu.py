@@ -24,26 +24,22 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from common import machine_line, smollm2_gguf
+from common import machine_line
 
 from pdserve.kernels.block_linear import BLOCK, block_linear, dequantize_blocks_ref
+from pdserve.runtime.weights.checkpoint import load_checkpoint
 
-LAYERS = {"q/o 576x576": "blk.0.attn_q.weight", "gate 1536x576": "blk.0.ffn_gate.weight",
-          "down 576x1536": "blk.0.ffn_down.weight", "head 49152x576": "token_embd.weight"}
+LAYERS = {"q/o 576x576": "model.layers.0.self_attn.q_proj.weight", "gate 1536x576": "model.layers.0.mlp.gate_proj.weight",
+          "down 576x1536": "model.layers.0.mlp.down_proj.weight", "head 49152x576": "model.embed_tokens.weight"}
 
 
-def gguf_blocks(name: str) -> tuple[torch.Tensor, str]:
-    """A tensor of the SmolLM2 GGUF as pdserve holds it: uint8 [N, K / 32, bytes], kind."""
-    import gguf
-
-    reader = gguf.GGUFReader(smollm2_gguf())
-    tensor = next(t for t in reader.tensors if t.name == name)
-    kind = tensor.tensor_type.name.lower()
-    data = torch.from_numpy(np.array(tensor.data))
-    return data.view(data.shape[0], -1, {"q4_1": 20, "q8_0": 34}[kind]), kind
+def smollm2_blocks() -> dict[str, tuple[str, torch.Tensor]]:
+    """SmolLM2's block-format matrices as pdserve loads them: name -> (kind, uint8 blocks
+    [N, K / 32, bytes])."""
+    checkpoint = load_checkpoint("smollm2-135m-instruct")
+    return {name: (kind, blocks) for name, kind, blocks in checkpoint.iter_weight_blocks()}
 
 
 def int4_pack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +109,9 @@ def main() -> int:
     header = ["layer".ljust(20), "  M", *(k.rjust(9) for k in COLUMNS)]
     print(" ".join(header) + "  " + " ".join(k.rjust(10) for k in COLUMNS[1:])
           + "   max |error| vs the float32 dense product: " + ", ".join(COLUMNS[:-1]))
+    weights = smollm2_blocks()
     for label, name in LAYERS.items():
-        blocks, kind = gguf_blocks(name)
+        kind, blocks = weights[name]
         dense = dequantize_blocks_ref(blocks, kind)
         for rows in args.rows:
             x = torch.randn(rows, dense.shape[1])

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from common import load_transformers_smollm2, machine_line, smollm2_gguf
 
-from pdserve.kernels.kv_quant import KV_QMAX, dequantize_kv_ref, quantize_kv_ref
+from pdserve.kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
 from pdserve.runtime.perplexity import perplexity_from_logits
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "perplexity_text.txt"
@@ -40,21 +40,17 @@ DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 def fake_quantize(x: torch.Tensor, dtype: torch.dtype, granularity: str, page_size: int) -> torch.Tensor:
-    """x [tokens, kv_heads, head_dim] float32, stored and read back at `granularity`."""
+    """x [tokens, kv_heads, head_dim] float32, stored and read back at `granularity`: each
+    group of values that shares a scale goes through pdserve's row quantizer as one row."""
     if granularity == "row":
         return dequantize_kv_ref(*quantize_kv_ref(x, dtype))
     tokens, heads, dim = x.shape
     pad = -tokens % page_size
     pages = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(-1, page_size, heads, dim)
     # one group per page-head: [pages, heads, page_size * dim]; one per page: [pages, 1, ...]
-    groups = pages.transpose(1, 2).reshape(pages.shape[0], heads, -1)
-    if granularity == "page":
-        groups = groups.reshape(pages.shape[0], 1, -1)
-    qmax = KV_QMAX[dtype]
-    scale = (groups.abs().amax(dim=-1, keepdim=True) / qmax).to(torch.float16).float()
-    v = torch.where(scale > 0, groups / torch.where(scale > 0, scale, 1.0), 0.0).clamp(-qmax, qmax)
-    v = torch.round(v) if dtype == torch.int8 else v.to(dtype).float()
-    back = (v * scale).reshape(pages.shape[0], heads, page_size, dim).transpose(1, 2)
+    groups = pages.transpose(1, 2).reshape(pages.shape[0], heads if granularity == "page-head" else 1, -1)
+    back = dequantize_kv_ref(*quantize_kv_ref(groups, dtype))
+    back = back.reshape(pages.shape[0], heads, page_size, dim).transpose(1, 2)
     return back.reshape(-1, heads, dim)[:tokens]
 
 

@@ -28,14 +28,22 @@ BLOCK = 1024  # elements per inner step over a page
 
 @triton.jit
 def _copy_pages_kernel(
-    Src, Src_block_ids, Dst, Dst_block_ids,
-    src_blocks, dst_blocks,
-    PAGE: tl.constexpr, BLOCK: tl.constexpr,
+    Pool, Block_ids, Packed,
+    num_blocks, n,
+    PAGE: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr,
 ):
+    """Page j of Packed <-> pool block Block_ids[j], for each (layer, k/v): copied out of
+    the pool when GATHER, into it otherwise."""
     lk = tl.program_id(0)  # layer * 2 + (0 for k, 1 for v)
     j = tl.program_id(1)
-    src = Src + (lk.to(tl.int64) * src_blocks + tl.load(Src_block_ids + j).to(tl.int64)) * PAGE
-    dst = Dst + (lk.to(tl.int64) * dst_blocks + tl.load(Dst_block_ids + j).to(tl.int64)) * PAGE
+    pool_page = Pool + (lk.to(tl.int64) * num_blocks + tl.load(Block_ids + j).to(tl.int64)) * PAGE
+    packed_page = Packed + (lk.to(tl.int64) * n + j) * PAGE
+    if GATHER:
+        src = pool_page
+        dst = packed_page
+    else:
+        src = packed_page
+        dst = pool_page
     for i in range(0, PAGE, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         tl.store(dst + offs, tl.load(src + offs, mask=offs < PAGE), mask=offs < PAGE)
@@ -56,9 +64,8 @@ def pack_kv(kv: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     n = block_ids.shape[0]
     data = torch.empty(layers, 2, n, *kv.shape[3:], dtype=kv.dtype, device=kv.device)
     if n:
-        in_order = torch.arange(n, device=kv.device)
-        _copy_pages_kernel[(layers * 2, n)](kv, block_ids, data, in_order, num_blocks, n,
-                                            PAGE=kv[0, 0, 0].numel(), BLOCK=BLOCK)
+        _copy_pages_kernel[(layers * 2, n)](kv, block_ids, data, num_blocks, n,
+                                            PAGE=kv[0, 0, 0].numel(), BLOCK=BLOCK, GATHER=True)
     return data
 
 
@@ -70,9 +77,8 @@ def unpack_kv(data: torch.Tensor, kv: torch.Tensor, block_ids: torch.Tensor) -> 
     n = block_ids.shape[0]
     assert data.shape == (layers, 2, n, *kv.shape[3:]) and data.is_contiguous() and data.dtype == kv.dtype
     if n:
-        in_order = torch.arange(n, device=kv.device)
-        _copy_pages_kernel[(layers * 2, n)](data, in_order, kv, block_ids, n, num_blocks,
-                                            PAGE=kv[0, 0, 0].numel(), BLOCK=BLOCK)
+        _copy_pages_kernel[(layers * 2, n)](kv, block_ids, data, num_blocks, n,
+                                            PAGE=kv[0, 0, 0].numel(), BLOCK=BLOCK, GATHER=False)
 
 
 def pack_kv_ref(kv: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
